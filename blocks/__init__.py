@@ -1,0 +1,1 @@
+"""Block servers: spans of a model's transformer blocks. Imports nothing heavy eagerly."""

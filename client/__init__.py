@@ -1,0 +1,1 @@
+"""The client: route choice, inference sessions, generation. Imports nothing heavy eagerly."""

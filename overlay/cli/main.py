@@ -1,0 +1,67 @@
+"""`overlay-node`: the command line, one subcommand per job.
+
+This module is the composition root of the command line: the overlay's own subcommands are
+imported directly; the ones that live in other packages (serving blocks, generating, the demo)
+are named here as strings and imported only when invoked, so `overlay-node join` never loads
+torch and the overlay package keeps no import dependency on the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from overlay.cli import node
+
+# Subcommands provided by other packages: name -> "module:function that adds the parser".
+_PLUGINS = {
+    "dht": "overlay.cli.dht:add_parser",
+    "serve": "blocks.cli:add_parser",
+    "generate": "client.cli:add_generate_parser",
+    "status": "client.cli:add_status_parser",
+    "demo": "client.demo:add_parser",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="overlay-node",
+        description="Run large language models collaboratively over an encrypted overlay.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v debug); -q for warnings only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    node.add_parsers(sub)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, target in _PLUGINS.items():
+        if wanted != name:
+            # Listed in --help without importing their packages.
+            sub.add_parser(name, help=f"(see: overlay-node {name} --help)", add_help=False)
+            continue
+        module_name, _, function = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                continue  # not built yet in this version
+            raise
+        getattr(module, function)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from overlay.runtime import run, setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    if not hasattr(args, "func"):
+        parser.error(f"{args.command} is not available in this version")
+    return run(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""`overlay-node join`, `ping` and `id`: a node on the overlay, and tools to check one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+
+from overlay.host import ConnectionLost, Host
+from overlay.identity import Identity, IdentityError
+from overlay.multiaddr import Multiaddr, MultiaddrError
+
+log = logging.getLogger("overlay.node")
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    join = sub.add_parser("join", help="run a node of the overlay (a DHT node)",
+                          description="Run a node. Prints its full multiaddr as the first line "
+                                      "of standard output once it listens; logs go to stderr.")
+    join.add_argument("--listen", default=DEFAULT_LISTEN, metavar="MADDR",
+                      help=f"address to listen on (default {DEFAULT_LISTEN})")
+    join.add_argument("--bootstrap", action="append", default=[], metavar="MADDR",
+                      help="a node of an existing network (repeatable); none: a new network")
+    join.add_argument("--identity", metavar="PATH",
+                      help="Ed25519 identity file, created when missing (default: a fresh key)")
+    join.set_defaults(func=run_join)
+
+    ping = sub.add_parser("ping", help="dial a node, verify its identity, print round-trip times")
+    ping.add_argument("address", metavar="MADDR")
+    ping.add_argument("--count", "-c", type=int, default=4, help="pings to send (default 4)")
+    ping.add_argument("--interval", type=float, default=0.5, help="seconds between pings")
+    ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    ping.set_defaults(func=run_ping)
+
+    ident = sub.add_parser("id", help="print this node's peer id")
+    ident.add_argument("--identity", metavar="PATH",
+                       help="identity file (created when missing); without it, a fresh key")
+    ident.set_defaults(func=run_id)
+
+
+def load_identity(path: str | None) -> Identity:
+    try:
+        return Identity.load_or_create(path)
+    except IdentityError as e:
+        raise SystemExit(f"overlay-node: {e}") from None
+
+
+def parse_addrs(texts: list[str]) -> list[Multiaddr]:
+    try:
+        return [Multiaddr.parse(t) for t in texts]
+    except MultiaddrError as e:
+        raise SystemExit(f"overlay-node: {e}") from None
+
+
+def dialable(addr: Multiaddr) -> Multiaddr:
+    """The address to print for others: a wildcard listen address becomes loopback."""
+    if addr.host == "0.0.0.0":
+        return Multiaddr("ip4", "127.0.0.1", addr.port, addr.peer_id)
+    if addr.host == "::":
+        return Multiaddr("ip6", "::1", addr.port, addr.peer_id)
+    return addr
+
+
+async def start_host(listen: str, identity_path: str | None) -> Host:
+    """A listening host; its first address is printed on stdout (the documented first line)."""
+    [listen_addr] = parse_addrs([listen])
+    host = Host(load_identity(identity_path))
+    try:
+        addrs = await host.listen(listen_addr)
+    except OSError as e:
+        await host.close()
+        reason = e.strerror or e
+        raise SystemExit(f"overlay-node: cannot listen on {listen_addr}: {reason}") from None
+    print(dialable(addrs[0]), flush=True)
+    for addr in addrs:
+        log.info("listening on %s", addr)
+    return host
+
+
+async def run_join(args: argparse.Namespace) -> int:
+    bootstrap = parse_addrs(args.bootstrap)
+    host = await start_host(args.listen, args.identity)
+    try:
+        dht = None
+        try:
+            from overlay.cli.dht import start_dht
+        except ImportError:
+            start_dht = None
+        if start_dht is not None:
+            dht = await start_dht(host, [str(b) for b in bootstrap])
+        else:
+            for addr in bootstrap:
+                try:
+                    log.info("connected to %s", await host.connect(addr))
+                except ConnectionLost as e:
+                    log.warning("bootstrap %s unreachable: %s", addr, e)
+        log.info("node %s is up; Ctrl-C to stop", host.peer_id)
+        await asyncio.Event().wait()
+    finally:
+        if dht is not None:
+            with contextlib.suppress(Exception):
+                await dht.close()
+        await host.close()
+    return 0
+
+
+async def run_ping(args: argparse.Namespace) -> int:
+    [target] = parse_addrs([args.address])
+    host = Host()
+    try:
+        start = time.perf_counter()
+        try:
+            peer = await host.connect(target, timeout=args.timeout)
+        except ConnectionLost as e:
+            print(f"overlay-node ping: {e}", file=sys.stderr)
+            return 1
+        print(f"connected to {peer} in {(time.perf_counter() - start) * 1000:.2f} ms "
+              "(TCP + Noise handshake, identity verified)", flush=True)
+        conn = host.connection_to(peer)
+        times, failures = [], 0
+        for seq in range(1, args.count + 1):
+            try:
+                rtt = await conn.ping(timeout=args.timeout)
+            except (TimeoutError, ConnectionLost) as e:
+                failures += 1
+                print(f"seq={seq} failed: {e or 'timeout'}", flush=True)
+            else:
+                times.append(rtt * 1000)
+                print(f"seq={seq} time={rtt * 1000:.3f} ms", flush=True)
+            if seq < args.count:
+                await asyncio.sleep(args.interval)
+        if times:
+            print(f"{len(times)}/{args.count} answered, min/avg/max = {min(times):.3f}/"
+                  f"{sum(times) / len(times):.3f}/{max(times):.3f} ms")
+        return 0 if not failures else 1
+    finally:
+        await host.close()
+
+
+async def run_id(args: argparse.Namespace) -> int:
+    identity = load_identity(args.identity)
+    print(identity.peer_id)
+    return 0

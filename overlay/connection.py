@@ -1,0 +1,374 @@
+"""The asyncio driver of one encrypted, multiplexed connection (the I/O half of the sans-IO split).
+
+It owns a socket transport and three pure state machines, in order: `SecureHandshake` until the
+Noise handshake completes, then `RecordReader` (records -> plaintext) and `MuxConnection`
+(plaintext -> stream events). After every input it drains what the state machines want to send.
+Any protocol violation closes this connection only, with the reason logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from overlay.identity import PeerId
+from overlay.mux import (
+    ConnectionTerminated,
+    DataReceived,
+    MuxConfig,
+    MuxConnection,
+    MuxError,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from overlay.mux.connection import MAX_RECORD_PLAINTEXT
+from overlay.record_layer import RecordError, RecordReader, seal_records
+from overlay.rpc_codec import parse_reset_reason
+from overlay.secure_handshake import HandshakeError, SecureHandshake
+from overlay.streams import SEND_HIGH_WATER, ConnectionLost, Stream
+
+if TYPE_CHECKING:
+    from overlay.identity import Identity
+
+log = logging.getLogger(__name__)
+
+# Stop pulling frames from the multiplexer once this much is written and unsent: beyond it a
+# large transfer would only add latency to the small requests queued behind it.
+WRITE_HIGH_WATER = 512 << 10
+WRITE_LOW_WATER = 128 << 10
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection to a peer. Created by the Host; applications use streams."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        initiator: bool,
+        expected_peer: PeerId | None,
+        mux_config: MuxConfig,
+        handshake_timeout: float,
+        on_ready: Callable[[Connection], None],
+        on_stream: Callable[[Stream], None],
+        on_closed: Callable[[Connection], None],
+    ):
+        self.loop = asyncio.get_running_loop()
+        self.initiator = initiator
+        self.remote_peer: PeerId | None = None
+        self.remote_address: tuple | None = None
+        self.ready: asyncio.Future = self.loop.create_future()
+        self.closed = False
+        self._identity = identity
+        self._expected_peer = expected_peer
+        self._mux_config = mux_config
+        self._handshake_timeout = handshake_timeout
+        self._on_ready = on_ready
+        self._on_stream = on_stream
+        self._on_closed = on_closed
+        self._transport: asyncio.Transport | None = None
+        self._handshake: SecureHandshake | None = None
+        self._cipher = None
+        self._reader: RecordReader | None = None
+        self._mux: MuxConnection | None = None
+        self._streams: dict[int, Stream] = {}
+        self._paused = False
+        self._drain_waiters: set[Stream] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._pings: dict[int, asyncio.Future] = {}
+        self._next_ping = 1
+        self._close_reason = "closed"
+        self._refused: str | None = None
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def refuse(self, reason: str) -> None:
+        """Drop this connection as soon as it is made (the host is at its limit or closing)."""
+        self._refused = reason
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if self._refused is not None:
+            self._on_closed = None
+            self.abort(f"refused: {self._refused}")
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.remote_address = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self._timer = self.loop.call_later(self._handshake_timeout, self._handshake_timed_out)
+        try:
+            self._handshake = SecureHandshake(
+                self._identity,
+                initiator=self.initiator,
+                rng=os.urandom,
+                expected_peer=self._expected_peer,
+            )
+        except Exception as e:  # pragma: no cover - construction does not fail on valid input
+            self.abort(f"handshake setup failed: {e}")
+            return
+        self._write_handshake()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        reader = self._reader
+        if reader is None:
+            self._handshake_data(data)
+            return
+        try:
+            plaintexts = reader.feed(data)
+        except RecordError as e:
+            self.abort(str(e))
+            return
+        mux = self._mux
+        for plaintext in plaintexts:
+            mux.receive_data(plaintext)
+        self._process_events()
+        self._flush()
+
+    def eof_received(self) -> bool:
+        self.abort("peer closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self._close_reason = f"connection lost: {exc}" if exc else "connection closed by peer"
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    # ------------------------------------------------------------------ handshake
+    def _handshake_data(self, data: bytes) -> None:
+        handshake = self._handshake
+        if handshake is None:
+            return
+        try:
+            handshake.receive_data(data)
+        except HandshakeError as e:
+            self.abort(f"handshake failed: {e}")
+            return
+        self._write_handshake()
+        if handshake.is_complete:
+            self._start_session(handshake.result())
+
+    def _write_handshake(self) -> None:
+        out = self._handshake.data_to_send()
+        if out and self._transport is not None:
+            self._transport.write(out)
+
+    def _start_session(self, session) -> None:
+        self._handshake = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.remote_peer = session.remote_peer
+        self._cipher = session.transport
+        self._reader = RecordReader(session.transport)
+        self._mux = MuxConnection(self.initiator, self._mux_config)
+        self._on_ready(self)
+        if self.closed:
+            return
+        if not self.ready.done():
+            self.ready.set_result(self)
+        if session.leftover:
+            self.data_received(session.leftover)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if self._reader is None:
+            self.abort("handshake timed out")
+
+    # ------------------------------------------------------------------ streams
+    def open_stream(self) -> Stream:
+        if self.closed or self._mux is None:
+            raise ConnectionLost(f"connection to {self.remote_peer} is closed")
+        try:
+            stream_id = self._mux.open_stream()
+        except MuxError as e:
+            raise ConnectionLost(str(e)) from None
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    def mux_send(self, stream_id: int, data, fin: bool, flush: bool = True) -> None:
+        self._mux.send(stream_id, data, end=True, fin=fin)
+        if flush:
+            self._flush()
+
+    def end_stream(self, stream_id: int) -> None:
+        if not self.closed:
+            self._mux.end_stream(stream_id)
+            self._flush()
+
+    def acknowledge(self, stream_id: int, nbytes: int) -> None:
+        if not self.closed:
+            self._mux.acknowledge(stream_id, nbytes)
+            if self._mux.has_data_to_send():
+                self._flush()
+
+    def reset_stream(self, stream_id: int, reason: str) -> None:
+        self._streams.pop(stream_id, None)
+        if not self.closed:
+            self._mux.reset_stream(stream_id, reason)
+            self._flush()
+
+    def queued_bytes(self, stream_id: int) -> int:
+        return 0 if self._mux is None else self._mux.queued_bytes(stream_id)
+
+    def want_drain(self, stream: Stream) -> None:
+        self._drain_waiters.add(stream)
+
+    def release_stream(self, stream_id: int) -> None:
+        """Forget a stream whose both halves are finished."""
+        self._streams.pop(stream_id, None)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        """Round-trip time of a multiplexer PING, in seconds."""
+        if self.closed or self._mux is None:
+            raise ConnectionLost("connection is closed")
+        opaque = self._next_ping
+        self._next_ping = (self._next_ping + 1) & 0xFFFFFFFF
+        future = self.loop.create_future()
+        self._pings[opaque] = future
+        start = time.perf_counter()  # loop.time() is only millisecond-accurate under uvloop
+        self._mux.ping(opaque)
+        self._flush()
+        try:
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._pings.pop(opaque, None)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ plumbing
+    def _process_events(self) -> None:
+        mux = self._mux
+        streams = self._streams
+        while True:
+            event = mux.next_event()
+            if event is None:
+                return
+            kind = type(event)
+            if kind is DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_data(event.data, event.end)
+                else:  # nobody will read it: give the credit back at once
+                    mux.acknowledge(event.stream_id, len(event.data))
+            elif kind is StreamOpened:
+                stream = Stream(self, event.stream_id)
+                streams[event.stream_id] = stream
+                self._on_stream(stream)
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_end()
+            elif kind is StreamReset:
+                stream = streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._on_error(parse_reset_reason(event.reason))
+            elif kind is PongReceived:
+                future = self._pings.get(event.opaque)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif kind is ConnectionTerminated:
+                if event.by_peer:
+                    self._close_reason = event.reason
+                    self.close()
+                else:
+                    self.abort(f"protocol error: {event.reason}")
+                return
+
+    def _flush(self) -> None:
+        mux = self._mux
+        transport = self._transport
+        if mux is None or transport is None or self._paused:
+            return
+        if mux.has_data_to_send():
+            chunks = []
+            size = 0
+            while size < WRITE_HIGH_WATER:
+                chunk = mux.data_to_send(MAX_RECORD_PLAINTEXT)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if chunks:
+                try:
+                    transport.write(seal_records(self._cipher, chunks))
+                except Exception as e:  # nonce exhaustion, or a transport already closing
+                    self.abort(f"cannot send: {e}")
+                    return
+        if self._drain_waiters:
+            queued = mux.queued_bytes
+            waiting = [s for s in self._drain_waiters if queued(s.stream_id) <= SEND_HIGH_WATER]
+            for stream in waiting:
+                self._drain_waiters.discard(stream)
+                stream._wake_sender()
+        if mux.has_data_to_send() and not self._paused:
+            # More frames than one write batch: continue after other callbacks had their turn.
+            self.loop.call_soon(self._flush)
+
+    def close(self) -> None:
+        """Graceful: send GO_AWAY and what is queued, then close the socket."""
+        if self.closed:
+            return
+        if self._mux is not None and self._transport is not None and not self._mux.is_closed:
+            self._mux.close()
+            self._flush()
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+        self._finish()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (bad input or a fatal error), logging why."""
+        if self.closed:
+            return
+        peer = self.remote_peer or self._expected_peer
+        log.info("closing connection to %s (%s): %s",
+                 peer or "unknown peer", self.remote_address, reason)
+        self._close_reason = reason
+        if self._mux is not None and self._transport is not None:
+            self._flush()  # a GO_AWAY the multiplexer queued, if any
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.closed = True
+        error = ConnectionLost(f"connection to {self.remote_peer or 'peer'} lost: "
+                               f"{self._close_reason}")
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # mark retrieved: a failed dial is reported by its caller
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._on_error(error)
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pings.clear()
+        if self._on_closed is not None:
+            callback, self._on_closed = self._on_closed, None
+            callback(self)

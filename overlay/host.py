@@ -1,0 +1,416 @@
+"""A node on the overlay: listens, dials, keeps one connection per peer and serves RPCs.
+
+An application creates as many hosts as it likes in one event loop (no global state). Peers
+are named by `PeerId`; the address book maps them to multiaddrs. Concurrent dials to the same
+peer share one attempt, and a live connection is reused for every call in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from overlay.connection import Connection
+from overlay.identity import Identity, PeerId
+from overlay.multiaddr import Multiaddr
+from overlay.mux import MuxConfig
+from overlay.rpc_codec import (
+    KIND_STREAM,
+    KIND_UNARY,
+    STATUS_OK,
+    RemoteError,
+    RpcProtocolError,
+    decode_request,
+    decode_status,
+    encode_error,
+    encode_request,
+    reset_reason,
+)
+from overlay.streams import ConnectionLost, Stream, StreamClosed
+
+log = logging.getLogger(__name__)
+
+MAX_ADDRS_PER_PEER = 8
+MAX_ADDRESS_BOOK = 100_000
+
+
+class RpcTimeout(TimeoutError):
+    """The call's deadline passed before the answer came."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    max_connections: int = 1024
+    max_streams_per_connection: int = 1024
+    max_message_size: int = 256 << 20
+    handshake_timeout: float = 10.0
+    dial_timeout: float = 10.0
+    default_call_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RpcContext:
+    """What a handler knows about the call: the authenticated caller and its deadline."""
+
+    peer: PeerId
+    method: str
+    deadline: float | None  # loop time
+    connection: Connection
+
+
+UnaryHandler = Callable[[RpcContext, bytes], Awaitable[bytes]]
+StreamHandler = Callable[[RpcContext, Stream], Awaitable[None]]
+
+
+class Host:
+    def __init__(self, identity: Identity | None = None, config: HostConfig | None = None):
+        self.identity = identity or Identity.generate()
+        self.peer_id = self.identity.peer_id
+        self.config = config or HostConfig()
+        self._mux_config = MuxConfig(
+            max_streams=self.config.max_streams_per_connection,
+            max_message_size=self.config.max_message_size,
+        )
+        self._servers: list[asyncio.AbstractServer] = []
+        self._listen_addrs: list[Multiaddr] = []
+        self._connections: dict[PeerId, Connection] = {}
+        self._all: set[Connection] = set()
+        self._dials: dict[object, asyncio.Future] = {}
+        self._addr_book: dict[PeerId, list[Multiaddr]] = {}
+        self._unary: dict[str, UnaryHandler] = {}
+        self._streaming: dict[str, StreamHandler] = {}
+        self._disconnect_callbacks: list[Callable[[PeerId], None]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        return [a.with_peer(self.peer_id) for a in self._listen_addrs]
+
+    async def listen(self, address: str | Multiaddr = "/ip4/127.0.0.1/tcp/0") -> list[Multiaddr]:
+        maddr = Multiaddr.parse(address)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: self._new_connection(initiator=False, expected_peer=None),
+            maddr.host, maddr.port, reuse_address=True,
+        )
+        self._servers.append(server)
+        added = []
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            added.append(Multiaddr.from_socket_address(host, port))
+        self._listen_addrs.extend(added)
+        return [a.with_peer(self.peer_id) for a in added]
+
+    def add_peer_addrs(self, peer: PeerId, addrs: Iterable[Multiaddr | str]) -> None:
+        if peer == self.peer_id:
+            return
+        known = self._addr_book.get(peer)
+        if known is None:
+            if len(self._addr_book) >= MAX_ADDRESS_BOOK:
+                self._addr_book.pop(next(iter(self._addr_book)))
+            known = self._addr_book[peer] = []
+        for addr in addrs:
+            maddr = Multiaddr.parse(addr).without_peer()
+            if maddr not in known:
+                known.insert(0, maddr)
+        del known[MAX_ADDRS_PER_PEER:]
+
+    def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
+        return list(self._addr_book.get(peer, ()))
+
+    # ------------------------------------------------------------------ handlers
+    def add_handler(self, method: str, handler: UnaryHandler) -> None:
+        self._unary[method] = handler
+
+    def add_stream_handler(self, method: str, handler: StreamHandler) -> None:
+        self._streaming[method] = handler
+
+    def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
+        self._disconnect_callbacks.append(callback)
+
+    # ------------------------------------------------------------------ connections
+    def connection_to(self, peer: PeerId) -> Connection | None:
+        conn = self._connections.get(peer)
+        return conn if conn is not None and not conn.closed else None
+
+    @property
+    def connected_peers(self) -> list[PeerId]:
+        return list(self._connections)
+
+    async def connect(self, target: PeerId | Multiaddr | str,
+                      timeout: float | None = None) -> PeerId:
+        """Dial `target` (a multiaddr, or a peer id from the address book); returns its peer id."""
+        conn = await self._connection(target, timeout)
+        return conn.remote_peer
+
+    async def _connection(self, target: PeerId | Multiaddr | str,
+                          timeout: float | None) -> Connection:
+        if isinstance(target, PeerId):
+            conn = self.connection_to(target)
+            if conn is not None:
+                return conn
+            addrs = self._addr_book.get(target)
+            if not addrs:
+                raise ConnectionLost(f"no known address for peer {target}")
+            candidates = [a.with_peer(target) for a in addrs]
+        else:
+            maddr = Multiaddr.parse(target)
+            if maddr.peer_id is not None:
+                conn = self.connection_to(maddr.peer_id)
+                if conn is not None:
+                    return conn
+            candidates = [maddr]
+        errors = []
+        for maddr in candidates:
+            try:
+                return await self._dial_once(maddr, timeout)
+            except ConnectionLost as e:
+                errors.append(str(e))
+        raise ConnectionLost("; ".join(errors))
+
+    async def _dial_once(self, maddr: Multiaddr, timeout: float | None) -> Connection:
+        key = maddr.peer_id or (maddr.host, maddr.port)
+        pending = self._dials.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._dial(maddr, timeout))
+            self._dials[key] = pending
+            pending.add_done_callback(lambda _f: self._dials.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _dial(self, maddr: Multiaddr, timeout: float | None) -> Connection:
+        if self._closing:
+            raise ConnectionLost("host is closed")
+        loop = asyncio.get_running_loop()
+        timeout = self.config.dial_timeout if timeout is None else timeout
+        conn: Connection | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: self._new_connection(initiator=True, expected_peer=maddr.peer_id),
+                    maddr.host, maddr.port,
+                )
+                await conn.ready
+        except TimeoutError:
+            if conn is not None:
+                conn.abort("dial timed out")
+            raise ConnectionLost(f"dial {maddr}: timed out after {timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLost(f"dial {maddr}: {e.strerror or e}") from None
+        except ConnectionLost as e:
+            raise ConnectionLost(f"dial {maddr}: {e}") from None
+        self.add_peer_addrs(conn.remote_peer, [maddr])
+        return conn
+
+    def _new_connection(self, *, initiator: bool, expected_peer: PeerId | None) -> Connection:
+        conn = Connection(
+            self.identity,
+            initiator=initiator,
+            expected_peer=expected_peer,
+            mux_config=self._mux_config,
+            handshake_timeout=self.config.handshake_timeout,
+            on_ready=self._on_ready,
+            on_stream=self._on_stream,
+            on_closed=self._on_closed,
+        )
+        if self._closing or len(self._all) >= self.config.max_connections:
+            conn.refuse("host is closing" if self._closing else "too many connections")
+        else:
+            self._all.add(conn)
+        return conn
+
+    def _on_ready(self, conn: Connection) -> None:
+        peer = conn.remote_peer
+        if peer == self.peer_id:
+            conn.abort("connected to ourselves")
+            return
+        current = self._connections.get(peer)
+        if current is None or current.closed:
+            self._connections[peer] = conn
+        # A second connection (both sides dialed at once) stays usable until it closes.
+
+    def _on_closed(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        peer = conn.remote_peer
+        if peer is None or self._connections.get(peer) is not conn:
+            return
+        del self._connections[peer]
+        for other in self._all:
+            if other.remote_peer == peer and not other.closed and other.ready.done():
+                self._connections[peer] = other
+                return
+        for callback in self._disconnect_callbacks:
+            try:
+                callback(peer)
+            except Exception:
+                log.exception("peer-disconnected callback failed")
+
+    # ------------------------------------------------------------------ calling
+    async def call(self, peer: PeerId | Multiaddr | str, method: str, payload: bytes, *,
+                   timeout: float | None = None) -> bytes:
+        """Unary RPC: send `payload` to `method` on `peer` and return the answer's payload."""
+        timeout = self.config.default_call_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn = self.connection_to(peer) if isinstance(peer, PeerId) else None
+        if conn is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connection(peer, timeout)
+            except TimeoutError:
+                raise RpcTimeout(f"{method} on {_name(peer)}: could not connect within "
+                                 f"{timeout:g} s") from None
+        stream = conn.open_stream()
+        # One timer per call (cheaper than asyncio.timeout on this hot path): at the deadline
+        # the stream is reset, which wakes the reader below with the timeout error.
+        timer = loop.call_at(deadline, _expire_call, stream, method, peer, timeout)
+        try:
+            stream.send_nowait(encode_request(method, KIND_UNARY, timeout), flush=False)
+            stream.send_nowait(payload, end_stream=True)
+            status = await stream.recv()
+            body = await stream.recv()
+        except asyncio.CancelledError:
+            stream.reset("cancelled: the caller gave up")
+            raise
+        except StreamClosed as e:
+            raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
+        finally:
+            timer.cancel()
+        if status is None or body is None:
+            raise ConnectionLost(f"{method} on {_name(peer)}: the peer closed the stream early")
+        try:
+            error = decode_status(status)
+        except RpcProtocolError as e:
+            raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
+        if error is not None:
+            raise error
+        return body
+
+    async def open_stream(self, peer: PeerId | Multiaddr | str, method: str, *,
+                          timeout: float | None = None) -> Stream:
+        """Bidirectional streaming RPC. `timeout` bounds the dial and is sent as the deadline."""
+        dial_timeout = self.config.dial_timeout if timeout is None else timeout
+        conn = await self._connection(peer, dial_timeout)
+        stream = conn.open_stream()
+        stream.send_nowait(encode_request(method, KIND_STREAM, timeout))
+        return stream
+
+    # ------------------------------------------------------------------ serving
+    def _on_stream(self, stream: Stream) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream: Stream) -> None:
+        conn = stream.connection
+        try:
+            header = decode_request(await stream.recv() or b"")
+        except (RpcProtocolError, ConnectionLost, StreamClosed, RemoteError) as e:
+            stream.reset(reset_reason("bad_request", str(e)))
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if header.timeout is None else loop.time() + header.timeout
+        ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
+        if header.kind == KIND_STREAM:
+            handler = self._streaming.get(header.method)
+            if handler is None:
+                stream.reset(reset_reason("unknown_method", f"no stream method {header.method!r}"))
+                return
+            await self._run_stream_handler(handler, ctx, stream)
+            return
+        handler = self._unary.get(header.method)
+        if handler is None:
+            stream.reset(reset_reason("unknown_method", f"no method {header.method!r}"))
+            return
+        try:
+            payload = await stream.recv()
+        except (ConnectionLost, StreamClosed, RemoteError):
+            return
+        if payload is None:
+            stream.reset(reset_reason("bad_request", "request has no payload"))
+            return
+        try:
+            if deadline is None:
+                result = await handler(ctx, payload)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    result = await handler(ctx, payload)
+        except RemoteError as e:
+            self._answer(stream, encode_error(e.code, e.message), b"")
+        except TimeoutError:
+            stream.reset(reset_reason("deadline_exceeded", f"{header.method} ran out of time"))
+        except (ConnectionLost, StreamClosed):
+            return
+        except Exception:
+            log.exception("handler %s failed for %s", header.method, ctx.peer)
+            self._answer(stream, encode_error("internal", f"{header.method} failed"), b"")
+        else:
+            if not isinstance(result, bytes | bytearray | memoryview):
+                log.error("handler %s returned %s, not bytes", header.method, type(result))
+                self._answer(stream, encode_error("internal", "handler returned no bytes"), b"")
+            else:
+                self._answer(stream, STATUS_OK, result)
+
+    @staticmethod
+    def _answer(stream: Stream, status: bytes, body) -> None:
+        with contextlib.suppress(StreamClosed, ConnectionLost):
+            stream.send_nowait(status, flush=False)
+            stream.send_nowait(body, end_stream=True)
+
+    async def _run_stream_handler(self, handler: StreamHandler, ctx: RpcContext,
+                                  stream: Stream) -> None:
+        try:
+            if ctx.deadline is None:
+                await handler(ctx, stream)
+            else:
+                async with asyncio.timeout_at(ctx.deadline):
+                    await handler(ctx, stream)
+        except RemoteError as e:
+            stream.reset(reset_reason(e.code, e.message))
+        except TimeoutError:
+            stream.reset(reset_reason("deadline_exceeded", f"{ctx.method} ran out of time"))
+        except (ConnectionLost, StreamClosed):
+            return
+        except Exception:
+            log.exception("stream handler %s failed for %s", ctx.method, ctx.peer)
+            stream.reset(reset_reason("internal", f"{ctx.method} failed"))
+        else:
+            with contextlib.suppress(StreamClosed, ConnectionLost):
+                await stream.close()
+
+    # ------------------------------------------------------------------ lifetime
+    async def close(self) -> None:
+        """Stop listening, close every connection gracefully and cancel running handlers."""
+        if self._closing:
+            return
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self._all):
+            conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+    async def __aenter__(self) -> Host:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _expire_call(stream: Stream, method: str, peer, timeout: float) -> None:
+    stream.expire(RpcTimeout(f"{method} on {_name(peer)}: no answer within {timeout:g} s"))
+
+
+def _name(peer) -> str:
+    return peer.short() if isinstance(peer, PeerId) else str(peer)

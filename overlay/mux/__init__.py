@@ -1,0 +1,23 @@
+"""The stream multiplexer that runs inside an encrypted connection (sans-IO; see PROTOCOL.md)."""
+
+from overlay.mux.connection import MuxConfig, MuxConnection, MuxError
+from overlay.mux.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+
+__all__ = [
+    "ConnectionTerminated",
+    "DataReceived",
+    "MuxConfig",
+    "MuxConnection",
+    "MuxError",
+    "PongReceived",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+]

@@ -1,0 +1,387 @@
+"""The multiplexer's state machine: many message-oriented streams over one byte stream.
+
+Rules of this module (sans-IO, like h11 and aioquic):
+1. No I/O, no clock, no asyncio: bytes come in through `receive_data`, bytes to write come out
+   of `data_to_send`, and what happened comes out of `next_event`.
+2. A peer can cost us at most: its frames are bounded by MAX_FRAME_PAYLOAD, its streams by
+   `max_streams`, the unread bytes of each stream by the flow-control window, and each message
+   by `max_message_size`. A violation of the protocol ends the connection (GO_AWAY), never
+   anything else; an oversized message or a stream over the limit resets only that stream.
+3. Fairness: `data_to_send` takes one frame per ready stream in turn, so a large transfer cannot
+   starve small requests on the same connection.
+The frame format is documented in overlay/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from overlay.mux.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from overlay.mux.frames import (
+    ACK,
+    ALLOWED_FLAGS,
+    DATA,
+    END,
+    FIN,
+    GO_AWAY,
+    HEADER,
+    HEADER_SIZE,
+    PING,
+    RESET,
+    SYN,
+    WINDOW_UPDATE,
+    GoAwayCode,
+    has_payload,
+)
+
+# A frame and the Noise record it travels in: 65535 bytes of ciphertext minus the 16-byte tag.
+MAX_RECORD_PLAINTEXT = 65535 - 16
+MAX_FRAME_PAYLOAD = MAX_RECORD_PLAINTEXT - HEADER_SIZE
+# Every stream starts with this much credit in each direction (protocol version 1); a receiver
+# may grant more with WINDOW_UPDATE.
+INITIAL_WINDOW = 1 << 20
+MAX_WINDOW = (1 << 31) - 1
+MAX_RESET_REASON = 1024
+PROTOCOL_ERROR = int(GoAwayCode.PROTOCOL_ERROR)
+
+
+class MuxError(Exception):
+    """A local misuse of the multiplexer (a stream that is closed, the stream limit reached)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MuxConfig:
+    max_streams: int = 1024  # streams the peer may have open at once
+    max_message_size: int = 256 << 20
+    # Credit is returned in WINDOW_UPDATE batches of this fraction of the window: fewer frames
+    # than acknowledging every read, while the sender never stalls on a full window.
+    window_update_fraction: int = 4
+
+
+class _Stream:
+    __slots__ = (
+        "fin_queued",
+        "fin_received",
+        "fin_sent",
+        "message_bytes",
+        "queue",
+        "queued_bytes",
+        "recv_credit",
+        "send_window",
+        "stream_id",
+        "syn_pending",
+        "unacked",
+    )
+
+    def __init__(self, stream_id: int, local: bool):
+        self.stream_id = stream_id
+        self.send_window = INITIAL_WINDOW
+        self.recv_credit = INITIAL_WINDOW
+        self.unacked = 0
+        self.queue: deque[list] = deque()  # [memoryview, end_of_message, fin]
+        self.queued_bytes = 0
+        self.syn_pending = local
+        self.fin_queued = False
+        self.fin_sent = False
+        self.fin_received = False
+        self.message_bytes = 0
+
+
+class MuxConnection:
+    """One side of a multiplexed connection. `initiator` is the side that dialed."""
+
+    def __init__(self, initiator: bool, config: MuxConfig | None = None):
+        self.config = config or MuxConfig()
+        self._initiator = initiator
+        self._streams: dict[int, _Stream] = {}
+        self._next_local_id = 1 if initiator else 2
+        self._last_remote_id = 0
+        self._remote_open = 0
+        self._local_open = 0
+        self._ready: deque[int] = deque()  # streams with data (or a FIN) they may send now
+        self._control: list[bytes] = []
+        self._events: deque = deque()
+        self._inbuf = bytearray()
+        self._closed = False  # no more input is processed
+        self._going_away = False  # no new streams
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def stream_ids(self) -> list[int]:
+        return list(self._streams)
+
+    def queued_bytes(self, stream_id: int) -> int:
+        """Bytes accepted by `send` for this stream that are not yet in `data_to_send` output."""
+        stream = self._streams.get(stream_id)
+        return stream.queued_bytes if stream is not None else 0
+
+    def has_data_to_send(self) -> bool:
+        return bool(self._control or self._ready)
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------ local actions
+    def open_stream(self) -> int:
+        if self._closed or self._going_away:
+            raise MuxError("connection is closing")
+        if self._local_open >= self.config.max_streams:
+            raise MuxError(f"too many open streams ({self.config.max_streams})")
+        stream_id = self._next_local_id
+        if stream_id > 0xFFFFFFFF:
+            raise MuxError("stream ids exhausted on this connection")
+        self._next_local_id += 2
+        self._streams[stream_id] = _Stream(stream_id, local=True)
+        self._local_open += 1
+        return stream_id
+
+    def send(self, stream_id: int, data: bytes | memoryview, *, end: bool = True,
+             fin: bool = False) -> None:
+        """Queue `data` on a stream; `end` closes the message, `fin` the sending half."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self._closed:
+            raise MuxError(f"stream {stream_id} is not open")
+        if stream.fin_queued:
+            raise MuxError(f"stream {stream_id} was already closed for sending")
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        was_idle = not stream.queue
+        stream.queue.append([view, end, fin])
+        stream.queued_bytes += len(view)
+        stream.fin_queued = fin
+        if was_idle and (stream.send_window > 0 or len(view) == 0):
+            self._ready.append(stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: a FIN with no data."""
+        self.send(stream_id, b"", end=False, fin=True)
+
+    def acknowledge(self, stream_id: int, nbytes: int) -> None:
+        """The driver took `nbytes` of this stream's data: return that credit to the sender."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.fin_received or self._closed:
+            return
+        stream.unacked += nbytes
+        if stream.unacked >= INITIAL_WINDOW // self.config.window_update_fraction:
+            self._grant(stream)
+
+    def reset_stream(self, stream_id: int, reason: str = "") -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        self._remove(stream)
+        if not self._closed:
+            payload = reason.encode("utf-8", "replace")[:MAX_RESET_REASON]
+            self._control.append(HEADER.pack(RESET, 0, stream_id, len(payload)) + payload)
+
+    def ping(self, opaque: int) -> None:
+        self._control.append(HEADER.pack(PING, 0, 0, opaque & 0xFFFFFFFF))
+
+    def close(self, code: int = GoAwayCode.NORMAL) -> None:
+        """Announce GO_AWAY: no new streams; open ones may finish."""
+        if not self._going_away and not self._closed:
+            self._going_away = True
+            self._control.append(HEADER.pack(GO_AWAY, 0, 0, int(code)))
+
+    # ------------------------------------------------------------------ output
+    def data_to_send(self, max_bytes: int = MAX_RECORD_PLAINTEXT) -> bytes:
+        """Up to `max_bytes` of frames: control frames first, then one data frame per ready
+        stream in turn. Returns b"" when nothing may be sent now."""
+        parts: list = []
+        budget = max_bytes
+        control = self._control
+        while control and len(control[0]) <= budget:
+            frame = control.pop(0)
+            parts.append(frame)
+            budget -= len(frame)
+        ready = self._ready
+        while ready and budget > HEADER_SIZE:
+            stream = self._streams.get(ready.popleft())
+            if stream is None or not stream.queue:
+                continue
+            item = stream.queue[0]
+            view, end, fin = item
+            size = min(len(view), stream.send_window, MAX_FRAME_PAYLOAD, budget - HEADER_SIZE)
+            last = size == len(view)
+            flags = 0
+            if stream.syn_pending:
+                flags |= SYN
+                stream.syn_pending = False
+            if last:
+                stream.queue.popleft()
+                if end:
+                    flags |= END
+                if fin:
+                    flags |= FIN
+            else:
+                view = memoryview(view)
+                item[0] = view[size:]
+            parts.append(HEADER.pack(DATA, flags, stream.stream_id, size))
+            if size:
+                parts.append(view[:size])
+            budget -= HEADER_SIZE + size
+            stream.send_window -= size
+            stream.queued_bytes -= size
+            if last and fin:
+                stream.fin_sent = True
+                if stream.fin_received:
+                    self._remove(stream)
+                continue
+            if stream.queue and (stream.send_window > 0 or len(stream.queue[0][0]) == 0):
+                ready.append(stream.stream_id)
+        if not parts:
+            return b""
+        return b"".join(parts)
+
+    # ------------------------------------------------------------------ input
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            return
+        if self._inbuf:
+            self._inbuf += data
+            buf = bytes(self._inbuf)
+            self._inbuf.clear()
+        else:
+            buf = data if isinstance(data, bytes) else bytes(data)
+        view = memoryview(buf)
+        total = len(view)
+        pos = 0
+        while total - pos >= HEADER_SIZE and not self._closed:
+            frame_type, flags, stream_id, length = HEADER.unpack_from(view, pos)
+            allowed = ALLOWED_FLAGS.get(frame_type)
+            if allowed is None:
+                return self._protocol_error(f"unknown frame type {frame_type}")
+            if flags & ~allowed:
+                return self._protocol_error(f"flags {flags:#x} not allowed on type {frame_type}")
+            if has_payload(frame_type):
+                if length > MAX_FRAME_PAYLOAD:
+                    return self._protocol_error(f"frame payload of {length} bytes exceeds limit")
+                if total - pos < HEADER_SIZE + length:
+                    break
+                payload = view[pos + HEADER_SIZE: pos + HEADER_SIZE + length]
+                pos += HEADER_SIZE + length
+            else:
+                payload = None
+                pos += HEADER_SIZE
+            if frame_type == DATA:
+                self._on_data(flags, stream_id, payload)
+            elif frame_type == WINDOW_UPDATE:
+                self._on_window_update(stream_id, length)
+            elif frame_type == PING:
+                self._on_ping(flags, length)
+            elif frame_type == GO_AWAY:
+                self._closed = True
+                reason = f"peer closed the connection (code {length})"
+                self._events.append(ConnectionTerminated(reason, True, length))
+            else:
+                self._on_reset(stream_id, payload)
+        if pos < total and not self._closed:
+            self._inbuf += view[pos:]
+
+    def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        stream = self._streams.get(stream_id)
+        if flags & SYN:
+            if stream_id == 0 or (stream_id & 1) == (1 if self._initiator else 0):
+                return self._protocol_error(f"peer opened stream {stream_id} with our parity")
+            if stream_id <= self._last_remote_id:
+                return self._protocol_error(f"peer reused stream id {stream_id}")
+            self._last_remote_id = stream_id
+            if self._going_away or self._remote_open >= self.config.max_streams:
+                # Refuse this stream only: the connection and its other streams go on.
+                self._control.append(self._reset_frame(stream_id, "stream limit reached"))
+                return
+            stream = _Stream(stream_id, local=False)
+            self._streams[stream_id] = stream
+            self._remote_open += 1
+            self._events.append(StreamOpened(stream_id))
+        elif stream is None:
+            if self._is_known_id(stream_id):
+                return  # a stream we already closed or reset: frames still in flight
+            return self._protocol_error(f"data for unknown stream {stream_id}")
+        if stream.fin_received:
+            return self._protocol_error(f"data after FIN on stream {stream_id}")
+        size = len(payload)
+        if size > stream.recv_credit:
+            return self._protocol_error(f"stream {stream_id} exceeded its flow-control window")
+        stream.recv_credit -= size
+        stream.message_bytes += size
+        if stream.message_bytes > self.config.max_message_size:
+            reason = f"message larger than {self.config.max_message_size} bytes"
+            self.reset_stream(stream_id, reason)
+            self._events.append(StreamReset(stream_id, reason, local=True))
+            return
+        end = bool(flags & END)
+        if end:
+            stream.message_bytes = 0
+        if size or end:
+            self._events.append(DataReceived(stream_id, payload, end))
+        if flags & FIN:
+            stream.fin_received = True
+            self._events.append(StreamEnded(stream_id))
+            if stream.fin_sent:
+                self._remove(stream)
+
+    def _on_window_update(self, stream_id: int, credit: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        was_blocked = stream.send_window <= 0
+        stream.send_window += credit
+        if stream.send_window > MAX_WINDOW:
+            return self._protocol_error(f"window of stream {stream_id} overflowed")
+        if was_blocked and stream.queue and stream.send_window > 0:
+            self._ready.append(stream_id)
+
+    def _on_ping(self, flags: int, opaque: int) -> None:
+        if flags & ACK:
+            self._events.append(PongReceived(opaque))
+        else:
+            self._control.append(HEADER.pack(PING, ACK, 0, opaque))
+
+    def _on_reset(self, stream_id: int, payload: memoryview) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        self._remove(stream)
+        reason = bytes(payload).decode("utf-8", "replace") or "reset by peer"
+        self._events.append(StreamReset(stream_id, reason))
+
+    # ------------------------------------------------------------------ helpers
+    def _grant(self, stream: _Stream) -> None:
+        credit, stream.unacked = stream.unacked, 0
+        stream.recv_credit += credit
+        self._control.append(HEADER.pack(WINDOW_UPDATE, 0, stream.stream_id, credit))
+
+    def _is_known_id(self, stream_id: int) -> bool:
+        ours = (stream_id & 1) == (1 if self._initiator else 0)
+        return stream_id < self._next_local_id if ours else stream_id <= self._last_remote_id
+
+    def _remove(self, stream: _Stream) -> None:
+        if self._streams.pop(stream.stream_id, None) is None:
+            return
+        ours = (stream.stream_id & 1) == (1 if self._initiator else 0)
+        if ours:
+            self._local_open -= 1
+        else:
+            self._remote_open -= 1
+
+    @staticmethod
+    def _reset_frame(stream_id: int, reason: str) -> bytes:
+        payload = reason.encode()
+        return HEADER.pack(RESET, 0, stream_id, len(payload)) + payload
+
+    def _protocol_error(self, reason: str) -> None:
+        self._closed = True
+        self._control.append(HEADER.pack(GO_AWAY, 0, 0, PROTOCOL_ERROR))
+        self._events.append(ConnectionTerminated(reason, by_peer=False,
+                                                 code=PROTOCOL_ERROR))

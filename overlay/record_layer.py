@@ -1,0 +1,78 @@
+"""Noise transport records on the socket: a 2-byte big-endian length, then the ciphertext.
+
+Sans-IO: `RecordReader.feed` turns received bytes into plaintexts, `seal_records` turns a plaintext
+byte string into framed records. Each record carries at most MAX_RECORD_PLAINTEXT bytes (a
+Noise message is at most 65535 bytes, 16 of which are the authentication tag).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Protocol
+
+from overlay.mux.connection import MAX_RECORD_PLAINTEXT
+
+TAG_SIZE = 16
+_LENGTH = struct.Struct(">H")
+
+
+class RecordError(Exception):
+    """A record that fails authentication or is malformed: the connection must end."""
+
+
+class Cipher(Protocol):
+    def encrypt(self, plaintext: bytes | memoryview) -> bytes: ...
+
+    def decrypt(self, ciphertext: bytes | memoryview) -> bytes: ...
+
+
+def seal_records(cipher: Cipher, plaintexts: Iterable[bytes]) -> bytes:
+    """Encrypt each plaintext (at most MAX_RECORD_PLAINTEXT bytes) into one framed record."""
+    parts = []
+    pack = _LENGTH.pack
+    encrypt = cipher.encrypt
+    for plaintext in plaintexts:
+        ciphertext = encrypt(plaintext)
+        parts.append(pack(len(ciphertext)))
+        parts.append(ciphertext)
+    return b"".join(parts)
+
+
+class RecordReader:
+    """Reassembles framed records from a byte stream and decrypts them in order."""
+
+    __slots__ = ("_buffer", "_cipher")
+
+    def __init__(self, cipher: Cipher):
+        self._cipher = cipher
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._buffer:
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        view = memoryview(data)
+        total = len(view)
+        pos = 0
+        out = []
+        decrypt = self._cipher.decrypt
+        while total - pos >= 2:
+            (length,) = _LENGTH.unpack_from(view, pos)
+            if length < TAG_SIZE:
+                raise RecordError(f"record of {length} bytes is shorter than its tag")
+            end = pos + 2 + length
+            if end > total:
+                break
+            try:
+                out.append(decrypt(view[pos + 2:end]))
+            except Exception as e:  # the cipher's own authentication failure type
+                raise RecordError(f"record failed authentication: {type(e).__name__}") from None
+            pos = end
+        if pos < total:
+            self._buffer += view[pos:]
+        return out
+
+
+__all__ = ["MAX_RECORD_PLAINTEXT", "Cipher", "RecordError", "RecordReader", "seal_records"]

@@ -1,0 +1,1 @@
+"""The discrete-event simulator. Never imports torch or asyncio."""

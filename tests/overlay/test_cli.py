@@ -1,0 +1,193 @@
+"""The `overlay-node` command line, run as real subprocesses on 127.0.0.1.
+
+Includes the interoperability check of the wire protocol: an initiator built from the
+independent `noiseprotocol` package completes the handshake against `overlay-node join` over a
+real socket, and is disconnected when its identity signature is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from overlay.identity import Identity
+from overlay.multiaddr import Multiaddr
+
+noise_connection = pytest.importorskip("noise.connection")
+
+CLI = [sys.executable, "-m", "overlay.cli.main"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Node:
+    """`overlay-node join` in a subprocess; always killed by pid when the test ends."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [*CLI, "join", "--listen", "/ip4/127.0.0.1/tcp/0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True,
+        )
+        self.addr = Multiaddr.parse(self._first_line(timeout=30))
+
+    def _first_line(self, timeout: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.kill()
+            raise AssertionError("overlay-node join printed no address in time")
+        line = self.proc.stdout.readline().strip()
+        assert line, self.proc.stderr.read()
+        return line
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=10)
+        finally:
+            self.kill()
+        return code, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def node():
+    started = Node()
+    yield started
+    started.kill()
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_id_creates_a_private_identity_file_and_is_stable(tmp_path):
+    path = tmp_path / "key"
+    first = run_cli("id", "--identity", str(path))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().startswith("12D3KooW")
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert run_cli("id", "--identity", str(path)).stdout == first.stdout
+    path.chmod(0o644)
+    refused = run_cli("id", "--identity", str(path))
+    assert refused.returncode != 0 and "chmod 600" in refused.stderr
+
+
+def test_join_prints_its_address_first_and_answers_ping(tmp_path):
+    key = tmp_path / "node.key"
+    Identity.generate().save(key)
+    expected = Identity.load(key).peer_id
+    node = Node("--identity", str(key))
+    try:
+        assert node.addr.peer_id == expected and node.addr.host == "127.0.0.1"
+        ping = run_cli("ping", str(node.addr), "--count", "2", "--interval", "0.05")
+        assert ping.returncode == 0, ping.stderr
+        assert f"connected to {expected}" in ping.stdout
+        assert ping.stdout.count("time=") == 2
+        wrong = node.addr.with_peer(Identity.generate().peer_id)
+        refused = run_cli("ping", str(wrong), "--count", "1")
+        assert refused.returncode == 1 and "expected peer" in refused.stderr
+        code, log = node.stop(signal.SIGINT)
+        assert code == 0 and "shutting down" in log
+    finally:
+        node.kill()
+
+
+def test_bad_arguments_are_clear_errors():
+    bad = run_cli("ping", "/ip4/300.1.1.1/tcp/1")
+    assert bad.returncode != 0 and "invalid IPv4 address" in bad.stderr
+    bad = run_cli("join", "--listen", "/ip4/127.0.0.1/udp/1")
+    assert bad.returncode != 0 and "only /tcp" in bad.stderr
+
+
+def _frame(message: bytes) -> bytes:
+    return len(message).to_bytes(2, "big") + bytes(message)
+
+
+def _read_frame(sock: socket.socket) -> bytes:
+    header = _recv_exactly(sock, 2)
+    return _recv_exactly(sock, int.from_bytes(header, "big"))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _noiseprotocol_handshake(addr: Multiaddr, sign_correctly: bool):
+    """Dial with the `noiseprotocol` package and our payload format built by hand."""
+    conn = noise_connection.NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_SHA256")
+    conn.set_prologue(b"overlay-node/1")
+    conn.set_keypair_from_private_bytes(noise_connection.Keypair.STATIC, os.urandom(32))
+    conn.set_as_initiator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conn.start_handshake()
+    sock = socket.create_connection((addr.host, addr.port), timeout=10)
+    sock.sendall(_frame(conn.write_message(b"")))
+    payload = msgpack.unpackb(bytes(conn.read_message(_read_frame(sock))))
+    assert payload["v"] == 1 and addr.peer_id.public_key == payload["key"]
+    assert addr.peer_id.verify(
+        payload["sig"],
+        b"noise-libp2p-static-key:" + conn.noise_protocol.handshake_state.rs.public_bytes,
+    )
+    key = Ed25519PrivateKey.generate()
+    static = conn.noise_protocol.keypairs["s"].public_bytes
+    signed = b"noise-libp2p-static-key:" + (static if sign_correctly else bytes(32))
+    sock.sendall(_frame(conn.write_message(msgpack.packb({
+        "v": 1,
+        "key": key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+        "sig": key.sign(signed),
+    }))))
+    assert conn.handshake_finished
+    return sock, conn
+
+
+def test_independent_noise_implementation_talks_to_join(node):
+    sock, conn = _noiseprotocol_handshake(node.addr, sign_correctly=True)
+    # A multiplexer PING frame (overlay/PROTOCOL.md): type 2, flags 0, stream 0, opaque 7.
+    ping = bytes([2, 0]) + (0).to_bytes(4, "big") + (7).to_bytes(4, "big")
+    sock.sendall(_frame(conn.encrypt(ping)))
+    answer = bytes(conn.decrypt(_read_frame(sock)))
+    assert answer == bytes([2, 8]) + (0).to_bytes(4, "big") + (7).to_bytes(4, "big")  # PING ACK
+    sock.close()
+
+
+def test_bad_signature_from_independent_implementation_is_disconnected(node):
+    sock, _ = _noiseprotocol_handshake(node.addr, sign_correctly=False)
+    sock.settimeout(10)
+    deadline = time.monotonic() + 10
+    closed = False
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(100) == b"":
+                closed = True
+                break
+        except ConnectionResetError:
+            closed = True
+            break
+    sock.close()
+    assert closed
+    # ... and the node still serves others.
+    sock, _ = _noiseprotocol_handshake(node.addr, sign_correctly=True)
+    sock.close()

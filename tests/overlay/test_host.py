@@ -1,0 +1,274 @@
+"""Loopback tests of the asyncio driver: real sockets, real encryption, hosts in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+
+import pytest
+
+from overlay.host import ConnectionLost, Host, HostConfig, RemoteError, RpcTimeout
+from overlay.identity import Identity
+from overlay.multiaddr import Multiaddr
+from overlay.secure_handshake import PROLOGUE
+from overlay.streams import SEND_HIGH_WATER
+
+
+async def echo(ctx, payload: bytes) -> bytes:
+    return payload
+
+
+@pytest.fixture
+async def pair():
+    server, client = Host(), Host()
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    yield server, client, addr
+    await client.close()
+    await server.close()
+
+
+async def test_call_round_trip_and_connection_reuse(pair):
+    server, client, addr = pair
+    assert addr.peer_id == server.peer_id and str(addr).startswith("/ip4/127.0.0.1/tcp/")
+    assert await client.call(addr, "echo", b"hello") == b"hello"
+    assert await client.call(server.peer_id, "echo", b"") == b""
+    results = await asyncio.gather(*(client.call(server.peer_id, "echo", bytes([i]) * i)
+                                     for i in range(100)))
+    assert results == [bytes([i]) * i for i in range(100)]
+    assert len(client._all) == 1 and len(server._all) == 1  # one connection, reused
+    assert server.connection_to(client.peer_id) is not None  # usable in the other direction
+    client.add_handler("whoami", lambda ctx, p: _async(str(ctx.peer).encode()))
+    assert await server.call(client.peer_id, "whoami", b"") == str(server.peer_id).encode()
+
+
+async def _async(value):
+    return value
+
+
+async def test_concurrent_dials_are_deduplicated(pair):
+    _server, client, addr = pair
+    await asyncio.gather(*(client.connect(addr) for _ in range(20)))
+    assert len(client._all) == 1
+
+
+async def test_wrong_peer_id_aborts_the_dial(pair):
+    server, client, addr = pair
+    impostor = addr.with_peer(Identity.generate().peer_id)
+    with pytest.raises(ConnectionLost, match="peer"):
+        await client.connect(impostor)
+    assert client.connection_to(server.peer_id) is None
+    assert await client.call(addr, "echo", b"ok") == b"ok"  # the server is unharmed
+
+
+async def test_remote_errors_are_structured(pair):
+    server, client, addr = pair
+
+    async def fails(ctx, payload):
+        raise RemoteError("bad_shape", "expected (1, 8)")
+
+    async def crashes(ctx, payload):
+        raise KeyError("secret internals")
+
+    server.add_handler("fails", fails)
+    server.add_handler("crashes", crashes)
+    with pytest.raises(RemoteError) as info:
+        await client.call(addr, "fails", b"")
+    assert (info.value.code, info.value.message) == ("bad_shape", "expected (1, 8)")
+    with pytest.raises(RemoteError) as info:
+        await client.call(addr, "crashes", b"")
+    assert info.value.code == "internal" and "secret" not in str(info.value)
+    with pytest.raises(RemoteError) as info:
+        await client.call(addr, "nope", b"")
+    assert info.value.code == "unknown_method"
+    assert await client.call(addr, "echo", b"still fine") == b"still fine"
+
+
+async def test_deadline_exceeded_on_both_sides(pair):
+    server, client, addr = pair
+    cancelled = asyncio.Event()
+
+    async def slow(ctx, payload):
+        assert ctx.deadline is not None
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+
+    server.add_handler("slow", slow)
+    with pytest.raises(RpcTimeout):
+        await client.call(addr, "slow", b"", timeout=0.2)
+    await asyncio.wait_for(cancelled.wait(), 5)  # the server stopped working on it too
+    assert await client.call(addr, "echo", b"after") == b"after"
+
+
+async def test_bidirectional_stream(pair):
+    server, client, addr = pair
+
+    async def doubler(ctx, stream):
+        while (message := await stream.recv()) is not None:
+            await stream.send(message * 2)
+
+    server.add_stream_handler("double", doubler)
+    stream = await client.open_stream(addr, "double")
+    for i in range(50):
+        await stream.send(str(i).encode())
+        assert await stream.recv() == str(i).encode() * 2
+    await stream.close()
+    assert await stream.recv() is None
+
+
+async def test_large_transfer_does_not_starve_small_calls(pair):
+    server, client, addr = pair
+    received = []
+
+    async def sink(ctx, stream):
+        total = 0
+        while (message := await stream.recv()) is not None:
+            total += len(message)
+            await asyncio.sleep(0)  # a slow consumer
+        received.append(total)
+
+    server.add_stream_handler("sink", sink)
+    stream = await client.open_stream(addr, "sink")
+    chunk = os.urandom(4 << 20)
+
+    async def push():
+        for _ in range(25):  # 100 MiB
+            await stream.send(chunk)
+        await stream.close()
+
+    pusher = asyncio.ensure_future(push())
+    await asyncio.sleep(0.05)
+    latencies, queued = [], []
+    loop = asyncio.get_running_loop()
+    conn = client.connection_to(server.peer_id)
+    for _ in range(20):
+        start = loop.time()
+        assert await client.call(addr, "echo", b"small") == b"small"
+        latencies.append(loop.time() - start)
+        queued.append(conn.queued_bytes(stream.stream_id))
+    assert not pusher.done(), "the transfer should still be running while small calls are served"
+    await asyncio.wait_for(pusher, 120)
+    # Bounded buffering: the sender holds at most one message beyond its high-water mark.
+    assert max(queued) <= SEND_HIGH_WATER + len(chunk)
+    for _ in range(200):
+        if received:
+            break
+        await asyncio.sleep(0.05)
+    assert received == [100 << 20]
+    assert max(latencies) < 5.0  # served during the transfer, not after it
+
+
+async def test_garbage_closes_only_that_connection(caplog):
+    server, client = Host(config=HostConfig(handshake_timeout=1.0)), Host()
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    garbage = [
+        b"\x00\x05hello",  # a first message that is not an ephemeral key: refused at once
+        b"\x00\x00",  # an empty handshake message
+        b"\x01\x00" + os.urandom(256),  # a full-size message of noise
+        b"GET / HTTP/1.1\r\n\r\n",  # claims an 18 KB message and stalls: the timeout ends it
+    ]
+    try:
+        assert await client.call(addr, "echo", b"x") == b"x"
+        with caplog.at_level(logging.INFO, logger="overlay.connection"):
+            for data in garbage:
+                reader, writer = await asyncio.open_connection(addr.host, addr.port)
+                writer.write(data)
+                await writer.drain()
+                await asyncio.wait_for(reader.read(), 5)  # the server closes it
+                writer.close()
+                assert await client.call(addr, "echo", b"y") == b"y"  # others unharmed
+        assert caplog.text.count("handshake failed") == 3
+        assert "handshake timed out" in caplog.text
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_stalled_handshake_times_out():
+    server = Host(config=HostConfig(handshake_timeout=0.3))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    try:
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        # Silent dialer: the server gives up after its handshake timeout.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_forged_transport_record_closes_the_connection(pair):
+    server, client, addr = pair
+    assert await client.call(addr, "echo", b"x") == b"x"
+    conn = client.connection_to(server.peer_id)
+    conn._transport.write(struct.pack(">H", 40) + os.urandom(40))  # not sealed with the key
+    for _ in range(100):
+        if conn.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert conn.closed
+    assert await client.call(addr, "echo", b"redial") == b"redial"
+
+
+async def test_peer_that_vanishes_fails_pending_calls(pair):
+    server, client, addr = pair
+    started = asyncio.Event()
+
+    async def hang(ctx, payload):
+        started.set()
+        await asyncio.sleep(30)
+        return b""
+
+    server.add_handler("hang", hang)
+    call = asyncio.ensure_future(client.call(addr, "hang", b"", timeout=30))
+    await started.wait()
+    server.connection_to(client.peer_id)._transport.abort()
+    with pytest.raises(ConnectionLost):
+        await asyncio.wait_for(call, 5)
+
+
+async def test_connection_limit():
+    server = Host(config=HostConfig(max_connections=1))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    a, b = Host(), Host()
+    try:
+        assert await a.call(addr, "echo", b"1") == b"1"
+        with pytest.raises(ConnectionLost):
+            await b.call(addr, "echo", b"2", timeout=5)
+        assert await a.call(addr, "echo", b"3") == b"3"
+    finally:
+        for host in (a, b, server):
+            await host.close()
+
+
+async def test_unreachable_address_is_a_clear_error():
+    host = Host()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here
+    try:
+        with pytest.raises(ConnectionLost, match="dial"):
+            await host.connect(Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}"))
+    finally:
+        await host.close()
+
+
+async def test_graceful_close_tells_the_peer(pair):
+    server, client, addr = pair
+    gone = asyncio.Event()
+    server.on_peer_disconnected(lambda peer: gone.set() if peer == client.peer_id else None)
+    await client.call(addr, "echo", b"x")
+    await client.close()
+    await asyncio.wait_for(gone.wait(), 5)
+
+
+def test_prologue_is_the_documented_one():
+    assert PROLOGUE == b"overlay-node/1"

@@ -1,0 +1,302 @@
+"""The multiplexer state machine, driven by hand: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.mux import (
+    ConnectionTerminated,
+    DataReceived,
+    MuxConfig,
+    MuxConnection,
+    MuxError,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD
+from overlay.mux.frames import HEADER, Flag, FrameType
+
+
+def events(conn: MuxConnection) -> list:
+    out = []
+    while (event := conn.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+def pump(a: MuxConnection, b: MuxConnection, rounds: int = 1000) -> None:
+    """Move bytes both ways until neither side has anything to send."""
+    for _ in range(rounds):
+        ab, ba = a.data_to_send(), b.data_to_send()
+        if not ab and not ba:
+            return
+        if ab:
+            b.receive_data(ab)
+        if ba:
+            a.receive_data(ba)
+    raise AssertionError("connections never went quiet")
+
+
+def messages(evts: list, stream_id: int) -> list[bytes]:
+    out, partial = [], b""
+    for e in evts:
+        if isinstance(e, DataReceived) and e.stream_id == stream_id:
+            partial += bytes(e.data)
+            if e.end:
+                out.append(partial)
+                partial = b""
+    return out
+
+
+def frame(kind: int, flags: int, stream_id: int, length: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, flags, stream_id, length) + payload
+
+
+def test_open_send_receive_and_close_both_ways():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    assert sid == 1
+    a.send(sid, b"header")
+    a.send(sid, b"payload", fin=True)
+    pump(a, b)
+    got = events(b)
+    assert isinstance(got[0], StreamOpened) and got[0].stream_id == sid
+    assert messages(got, sid) == [b"header", b"payload"]
+    assert isinstance(got[-1], StreamEnded)
+    b.send(sid, b"answer", fin=True)
+    pump(a, b)
+    got = events(a)
+    assert messages(got, sid) == [b"answer"]
+    assert isinstance(got[-1], StreamEnded)
+    assert a.stream_ids() == [] and b.stream_ids() == []
+
+
+def test_stream_ids_have_the_dialers_parity():
+    a, b = MuxConnection(True), MuxConnection(False)
+    assert [a.open_stream() for _ in range(3)] == [1, 3, 5]
+    assert [b.open_stream() for _ in range(2)] == [2, 4]
+
+
+def test_large_message_is_split_into_frames_and_reassembled():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    data = bytes(range(256)) * 4000  # ~1 MiB, less than the window
+    a.send(sid, data)
+    out = a.data_to_send(1 << 30)
+    assert len(out) > len(data)
+    b.receive_data(out)
+    got = events(b)
+    frames = [e for e in got if isinstance(e, DataReceived)]
+    assert all(len(f.data) <= MAX_FRAME_PAYLOAD for f in frames)
+    assert messages(got, sid) == [data]
+
+
+def test_flow_control_blocks_sender_until_receiver_acknowledges():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    a.send(sid, b"x" * (INITIAL_WINDOW * 3))
+    b.receive_data(a.data_to_send(1 << 30))
+    received = sum(len(e.data) for e in events(b) if isinstance(e, DataReceived))
+    assert received == INITIAL_WINDOW  # exactly one window, then the sender stops
+    assert a.data_to_send(1 << 30) == b""
+    assert a.queued_bytes(sid) == INITIAL_WINDOW * 2
+    b.acknowledge(sid, received)
+    a.receive_data(b.data_to_send())
+    b.receive_data(a.data_to_send(1 << 30))
+    more = sum(len(e.data) for e in events(b) if isinstance(e, DataReceived))
+    assert more == INITIAL_WINDOW
+
+
+def test_sender_exceeding_the_window_is_a_protocol_error():
+    b = MuxConnection(False)
+    b.receive_data(frame(FrameType.DATA, Flag.SYN, 1, 0))
+    chunk = b"y" * MAX_FRAME_PAYLOAD
+    for _ in range(INITIAL_WINDOW // MAX_FRAME_PAYLOAD + 1):
+        b.receive_data(frame(FrameType.DATA, 0, 1, len(chunk), chunk))
+    got = events(b)
+    assert isinstance(got[-1], ConnectionTerminated)
+    assert "window" in got[-1].reason and not got[-1].by_peer
+    assert b.is_closed
+
+
+def test_big_transfer_does_not_starve_a_small_request():
+    a, b = MuxConnection(True), MuxConnection(False)
+    big = a.open_stream()
+    a.send(big, b"B" * (100 << 20))
+    for _ in range(3):
+        b.receive_data(a.data_to_send())  # the big transfer is under way
+    events(b)
+    small = a.open_stream()
+    a.send(small, b"ping", fin=True)
+    # The small request waits behind at most one frame of the big transfer.
+    b.receive_data(a.data_to_send())
+    b.receive_data(a.data_to_send())
+    assert messages(events(b), small) == [b"ping"]
+
+
+def test_round_robin_is_fair_between_two_bulk_streams():
+    a, b = MuxConnection(True), MuxConnection(False)
+    s1, s2 = a.open_stream(), a.open_stream()
+    a.send(s1, b"1" * 400_000)
+    a.send(s2, b"2" * 400_000)
+    b.receive_data(a.data_to_send(300_000))
+    got = [e for e in events(b) if isinstance(e, DataReceived)]
+    per_stream = {s1: 0, s2: 0}
+    for e in got:
+        per_stream[e.stream_id] += len(e.data)
+    assert abs(per_stream[s1] - per_stream[s2]) <= MAX_FRAME_PAYLOAD
+
+
+def test_streams_over_the_limit_are_refused_but_the_connection_lives():
+    a, b = MuxConnection(True), MuxConnection(False, MuxConfig(max_streams=2))
+    ids = [a.open_stream() for _ in range(3)]
+    for sid in ids:
+        a.send(sid, b"hi")
+    pump(a, b)
+    assert [e.stream_id for e in events(b) if isinstance(e, StreamOpened)] == ids[:2]
+    resets = [e for e in events(a) if isinstance(e, StreamReset)]
+    assert [(r.stream_id, r.reason) for r in resets] == [(ids[2], "stream limit reached")]
+    assert not a.is_closed and not b.is_closed
+
+
+def test_local_stream_limit_raises():
+    a = MuxConnection(True, MuxConfig(max_streams=1))
+    a.open_stream()
+    with pytest.raises(MuxError, match="too many"):
+        a.open_stream()
+
+
+def test_message_over_the_size_limit_resets_only_that_stream():
+    a, b = MuxConnection(True), MuxConnection(False, MuxConfig(max_message_size=1000))
+    big, ok = a.open_stream(), a.open_stream()
+    a.send(big, b"z" * 5000)
+    a.send(ok, b"fine")
+    pump(a, b)
+    got = events(b)
+    assert any(isinstance(e, StreamReset) and e.stream_id == big and e.local for e in got)
+    assert messages(got, ok) == [b"fine"]
+    assert any(isinstance(e, StreamReset) and e.stream_id == big for e in events(a))
+
+
+def test_reset_reaches_the_peer_with_its_reason():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    a.send(sid, b"req")
+    pump(a, b)
+    events(b)
+    b.reset_stream(sid, "unknown_method: nope")
+    pump(a, b)
+    assert [(e.stream_id, e.reason) for e in events(a)] == [(sid, "unknown_method: nope")]
+    # the stream is gone on both sides
+    with pytest.raises(MuxError):
+        a.send(sid, b"more")
+
+
+def test_late_frames_for_a_reset_stream_are_ignored():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    a.send(sid, b"one")
+    pump(a, b)
+    events(b)
+    b.reset_stream(sid, "bye")
+    b.receive_data(frame(FrameType.DATA, 0, sid, 3, b"two"))  # was in flight
+    assert events(b) == [] and not b.is_closed
+
+
+def test_ping_is_answered():
+    a, b = MuxConnection(True), MuxConnection(False)
+    a.ping(77)
+    pump(a, b)
+    assert events(a) == [PongReceived(77)]
+
+
+def test_go_away_terminates():
+    a, b = MuxConnection(True), MuxConnection(False)
+    a.close()
+    pump(a, b)
+    got = events(b)
+    assert isinstance(got[0], ConnectionTerminated) and got[0].by_peer
+    with pytest.raises(MuxError):
+        a.open_stream()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (frame(9, 0, 1, 0), "unknown frame type"),
+        (frame(FrameType.DATA, 0x80, 1, 0), "flags"),
+        (frame(FrameType.DATA, 0, 7, 1, b"x"), "unknown stream"),
+        (frame(FrameType.DATA, Flag.SYN, 2, 0), "parity"),
+        (frame(FrameType.DATA, Flag.SYN, 0, 0), "parity"),
+        (frame(FrameType.DATA, Flag.SYN, 3, 0) + frame(FrameType.DATA, Flag.SYN, 1, 0), "reused"),
+        (struct.pack(">BBII", 0, 0, 1, MAX_FRAME_PAYLOAD + 1), "exceeds limit"),
+        (frame(FrameType.DATA, Flag.SYN | Flag.FIN, 1, 0) + frame(FrameType.DATA, 0, 1, 1, b"x"),
+         "after FIN"),
+        (frame(FrameType.PING, Flag.SYN, 0, 1), "flags"),
+    ],
+)
+def test_protocol_violations_end_the_connection(data, reason):
+    b = MuxConnection(False)
+    b.receive_data(data)
+    got = events(b)
+    assert isinstance(got[-1], ConnectionTerminated), got
+    assert reason in got[-1].reason
+    assert b.data_to_send().startswith(HEADER.pack(FrameType.GO_AWAY, 0, 0, 1))
+    b.receive_data(frame(FrameType.PING, 0, 0, 1))  # nothing more is processed
+    assert events(b) == []
+
+
+def test_input_split_at_every_byte_gives_the_same_events():
+    a, reference = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    a.send(sid, b"hello")
+    a.send(sid, b"world" * 100, fin=True)
+    wire = a.data_to_send(1 << 20)
+    reference.receive_data(wire)
+    expected = messages(events(reference), sid)
+    split = MuxConnection(False)
+    for i in range(len(wire)):
+        split.receive_data(wire[i:i + 1])
+    assert messages(events(split), sid) == expected == [b"hello", b"world" * 100]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_random_bytes_never_raise(data):
+    b = MuxConnection(False)
+    b.receive_data(data)
+    events(b)
+    b.data_to_send()
+
+
+def _valid_wire() -> bytes:
+    a = MuxConnection(True)
+    s1, s2 = a.open_stream(), a.open_stream()
+    a.send(s1, b"abc" * 50)
+    a.send(s2, b"def", fin=True)
+    a.ping(5)
+    a.reset_stream(s1, "x")
+    return a.data_to_send(1 << 20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_frames_never_raise(data):
+    wire = bytearray(_valid_wire())
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(wire) - 1))
+        wire[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(wire)))
+    b = MuxConnection(False)
+    b.receive_data(bytes(wire[:cut]))
+    b.receive_data(bytes(wire[cut:]))
+    for event in events(b):
+        assert isinstance(event, StreamOpened | DataReceived | StreamEnded | StreamReset
+                          | PongReceived | ConnectionTerminated)
+    b.data_to_send()
