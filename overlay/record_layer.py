@@ -8,7 +8,7 @@ Noise message is at most 65535 bytes, 16 of which are the authentication tag).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Protocol
 
 from overlay.mux.connection import MAX_RECORD_PLAINTEXT
@@ -22,21 +22,28 @@ class RecordError(Exception):
 
 
 class Cipher(Protocol):
-    def encrypt(self, plaintext: bytes | memoryview) -> bytes: ...
+    def encrypt_into(self, plaintext: bytes | memoryview, out: memoryview) -> int: ...
 
     def decrypt(self, ciphertext: bytes | memoryview) -> bytes: ...
 
 
-def seal_records(cipher: Cipher, plaintexts: Iterable[bytes]) -> bytes:
-    """Encrypt each plaintext (at most MAX_RECORD_PLAINTEXT bytes) into one framed record."""
-    parts = []
-    pack = _LENGTH.pack
-    encrypt = cipher.encrypt
+def seal_records(cipher: Cipher, plaintexts: Sequence[bytes]) -> bytearray:
+    """Encrypt each plaintext (at most MAX_RECORD_PLAINTEXT bytes) into one framed record.
+
+    The records are sealed in place into one buffer sized up front: the ciphertext is written
+    once, where the socket will read it (no per-record bytes objects joined afterwards).
+    """
+    out = bytearray(sum(len(p) for p in plaintexts) + len(plaintexts) * (2 + TAG_SIZE))
+    view = memoryview(out)
+    pack_into = _LENGTH.pack_into
+    encrypt_into = cipher.encrypt_into
+    pos = 0
     for plaintext in plaintexts:
-        ciphertext = encrypt(plaintext)
-        parts.append(pack(len(ciphertext)))
-        parts.append(ciphertext)
-    return b"".join(parts)
+        size = len(plaintext) + TAG_SIZE
+        pack_into(out, pos, size)
+        encrypt_into(plaintext, view[pos + 2:pos + 2 + size])
+        pos += 2 + size
+    return out
 
 
 class RecordReader:
