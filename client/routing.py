@@ -1,0 +1,294 @@
+"""Route choice: which servers a client chains to run blocks [start, end) of a model.
+
+Two policies, both over a `SwarmView` snapshot and both usable on any sub-range (recovery
+replaces exactly the failed range):
+
+- `RoutePlanner.inference_route`: minimum latency per inference step. Cost model (Petals,
+  `RemoteSequenceManager._build_inference_graph`), in seconds:
+    client -> first server:   one-way delay (client's RTT / 2) + hop overhead
+    server p -> server q:      one-way delay (p's announced next_pings[q] / 2) + hop overhead
+    compute on q:              blocks run on q / q's inference_rps (tokens/s per block)
+    last server -> client:     one-way delay (client's RTT / 2)
+  An unmeasured delay counts as `default_delay`, an unreachable one (RTT = inf) as
+  `max_delay`. As in Petals, a route that enters a server stays on it to the end of its span
+  (or of the range): hops happen only at span ends, which keeps the problem small. Nodes are
+  (block, server holding the hidden state); every edge moves forward in blocks or hops at one
+  block, so the graph is a DAG ordered by block and one pass in block order finds the same
+  shortest path Dijkstra would, without a heap.
+- `RoutePlanner.spread_route`: forward/backward for fine-tuning spread load: at each block
+  the next server is drawn among those covering it, with probability proportional to its
+  announced throughput (random source injected).
+
+Only ONLINE servers of the client's protocol version are used; banned servers, servers
+without the requested adapter and (for inference) servers whose free attention cache is below
+what the session needs are excluded. Blocks nobody eligible serves raise MissingBlocksError.
+
+Pure: no torch, no asyncio, no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
+
+from blocks.announcement import PROTOCOL_VERSION, ServedSpan, ServerState, SwarmView
+
+# Petals `_build_inference_graph(overhead_delay=0.018)`: "serialization overhead
+# (empirically measured)", seconds per request to a server.
+HOP_OVERHEAD = 0.018
+# Petals `_rtt_to_delay(default_delay=0.15)`: one-way seconds assumed when never measured.
+DEFAULT_DELAY = 0.15
+# Petals `_rtt_to_delay(max_delay=5)`: an unreachable link is penalised, not removed.
+MAX_DELAY = 5.0
+# Petals `_build_inference_graph(default_inference_rps=300)`: tokens/s per block when a
+# server announces none.
+DEFAULT_INFERENCE_RPS = 300.0
+# Weight of a server announcing zero throughput in spread routes: chosen only when alone.
+MIN_SPREAD_WEIGHT = 1e-9
+
+
+class MissingBlocksError(RuntimeError):
+    """No eligible server covers these blocks (sorted block indices in `missing`)."""
+
+    def __init__(self, missing: Sequence[int]):
+        self.missing = sorted(missing)
+        super().__init__(f"no eligible server holds blocks {_ranges(self.missing)}")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Latency model of `inference_route`; defaults are Petals' values cited above."""
+
+    hop_overhead: float = HOP_OVERHEAD
+    default_delay: float = DEFAULT_DELAY
+    max_delay: float = MAX_DELAY
+    default_inference_rps: float = DEFAULT_INFERENCE_RPS
+
+
+@dataclass(frozen=True, slots=True)
+class RouteNeeds:
+    """What a request needs from a server, beyond covering the blocks."""
+
+    cache_tokens: int = 0  # attention-cache positions (batch x max length) of the session
+    adapter: str | None = None  # the server must have loaded this adapter
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpan:
+    """Run blocks [start, end) on `peer_id`."""
+
+    peer_id: str
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+_NO_BANS: frozenset[str] = frozenset()
+_NO_RTTS: Mapping[str, float] = {}
+
+
+class RoutePlanner:
+    """Routes over one swarm snapshot; build a new planner when the view is refreshed."""
+
+    __slots__ = ("config", "view")
+
+    def __init__(self, view: SwarmView, config: RoutingConfig = RoutingConfig()):
+        self.view = view
+        self.config = config
+
+    # -- inference: minimum latency -----------------------------------------------------------
+
+    def inference_route(
+        self,
+        start: int,
+        end: int,
+        *,
+        client_rtts: Mapping[str, float] = _NO_RTTS,
+        banned: Container[str] = _NO_BANS,
+        needs: RouteNeeds = RouteNeeds(),
+    ) -> list[RouteSpan]:
+        """The minimum-latency chain of servers for one inference step over [start, end).
+
+        `client_rtts`: the client's own measured round-trip seconds per peer id.
+        """
+        self._check_range(start, end)
+        if start == end:
+            return []
+        eligible = self._eligible(start, end, banned, needs, inference=True)
+        cfg = self.config
+        overhead = cfg.hop_overhead
+
+        # A node is (cost, span or None for the client, entry block, previous node).
+        arrivals: dict[int, dict[int, tuple]] = {start: {0: (0.0, None, start, None)}}
+        block = start
+        while block < end:
+            at_block = arrivals.pop(block, None)
+            if at_block:
+                sources = sorted(at_block.values(), key=lambda node: node[0])
+                for span in self.view.covering(block):
+                    if id(span) not in eligible:
+                        continue
+                    peer = span.peer_id
+                    best, best_src = math.inf, None
+                    for src in sources:
+                        if src[0] + overhead >= best:
+                            break  # sources are sorted by cost; hops cost >= overhead
+                        prev = src[1]
+                        if prev is None:
+                            rtt = client_rtts.get(peer)
+                        elif prev.peer_id == peer:
+                            rtt = 0.0  # another span of the same server: no network
+                        else:
+                            rtt = prev.info.next_pings.get(peer)
+                        cost = src[0] + _delay(rtt, cfg) + overhead
+                        if cost < best:
+                            best, best_src = cost, src
+                    stop = min(span.end, end)
+                    rps = span.info.inference_rps or cfg.default_inference_rps
+                    cost = best + (stop - block) / rps
+                    landing = arrivals.setdefault(stop, {})
+                    held = landing.get(id(span))
+                    if held is None or cost < held[0]:
+                        landing[id(span)] = (cost, span, block, best_src)
+            block = min((b for b in arrivals if b < end), default=end)
+
+        finals = arrivals.get(end, {})
+        best_node, best_total = None, math.inf
+        for node in finals.values():
+            total = node[0] + _delay(client_rtts.get(node[1].peer_id), cfg)
+            if total < best_total:
+                best_node, best_total = node, total
+        if best_node is None:  # unreachable: _eligible found every block covered
+            raise MissingBlocksError(list(range(start, end)))
+        route: list[RouteSpan] = []
+        node = best_node
+        while node is not None and node[1] is not None:
+            stop = min(node[1].end, end) if not route else route[-1].start
+            route.append(RouteSpan(node[1].peer_id, node[2], stop))
+            node = node[3]
+        route.reverse()
+        return route
+
+    def route_latency(
+        self, route: Sequence[RouteSpan], *, client_rtts: Mapping[str, float] = _NO_RTTS
+    ) -> float:
+        """Seconds one inference step takes along `route` under the cost model above."""
+        cfg = self.config
+        total, prev = 0.0, None
+        for hop in route:
+            info = self.view.servers[hop.peer_id]
+            if prev is None:
+                rtt = client_rtts.get(hop.peer_id)
+            elif prev == hop.peer_id:
+                rtt = 0.0
+            else:
+                rtt = self.view.servers[prev].next_pings.get(hop.peer_id)
+            total += _delay(rtt, cfg) + cfg.hop_overhead
+            total += hop.length / (info.inference_rps or cfg.default_inference_rps)
+            prev = hop.peer_id
+        if prev is not None:
+            total += _delay(client_rtts.get(prev), cfg)
+        return total
+
+    # -- forward / backward: spread the load ------------------------------------------------------
+
+    def spread_route(
+        self,
+        start: int,
+        end: int,
+        rng: random.Random,
+        *,
+        banned: Container[str] = _NO_BANS,
+        needs: RouteNeeds = RouteNeeds(),
+    ) -> list[RouteSpan]:
+        """A random chain over [start, end): at each block a server covering it, drawn with
+        probability proportional to its throughput; it runs to the end of its span."""
+        self._check_range(start, end)
+        if start == end:
+            return []
+        eligible = self._eligible(start, end, banned, needs, inference=False)
+        route: list[RouteSpan] = []
+        block = start
+        while block < end:
+            candidates = [s for s in self.view.covering(block) if id(s) in eligible]
+            weights = [max(s.info.throughput, MIN_SPREAD_WEIGHT) for s in candidates]
+            point = rng.random() * sum(weights)
+            chosen = candidates[-1]
+            for span, weight in zip(candidates, weights):
+                point -= weight
+                if point < 0:
+                    chosen = span
+                    break
+            stop = min(chosen.end, end)
+            route.append(RouteSpan(chosen.peer_id, block, stop))
+            block = stop
+        return route
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _check_range(self, start: int, end: int) -> None:
+        if not 0 <= start <= end <= self.view.num_blocks:
+            raise ValueError(f"block range [{start}, {end}) not in [0, {self.view.num_blocks})")
+
+    def _eligible(
+        self, start: int, end: int, banned: Container[str], needs: RouteNeeds, *, inference: bool
+    ) -> set[int]:
+        """ids of the spans a request may use; raises MissingBlocksError for uncovered blocks.
+
+        Per-block coverage is counted with a difference array over the eligible spans
+        (integers, exact), so the check costs O(servers + blocks)."""
+        eligible: set[int] = set()
+        delta = [0] * (end - start + 1)
+        for span in self.view.spans:
+            if span.end <= start or span.start >= end:
+                continue
+            if not _usable(span, banned, needs, inference):
+                continue
+            eligible.add(id(span))
+            delta[max(span.start, start) - start] += 1
+            delta[min(span.end, end) - start] -= 1
+        missing, covered = [], 0
+        for offset in range(end - start):
+            covered += delta[offset]
+            if covered == 0:
+                missing.append(start + offset)
+        if missing:
+            raise MissingBlocksError(missing)
+        return eligible
+
+
+def _usable(span: ServedSpan, banned: Container[str], needs: RouteNeeds, inference: bool) -> bool:
+    info = span.info
+    if info.state != ServerState.ONLINE or info.version != needs.version:
+        return False
+    if span.peer_id in banned:
+        return False
+    if needs.adapter is not None and needs.adapter not in info.adapters:
+        return False
+    if inference:
+        if info.cache_tokens_left is not None and info.cache_tokens_left < needs.cache_tokens:
+            return False
+        if info.inference_rps is not None and info.inference_rps <= 0:
+            return False
+    return True
+
+
+def _delay(rtt: float | None, cfg: RoutingConfig) -> float:
+    return cfg.default_delay if rtt is None else min(rtt / 2, cfg.max_delay)
+
+
+def _ranges(blocks: Sequence[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    runs: list[list[int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][1] + 1:
+            runs[-1][1] = block
+        else:
+            runs.append([block, block])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
