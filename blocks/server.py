@@ -1,0 +1,263 @@
+"""A block server: a span of a model's blocks behind the overlay's RPCs (blocks/protocol.py).
+
+The I/O half: it owns a Host, answers `blocks.info`, `blocks.forward` and `blocks.inference`,
+accounts the attention cache (blocks/cache_budget.py), closes idle sessions, and runs torch
+work on one worker thread so the event loop keeps answering pings and the DHT meanwhile.
+Announcing itself in the DHT is blocks/announcer.py's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgpack
+import torch
+
+import tensor_wire
+from blocks import protocol
+from blocks.cache_budget import CacheBudget, CacheFullError
+from blocks.protocol import RequestError
+from blocks.span import BlockSpan, SpanInputError
+from overlay.host import Host, RemoteError, RpcContext
+from overlay.streams import ConnectionLost, Stream, StreamClosed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingConfig:
+    model_id: str
+    cache_tokens: int = 8192  # attention-cache capacity, in tokens on every block of the span
+    max_length: int = 8192  # the longest session a client may open
+    session_idle_timeout: float = 300.0
+    max_request_tokens: int = 16384  # batch x length of one forward or step
+
+
+class _Session:
+    __slots__ = ("blocks", "cost", "last_active", "session", "session_id", "stream")
+
+    def __init__(self, session_id, session, blocks, cost, stream):
+        self.session_id = session_id
+        self.stream = stream
+        self.session = session
+        self.blocks = blocks
+        self.cost = cost
+        self.last_active = time.monotonic()
+
+
+class BlockServer:
+    """Serves one span. Create, then `attach(host)`; `close()` frees every session."""
+
+    def __init__(self, span: BlockSpan, config: ServingConfig):
+        self.span = span
+        self.config = config
+        self.budget = CacheBudget(config.cache_tokens * span.num_blocks)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="blocks")
+        self._sessions: dict[int, _Session] = {}
+        self._ids = itertools.count(1)
+        self._reaper: asyncio.Task | None = None
+        self._views: dict[tuple[int, int], BlockSpan] = {(span.start, span.end): span}
+        self.requests_served = 0
+
+    # ------------------------------------------------------------------ lifetime
+    def attach(self, host: Host) -> None:
+        host.add_handler(protocol.METHOD_INFO, self._info)
+        host.add_handler(protocol.METHOD_FORWARD, self._forward)
+        host.add_stream_handler(protocol.METHOD_INFERENCE, self._inference)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_idle_sessions())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for entry in list(self._sessions.values()):
+            self._end_session(entry)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def served(self) -> tuple[int, int]:
+        return self.span.start, self.span.end
+
+    @property
+    def cache_tokens_free(self) -> int:
+        return self.budget.free // self.span.num_blocks
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    def info(self) -> dict:
+        return {
+            "v": protocol.PROTOCOL_VERSION,
+            "model": self.config.model_id,
+            "start": self.span.start,
+            "end": self.span.end,
+            "hidden_size": self.span.hidden_size,
+            "dtype": str(self.span.dtype).removeprefix("torch."),
+            "cache_tokens": self.config.cache_tokens,
+            "cache_tokens_free": self.cache_tokens_free,
+            "max_length": self.config.max_length,
+            "sessions": len(self._sessions),
+        }
+
+    # ------------------------------------------------------------------ handlers
+    async def _info(self, ctx: RpcContext, payload: bytes) -> bytes:
+        return msgpack.packb(self.info())
+
+    async def _forward(self, ctx: RpcContext, payload: bytes) -> bytes:
+        tensors, meta = self._decode(payload)
+        try:
+            blocks = protocol.parse_range(meta, self.config.model_id, self.served)
+            compression = protocol.response_compression(meta)
+            if len(tensors) not in (1, 2):
+                raise RequestError(protocol.BAD_INPUT, "forward takes hidden states "
+                                                       "[and an attention mask]")
+            hidden = tensors[0]
+            self._check_size(hidden)
+            mask = tensors[1] if len(tensors) == 2 else None
+            view = self._view(blocks.start, blocks.end)
+            output = await self._compute(view.forward, hidden, mask)
+        except RequestError as e:
+            raise RemoteError(e.code, str(e)) from None
+        self.requests_served += 1
+        return tensor_wire.encode_message([output], None, compression)
+
+    async def _inference(self, ctx: RpcContext, stream: Stream) -> None:
+        opening = await stream.recv()
+        if opening is None:
+            return
+        _, meta = self._decode(opening)
+        try:
+            request = protocol.parse_session_request(
+                meta, self.config.model_id, self.served, self.config.max_length
+            )
+        except RequestError as e:
+            raise RemoteError(e.code, str(e)) from None
+        blocks = request.blocks
+        cost = request.batch_size * request.max_length * (blocks.end - blocks.start)
+        try:
+            await self.budget.acquire(cost, request.wait_timeout)
+        except CacheFullError as e:
+            raise RemoteError(protocol.CACHE_FULL, str(e)) from None
+        entry = None
+        try:
+            view = self._view(blocks.start, blocks.end)
+            session = view.new_session(request.batch_size, request.max_length)
+            entry = _Session(next(self._ids), session, blocks, cost, stream)
+            self._sessions[entry.session_id] = entry
+        finally:
+            if entry is None:
+                self.budget.release(cost)
+        try:
+            await stream.send(tensor_wire.encode_message([], {
+                "session": entry.session_id, "cache_tokens_free": self.cache_tokens_free,
+            }))
+            await self._serve_steps(stream, entry, request)
+        finally:
+            self._end_session(entry)
+
+    async def _serve_steps(self, stream: Stream, entry: _Session,
+                           request: protocol.SessionRequest) -> None:
+        session = entry.session
+        while True:
+            message = await stream.recv()
+            if message is None:
+                return
+            if entry.session_id not in self._sessions:
+                raise RemoteError(protocol.SESSION_CLOSED, "the session was closed for idleness")
+            entry.last_active = time.monotonic()
+            tensors, meta = self._decode(message)
+            try:
+                step = protocol.parse_step_request(meta)
+                if len(tensors) != 1:
+                    raise RequestError(protocol.BAD_INPUT, "a step carries one tensor")
+                hidden = tensors[0]
+                self._check_size(hidden)
+                output = await self._compute(self._step, session, step.position, hidden)
+            except RequestError as e:
+                # A bad step is refused; the session and its cache stay as they were.
+                reply = {"step": _step_id(meta), "error": e.code, "message": str(e)}
+                await stream.send(tensor_wire.encode_message([], reply))
+                continue
+            self.requests_served += 1
+            await stream.send(tensor_wire.encode_message([output], {"step": step.step_id},
+                                                         request.compression))
+            entry.last_active = time.monotonic()
+
+    @staticmethod
+    def _step(session, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        if position > session.position:
+            raise RequestError(protocol.BAD_INPUT, f"step starts at position {position} but the "
+                                                   f"session holds only {session.position}")
+        if position < session.position:
+            session.rollback(position)
+        if position + hidden.shape[1] > session.max_length:
+            raise RequestError(protocol.TOO_LONG, f"{position + hidden.shape[1]} tokens exceed the "
+                                                  f"session's max_length {session.max_length}")
+        return session.step(hidden)
+
+    # ------------------------------------------------------------------ helpers
+    async def _compute(self, fn: Callable, *args):
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except RequestError:
+            raise
+        except SpanInputError as e:
+            raise RequestError(protocol.BAD_INPUT, str(e)) from None
+        except ValueError as e:
+            raise RequestError(protocol.BAD_INPUT, str(e)) from None
+
+    def _decode(self, payload: bytes):
+        try:
+            return tensor_wire.decode_message(payload)
+        except tensor_wire.WireError as e:
+            raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
+
+    def _check_size(self, hidden) -> None:
+        if hidden.ndim == 3 and hidden.shape[0] * hidden.shape[1] > self.config.max_request_tokens:
+            raise RequestError(protocol.BAD_INPUT, f"{hidden.shape[0] * hidden.shape[1]} tokens "
+                                                   f"in one request exceed "
+                                                   f"{self.config.max_request_tokens}")
+
+    def _view(self, start: int, end: int) -> BlockSpan:
+        view = self._views.get((start, end))
+        if view is None:
+            view = self._views[(start, end)] = self.span.subspan(start, end)
+        return view
+
+    def _end_session(self, entry: _Session | None) -> None:
+        if entry is None or self._sessions.pop(entry.session_id, None) is None:
+            return
+        with contextlib.suppress(Exception):
+            entry.session.close()
+        self.budget.release(entry.cost)
+
+    async def _reap_idle_sessions(self) -> None:
+        timeout = self.config.session_idle_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 30.0))
+            now = time.monotonic()
+            for entry in list(self._sessions.values()):
+                if now - entry.last_active > timeout:
+                    log.info("closing session %d: idle for %.0f s", entry.session_id,
+                             now - entry.last_active)
+                    self._end_session(entry)
+                    entry.stream.reset(f"{protocol.SESSION_CLOSED}: idle for more than "
+                                       f"{timeout:g} s")
+
+
+def _step_id(meta) -> int:
+    value = meta.get("step") if isinstance(meta, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+__all__ = ["BlockServer", "ConnectionLost", "ServingConfig", "StreamClosed"]

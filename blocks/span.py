@@ -1,0 +1,512 @@
+"""A span of a model's transformer blocks, run with transformers' own code; and its sessions.
+
+``BlockSpan`` holds decoder layers [start, end) of a Hugging Face decoder-only model and runs
+them through the family's own base-model ``forward``: rotary embeddings, ALiBi, attention masks
+and attention caches are transformers', not ours. That forward also does things meant for the
+whole model (embedding lookup, scaling, position embeddings before the first layer; the final
+norm after the last): a hook on the first kept layer hands it our hidden states unchanged, and a
+hook on the last kept layer captures its output, so neither end is re-implemented or guessed.
+The embeddings are absent and the other non-layer parameters are zeros: they only compute what
+the hooks discard. A sub-span (any slice a client asks for) reuses the loaded layers.
+
+``SpanSession`` is one inference session: a transformers cache for this span only, fed with new
+positions only; the position is the number of cached tokens, so position ids and masks follow
+from the cache exactly as in transformers' own generation. Sessions can move back (speculative
+decoding) and report their exact cache size, for the server's cache budget.
+
+This module may not do I/O beyond reading the model directory, and never touches the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from blocks.families import (
+    DeviceOptions,
+    ModelInputError,
+    UnsupportedModelError,
+    build_skeleton,
+    checkpoint_key_map,
+    find_layer_list,
+    load_config,
+    load_tensors,
+    meta_parameters,
+    renumber_layers,
+    resolve_device,
+    resolve_dtype,
+    restrict_config,
+    set_submodule,
+)
+from blocks.model_files import ModelFiles
+
+
+class SpanInputError(ModelInputError):
+    """A request to a span or session is malformed (shape, dtype, length, position)."""
+
+
+class SessionClosedError(RuntimeError):
+    """The session was closed; its cache is gone."""
+
+
+class _AbsentEmbedding(nn.Module):
+    """Stands in for the token embedding a span never uses (hidden states come in instead)."""
+
+    def __init__(self, embedding_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise UnsupportedModelError("a block span holds no embeddings; send hidden states")
+
+
+def _layer_output_hidden(output: Any) -> torch.Tensor:
+    """A decoder layer returns its hidden states, or a tuple starting with them, by family."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@dataclass(frozen=True)
+class _CacheLayerCost:
+    """Bytes one cache layer holds: ``per_token`` per cached position and sequence, at most
+    ``max_tokens`` positions (sliding windows; 0 = unbounded), plus a fixed ``constant``."""
+
+    per_token: int
+    max_tokens: int
+    constant: int
+
+
+def _tensor_bytes(obj: object) -> int:
+    seen: set[int] = set()
+    total = 0
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            total += value.numel() * value.element_size()
+    return total
+
+
+class _LoadedLayers:
+    """The decoder layers a server loaded, shared by its span and every sub-span of it.
+
+    Runs are serialised by one lock. For each run it records which layer receives the input
+    (the run's first) and which one's output is the result (its last); hooks on those layers
+    act only for the run that named them. Each layer's ``layer_idx`` is its slot in the
+    running (sub-)span's cache, so it is set for each run's range.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.lock = threading.Lock()
+        self._first: nn.Module | None = None
+        self._last: nn.Module | None = None
+        self._pending: torch.Tensor | None = None
+        self._captured: torch.Tensor | None = None
+        self._hooked_first: set[int] = set()
+        self._hooked_last: set[int] = set()
+        self._slot_owners = [
+            [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+            for layer in layers
+        ]
+        self._slots_from = 0
+
+    def hook(self, lo: int, hi: int) -> None:
+        """Make layers ``lo`` and ``hi - 1`` able to act as a run's first and last layer."""
+        if lo not in self._hooked_first:
+            self.layers[lo].register_forward_pre_hook(self._substitute_input, with_kwargs=True)
+            self._hooked_first.add(lo)
+        if hi - 1 not in self._hooked_last:
+            self.layers[hi - 1].register_forward_hook(self._capture_output)
+            self._hooked_last.add(hi - 1)
+
+    def _substitute_input(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if module is not self._first:
+            return None
+        if args:
+            return (self._pending, *args[1:]), kwargs
+        kwargs["hidden_states"] = self._pending
+        return args, kwargs
+
+    def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is self._last:
+            self._captured = _layer_output_hidden(output)
+
+    def run(self, model: nn.Module, lo: int, hi: int, hidden: torch.Tensor, **kwargs: Any) -> Any:
+        """Run ``model`` (a base model over layers [lo, hi)) with ``hidden`` entering layer lo;
+        returns what layer hi - 1 output. Caller holds ``lock``."""
+        if self._slots_from != lo:
+            for index in range(len(self.layers)):
+                for module in self._slot_owners[index]:
+                    module.layer_idx = index - lo
+            self._slots_from = lo
+        self._first, self._last, self._pending = self.layers[lo], self.layers[hi - 1], hidden
+        try:
+            model(**kwargs)
+            output = self._captured
+        finally:
+            self._first = self._last = self._pending = self._captured = None
+        if output is None:
+            raise UnsupportedModelError("the model's forward did not run the span's last layer")
+        return output
+
+
+def _clone_with_layers(
+    base: nn.Module, path: str, layers: nn.ModuleList, config: PretrainedConfig
+) -> nn.Module:
+    """A shallow copy of ``base`` whose layer list at ``path`` is ``layers`` and whose config is
+    ``config``; every other submodule (rotary embeddings, stand-ins) is shared, not copied."""
+    original_config = base.config
+    root = copy.copy(base)
+    root._modules = dict(base._modules)
+    cloned = [root]
+    *parents, name = path.split(".")
+    for part in parents:
+        child = copy.copy(cloned[-1]._modules[part])
+        child._modules = dict(child._modules)
+        cloned[-1]._modules[part] = child
+        cloned.append(child)
+    cloned[-1]._modules[name] = layers
+    for module in cloned:
+        if getattr(module, "config", None) is original_config:
+            module.config = config
+    return root
+
+
+class BlockSpan:
+    """Decoder layers [start, end) of one model, ready to run on one device.
+
+    Build with :meth:`load`; :meth:`subspan` gives a span over fewer of the same layers, sharing
+    their weights. Thread-safe: one computation at a time over a span and its sub-spans.
+    """
+
+    def __init__(
+        self,
+        loaded: _LoadedLayers,
+        model: nn.Module,
+        config: PretrainedConfig,
+        blocks: tuple[int, int],
+        layer_range: tuple[int, int],
+        layers_path: str,
+    ) -> None:
+        self._loaded = loaded
+        self._model = model
+        self._config = config
+        self.start, self.end = blocks
+        self._lo, self._hi = layer_range
+        self._layers_path = layers_path
+        self.hidden_size: int = config.hidden_size
+        first_param = next(loaded.layers[self._lo].parameters())
+        self.dtype: torch.dtype = first_param.dtype
+        self.device: torch.device = first_param.device
+        embeddings = model.get_input_embeddings()
+        self._embedding_dim = getattr(embeddings, "embedding_dim", self.hidden_size)
+        loaded.hook(self._lo, self._hi)
+        self._cache_costs: list[_CacheLayerCost] = []
+
+    @classmethod
+    def load(
+        cls,
+        model: ModelFiles | str | Path,
+        start: int,
+        end: int,
+        options: DeviceOptions | None = None,
+    ) -> BlockSpan:
+        """Read layers [start, end) of the model directory (only their tensors) and build them."""
+        options = options or DeviceOptions()
+        files = model if isinstance(model, ModelFiles) else ModelFiles(model)
+        config = load_config(files)
+        total = config.get_text_config().num_hidden_layers
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total):
+            raise ValueError(f"blocks [{start}, {end}) are not a non-empty range in [0, {total})")
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(files, options.dtype)
+
+        causal_lm = build_skeleton(config, dtype)
+        path, all_layers = find_layer_list(causal_lm)
+        key_map = checkpoint_key_map(files, causal_lm)
+        kept = nn.ModuleList(all_layers[start:end])
+        set_submodule(causal_lm, path, kept)
+        renumber_layers(kept, start)
+        restrict_config(causal_lm.config, start, end)
+
+        wanted = {}
+        for name, model_name in key_map.items():
+            index, dot, rest = model_name.removeprefix(f"{path}.").partition(".")
+            in_layers = model_name.startswith(f"{path}.") and dot and index.isdigit()
+            if in_layers and start <= int(index) < end:
+                wanted[name] = f"{path}.{int(index) - start}.{rest}"
+        tensors = files.read(sorted(wanted))
+        load_tensors(causal_lm, {wanted[name]: tensor for name, tensor in tensors.items()}, dtype)
+        missing = meta_parameters(kept)
+        if missing:
+            index, _, rest = missing[0].partition(".")
+            raise UnsupportedModelError(
+                f"the checkpoint lacks {len(missing)} tensors of blocks [{start}, {end}), "
+                f"e.g. {path}.{start + int(index)}.{rest}"
+            )
+
+        base = causal_lm.base_model
+        if base.config is not causal_lm.config:
+            restrict_config(base.config, start, end)
+        embeddings = base.get_input_embeddings()
+        base.set_input_embeddings(
+            _AbsentEmbedding(getattr(embeddings, "embedding_dim", config.hidden_size))
+        )
+        for name in meta_parameters(base):
+            module_path, _, param_name = name.rpartition(".")
+            owner = base.get_submodule(module_path)
+            shape = owner._parameters[param_name].shape
+            owner._parameters[param_name] = nn.Parameter(
+                torch.zeros(shape, dtype=dtype), requires_grad=False
+            )
+        base.to(device)
+        layers_path = path.removeprefix(f"{causal_lm.base_model_prefix}.")
+        loaded = _LoadedLayers(kept)
+        span = cls(loaded, base, base.config, (start, end), (0, end - start), layers_path)
+        span._cache_costs = span._measure_cache_costs()
+        return span
+
+    def subspan(self, start: int, end: int) -> BlockSpan:
+        """Blocks [start, end) of this span, sharing its weights (a client may run any slice)."""
+        if not (isinstance(start, int) and isinstance(end, int)) or not (
+            self.start <= start < end <= self.end
+        ):
+            raise SpanInputError(
+                f"blocks [{start}, {end}) are not a non-empty range in [{self.start}, {self.end})"
+            )
+        if (start, end) == (self.start, self.end):
+            return self
+        lo, hi = self._lo + start - self.start, self._lo + end - self.start
+        config = copy.deepcopy(self._config)
+        restrict_config(config, start - self.start, end - self.start)
+        layers = nn.ModuleList(self._loaded.layers[lo:hi])
+        model = _clone_with_layers(self._model, self._layers_path, layers, config)
+        view = BlockSpan(self._loaded, model, config, (start, end), (lo, hi), self._layers_path)
+        view._cache_costs = self._cache_costs[start - self.start : end - self.start]
+        return view
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        cache: Any | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One pass of the base model's forward through this span's layers."""
+        batch, length, _ = hidden.shape
+        stand_in = (
+            hidden
+            if self._embedding_dim == self.hidden_size
+            else hidden.new_zeros(batch, length, self._embedding_dim)
+        )
+        with self._loaded.lock, torch.inference_mode():
+            return self._loaded.run(
+                self._model,
+                self._lo,
+                self._hi,
+                hidden,
+                inputs_embeds=stand_in,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+
+    # ------------------------------------------------------------ validation
+    def _check_hidden(self, hidden: object, batch_size: int | None = None) -> torch.Tensor:
+        if not isinstance(hidden, torch.Tensor):
+            raise SpanInputError(f"hidden states must be a torch.Tensor, not {type(hidden)}")
+        if hidden.ndim != 3:
+            raise SpanInputError(
+                f"hidden states must be [batch, length, {self.hidden_size}], got shape "
+                f"{tuple(hidden.shape)}"
+            )
+        batch, length, size = hidden.shape
+        if size != self.hidden_size:
+            raise SpanInputError(f"hidden size is {size}, this model's is {self.hidden_size}")
+        if batch < 1 or length < 1:
+            raise SpanInputError(f"empty hidden states of shape {tuple(hidden.shape)}")
+        if hidden.dtype != self.dtype:
+            raise SpanInputError(f"hidden states are {hidden.dtype}, this span runs {self.dtype}")
+        if batch_size is not None and batch != batch_size:
+            raise SpanInputError(f"batch size is {batch}, the session was opened for {batch_size}")
+        return hidden.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------- public API
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run full sequences through the span, no cache. ``attention_mask``: [batch, length],
+        1 for real tokens and 0 for padding, as transformers takes it."""
+        hidden = self._check_hidden(hidden_states)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(
+                hidden.shape[:2]
+            ):
+                raise SpanInputError(
+                    f"attention mask must be a tensor of shape {tuple(hidden.shape[:2])}"
+                )
+            if attention_mask.is_floating_point() or attention_mask.is_complex():
+                raise SpanInputError("attention mask must hold integers or booleans (1 = token)")
+            attention_mask = attention_mask.to(self.device)
+        return self._run(hidden, None, attention_mask)
+
+    def new_session(self, batch_size: int, max_length: int) -> SpanSession:
+        """Open an inference session for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise SpanInputError(f"batch size must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise SpanInputError(f"max length must be a positive integer, got {max_length!r}")
+        return SpanSession(self, batch_size, max_length)
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self._config)
+
+    # ----------------------------------------------------------- cache costs
+    def _measure_cache_costs(self) -> list[_CacheLayerCost]:
+        """Measure what each cache layer holds after one and after two tokens (batch 1).
+
+        Measured rather than derived from config fields, whose names differ between families
+        (``num_key_value_heads``, ``multi_query``, ``n_head``...). Also proves that every layer
+        of the span writes its own cache slot.
+        """
+        cache = self._new_cache()
+        probe = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        self._run(probe, cache, None)
+        one = [_tensor_bytes(layer) for layer in cache.layers]
+        self._run(probe, cache, None)
+        two = [_tensor_bytes(layer) for layer in cache.layers]
+        if len(cache.layers) != self.num_blocks or cache.get_seq_length() != 2:
+            raise UnsupportedModelError("the span's layers do not fill one cache slot each")
+        costs = []
+        for layer, after_one, after_two in zip(cache.layers, one, two, strict=True):
+            per_token = after_two - after_one
+            if per_token <= 0:
+                raise UnsupportedModelError("a layer of the span caches nothing per token")
+            max_tokens = layer.get_max_length() if getattr(layer, "is_sliding", False) else 0
+            costs.append(_CacheLayerCost(per_token, max(max_tokens, 0), after_one - per_token))
+        return costs
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Cache bytes per position of one sequence, over all layers of the span."""
+        return sum(cost.per_token for cost in self._cache_costs)
+
+    def cache_tokens(self, batch_size: int, max_length: int) -> int:
+        """Cache a session reserves, in block-tokens: one per position, sequence and block
+        (the unit of a server's ``--cache-tokens`` budget, which counts tokens on every block)."""
+        return batch_size * max_length * self.num_blocks
+
+    def cache_bytes(self, batch_size: int, max_length: int) -> int:
+        """Bytes of attention cache a session of (batch_size, max_length) holds at most.
+
+        Exact for full-attention layers at ``max_length``; a sliding-window layer counts its
+        window (between steps it keeps ``window - 1`` positions).
+        """
+        total = 0
+        for cost in self._cache_costs:
+            tokens = min(max_length, cost.max_tokens) if cost.max_tokens else max_length
+            total += batch_size * tokens * cost.per_token + cost.constant
+        return total
+
+
+class SpanSession:
+    """One inference session on a span: its own attention cache, stepped with new positions.
+
+    A session serves one stream of requests: step it from one thread (or task) at a time. A step
+    that fails inside the model (out of memory, say) closes the session; bad input does not.
+    """
+
+    def __init__(self, span: BlockSpan, batch_size: int, max_length: int) -> None:
+        self.span = span
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._cache: Any | None = span._new_cache()
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        """Number of positions in the cache: where the next step's first token goes."""
+        return self._position
+
+    @property
+    def closed(self) -> bool:
+        return self._cache is None
+
+    def _live_cache(self) -> Any:
+        if self._cache is None:
+            raise SessionClosedError("the inference session is closed")
+        return self._cache
+
+    def step(self, hidden_new: torch.Tensor) -> torch.Tensor:
+        """Run new positions (one or several) through the span; returns their hidden states."""
+        cache = self._live_cache()
+        hidden = self.span._check_hidden(hidden_new, self.batch_size)
+        length = hidden.shape[1]
+        if self._position + length > self.max_length:
+            raise SpanInputError(
+                f"{length} new positions after {self._position} exceed the session's "
+                f"max length {self.max_length}"
+            )
+        mask = None
+        if length > 1 and self._position > 0:
+            # Explicit: several queries on a non-empty cache must see every cached key.
+            mask = torch.ones(
+                self.batch_size, self._position + length, dtype=torch.long, device=hidden.device
+            )
+        try:
+            output = self.span._run(hidden, cache, mask)
+        except BaseException:
+            # Some layers may have cached the new positions and others not: unusable.
+            self.close()
+            raise
+        self._position += length
+        return output
+
+    def rollback(self, position: int) -> None:
+        """Move back to ``position`` (forget later positions), e.g. after rejected draft tokens."""
+        cache = self._live_cache()
+        if not isinstance(position, int) or not 0 <= position <= self._position:
+            raise SpanInputError(
+                f"can only roll back to a position in [0, {self._position}], not {position!r}"
+            )
+        remove = self._position - position
+        if remove == 0:
+            return
+        for layer in cache.layers:
+            if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= (
+                layer.get_max_length()
+            ):
+                raise SpanInputError(
+                    f"cannot roll back: a sliding-window layer (window {layer.get_max_length()}) "
+                    f"has already dropped positions before {self._position}"
+                )
+        with torch.inference_mode():
+            cache.crop(-remove)
+        self._position = position
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds now."""
+        cache = self._live_cache()
+        return sum(_tensor_bytes(layer) for layer in cache.layers)
+
+    def close(self) -> None:
+        """Free the cache. Idempotent."""
+        self._cache = None
+
+    def __enter__(self) -> SpanSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

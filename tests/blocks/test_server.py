@@ -1,0 +1,228 @@
+"""A block server behind a real Host (loopback sockets, real encryption), called by a client
+host: the RPCs, the cache budget, and every kind of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import tensor_wire
+from blocks import protocol
+from blocks.cache_budget import CacheBudget, CacheFullError
+from blocks.server import BlockServer, ServingConfig
+from blocks.span import BlockSpan
+from client.inference import InferenceError, InferenceSession, SessionConfig
+from overlay.host import Host, RemoteError
+from tests.model_factory import build_model, save_model
+
+MODEL_ID = "tiny-llama-test"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def spans(model_dir):
+    return BlockSpan.load(model_dir, 0, 4), BlockSpan.load(model_dir, 0, 2)
+
+
+@pytest.fixture
+async def served(spans):
+    span = spans[0]
+    server = BlockServer(span, ServingConfig(model_id=MODEL_ID, cache_tokens=64, max_length=32,
+                                             session_idle_timeout=0.4))
+    host, client = Host(), Host()
+    [addr] = await host.listen("/ip4/127.0.0.1/tcp/0")
+    server.attach(host)
+    client.add_peer_addrs(host.peer_id, [addr])
+    yield server, host, client
+    await client.close()
+    await server.close()
+    await host.close()
+
+
+def forward_request(hidden, **meta):
+    return tensor_wire.encode_message([hidden], {"model": MODEL_ID, "start": 0, "end": 4, **meta})
+
+
+async def test_forward_matches_the_local_model(served):
+    server, host, client = served
+    model = build_model("llama")
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    answer = await client.call(host.peer_id, protocol.METHOD_FORWARD, forward_request(states[0]))
+    [output], _ = tensor_wire.decode_message(answer)
+    # hidden_states[-1] has the final norm applied; compare through the last layer's input
+    expected = model.model.layers[3](states[3], position_embeddings=model.model.rotary_emb(
+        states[3], torch.arange(7).unsqueeze(0)))
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    assert torch.allclose(output, expected, atol=1e-5)
+    # a slice of the span: blocks [1, 3) only
+    sliced = tensor_wire.encode_message([states[1]], {"model": MODEL_ID, "start": 1, "end": 3})
+    [out13], _ = tensor_wire.decode_message(
+        await client.call(host.peer_id, protocol.METHOD_FORWARD, sliced))
+    full = tensor_wire.encode_message([states[1]], {"model": MODEL_ID, "start": 1, "end": 4})
+    assert out13.shape == states[1].shape
+    assert not torch.allclose(out13, tensor_wire.decode_message(
+        await client.call(host.peer_id, protocol.METHOD_FORWARD, full)).tensors[0])
+    assert torch.allclose(out13, states[3], atol=1e-5)
+
+
+async def test_info(served):
+    server, host, client = served
+    import msgpack
+
+    info = msgpack.unpackb(await client.call(host.peer_id, protocol.METHOD_INFO, b""))
+    assert (info["model"], info["start"], info["end"], info["cache_tokens_free"]) == \
+        (MODEL_ID, 0, 4, 64)
+
+
+@pytest.mark.parametrize(
+    ("meta", "tensors", "code"),
+    [
+        ({"model": "other", "start": 0, "end": 4}, [torch.zeros(1, 2, 64)], "unknown_model"),
+        ({"model": MODEL_ID, "start": 0, "end": 5}, [torch.zeros(1, 2, 64)], "bad_range"),
+        ({"model": MODEL_ID, "start": 2, "end": 2}, [torch.zeros(1, 2, 64)], "bad_range"),
+        ({"model": MODEL_ID, "start": "0", "end": 4}, [torch.zeros(1, 2, 64)], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 63)], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 64).half()], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(2, 64)], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 20000, 64)], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4, "compression": "zip"},
+         [torch.zeros(1, 2, 64)], "bad_input"),
+    ],
+)
+async def test_bad_forward_requests_are_refused(served, meta, tensors, code):
+    server, host, client = served
+    with pytest.raises(RemoteError) as info:
+        await client.call(host.peer_id, protocol.METHOD_FORWARD,
+                          tensor_wire.encode_message(tensors, meta))
+    assert info.value.code == code
+    ok = await client.call(host.peer_id, protocol.METHOD_FORWARD,
+                           forward_request(torch.randn(1, 3, 64)))
+    assert tensor_wire.decode_message(ok).tensors[0].shape == (1, 3, 64)
+
+
+async def test_garbage_payload_is_refused(served):
+    server, host, client = served
+    with pytest.raises(RemoteError) as info:
+        await client.call(host.peer_id, protocol.METHOD_FORWARD, b"\x00garbage")
+    assert info.value.code == "bad_input"
+
+
+def session(client, host, max_length=16, batch=1, **config):
+    return InferenceSession(client, MODEL_ID, [(host.peer_id, 0, 4)],
+                            SessionConfig(batch_size=batch, max_length=max_length, **config))
+
+
+async def test_session_steps_rollback_and_errors(served, spans):
+    server, host, client = served
+    local = spans[0].new_session(2, 16)
+    async with session(client, host, batch=2) as remote:
+        assert server.cache_tokens_free == 64 - 2 * 16
+        prefix = torch.randn(2, 5, 64)
+        assert torch.allclose(await remote.step(prefix), local.step(prefix), atol=1e-5)
+        token = torch.randn(2, 1, 64)
+        first = await remote.step(token)
+        assert torch.allclose(first, local.step(token), atol=1e-5)
+        remote.rollback(5)  # move back and take a different branch
+        local.rollback(5)
+        other = torch.randn(2, 3, 64)
+        assert torch.allclose(await remote.step(other), local.step(other), atol=1e-5)
+        with pytest.raises(RemoteError) as info:  # wrong batch: refused, session intact
+            await remote.spans[0].step(torch.randn(1, 1, 64), remote.position)
+        assert info.value.code == "bad_input"
+        with pytest.raises(RemoteError) as info:  # past max_length
+            await remote.spans[0].step(torch.randn(2, 9, 64), remote.position)
+        assert info.value.code == "too_long"
+        with pytest.raises(InferenceError, match="max_length"):
+            await remote.step(torch.randn(2, 9, 64))
+        again = torch.randn(2, 1, 64)
+        assert torch.allclose(await remote.step(again), local.step(again), atol=1e-5)
+    for _ in range(100):
+        if server.cache_tokens_free == 64:
+            break
+        await asyncio.sleep(0.01)
+    assert server.cache_tokens_free == 64 and server.num_sessions == 0
+    with pytest.raises(InferenceError, match="closed"):
+        await remote.step(torch.randn(2, 1, 64))
+
+
+async def test_cache_budget_waits_then_fails_clearly(served):
+    server, host, client = served
+    first = await session(client, host, max_length=32, batch=2).open()  # all 64 tokens
+    try:
+        with pytest.raises(RemoteError) as info:
+            await session(client, host, max_length=8, wait_timeout=0.2).open()
+        assert info.value.code == "cache_full" and "within 0.2 s" in info.value.message
+        with pytest.raises(RemoteError) as info:  # more than the whole budget: at once
+            await session(client, host, max_length=32, batch=3).open()
+        assert info.value.code in ("cache_full", "bad_input")
+        waiting = asyncio.ensure_future(session(client, host, max_length=8, wait_timeout=10)
+                                        .open())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await first.close()  # frees the cache: the waiting session gets it
+        second = await asyncio.wait_for(waiting, 10)
+        await second.close()
+    finally:
+        await first.close()
+
+
+async def test_idle_sessions_are_closed_and_their_cache_returned(served):
+    server, host, client = served
+    remote = await session(client, host).open()
+    await remote.step(torch.randn(1, 2, 64))
+    assert server.num_sessions == 1
+    for _ in range(100):
+        if server.num_sessions == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.num_sessions == 0 and server.cache_tokens_free == 64
+    with pytest.raises((RemoteError, InferenceError)):
+        await remote.step(torch.randn(1, 1, 64))
+    await remote.close()
+
+
+async def test_no_growth_after_hundreds_of_sessions(served):
+    server, host, client = served
+    for i in range(200):
+        remote = await session(client, host, max_length=8).open()
+        await remote.step(torch.randn(1, 3, 64))
+        if i % 2:
+            await remote.close()
+        else:
+            remote.spans[0]._stream.reset("client vanished")  # abrupt end
+    for _ in range(100):
+        if server.num_sessions == 0 and server.cache_tokens_free == 64:
+            break
+        await asyncio.sleep(0.02)
+    assert server.num_sessions == 0 and server.cache_tokens_free == 64
+    conn = client.connection_to(host.peer_id)
+    assert conn.num_streams == 0 and conn._mux.stream_ids() == []
+
+
+async def test_cache_budget_is_fifo_and_exact():
+    budget = CacheBudget(10)
+    await budget.acquire(6, 1)
+    big = asyncio.ensure_future(budget.acquire(8, 5))
+    await asyncio.sleep(0)
+    small = asyncio.ensure_future(budget.acquire(2, 5))
+    await asyncio.sleep(0)
+    assert not small.done(), "a small request must not overtake a waiting large one"
+    budget.release(6)
+    await big
+    await small
+    assert budget.used == 10
+    with pytest.raises(CacheFullError):
+        await budget.acquire(11, 0)
+    with pytest.raises(CacheFullError):
+        await budget.acquire(1, 0.01)
+    budget.release(10)
+    assert budget.free == 10
