@@ -30,6 +30,11 @@ from overlay.streams import ConnectionLost, Stream, StreamClosed
 
 log = logging.getLogger(__name__)
 
+# Work expected to take less than this runs on the event loop itself: a thread hop costs
+# ~50-100 us, more than a decode step of a small span; longer work goes to the worker thread so
+# pings, the DHT and other sessions are not held up.
+INLINE_COMPUTE_LIMIT = 0.001
+
 
 @dataclass(frozen=True, slots=True)
 class ServingConfig:
@@ -65,6 +70,8 @@ class BlockServer:
         self._reaper: asyncio.Task | None = None
         self._views: dict[tuple[int, int], BlockSpan] = {(span.start, span.end): span}
         self.requests_served = 0
+        self._seconds_per_token: float | None = None  # moving average of compute time
+        self._in_worker = 0  # computations queued on or running in the worker thread
 
     # ------------------------------------------------------------------ lifetime
     def attach(self, host: Host) -> None:
@@ -206,15 +213,33 @@ class BlockServer:
 
     # ------------------------------------------------------------------ helpers
     async def _compute(self, fn: Callable, *args):
-        loop = asyncio.get_running_loop()
+        """Run torch work: on the worker thread, unless it is known to take less than
+        INLINE_COMPUTE_LIMIT (then the thread hop would cost more than the work itself)."""
+        tokens = _tokens(args[-1])
+        estimate = None if self._seconds_per_token is None else self._seconds_per_token * tokens
+        began = time.perf_counter()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            # Inline only while the worker thread is idle: it may hold the span's lock.
+            if estimate is not None and estimate < INLINE_COMPUTE_LIMIT and not self._in_worker:
+                result = fn(*args)
+            else:
+                self._in_worker += 1
+                try:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, fn, *args)
+                finally:
+                    self._in_worker -= 1
         except RequestError:
             raise
         except SpanInputError as e:
             raise RequestError(protocol.BAD_INPUT, str(e)) from None
         except ValueError as e:
             raise RequestError(protocol.BAD_INPUT, str(e)) from None
+        per_token = (time.perf_counter() - began) / max(tokens, 1)
+        previous = self._seconds_per_token
+        self._seconds_per_token = (
+            per_token if previous is None else 0.8 * previous + 0.2 * per_token)
+        return result
 
     def _decode(self, payload: bytes):
         try:
@@ -253,6 +278,11 @@ class BlockServer:
                     self._end_session(entry)
                     entry.stream.reset(f"{protocol.SESSION_CLOSED}: idle for more than "
                                        f"{timeout:g} s")
+
+
+def _tokens(hidden) -> int:
+    shape = getattr(hidden, "shape", ())
+    return int(shape[0] * shape[1]) if len(shape) == 3 else 1
 
 
 def _step_id(meta) -> int:

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 
+from overlay.cli.dht import start_dht
 from overlay.host import ConnectionLost, Host
 from overlay.identity import Identity, IdentityError
 from overlay.multiaddr import Multiaddr, MultiaddrError
@@ -85,20 +86,9 @@ async def start_host(listen: str, identity_path: str | None) -> Host:
 async def run_join(args: argparse.Namespace) -> int:
     bootstrap = parse_addrs(args.bootstrap)
     host = await start_host(args.listen, args.identity)
+    dht = None
     try:
-        dht = None
-        try:
-            from overlay.cli.dht import start_dht
-        except ImportError:
-            start_dht = None
-        if start_dht is not None:
-            dht = await start_dht(host, [str(b) for b in bootstrap])
-        else:
-            for addr in bootstrap:
-                try:
-                    log.info("connected to %s", await host.connect(addr))
-                except ConnectionLost as e:
-                    log.warning("bootstrap %s unreachable: %s", addr, e)
+        dht = await start_dht(host, [str(b) for b in bootstrap])
         log.info("node %s is up; Ctrl-C to stop", host.peer_id)
         await asyncio.Event().wait()
     finally:

@@ -1,0 +1,128 @@
+"""`overlay-node serve MODEL_DIR`: load a span of blocks and serve it on the overlay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+
+log = logging.getLogger("blocks.serve")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="serve a span of a model's blocks",
+        description="Load blocks of a local Hugging Face model directory and serve them. Prints "
+                    "the server's full multiaddr as the first line of standard output once it "
+                    "is serving and announced.",
+    )
+    serve.add_argument("model_dir", metavar="MODEL_DIR")
+    which = serve.add_mutually_exclusive_group()
+    which.add_argument("--blocks", metavar="A:B",
+                       help="serve blocks A (inclusive) to B (exclusive)")
+    which.add_argument("--num-blocks", type=int, metavar="N",
+                       help="serve N blocks (for now the first N; default: all)")
+    serve.add_argument("--bootstrap", action="append", default=[], metavar="MADDR",
+                       help="a node of the swarm's DHT (repeatable)")
+    serve.add_argument("--listen", default="/ip4/0.0.0.0/tcp/0", metavar="MADDR")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    serve.add_argument("--dtype", default="auto",
+                       choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--model-id", help="swarm-wide name of the model (default: derived from "
+                                          "the directory name and its config)")
+    serve.add_argument("--cache-tokens", type=int, default=8192,
+                       help="attention-cache capacity in tokens per block (default 8192)")
+    serve.add_argument("--max-length", type=int, default=8192,
+                       help="longest session a client may open (default 8192)")
+    serve.add_argument("--announce-period", type=float, default=60.0, metavar="SECONDS",
+                       help="how often to refresh the DHT announcement; records expire after "
+                            "twice that (default 60, as in Petals)")
+    serve.add_argument("--identity", metavar="PATH")
+    serve.set_defaults(func=run_serve)
+
+
+def parse_blocks(text: str | None, num_blocks: int | None, total: int) -> tuple[int, int]:
+    if text is not None:
+        try:
+            start_text, end_text = text.split(":")
+            start, end = int(start_text), int(end_text)
+        except ValueError:
+            raise SystemExit(
+                f"overlay-node serve: --blocks must look like A:B, got {text!r}") from None
+        if not 0 <= start < end <= total:
+            raise SystemExit(f"overlay-node serve: blocks {start}:{end} are not a non-empty range "
+                             f"of the model's {total} blocks")
+        return start, end
+    count = total if num_blocks is None else num_blocks
+    if not 0 < count <= total:
+        raise SystemExit(f"overlay-node serve: --num-blocks must be in 1..{total}")
+    return 0, count
+
+
+async def run_serve(args: argparse.Namespace) -> int:
+    from blocks.announcer import Announcer
+    from blocks.families import DeviceOptions, load_config
+    from blocks.model_files import ModelFiles, ModelFilesError, default_model_id
+    from blocks.server import BlockServer, ServingConfig
+    from blocks.span import BlockSpan
+    from blocks.throughput import measure
+    from overlay.cli.dht import start_dht
+    from overlay.cli.node import dialable, load_identity, parse_addrs
+    from overlay.host import Host
+
+    try:
+        files = ModelFiles(args.model_dir)
+        config = load_config(files)
+    except (ModelFilesError, ValueError, OSError) as e:
+        raise SystemExit(f"overlay-node serve: {e}") from None
+    total = config.get_text_config().num_hidden_layers
+    start, end = parse_blocks(args.blocks, args.num_blocks, total)
+    model_id = args.model_id or default_model_id(args.model_dir)
+    bootstrap = parse_addrs(args.bootstrap)
+    [listen] = parse_addrs([args.listen])
+
+    loop = asyncio.get_running_loop()
+    began = time.perf_counter()
+    log.info("loading blocks [%d, %d) of %s (%s) on %s", start, end, args.model_dir, model_id,
+             args.device)
+    try:
+        span = await loop.run_in_executor(
+            None, lambda: BlockSpan.load(files, start, end,
+                                         DeviceOptions(device=args.device, dtype=args.dtype)))
+    except Exception as e:  # any load failure ends serve, with its reason
+        raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
+    log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - began)
+
+    host = Host(load_identity(args.identity))
+    server = BlockServer(span, ServingConfig(model_id=model_id, cache_tokens=args.cache_tokens,
+                                             max_length=args.max_length))
+    dht = announcer = None
+    try:
+        addrs = await host.listen(listen)
+        server.attach(host)
+        dht = await start_dht(host, [str(b) for b in bootstrap])
+        rates = await loop.run_in_executor(None, measure, span)
+        log.info("compute: %.0f tokens/s per block in single-token steps, %.0f in forward passes",
+                 rates.inference_rps, rates.forward_rps)
+        announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
+        await announcer.start()
+        print(dialable(addrs[0]), flush=True)
+        log.info("serving %s blocks [%d, %d) as %s", model_id, start, end, host.peer_id)
+        await asyncio.Event().wait()
+    finally:
+        if announcer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(announcer.stop(), 5)
+        await server.close()
+        if dht is not None:
+            with contextlib.suppress(Exception):
+                await dht.close()
+        await host.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run: overlay-node serve")

@@ -1,0 +1,153 @@
+"""`overlay-node status` and `overlay-node generate`: looking at a swarm, and using it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+
+log = logging.getLogger("client.cli")
+
+
+def add_status_parser(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser("status", help="the swarm: models, servers, spans, coverage")
+    status.add_argument("--bootstrap", action="append", required=True, metavar="MADDR")
+    status.add_argument("--json", action="store_true", help="one JSON object on standard output")
+    status.set_defaults(func=run_status)
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate text through the swarm",
+                         description="Greedy (default) or sampled generation through the swarm; "
+                                     "only the embeddings and the head run here.")
+    gen.add_argument("model_dir", metavar="MODEL_DIR")
+    gen.add_argument("--bootstrap", action="append", required=True, metavar="MADDR")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text (needs a tokenizer in MODEL_DIR)")
+    what.add_argument("--input-ids", help="token ids, comma-separated: 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--model-id", help="default: derived from MODEL_DIR like the servers do")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--compression", default="none",
+                     choices=["none", "float16", "bfloat16", "int8_blockwise"])
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object as the last line (key new_tokens)")
+    gen.set_defaults(func=run_generate)
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    from client.swarm import SwarmClient
+    from client.swarm_status import read_status
+    from overlay.dht.driver import DHTError
+
+    try:
+        client = await SwarmClient.connect(args.bootstrap)
+    except (DHTError, ValueError) as e:
+        print(f"overlay-node status: {e}", file=sys.stderr)
+        return 1
+    try:
+        status = await read_status(client)
+    finally:
+        await client.close()
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    if not status["models"]:
+        print("no models are announced in this swarm")
+    for model in status["models"]:
+        coverage = model["coverage"]
+        covered = sum(1 for c in coverage if c > 0)
+        print(f"model {model['model_id']}: {model['num_blocks']} blocks, "
+              f"{covered}/{len(coverage)} covered, servers online per block: "
+              f"{_compress(coverage)}")
+        for server in model["servers"]:
+            print(f"  {server['peer_id']}  blocks [{server['start']}, {server['end']})  "
+                  f"{server['state']:<7}  {server['throughput']:.0f} tok/s  "
+                  f"cache free {server['cache_tokens_left']}  {server['dtype']}")
+    return 0
+
+
+def _compress(values: list[int]) -> str:
+    """[2, 2, 2, 1] -> '2x3 1'"""
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        out.append(f"{values[i]}x{j - i}" if j - i > 1 else str(values[i]))
+        i = j
+    return " ".join(out)
+
+
+async def run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from blocks.model_files import ModelFilesError
+    from client.model import RemoteModel
+    from overlay.dht.driver import DHTError
+
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = _load_tokenizer(args.model_dir)
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    else:
+        try:
+            input_ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+        except ValueError:
+            raise SystemExit("overlay-node generate: --input-ids must be integers, e.g. 1,2,3") \
+                from None
+    try:
+        model = await RemoteModel.open(args.model_dir, bootstrap=args.bootstrap,
+                                       compression=args.compression, model_id=args.model_id)
+    except (ModelFilesError, DHTError, ValueError, OSError, TimeoutError) as e:
+        print(f"overlay-node generate: {e}", file=sys.stderr)
+        return 1
+    sampling = {"do_sample": args.sample}
+    if args.sample:
+        torch.manual_seed(args.seed)
+        sampling.update(temperature=args.temperature, top_p=args.top_p)
+        if args.top_k:
+            sampling["top_k"] = args.top_k
+
+    def show(new: torch.Tensor) -> None:
+        if not args.json:
+            token_ids = new.tolist()
+            text = tokenizer.decode(token_ids) if tokenizer else ",".join(map(str, token_ids))
+            print(text, end="" if tokenizer else ",", flush=True)
+
+    try:
+        began = time.perf_counter()
+        output = await model.generate(input_ids, max_new_tokens=args.max_new_tokens,
+                                      on_tokens=show, **sampling)
+        elapsed = time.perf_counter() - began
+        route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
+    finally:
+        with contextlib.suppress(Exception):
+            await model.close()
+    new_tokens = output[0, input_ids.shape[1]:].tolist()
+    ms_per_token = elapsed * 1000 / max(len(new_tokens), 1)
+    if args.json:
+        print(json.dumps({"new_tokens": new_tokens, "route": route,
+                          "ms_per_token": round(ms_per_token, 3)}))
+    else:
+        print(f"\n{len(new_tokens)} tokens, {ms_per_token:.1f} ms/token, route "
+              f"{' -> '.join(route)}", file=sys.stderr)
+    return 0
+
+
+def _load_tokenizer(model_dir: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # any failure: the directory has no usable tokenizer
+        raise SystemExit(f"overlay-node generate: {model_dir} has no tokenizer ({e}); "
+                         "use --input-ids instead") from None

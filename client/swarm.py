@@ -1,0 +1,97 @@
+"""A client's connection to a swarm: a Host, a DHT client, and what it has measured.
+
+`SwarmClient.view(model_id, num_blocks)` reads every block's announcements from the DHT and
+builds the pure `SwarmView` that route choice works on; server addresses go to the host's
+address book so routes can be dialled by peer id. Round-trip times to servers are measured
+with the multiplexer's PING and cached for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+from blocks.announcement import SwarmView, block_keys
+from overlay.dht.driver import DHT
+from overlay.host import Host
+from overlay.identity import Identity, IdentityError, PeerId
+from overlay.streams import ConnectionLost
+
+log = logging.getLogger(__name__)
+
+RTT_TTL = 60.0  # seconds a measured round-trip time is trusted
+PING_TIMEOUT = 5.0
+
+
+class SwarmClient:
+    def __init__(self, host: Host, dht: DHT, owns_host: bool = True):
+        self.host = host
+        self.dht = dht
+        self._owns_host = owns_host
+        self._rtts: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
+
+    @classmethod
+    async def connect(cls, bootstrap: Iterable[str], identity: Identity | None = None,
+                      host: Host | None = None) -> SwarmClient:
+        """Join as a DHT client (not a DHT server: one-shot clients stay out of routing
+        tables)."""
+        owns = host is None
+        host = host or Host(identity)
+        try:
+            dht = await DHT.start(host, list(bootstrap), serve=False)
+        except BaseException:
+            if owns:
+                await host.close()
+            raise
+        return cls(host, dht, owns_host=owns)
+
+    async def view(self, model_id: str, num_blocks: int) -> SwarmView:
+        keys = block_keys(model_id, 0, num_blocks)
+        result = await self.dht.get_records(keys)
+        per_block = {}
+        for block, key in enumerate(keys):
+            records = result.records.get(key.encode(), [])
+            per_block[block] = {r.subkey: r.value for r in records if r.subkey is not None}
+        view, rejected = SwarmView.from_block_records(num_blocks, per_block)
+        for bad in rejected[:5]:
+            log.warning("ignored announcement of %s for block %d: %s", bad.peer_id, bad.block,
+                        bad.reason)
+        for peer, info in view.servers.items():
+            with contextlib.suppress(IdentityError, ValueError):
+                self.host.add_peer_addrs(PeerId.from_string(peer), info.addrs)
+        return view
+
+    async def rtts(self, peers: Iterable[str]) -> dict[str, float]:
+        """Round-trip seconds to each peer (measured now unless known recently);
+        unreachable peers are left out."""
+        now = time.monotonic()
+        stale = [p for p in peers if p not in self._rtts or now - self._rtts[p][1] > RTT_TTL]
+        if stale:
+            measured = await asyncio.gather(*(self._ping(p) for p in stale))
+            for peer, rtt in zip(stale, measured):
+                if rtt is not None:
+                    self._rtts[peer] = (rtt, now)
+                else:
+                    self._rtts.pop(peer, None)
+        return {p: self._rtts[p][0] for p in peers if p in self._rtts}
+
+    async def _ping(self, peer_text: str) -> float | None:
+        try:
+            peer = PeerId.from_string(peer_text)
+            await self.host.connect(peer, timeout=PING_TIMEOUT)
+            conn = self.host.connection_to(peer)
+            return await conn.ping(timeout=PING_TIMEOUT) if conn is not None else None
+        except (ConnectionLost, TimeoutError, IdentityError, OSError) as e:
+            log.info("server %s unreachable: %s", peer_text[-8:], e)
+            return None
+
+    def forget_rtt(self, peer: str) -> None:
+        self._rtts.pop(peer, None)
+
+    async def close(self) -> None:
+        await self.dht.close()
+        if self._owns_host:
+            await self.host.close()

@@ -1,0 +1,107 @@
+"""`overlay-node dht put|get`: one-shot DHT clients, and the DHT of `overlay-node join`.
+
+A one-shot client dials the bootstrap nodes, joins as a client (it never enters routing
+tables: it will be gone in a second), does its one operation and exits:
+- `dht put KEY VALUE --bootstrap MADDR [--ttl SECONDS]` exits 0 once at least one node
+  holds the value, 1 otherwise;
+- `dht get KEY --bootstrap MADDR` prints the value as the last line of standard output
+  (text as is, anything else as JSON) and exits 0, or exits 1 when the key is not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from overlay.dht.driver import DHT, DHTError
+from overlay.host import Host
+
+log = logging.getLogger("overlay.cli.dht")
+
+DEFAULT_TTL = 3600.0
+
+
+async def start_dht(host: Host, bootstrap: list[str]) -> DHT:
+    """The serving DHT node of `overlay-node join` (no bootstrap: a new network)."""
+    try:
+        return await DHT.start(host, bootstrap)
+    except DHTError as e:
+        raise SystemExit(f"overlay-node: {e}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    dht = sub.add_parser("dht", help="store or read a value in the DHT",
+                         description="One-shot DHT client commands.")
+    actions = dht.add_subparsers(dest="dht_command", metavar="ACTION", required=True)
+
+    put = actions.add_parser("put", help="store KEY = VALUE on the nodes closest to KEY")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--ttl", type=float, default=DEFAULT_TTL,
+                     help=f"seconds before the value expires (default {DEFAULT_TTL:g})")
+    _common(put)
+    put.set_defaults(func=run_put)
+
+    get = actions.add_parser("get", help="print the value of KEY (exit 1 when not found)")
+    get.add_argument("key")
+    _common(get)
+    get.set_defaults(func=run_get)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
+                        help="a node of the network (repeatable)")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="give up after this many seconds (default 30)")
+
+
+async def _client(args: argparse.Namespace) -> tuple[Host, DHT]:
+    host = Host()
+    try:
+        dht = await DHT.start(host, args.bootstrap, serve=False)
+    except DHTError as e:
+        await host.close()
+        raise SystemExit(f"overlay-node dht: {e}") from None
+    return host, dht
+
+
+async def run_put(args: argparse.Namespace) -> int:
+    if args.ttl <= 0:
+        raise SystemExit("overlay-node dht put: --ttl must be positive")
+    host, dht = await _client(args)
+    try:
+        async with asyncio.timeout(args.timeout):
+            stored = await dht.store_many(
+                [(args.key, args.value, time.time() + args.ttl, None)], republish=False
+            )
+    except TimeoutError:
+        print(f"overlay-node dht put: no answer within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    finally:
+        await dht.close()
+        await host.close()
+    replicas = stored[0]
+    print(f"stored {args.key!r} on {replicas} node{'s' if replicas != 1 else ''}", flush=True)
+    return 0 if replicas > 0 else 1
+
+
+async def run_get(args: argparse.Namespace) -> int:
+    host, dht = await _client(args)
+    try:
+        async with asyncio.timeout(args.timeout):
+            value = await dht.get(args.key)
+    except TimeoutError:
+        print(f"overlay-node dht get: no answer within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    finally:
+        await dht.close()
+        await host.close()
+    if value is None:
+        print(f"overlay-node dht get: {args.key!r} not found", file=sys.stderr)
+        return 1
+    print(value if isinstance(value, str) else json.dumps(value, default=repr), flush=True)
+    return 0

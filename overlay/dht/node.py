@@ -1,0 +1,444 @@
+"""The DHT protocol core: one node's state, request handling and operations, without I/O.
+
+Inputs in, effects out (as aioquic's QuicConnection):
+- `handle_request(sender, request, now) -> response` answers a peer (and learns about it);
+- `get` / `store` / `find_closest` / `bootstrap` start operations and return an op id;
+- `on_response(req_id, response, now)`, `on_failure(req_id, now)` report the fate of a
+  `SendRequest`; `handle_timer(now)` is called at `next_deadline()`;
+- `take_effects()` returns the `SendRequest`s to perform and `OperationDone`s to deliver.
+
+The asyncio driver (driver.py) and the simulator drive exactly this class. It must not use
+asyncio, sockets, the clock or the system's entropy: `now` and `rng` come in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+
+from overlay.dht.config import DHTConfig
+from overlay.dht.contact import Contact
+from overlay.dht.effects import OperationDone, SendRequest
+from overlay.dht.ids import key_id_of, node_id_of
+from overlay.dht.lookup import ClosestPeersLookup
+from overlay.dht.messages import (
+    MAX_MESSAGE_BYTES,
+    FindNode,
+    FindNodeResponse,
+    FindValue,
+    FindValueResponse,
+    FoundValue,
+    Ping,
+    PingResponse,
+    Request,
+    Response,
+    Store,
+    StoreResponse,
+)
+from overlay.dht.operations import (
+    BootstrapOperation,
+    DirectStoreOperation,
+    GetOperation,
+    LookupOperation,
+    Operation,
+    PingOperation,
+    StoreOperation,
+)
+from overlay.dht.peer_health import PeerHealth
+from overlay.dht.records import (
+    Record,
+    RecordError,
+    RecordStore,
+    SignatureVerifier,
+    StoreOutcome,
+    check_record,
+    owner_of,
+    sign_record,
+)
+from overlay.dht.routing_table import PingLeastRecent, RoutingTable
+from overlay.identity import PeerId
+
+log = logging.getLogger("overlay.dht")
+
+_RESPONSE_TYPES = {
+    Ping: PingResponse,
+    FindNode: FindNodeResponse,
+    FindValue: FindValueResponse,
+    Store: StoreResponse,
+}
+# Room kept for the closer-peer lists when filling a FIND_VALUE answer with records.
+_PEERS_ALLOWANCE = 64 * 1024
+# At most this many buckets are refreshed by one periodic refresh.
+_MAX_REFRESH_TARGETS = 32
+
+
+class DHTProtocolError(ValueError):
+    """A well-formed request that this node refuses (the driver reports it to the caller)."""
+
+
+class Pending:
+    """A request in flight and what it was for."""
+
+    __slots__ = ("contact", "deadline", "op", "request", "sent_at", "soft_deadline", "tag")
+
+    def __init__(self, op: Operation, contact: Contact, request: Request, sent_at: float,
+                 deadline: float, soft_deadline: float | None, tag: tuple):
+        self.op = op
+        self.contact = contact
+        self.request = request
+        self.sent_at = sent_at
+        self.deadline = deadline
+        self.soft_deadline = soft_deadline  # None once passed (or for non-lookup requests)
+        self.tag = tag
+
+
+class DHTNode:
+    """One Kademlia node. `serves=False` makes a client that never enters routing tables."""
+
+    def __init__(
+        self,
+        peer_id: PeerId,
+        config: DHTConfig | None = None,
+        *,
+        rng: random.Random,
+        now: float,
+        serves: bool = True,
+        addrs: Sequence[str] = (),
+        sign: Callable[[bytes], bytes] | None = None,
+        verifier: SignatureVerifier | None = None,
+    ):
+        self.peer_id = peer_id
+        self.node_id = node_id_of(peer_id.raw)
+        self.config = config = config or DHTConfig()
+        self.serves = serves
+        self.addrs: tuple[str, ...] = tuple(addrs)
+        self.random_bits = rng.getrandbits
+        self._sign = sign
+        self.verifier = verifier or SignatureVerifier()
+        self.table = RoutingTable(self.node_id, config, now)
+        self.health = PeerHealth(config)
+        self.records = RecordStore(config.limits)
+        self._effects: list[SendRequest | OperationDone] = []
+        self._pending: dict[int, Pending] = {}
+        self._active: dict[int, Operation] = {}
+        self._next_req = 0
+        self._next_op = 0
+        # (key, subkey) -> [record, next republish time]: what we published and keep alive
+        self._owned: dict[tuple[bytes, str | None], list] = {}
+        self._owned_next: float | None = None  # earliest republish time
+
+    # -- effects -------------------------------------------------------------------------
+
+    def take_effects(self) -> list[SendRequest | OperationDone]:
+        effects, self._effects = self._effects, []
+        return effects
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_operations(self) -> int:
+        return len(self._active)
+
+    def set_addrs(self, addrs: Sequence[str]) -> None:
+        self.addrs = tuple(addrs)
+
+    # -- starting operations ---------------------------------------------------------------
+
+    def _new_op_id(self) -> int:
+        self._next_op += 1
+        return self._next_op
+
+    def _run(self, op: Operation, now: float) -> int:
+        self._active[op.op_id] = op
+        self._drive(op, now)
+        return op.op_id
+
+    def _drive(self, op: Operation, now: float) -> None:
+        op.step(self, now)
+        if op.done and self._active.pop(op.op_id, None) is not None and not op.internal:
+            self._effects.append(OperationDone(op.op_id, op.result))  # type: ignore[arg-type]
+
+    def get(self, keys: Sequence[bytes], now: float) -> int:
+        """Find the records of `keys`; ends with a `GetResult`."""
+        keys = list(dict.fromkeys(keys))
+        return self._run(GetOperation(self, self._new_op_id(), keys, now), now)
+
+    def store(self, records: Sequence[Record], now: float, *, republish: bool = True) -> int:
+        """Store records on the `num_replicas` nodes closest to each key; ends with a
+        `StoreResult`. Raises RecordError for a record no node would accept. With
+        `republish`, this node re-stores them before they expire (it is their owner)."""
+        checked = [check_record(r, now, self.config.limits, self.verifier) for r in records]
+        if republish:
+            for record in checked:
+                self._own(record, now)
+        return self._run(
+            StoreOperation(self, self._new_op_id(), checked, now, internal=False), now
+        )
+
+    def find_closest(self, targets: Sequence[int], now: float) -> int:
+        """Find the k closest nodes to each target id; ends with a `FindResult`."""
+        return self._run(LookupOperation(self, self._new_op_id(), list(targets), now), now)
+
+    def bootstrap(self, seeds: Iterable[Contact], now: float) -> int:
+        """Join through `seeds`; ends with a `BootstrapResult`."""
+        seeds = tuple(c for c in seeds if c.node_id != self.node_id)
+        return self._run(BootstrapOperation(self, self._new_op_id(), seeds, now), now)
+
+    def make_record(
+        self, key: bytes, value: bytes, expiration: float, subkey: str | None = None
+    ) -> Record:
+        """A record ready to store, signed when `subkey` is our own peer id."""
+        owner = owner_of(subkey)
+        if owner is None:
+            return Record(key, subkey, value, float(expiration))
+        if owner != self.peer_id or self._sign is None:
+            raise RecordError(f"subkey {subkey} is owned by another peer")
+        assert subkey is not None
+        return sign_record(key, subkey, value, expiration, self._sign)
+
+    def forget(self, key: bytes, subkey: str | None = None) -> None:
+        """Stop republishing a record this node stored."""
+        self._owned.pop((key, subkey), None)  # its republish time lapses harmlessly
+
+    # -- used by operations ----------------------------------------------------------------
+
+    def new_lookup(
+        self, target: int, now: float, seeds: tuple[Contact, ...] = (), *, hedged: bool = False
+    ) -> tuple[ClosestPeersLookup, bool]:
+        """A lookup seeded with our closest contacts that are not backed off.
+
+        Returns it with whether backed-off peers should be skipped: not when every known
+        peer is backed off (our own link was probably down; section 4.1's concern).
+        """
+        config = self.config
+        health = self.health
+        self.table.mark_lookup(target, now)
+        usable = self.table.closest(
+            target, config.lookup_seeds, exclude=lambda c: health.is_backed_off(c.node_id, now)
+        )
+        skip = bool(usable) or not len(self.table)
+        if not usable:
+            usable = self.table.closest(target, config.lookup_seeds)
+        lookup = ClosestPeersLookup(
+            target,
+            (*seeds, *usable),
+            k=config.k,
+            alpha=config.alpha,
+            timeout_for=lambda c: health.soft_timeout(c.node_id),
+            self_id=self.node_id,
+            max_peers_per_response=config.max_peers_per_response,
+            max_candidates=config.max_lookup_candidates,
+            hedge_delay=self._hedge_delay() if hedged else None,
+        )
+        return lookup, skip
+
+    def _hedge_delay(self) -> float | None:
+        config = self.config
+        if config.value_hedge_rtts <= 0:
+            return None
+        rtt = self.health.typical_rtt()
+        if rtt is None:
+            return config.min_soft_timeout
+        delay = max(config.min_value_hedge_delay, config.value_hedge_rtts * rtt)
+        return min(config.min_soft_timeout, delay)
+
+    def send_for(
+        self, op: Operation, contact: Contact, request: Request, now: float, tag: tuple,
+        *, soft: bool = True,
+    ) -> int:
+        """Queue a SendRequest on behalf of `op` (soft: track the adaptive timeout too)."""
+        self._next_req += 1
+        req_id = self._next_req
+        timeout = self.config.request_timeout
+        soft_deadline = now + self.health.soft_timeout(contact.node_id) if soft else None
+        self._pending[req_id] = Pending(
+            op, contact, request, now, now + timeout, soft_deadline, tag
+        )
+        op.requests += 1
+        self._effects.append(SendRequest(req_id, contact, request, timeout))
+        return req_id
+
+    def store_local(self, record: Record, now: float) -> bool:
+        """Keep a record we are one of the closest nodes for; True when we now hold it."""
+        outcome = self.records.store(record, now)
+        return outcome is StoreOutcome.STORED or self._holds(record)
+
+    def _holds(self, record: Record) -> bool:
+        return any(
+            r.subkey == record.subkey
+            and r.expiration == record.expiration
+            and r.value == record.value
+            for r in self.records.get(record.key, float("-inf"))
+        )
+
+    def start_direct_store(self, contact: Contact, records: list[Record], now: float) -> None:
+        self._run(DirectStoreOperation(self, self._new_op_id(), contact, records, now), now)
+
+    # -- incoming requests -----------------------------------------------------------------
+
+    def handle_request(self, sender: PeerId, request: Request, now: float) -> Response:
+        """Answer `request` from the authenticated peer `sender`."""
+        if sender == self.peer_id:
+            raise DHTProtocolError("request from ourselves")
+        if request.serves and request.addrs:
+            self._saw(Contact(sender, request.addrs), now)
+        k = self.config.k
+        if isinstance(request, Ping):
+            return PingResponse()
+        sender_id = node_id_of(sender.raw)
+
+        def not_sender(c: Contact) -> bool:
+            return c.node_id == sender_id
+
+        if isinstance(request, FindNode):
+            return FindNodeResponse(
+                tuple(tuple(self.table.closest(t, k, not_sender)) for t in request.targets)
+            )
+        if isinstance(request, FindValue):
+            budget = (MAX_MESSAGE_BYTES - _PEERS_ALLOWANCE) // len(request.keys)
+            results = []
+            for key in request.keys:
+                records = []
+                used = 0
+                for record in self.records.get(key, now):
+                    used += record.size()
+                    if used > budget:
+                        break
+                    records.append(record)
+                # Kademlia 2.3: a node that holds the value "just returns the stored value".
+                peers = () if records else tuple(self.table.closest(key_id_of(key), k, not_sender))
+                results.append(FoundValue(tuple(records), peers))
+            return FindValueResponse(tuple(results))
+        if isinstance(request, Store):
+            stored = []
+            for record in request.records:
+                try:
+                    record = check_record(record, now, self.config.limits, self.verifier)
+                except RecordError as e:
+                    log.info("refusing a record from %s: %s", sender.short(), e)
+                    stored.append(False)
+                    continue
+                stored.append(self.store_local(record, now))
+            return StoreResponse(tuple(stored))
+        raise DHTProtocolError(f"unsupported request {type(request).__name__}")
+
+    def _saw(self, contact: Contact, now: float) -> None:
+        outcome = self.table.add_or_update(contact, now)
+        if isinstance(outcome, PingLeastRecent):
+            self._run(PingOperation(self, self._new_op_id(), outcome.contact, now), now)
+
+    # -- results of our requests -----------------------------------------------------------
+
+    def on_response(self, req_id: int, response: Response, now: float) -> None:
+        pending = self._pending.pop(req_id, None)
+        if pending is None:
+            return  # already timed out or failed
+        if not isinstance(response, _RESPONSE_TYPES[type(pending.request)]):
+            log.warning("%s answered with the wrong message type", pending.contact.peer.short())
+            self._failed(pending, now)
+            return
+        self.health.on_success(pending.contact.node_id, now - pending.sent_at, now)
+        self._saw(pending.contact, now)
+        op = pending.op
+        if not op.done:
+            op.on_response(self, pending, response, now)
+            self._drive(op, now)
+
+    def on_failure(self, req_id: int, now: float) -> None:
+        pending = self._pending.pop(req_id, None)
+        if pending is not None:
+            self._failed(pending, now)
+
+    def _failed(self, pending: Pending, now: float) -> None:
+        node_id = pending.contact.node_id
+        self.health.on_failure(node_id, now)
+        self.table.on_failure(node_id, now)
+        op = pending.op
+        if not op.done:
+            op.on_failure(self, pending, now)
+            self._drive(op, now)
+
+    # -- time --------------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Apply every deadline that has passed."""
+        expired = [rid for rid, p in self._pending.items() if p.deadline <= now]
+        for req_id in expired:
+            self.on_failure(req_id, now)
+        for pending in self._pending.values():
+            if pending.soft_deadline is not None and pending.soft_deadline <= now:
+                pending.soft_deadline = None
+                # Silent past its adaptive timeout: avoid it until it answers (sec. 2.3).
+                self.health.on_failure(pending.contact.node_id, now)
+        for op in list(self._active.values()):
+            deadline = op.deadline()
+            if deadline is not None and deadline <= now:
+                self._drive(op, now)
+        if self.serves:
+            due = self.table.refresh_due(now)
+            if due:
+                targets = [self.table.random_id_in_bucket(i, self.random_bits) for i in due]
+                for target in targets[_MAX_REFRESH_TARGETS:]:  # their turn comes next time
+                    self.table.mark_lookup(target, now)
+                op = LookupOperation(
+                    self, self._new_op_id(), targets[:_MAX_REFRESH_TARGETS], now, internal=True
+                )
+                self._run(op, now)
+        self._republish_due(now)
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` must next be called (None: only after new input)."""
+        best = float("inf")
+        for p in self._pending.values():
+            # a soft deadline always comes first (max_soft_timeout < request_timeout)
+            d = p.deadline if p.soft_deadline is None else p.soft_deadline
+            if d < best:
+                best = d
+        for op in self._active.values():
+            d = op.deadline()
+            if d is not None and d < best:
+                best = d
+        if self.serves:
+            d = self.table.next_refresh_at()
+            if d is not None and d < best:
+                best = d
+        if self._owned_next is not None and self._owned_next < best:
+            best = self._owned_next
+        return None if best == float("inf") else best
+
+    # -- republishing (Kademlia 2.5: the owner keeps its records alive) -----------------------
+
+    def _republish_at(self, record: Record, now: float) -> float | None:
+        config = self.config
+        delay = (record.expiration - now) / 2
+        delay = min(config.republish_interval, max(config.min_republish_interval, delay))
+        at = now + delay
+        return at if at < record.expiration else None
+
+    def _own(self, record: Record, now: float) -> None:
+        at = self._republish_at(record, now)
+        self._owned[(record.key, record.subkey)] = [record, at]
+        if at is not None and (self._owned_next is None or at < self._owned_next):
+            self._owned_next = at
+
+    def _republish_due(self, now: float) -> None:
+        if self._owned_next is None or self._owned_next > now:
+            return
+        due: list[Record] = []
+        upcoming: float | None = None
+        for slot, entry in list(self._owned.items()):
+            record, at = entry
+            if record.expiration <= now:
+                del self._owned[slot]
+                continue
+            if at is not None and at <= now:
+                due.append(record)
+                at = entry[1] = self._republish_at(record, now)
+            if at is not None and (upcoming is None or at < upcoming):
+                upcoming = at
+        self._owned_next = upcoming
+        if due:
+            self._run(StoreOperation(self, self._new_op_id(), due, now, internal=True), now)

@@ -1,0 +1,299 @@
+"""The routing table: k-buckets with replacement caches (Kademlia paper, sections 2.2 and 4.1).
+
+Bucket i holds up to k contacts at XOR distance [2**i, 2**(i+1)) from this node, least
+recently seen first. A new contact for a full bucket never pushes anyone out by itself: the
+table parks it in the bucket's replacement cache and asks the caller to ping the least
+recently seen contact (`PingLeastRecent`); `on_ping_result` then keeps the old one (alive:
+long-lived nodes are the likeliest to stay up, section 2.2) or evicts it for the most recent
+replacement (dead). A contact that failed `stale_after_failures` requests in a row is stale
+(section 4.1) and is replaced as soon as a replacement is waiting; with no replacement it is
+only flagged, so a node whose own link went down does not empty its table.
+
+Only nodes that serve DHT requests may be added; the caller checks that, since it knows the
+request flags.
+
+Pure: no I/O, no clock (time comes in as `now`), no randomness.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from overlay.dht.config import DHTConfig
+from overlay.dht.contact import Contact
+from overlay.dht.ids import ID_BITS
+
+
+class AddOutcome(enum.Enum):
+    ADDED = "added"
+    UPDATED = "updated"
+    IGNORED = "ignored"  # our own id
+    CACHED = "cached"  # full bucket, a ping is already pending: parked as a replacement
+
+
+@dataclass(frozen=True, slots=True)
+class PingLeastRecent:
+    """Full bucket: ping `contact` (the least recently seen); `new` waits as a replacement."""
+
+    contact: Contact
+    new: Contact
+
+
+class _Bucket:
+    __slots__ = ("contacts", "failures", "pending_ping", "replacements")
+
+    def __init__(self) -> None:
+        # node_id -> Contact in order of last sighting: first = least recently seen.
+        self.contacts: dict[int, Contact] = {}
+        self.replacements: dict[int, Contact] = {}
+        self.failures: dict[int, int] = {}  # sparse: contacts with failures in a row
+        self.pending_ping: int | None = None
+
+
+class RoutingTable:
+    """The k-buckets of one node. Buckets are created on first use, so a table stays small."""
+
+    __slots__ = (
+        "_buckets",
+        "_config",
+        "_created_at",
+        "_looked_up_at",
+        "_lowest",
+        "_refresh_at",
+        "_size",
+        "self_id",
+    )
+
+    def __init__(self, self_id: int, config: DHTConfig, now: float = 0.0):
+        self.self_id = self_id
+        self._config = config
+        self._buckets: dict[int, _Bucket] = {}
+        self._size = 0
+        self._created_at = now
+        self._looked_up_at: dict[int, float] = {}  # bucket index -> time of the last lookup
+        self._lowest: int | None = -1  # lowest populated bucket (None: empty; -1: unknown)
+        self._refresh_at: float | None = None  # cache of next_refresh_at()
+        self._invalidate()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Contact]:
+        for bucket in self._buckets.values():
+            yield from bucket.contacts.values()
+
+    def __contains__(self, node_id: int) -> bool:
+        return self.get(node_id) is not None
+
+    def get(self, node_id: int) -> Contact | None:
+        bucket = self._buckets.get(self._index(node_id))
+        return None if bucket is None else bucket.contacts.get(node_id)
+
+    def bucket(self, index: int) -> list[Contact]:
+        """Contacts of bucket `index`, least recently seen first."""
+        bucket = self._buckets.get(index)
+        return [] if bucket is None else list(bucket.contacts.values())
+
+    def replacements(self, index: int) -> list[Contact]:
+        bucket = self._buckets.get(index)
+        return [] if bucket is None else list(bucket.replacements.values())
+
+    def failures(self, node_id: int) -> int:
+        bucket = self._buckets.get(self._index(node_id))
+        return 0 if bucket is None else bucket.failures.get(node_id, 0)
+
+    def _invalidate(self) -> None:
+        """Forget the cached refresh data (recomputed on demand: updates are frequent)."""
+        self._lowest = -1
+
+    def _refresh_cache(self) -> None:
+        populated = [i for i, b in self._buckets.items() if b.contacts]
+        self._lowest = min(populated) if populated else None
+        if self._lowest is None:
+            self._refresh_at = None
+        else:
+            span = range(self._lowest, ID_BITS)
+            last = min(self._looked_up_at.get(i, self._created_at) for i in span)
+            self._refresh_at = last + self._config.bucket_refresh_interval
+
+    def _index(self, node_id: int) -> int:
+        return (self.self_id ^ node_id).bit_length() - 1
+
+    # -- updates -------------------------------------------------------------------------
+
+    def add_or_update(self, contact: Contact, now: float) -> AddOutcome | PingLeastRecent:
+        """Record that `contact` was just seen alive (it answered us or asked us something)."""
+        node_id = contact.node_id
+        index = self._index(node_id)
+        if index < 0:
+            return AddOutcome.IGNORED
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            bucket = self._buckets[index] = _Bucket()
+        contacts = bucket.contacts
+        if node_id in contacts:
+            del contacts[node_id]  # re-inserted at the tail: most recently seen
+            contacts[node_id] = contact
+            bucket.failures.pop(node_id, None)
+            return AddOutcome.UPDATED
+        if len(contacts) < self._config.k:
+            contacts[node_id] = contact
+            bucket.replacements.pop(node_id, None)
+            self._size += 1
+            if len(contacts) == 1:
+                self._invalidate()
+            return AddOutcome.ADDED
+        stale = self._stale_contact(bucket)
+        if stale is not None:
+            self._remove_from(bucket, stale)
+            contacts[node_id] = contact
+            bucket.replacements.pop(node_id, None)
+            self._size += 1
+            return AddOutcome.ADDED
+        self._cache_replacement(bucket, contact)
+        if bucket.pending_ping is not None:
+            return AddOutcome.CACHED
+        least_recent = next(iter(contacts.values()))
+        bucket.pending_ping = least_recent.node_id
+        return PingLeastRecent(least_recent, contact)
+
+    def on_ping_result(self, node_id: int, alive: bool, now: float) -> Contact | None:
+        """Resolve a `PingLeastRecent`; returns the replacement promoted when it was dead."""
+        bucket = self._buckets.get(self._index(node_id))
+        if bucket is None:
+            return None
+        if bucket.pending_ping == node_id:
+            bucket.pending_ping = None
+        if node_id not in bucket.contacts:
+            return None
+        if alive:
+            contact = bucket.contacts.pop(node_id)
+            bucket.contacts[node_id] = contact
+            bucket.failures.pop(node_id, None)
+            return None
+        self._remove_from(bucket, node_id)
+        return self._promote_replacement(bucket)
+
+    def on_failure(self, node_id: int, now: float) -> Contact | None:
+        """A request to `node_id` failed; returns the replacement promoted if it went stale."""
+        bucket = self._buckets.get(self._index(node_id))
+        if bucket is None:
+            return None
+        if node_id not in bucket.contacts:
+            bucket.replacements.pop(node_id, None)
+            return None
+        failures = bucket.failures[node_id] = bucket.failures.get(node_id, 0) + 1
+        if failures >= self._config.stale_after_failures and bucket.replacements:
+            self._remove_from(bucket, node_id)
+            return self._promote_replacement(bucket)
+        return None
+
+    def remove(self, node_id: int) -> bool:
+        bucket = self._buckets.get(self._index(node_id))
+        if bucket is None or node_id not in bucket.contacts:
+            return False
+        self._remove_from(bucket, node_id)
+        return True
+
+    def _stale_contact(self, bucket: _Bucket) -> int | None:
+        limit = self._config.stale_after_failures
+        for node_id, failures in bucket.failures.items():
+            if failures >= limit:
+                return node_id
+        return None
+
+    def _cache_replacement(self, bucket: _Bucket, contact: Contact) -> None:
+        cache = bucket.replacements
+        cache.pop(contact.node_id, None)
+        cache[contact.node_id] = contact  # most recent last
+        while len(cache) > self._config.replacement_cache_size:
+            del cache[next(iter(cache))]
+
+    def _remove_from(self, bucket: _Bucket, node_id: int) -> None:
+        del bucket.contacts[node_id]
+        bucket.failures.pop(node_id, None)
+        if bucket.pending_ping == node_id:
+            bucket.pending_ping = None
+        self._size -= 1
+        if not bucket.contacts:
+            self._invalidate()
+
+    def _promote_replacement(self, bucket: _Bucket) -> Contact | None:
+        if not bucket.replacements:
+            return None
+        node_id, contact = bucket.replacements.popitem()  # the most recently seen
+        bucket.contacts[node_id] = contact
+        self._size += 1
+        if len(bucket.contacts) == 1:
+            self._invalidate()
+        return contact
+
+    # -- queries -------------------------------------------------------------------------
+
+    def closest(
+        self, target: int, n: int, exclude: Callable[[Contact], bool] | None = None
+    ) -> list[Contact]:
+        """The `n` known contacts closest to `target`, nearest first.
+
+        Buckets are visited in order of distance to `target` (no full sort): with d = self ^
+        target, every contact of bucket i agrees with d above bit i and differs from it at
+        bit i, so buckets where d has a 1 come first (highest bit first), then the others
+        (lowest bit first). Only the buckets needed to reach `n` contacts are sorted.
+        """
+        if n <= 0 or not self._size:
+            return []
+        d = self.self_id ^ target
+        indices = sorted(self._buckets)
+        order = [i for i in reversed(indices) if (d >> i) & 1]
+        order += [i for i in indices if not (d >> i) & 1]
+        found: list[Contact] = []
+        for i in order:
+            contacts = self._buckets[i].contacts
+            if not contacts:
+                continue
+            members = sorted(contacts.values(), key=lambda c: c.node_id ^ target)
+            if exclude is not None:
+                members = [c for c in members if not exclude(c)]
+            found.extend(members)
+            if len(found) >= n:
+                break
+        return found[:n]
+
+    # -- bucket refresh (section 2.3) ---------------------------------------------------
+
+    def mark_lookup(self, target: int, now: float) -> None:
+        """A lookup for `target` refreshes the bucket that `target` falls into."""
+        index = self._index(target)
+        if index >= 0:
+            self._looked_up_at[index] = now
+            self._lowest = -1
+
+    def refresh_indices(self) -> range:
+        """Buckets worth refreshing: from our closest neighbour's bucket outwards (sec. 2.3).
+
+        Buckets below it cover ranges in which no node is known to exist; refreshing all 256
+        would send hundreds of useless lookups.
+        """
+        if self._lowest == -1:
+            self._refresh_cache()
+        return range(0) if self._lowest is None else range(self._lowest, ID_BITS)
+
+    def refresh_due(self, now: float) -> list[int]:
+        """Bucket indices with no lookup in the last `bucket_refresh_interval` seconds."""
+        interval = self._config.bucket_refresh_interval
+        return [
+            i
+            for i in self.refresh_indices()
+            if self._looked_up_at.get(i, self._created_at) + interval <= now
+        ]
+
+    def next_refresh_at(self) -> float | None:
+        if self._lowest == -1:
+            self._refresh_cache()
+        return self._refresh_at
+
+    def random_id_in_bucket(self, index: int, random_bits: Callable[[int], int]) -> int:
+        """An id at distance [2**index, 2**(index+1)) from us: a refresh target for bucket i."""
+        return self.self_id ^ ((1 << index) | (random_bits(index) if index else 0))

@@ -1,0 +1,302 @@
+"""The DHT protocol core end to end on an in-memory network with a virtual clock.
+
+Every node is a real `DHTNode`; `MemoryNetwork` only carries messages (through the msgpack
+codec when wire=True) and fires timers. No sockets, no sleeps.
+"""
+
+import random
+
+import msgpack
+import pytest
+
+from overlay.dht.config import DHTConfig
+from overlay.dht.contact import Contact
+from overlay.dht.effects import GetResult, SendRequest, StoreResult
+from overlay.dht.ids import key_id_of
+from overlay.dht.memnet import MemoryNetwork
+from overlay.dht.messages import FindNode, Ping, PingResponse, Store, StoreResponse
+from overlay.dht.node import DHTNode
+from overlay.dht.records import Record, sign_record
+from overlay.identity import Identity
+
+V = msgpack.packb
+
+
+def network(n: int, seed: int = 1, **kw) -> MemoryNetwork:
+    net = MemoryNetwork(seed=seed, **kw)
+    for _ in range(n):
+        net.add_node()
+    net.join_all()
+    return net
+
+
+def store(net, node, key, value, ttl=600.0, subkey=None) -> StoreResult:
+    record = node.make_record(key, V(value), net.now + ttl, subkey)
+    return net.run_op(node, lambda now: node.store([record], now))
+
+
+def get(net, node, key) -> list[Record]:
+    result = net.run_op(node, lambda now: node.get([key], now))
+    assert isinstance(result, GetResult)
+    return result.records[key]
+
+
+def holders(net, key) -> list[DHTNode]:
+    return [n for n in net.nodes.values() if n.records.get(key, net.now)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_find_closest_returns_the_true_k_closest(seed):
+    net = network(60, seed=seed, wire=True)
+    nodes = list(net.nodes.values())
+    rng = random.Random(seed)
+    for _ in range(10):
+        origin = rng.choice(nodes)
+        target = rng.getrandbits(256)
+        result = net.run_op(origin, lambda now, o=origin, t=target: o.find_closest([t], now))
+        truth = sorted((n.node_id for n in nodes if n is not origin), key=lambda i: i ^ target)
+        assert [c.node_id for c in result.closest[target]] == truth[:20]
+        assert result.stats.requests >= 20
+
+
+def test_store_and_get_many_keys_through_the_codec():
+    net = network(40, wire=True)
+    nodes = list(net.nodes.values())
+    rng = random.Random(7)
+    written = {}
+    for i in range(30):
+        writer = rng.choice(nodes)
+        key = f"key-{i}".encode()
+        result = store(net, writer, key, {"i": i, "blob": "x" * i})
+        assert result.replicas == [5]
+        written[key] = writer
+        # the five replicas are the five nodes closest to the key
+        closest = sorted(nodes, key=lambda n: n.node_id ^ key_id_of(key))[:5]
+        assert set(holders(net, key)) == set(closest)
+    for key, writer in written.items():
+        reader = rng.choice([n for n in nodes if n is not writer])
+        records = get(net, reader, key)
+        assert len(records) == 1 and msgpack.unpackb(records[0].value)["i"] == int(key[4:])
+    assert get(net, nodes[0], b"missing") == []
+
+
+def test_gets_survive_dead_and_silent_nodes_without_waiting_out_timeouts():
+    net = network(60, seed=4)
+    nodes = list(net.nodes.values())
+    rng = random.Random(4)
+    keys = [f"k{i}".encode() for i in range(40)]
+    for key in keys:
+        store(net, rng.choice(nodes), key, key.decode())
+    victims = rng.sample(nodes, 15)
+    net.dead.update(v.peer_id for v in victims[:8])
+    net.silent.update(v.peer_id for v in victims[8:])
+    alive = [n for n in nodes if n not in victims]
+    slowest = 0.0
+    for key in keys:
+        if not any(h in alive for h in holders(net, key)):
+            continue  # every replica died: nothing can find it
+        reader = rng.choice(alive)
+        start = net.now
+        records = get(net, reader, key)
+        slowest = max(slowest, net.now - start)
+        assert records and msgpack.unpackb(records[0].value) == key.decode()
+    # Full lookups (which must hear from the k closest, silent ones among them) and gets of
+    # missing keys: each silent peer costs one adaptive timeout (25 ms floor), never the 3 s
+    # request timeout. One-way latency is 1 ms.
+    for i in range(10):
+        reader = rng.choice(alive)
+        target = rng.getrandbits(256)
+        start = net.now
+        net.run_op(reader, lambda now, r=reader, t=target: r.find_closest([t], now))
+        assert get(net, reader, f"missing-{i}".encode()) == []
+        slowest = max(slowest, net.now - start)
+    assert slowest < 0.2
+
+
+def test_silent_peer_is_backed_off_after_its_adaptive_timeout():
+    net = network(20, seed=5)
+    nodes = list(net.nodes.values())
+    origin, mute = nodes[0], nodes[1]
+    net.silent.add(mute.peer_id)
+    target = mute.node_id ^ 1  # mute is the closest node: it will be asked
+    net.run_op(origin, lambda now: origin.find_closest([target], now))
+    assert origin.health.is_backed_off(mute.node_id, net.now)
+    # a backed-off peer is not asked again by the next lookup
+    sent_before = net.messages
+    result = net.run_op(origin, lambda now: origin.find_closest([target], now))
+    assert mute.node_id not in {c.node_id for c in result.closest[target]}
+    assert net.messages - sent_before < 40
+
+
+def test_client_nodes_never_enter_routing_tables():
+    net = network(15, seed=6)
+    client = net.add_node(serves=False)
+    seed_node = next(iter(net.nodes.values()))
+    result = net.run_op(client, lambda now: client.bootstrap([net.contact(seed_node)], now))
+    assert result.reached and result.table_size > 0
+    assert store(net, client, b"from-client", "hello").replicas == [5]
+    assert client.records.get(b"from-client", net.now) == []  # a client stores nothing
+    assert get(net, client, b"from-client")[0].value == V("hello")
+    for node in net.nodes.values():
+        assert client.node_id not in node.table
+
+
+def test_owned_subkeys_are_signed_and_forgeries_are_ignored():
+    net = MemoryNetwork(seed=8, wire=True)
+    ids = [Identity.generate() for _ in range(20)]
+    nodes = [net.add_node(identity=i) for i in ids]
+    net.join_all()
+    alice = nodes[3]
+    result = store(net, alice, b"model.0", {"state": "online"}, subkey=str(alice.peer_id))
+    assert result.replicas == [5]
+    records = get(net, nodes[10], b"model.0")
+    assert [r.subkey for r in records] == [str(alice.peer_id)] and records[0].signature
+    # Alice cannot write Bob's subkey...
+    with pytest.raises(ValueError, match="owned by another peer"):
+        alice.make_record(b"model.0", V("x"), net.now + 10, str(nodes[4].peer_id))
+    # ...and a replica that serves a forgery has its whole answer ignored
+    liar = holders(net, b"model.0")[0]
+    forged = sign_record(b"model.0", str(nodes[4].peer_id), V("evil"), net.now + 50, ids[3].sign)
+    entry = liar.records._data[b"model.0"]
+    entry[forged.subkey] = forged  # injected behind the store's checks
+    for reader in nodes:
+        if reader in holders(net, b"model.0"):
+            continue
+        for record in get(net, reader, b"model.0"):
+            assert record.subkey == str(alice.peer_id)
+    # and no honest node accepts the forgery
+    request = Store((forged,))
+    for node in nodes[:5]:
+        if node is not liar:
+            response = node.handle_request(liar.peer_id, request, net.now)
+            assert response == StoreResponse((False,))
+
+
+def test_owner_republishes_before_expiry():
+    config = DHTConfig(min_republish_interval=10.0)
+    net = MemoryNetwork(seed=9, config=config)
+    for _ in range(20):
+        net.add_node()
+    net.join_all()
+    owner = list(net.nodes.values())[2]
+    store(net, owner, b"announce", "v", ttl=120.0)
+    for node in holders(net, b"announce"):
+        if node is not owner:
+            node.records = type(node.records)(config.limits)  # replicas lost their data
+    assert [n for n in holders(net, b"announce") if n is not owner] == []
+    net.run(until=net.now + 70.0)  # republish happens at half the remaining lifetime
+    assert len([n for n in holders(net, b"announce") if n is not owner]) >= 4
+    net.run(until=net.now + 60.0)
+    assert holders(net, b"announce") == []  # expired everywhere; never republished after
+
+
+def test_periodic_bucket_refresh_issues_lookups():
+    net = network(12, seed=10)
+    node = list(net.nodes.values())[5]
+    first = node.table.next_refresh_at()
+    assert first is not None and first <= net.now + 3600
+    assert node.next_deadline() <= first
+    before = net.messages
+    net.run(until=first + 1.0)
+    assert net.messages > before
+    assert node.table.next_refresh_at() > first + 3000
+
+
+def test_full_bucket_pings_least_recent_and_replaces_a_dead_one():
+    config = DHTConfig(k=2)
+    net = MemoryNetwork(seed=11, config=config)
+    hub = net.add_node()
+    others = [net.add_node() for _ in range(30)]
+    # find three nodes that fall into the same bucket of hub
+    by_bucket = {}
+    for o in others:
+        by_bucket.setdefault(hub.table._index(o.node_id), []).append(o)
+    a, b, c = next(v for v in by_bucket.values() if len(v) >= 3)[:3]
+    for x in (a, b):
+        hub.handle_request(x.peer_id, Ping(x.addrs, True), net.now)
+    net.dead.add(a.peer_id)
+    hub.handle_request(c.peer_id, Ping(c.addrs, True), net.now)
+    effects = hub.take_effects()
+    assert len(effects) == 1 and isinstance(effects[0], SendRequest)
+    assert effects[0].contact.node_id == a.node_id and isinstance(effects[0].request, Ping)
+    hub.on_failure(effects[0].req_id, net.now)
+    assert {x.node_id for x in hub.table} == {b.node_id, c.node_id}
+
+
+def test_get_caches_the_value_on_the_closest_node_without_it():
+    net = network(40, seed=12)
+    nodes = list(net.nodes.values())
+    store(net, nodes[0], b"popular", "v")
+    replicas = sorted(holders(net, b"popular"), key=lambda n: n.node_id ^ key_id_of(b"popular"))
+    assert len(replicas) == 5
+    for lost in replicas[:2]:  # the two closest replicas lost their data
+        lost.records = type(lost.records)(net.config.limits)
+    for reader in nodes:
+        if reader not in replicas:
+            assert get(net, reader, b"popular")
+    net.run(until=net.now + 1.0)
+    # readers that met a closest node without the value stored it there (Kademlia 2.3)
+    assert any(n in holders(net, b"popular") for n in replicas[:2])
+
+
+def test_wrong_response_type_and_unknown_ids_are_failures_not_crashes():
+    net = network(10, seed=13)
+    node = next(iter(net.nodes.values()))
+    op_id = node.find_closest([123], net.now)
+    sends = [e for e in node.take_effects() if isinstance(e, SendRequest)]
+    assert sends
+    node.on_response(sends[0].req_id, PingResponse(), net.now)
+    assert node.health.failures(sends[0].contact.node_id) == 1
+    node.on_response(999_999, PingResponse(), net.now)
+    node.on_failure(999_999, net.now)
+    for e in sends[1:]:
+        node.on_failure(e.req_id, net.now)
+    net.after_input(node)
+    net.run(until=net.now + 10.0)
+    assert (node.peer_id, op_id) in net.results
+
+
+def test_requests_from_non_serving_peers_do_not_touch_the_table():
+    net = network(5, seed=14)
+    node, other = list(net.nodes.values())[:2]
+    stranger = Contact(Identity.generate().peer_id, ("/memory/x",))
+    node.handle_request(stranger.peer, FindNode((1,), stranger.addrs, False), net.now)
+    assert stranger.node_id not in node.table
+    node.handle_request(stranger.peer, FindNode((1,), stranger.addrs, True), net.now)
+    assert stranger.node_id in node.table
+    # answers never list the requester itself
+    answer = node.handle_request(other.peer_id, FindNode((other.node_id,), (), True), net.now)
+    assert other.node_id not in {c.node_id for c in answer.peers[0]}
+
+
+def test_many_keys_in_one_operation_share_requests():
+    net = network(40, seed=15)
+    nodes = list(net.nodes.values())
+    writer, reader = nodes[1], nodes[2]
+    records = [writer.make_record(f"batch-{i}".encode(), V(i), net.now + 600) for i in range(12)]
+    result = net.run_op(writer, lambda now: writer.store(records, now))
+    assert result.replicas == [5] * 12
+    keys = [r.key for r in records]
+    before = net.messages
+    got = net.run_op(reader, lambda now: reader.get(keys, now))
+    batched = net.messages - before
+    assert [msgpack.unpackb(got.records[k][0].value) for k in keys] == list(range(12))
+    before = net.messages
+    for key in keys:
+        get(net, reader, key)
+    assert batched < net.messages - before  # one FIND_VALUE carries several keys
+
+
+def test_core_modules_stay_sans_io():
+    """The rule of DESIGN.md: no asyncio, socket, time or os.urandom in the pure core."""
+    import pathlib
+    import re
+
+    import overlay.dht
+
+    root = pathlib.Path(overlay.dht.__file__).parent
+    forbidden = re.compile(r"^\s*(import|from)\s+(asyncio|socket|time)\b|os\.urandom", re.M)
+    for path in root.glob("*.py"):
+        if path.name == "driver.py":
+            continue
+        assert not forbidden.search(path.read_text()), path.name

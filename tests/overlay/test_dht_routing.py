@@ -1,0 +1,165 @@
+"""Routing table: bucket placement, closest() against brute force, eviction protocol, refresh."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.dht.config import DHTConfig
+from overlay.dht.contact import Contact
+from overlay.dht.ids import ID_BITS, bucket_index, node_id_of
+from overlay.dht.routing_table import AddOutcome, PingLeastRecent, RoutingTable
+from overlay.identity import PeerId
+
+ids = st.integers(min_value=0, max_value=(1 << ID_BITS) - 1)
+
+
+def contact(seed: int) -> Contact:
+    return Contact(PeerId.from_public_key(random.Random(seed).randbytes(32)))
+
+
+def fake(node_id: int) -> Contact:
+    """A contact placed at an arbitrary id (the table only looks at node_id)."""
+    return Contact(PeerId.from_public_key(node_id.to_bytes(32, "big")), (), node_id)
+
+
+@settings(max_examples=60, deadline=None)
+@given(self_id=ids, others=st.lists(ids, min_size=0, max_size=120, unique=True),
+       target=ids, n=st.integers(1, 30), k=st.integers(1, 8))
+def test_closest_matches_brute_force_and_buckets_hold_their_range(self_id, others, target, n, k):
+    table = RoutingTable(self_id, DHTConfig(k=k))
+    for i, node_id in enumerate(others):
+        table.add_or_update(fake(node_id), float(i))
+    members = list(table)
+    assert len(members) == len(table)
+    assert self_id not in {c.node_id for c in members}
+    for index in range(ID_BITS):
+        bucket = table.bucket(index)
+        assert len(bucket) <= k
+        for c in bucket:
+            assert 2**index <= c.node_id ^ self_id < 2 ** (index + 1)
+    # the table holds exactly the first k arrivals of every bucket (no ping was answered)
+    first_k: dict[int, list[int]] = {}
+    for node_id in others:
+        if node_id != self_id:
+            slot = first_k.setdefault(bucket_index(self_id, node_id), [])
+            if len(slot) < k:
+                slot.append(node_id)
+    assert {c.node_id for c in members} == {i for slot in first_k.values() for i in slot}
+    expected = sorted(members, key=lambda c: c.node_id ^ target)[:n]
+    assert [c.node_id for c in table.closest(target, n)] == [c.node_id for c in expected]
+
+
+@settings(max_examples=30, deadline=None)
+@given(self_id=ids, others=st.lists(ids, min_size=1, max_size=60, unique=True), target=ids)
+def test_closest_with_exclusion(self_id, others, target):
+    table = RoutingTable(self_id, DHTConfig(k=20))
+    for node_id in others:
+        table.add_or_update(fake(node_id), 0.0)
+    banned = {c.node_id for c in list(table)[::2]}
+    got = table.closest(target, 10, exclude=lambda c: c.node_id in banned)
+    want = sorted((c for c in table if c.node_id not in banned), key=lambda c: c.node_id ^ target)
+    assert [c.node_id for c in got] == [c.node_id for c in want[:10]]
+
+
+def fill_bucket(table: RoutingTable, index: int, count: int) -> list[Contact]:
+    out = []
+    for j in range(count):
+        node_id = table.self_id ^ ((1 << index) | j)
+        c = fake(node_id)
+        assert table.add_or_update(c, float(j)) is AddOutcome.ADDED
+        out.append(c)
+    return out
+
+
+def test_full_bucket_asks_to_ping_least_recent_and_alive_keeps_it():
+    table = RoutingTable(0, DHTConfig(k=3))
+    first, second, third = fill_bucket(table, 10, 3)
+    assert table.add_or_update(second, 5.0) is AddOutcome.UPDATED  # second is now most recent
+    newcomer = fake((1 << 10) | 99)
+    outcome = table.add_or_update(newcomer, 6.0)
+    assert outcome == PingLeastRecent(first, newcomer)
+    # a second newcomer while the ping is pending is only cached
+    other = fake((1 << 10) | 98)
+    assert table.add_or_update(other, 6.5) is AddOutcome.CACHED
+    assert table.on_ping_result(first.node_id, True, 7.0) is None
+    assert [c.node_id for c in table.bucket(10)] == [third.node_id, second.node_id, first.node_id]
+    assert {c.node_id for c in table.replacements(10)} == {newcomer.node_id, other.node_id}
+    assert newcomer.node_id not in table
+
+
+def test_dead_least_recent_is_replaced_by_most_recent_replacement():
+    table = RoutingTable(0, DHTConfig(k=2))
+    first, second = fill_bucket(table, 7, 2)
+    a, b = fake((1 << 7) | 50), fake((1 << 7) | 51)
+    assert isinstance(table.add_or_update(a, 1.0), PingLeastRecent)
+    assert table.add_or_update(b, 2.0) is AddOutcome.CACHED
+    promoted = table.on_ping_result(first.node_id, False, 3.0)
+    assert promoted == b
+    assert first.node_id not in table and b.node_id in table and second.node_id in table
+    assert len(table) == 2
+    # the next full-bucket sighting may ping again (no ping pending any more)
+    assert isinstance(table.add_or_update(fake((1 << 7) | 52), 4.0), PingLeastRecent)
+
+
+def test_stale_after_five_failures_replaced_only_when_a_replacement_waits():
+    table = RoutingTable(0, DHTConfig(k=2))
+    first, _second = fill_bucket(table, 3, 2)
+    for _ in range(10):
+        assert table.on_failure(first.node_id, 1.0) is None
+    assert first.node_id in table  # flagged only: the replacement cache is empty
+    assert table.failures(first.node_id) == 10
+    newcomer = fake((1 << 3) | 7)
+    # a stale contact makes room at once for a newcomer (no ping needed)
+    assert table.add_or_update(newcomer, 2.0) is AddOutcome.ADDED
+    assert first.node_id not in table and newcomer.node_id in table
+
+
+def test_stale_contact_replaced_from_cache_on_fifth_failure():
+    table = RoutingTable(0, DHTConfig(k=1))
+    (only,) = fill_bucket(table, 5, 1)
+    spare = fake((1 << 5) | 3)
+    assert isinstance(table.add_or_update(spare, 1.0), PingLeastRecent)
+    table.on_ping_result(only.node_id, True, 1.5)  # it answered that ping
+    for i in range(4):
+        assert table.on_failure(only.node_id, 2.0 + i) is None
+    assert table.on_failure(only.node_id, 7.0) == spare
+    assert table.bucket(5) == [spare]
+
+
+def test_success_resets_failures_and_self_is_ignored():
+    table = RoutingTable(42, DHTConfig())
+    assert table.add_or_update(fake(42), 0.0) is AddOutcome.IGNORED
+    c = fake(43)
+    table.add_or_update(c, 0.0)
+    for _ in range(4):
+        table.on_failure(c.node_id, 1.0)
+    table.add_or_update(c, 2.0)
+    assert table.failures(c.node_id) == 0
+
+
+def test_bucket_refresh_deadlines_follow_lookups():
+    config = DHTConfig()
+    table = RoutingTable(0, config, now=100.0)
+    assert table.next_refresh_at() is None  # nothing known: nothing to refresh
+    table.add_or_update(fake(1 << 200), 100.0)
+    assert list(table.refresh_indices()) == list(range(200, 256))
+    assert table.next_refresh_at() == 100.0 + config.bucket_refresh_interval
+    assert table.refresh_due(100.0 + 3599) == []
+    due = table.refresh_due(100.0 + 3600)
+    assert due == list(range(200, 256))
+    rng = random.Random(1)
+    for i in due:
+        target = table.random_id_in_bucket(i, rng.getrandbits)
+        assert bucket_index(0, target) == i
+        table.mark_lookup(target, 3700.0)
+    assert table.refresh_due(3701.0) == []
+    assert table.next_refresh_at() == 3700.0 + 3600
+
+
+def test_node_id_is_sha256_of_peer_id():
+    import hashlib
+
+    c = contact(1)
+    assert c.node_id == int.from_bytes(hashlib.sha256(c.peer.raw).digest(), "big")
+    assert node_id_of(c.peer.raw) == c.node_id
