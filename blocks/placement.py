@@ -62,15 +62,9 @@ def block_throughputs(infos: Mapping[str, ServerInfo], num_blocks: int) -> list[
 
     Summed in sorted peer order, so the same swarm always gives bit-identical numbers.
     """
-    _check_num_blocks(num_blocks)
     throughputs = [0.0] * num_blocks
-    for peer in sorted(infos):
-        info = infos[peer]
-        if not counts_for_placement(info):
-            continue
-        if info.end > num_blocks:
-            raise PlacementError(f"{peer} serves [{info.start}, {info.end}) of {num_blocks}")
-        _add(throughputs, info.start, info.length, info.throughput)
+    for start, length, throughput in _spans(infos, num_blocks).values():
+        _add(throughputs, start, length, throughput)
     return throughputs
 
 

@@ -86,8 +86,15 @@ class Connection(asyncio.Protocol):
         self._next_ping = 1
         self._close_reason = "closed"
         self._refused: str | None = None
+        self._reading_paused = False
 
     # ------------------------------------------------------------------ asyncio callbacks
+    def pause_reading(self) -> None:
+        """Stop reading from the socket for good (Host.freeze), now or as soon as it exists."""
+        self._reading_paused = True
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
     def refuse(self, reason: str) -> None:
         """Drop this connection as soon as it is made (the host is at its limit or closing)."""
         self._refused = reason
@@ -103,6 +110,8 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.remote_address = transport.get_extra_info("peername")
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if self._reading_paused:
+            transport.pause_reading()
         self._timer = self.loop.call_later(self._handshake_timeout, self._handshake_timed_out)
         try:
             self._handshake = SecureHandshake(

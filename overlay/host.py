@@ -85,6 +85,7 @@ class Host:
         self._disconnect_callbacks: list[Callable[[PeerId], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._frozen = False
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -221,6 +222,8 @@ class Host:
             conn.refuse("host is closing" if self._closing else "too many connections")
         else:
             self._all.add(conn)
+            if self._frozen:
+                conn.pause_reading()
         return conn
 
     def _on_ready(self, conn: Connection) -> None:
@@ -381,6 +384,23 @@ class Host:
         else:
             with contextlib.suppress(StreamClosed, ConnectionLost):
                 await stream.close()
+
+    # ------------------------------------------------------------------ fault injection
+    def freeze(self) -> None:
+        """Behave like a machine that dropped off the network, for failure tests and
+        benchmarks: connections stay open, but nothing is read or answered any more, and new
+        connections are accepted and then ignored."""
+        self._frozen = True
+        for conn in list(self._all):
+            conn.pause_reading()
+
+    def abort(self) -> None:
+        """Close every socket at once with no goodbye, as a killed process would."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self._all):
+            conn.abort("host aborted")
 
     # ------------------------------------------------------------------ lifetime
     async def close(self) -> None:

@@ -48,36 +48,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def close_sockets(host: Host) -> None:
-    """A crashed process: listening socket gone, every connection reset."""
-    for server in host._servers:
-        server.close()
-    for conn in list(host._all):
-        transport = getattr(conn, "_transport", None)
-        if transport is not None:
-            transport.abort()
-
-
-def go_silent(host: Host) -> None:
-    """A machine that vanished: connections stay open but nothing is read or answered."""
-    for conn in list(host._all):
-        transport = getattr(conn, "_transport", None)
-        if transport is not None:
-            transport.pause_reading()
-    original = host._new_connection
-
-    def swallow(**kw):
-        conn = original(**kw)
-        made = conn.connection_made
-
-        def connection_made(transport):
-            made(transport)
-            transport.pause_reading()
-
-        conn.connection_made = connection_made
-        return conn
-
-    host._new_connection = swallow
 
 
 async def get_round(dhts, alive, keys, writers, rng) -> dict:
@@ -142,9 +112,9 @@ async def main(args: argparse.Namespace) -> dict:
     for i in victims:
         await dhts[i].close()  # a dead machine runs no timers either
     for i in closed:
-        close_sockets(hosts[i])
+        hosts[i].abort()
     for i in silent:
-        go_silent(hosts[i])
+        hosts[i].freeze()
     dead = set(victims)
     alive = [d for i, d in enumerate(dhts) if i not in dead]
     lost = sum(

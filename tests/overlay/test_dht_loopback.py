@@ -39,33 +39,6 @@ async def shutdown(hosts, dhts) -> None:
             await asyncio.wait_for(host.close(), 2)
 
 
-def reset_sockets(host: Host) -> None:
-    for server in host._servers:
-        server.close()
-    for conn in list(host._all):
-        conn._transport.abort()
-
-
-def go_silent(host: Host) -> None:
-    """Connections stay open, nothing is read again; new connections are swallowed too."""
-    for conn in list(host._all):
-        conn._transport.pause_reading()
-    original = host._new_connection
-
-    def swallow(**kw):
-        conn = original(**kw)
-        made = conn.connection_made
-
-        def connection_made(transport):
-            made(transport)
-            transport.pause_reading()
-
-        conn.connection_made = connection_made
-        return conn
-
-    host._new_connection = swallow
-
-
 @pytest.mark.slow
 async def test_fifty_nodes_store_and_find_then_survive_a_quarter_failing():
     rng = random.Random(3)
@@ -81,7 +54,7 @@ async def test_fifty_nodes_store_and_find_then_survive_a_quarter_failing():
             victims = rng.sample(range(50), 12)
             for j, index in enumerate(victims):
                 await dhts[index].close()
-                (reset_sockets if j % 2 else go_silent)(hosts[index])
+                (Host.abort if j % 2 else Host.freeze)(hosts[index])
             alive = [d for i, d in enumerate(dhts) if i not in victims]
             slowest = 0.0
             checked = 0
