@@ -212,8 +212,12 @@ class Connection(asyncio.Protocol):
         self._streams[stream_id] = stream
         return stream
 
-    def mux_send(self, stream_id: int, data, fin: bool, flush: bool = True) -> None:
-        self._mux.send(stream_id, data, end=True, fin=fin)
+    def mux_send_parts(self, stream_id: int, parts, fin: bool, flush: bool = True) -> None:
+        """One message from `parts`: every part but the last is a fragment (END unset)."""
+        send = self._mux.send
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            send(stream_id, part, end=i == last, fin=fin and i == last)
         if flush:
             self._flush()
 

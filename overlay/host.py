@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from overlay.connection import Connection
 from overlay.identity import Identity, PeerId
@@ -23,8 +24,8 @@ from overlay.rpc_codec import (
     STATUS_OK,
     RemoteError,
     RpcProtocolError,
+    decode_answer,
     decode_request,
-    decode_status,
     encode_error,
     encode_request,
     reset_reason,
@@ -51,9 +52,9 @@ class HostConfig:
     default_call_timeout: float = 60.0
 
 
-@dataclass(frozen=True, slots=True)
-class RpcContext:
-    """What a handler knows about the call: the authenticated caller and its deadline."""
+class RpcContext(NamedTuple):
+    """What a handler knows about the call: the authenticated caller and its deadline.
+    (Immutable; a NamedTuple because one is built for every call.)"""
 
     peer: PeerId
     method: str
@@ -272,10 +273,9 @@ class Host:
         # the stream is reset, which wakes the reader below with the timeout error.
         timer = loop.call_at(deadline, _expire_call, stream, method, peer, timeout)
         try:
-            stream.send_nowait(encode_request(method, KIND_UNARY, timeout), flush=False)
-            stream.send_nowait(payload, end_stream=True)
-            status = await stream.recv()
-            body = await stream.recv()
+            stream.send_parts(_one_message(encode_request(method, KIND_UNARY, timeout), payload),
+                              end_stream=True)
+            answer = await stream.recv()
         except asyncio.CancelledError:
             stream.reset("cancelled: the caller gave up")
             raise
@@ -283,15 +283,12 @@ class Host:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
         finally:
             timer.cancel()
-        if status is None or body is None:
+        if answer is None:
             raise ConnectionLost(f"{method} on {_name(peer)}: the peer closed the stream early")
         try:
-            error = decode_status(status)
+            return decode_answer(answer)
         except RpcProtocolError as e:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
-        if error is not None:
-            raise error
-        return body
 
     async def open_stream(self, peer: PeerId | Multiaddr | str, method: str, *,
                           timeout: float | None = None) -> Stream:
@@ -311,7 +308,8 @@ class Host:
     async def _serve(self, stream: Stream) -> None:
         conn = stream.connection
         try:
-            header = decode_request(await stream.recv() or b"")
+            request = await stream.recv()
+            header, offset = decode_request(request or b"")
         except (RpcProtocolError, ConnectionLost, StreamClosed, RemoteError) as e:
             stream.reset(reset_reason("bad_request", str(e)))
             return
@@ -329,40 +327,40 @@ class Host:
         if handler is None:
             stream.reset(reset_reason("unknown_method", f"no method {header.method!r}"))
             return
+        payload = request[offset:]
+        # The deadline is one timer cancelling this task (cheaper than asyncio.timeout_at on
+        # the path of every call); `expired` tells its cancellation from a host shutdown.
+        expired: list[bool] = []
+        timer = None if deadline is None else loop.call_at(
+            deadline, _expire_task, asyncio.current_task(), expired)
         try:
-            payload = await stream.recv()
-        except (ConnectionLost, StreamClosed, RemoteError):
-            return
-        if payload is None:
-            stream.reset(reset_reason("bad_request", "request has no payload"))
-            return
-        try:
-            if deadline is None:
-                result = await handler(ctx, payload)
-            else:
-                async with asyncio.timeout_at(deadline):
-                    result = await handler(ctx, payload)
+            result = await handler(ctx, payload)
         except RemoteError as e:
-            self._answer(stream, encode_error(e.code, e.message), b"")
-        except TimeoutError:
+            self._answer(stream, encode_error(e.code, e.message))
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            asyncio.current_task().uncancel()
             stream.reset(reset_reason("deadline_exceeded", f"{header.method} ran out of time"))
         except (ConnectionLost, StreamClosed):
             return
         except Exception:
             log.exception("handler %s failed for %s", header.method, ctx.peer)
-            self._answer(stream, encode_error("internal", f"{header.method} failed"), b"")
+            self._answer(stream, encode_error("internal", f"{header.method} failed"))
         else:
             if not isinstance(result, bytes | bytearray | memoryview):
                 log.error("handler %s returned %s, not bytes", header.method, type(result))
-                self._answer(stream, encode_error("internal", "handler returned no bytes"), b"")
+                self._answer(stream, encode_error("internal", "handler returned no bytes"))
             else:
-                self._answer(stream, STATUS_OK, result)
+                self._answer(stream, *_one_message(STATUS_OK, result))
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     @staticmethod
-    def _answer(stream: Stream, status: bytes, body) -> None:
+    def _answer(stream: Stream, *parts) -> None:
         with contextlib.suppress(StreamClosed, ConnectionLost):
-            stream.send_nowait(status, flush=False)
-            stream.send_nowait(body, end_stream=True)
+            stream.send_parts(parts, end_stream=True)
 
     async def _run_stream_handler(self, handler: StreamHandler, ctx: RpcContext,
                                   stream: Stream) -> None:
@@ -426,6 +424,21 @@ class Host:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+# Below this size a header and its payload are joined into one buffer (one frame); above it
+# they go as two fragments of one message, so a large payload is never copied to prepend a
+# few bytes.
+_JOIN_LIMIT = 16 << 10
+
+
+def _one_message(head: bytes, body) -> tuple:
+    return (head + body,) if len(body) <= _JOIN_LIMIT else (head, body)
+
+
+def _expire_task(task: asyncio.Task, expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 def _expire_call(stream: Stream, method: str, peer, timeout: float) -> None:

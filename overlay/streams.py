@@ -141,13 +141,17 @@ class Stream:
     def send_nowait(self, data: bytes | memoryview, *, end_stream: bool = False,
                     flush: bool = True) -> None:
         """Queue one message without waiting. `flush=False` lets the next message share its
-        record and its system call (a header and its payload, say)."""
+        record and its system call."""
+        self.send_parts((data,), end_stream=end_stream, flush=flush)
+
+    def send_parts(self, parts, *, end_stream: bool = False, flush: bool = True) -> None:
+        """Queue one message made of several buffers, without joining them (no copy)."""
         if self._error is not None:
             raise StreamClosed(f"stream was reset: {self._error}")
         if self._send_closed:
             raise StreamClosed("stream is closed for sending")
         try:
-            self._conn.mux_send(self.stream_id, data, end_stream, flush)
+            self._conn.mux_send_parts(self.stream_id, parts, end_stream, flush)
         except MuxError as e:
             raise StreamClosed(str(e)) from None
         if end_stream:
