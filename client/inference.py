@@ -3,26 +3,76 @@
 An `InferenceSession` holds one `blocks.inference` stream per server of its route. Each step
 sends only the new positions through the chain and returns the last server's hidden states;
 the servers keep the attention caches. The session remembers, per span, every input it sent,
-so that a failed server can be replaced by replaying them (client/recovery.py decides when).
+so that a failed server can be replaced by replaying them.
+
+Recovery (when the session was given a `Rerouter`): a span whose server fails during a step
+(lost connection, timeout, reset stream, malformed answer; never a `RemoteError`, which means
+the caller's input was refused) is banned (client/recovery.py `BanList`), exactly its block
+range is routed again around the bans, the replacement servers get the span's stored inputs
+(each replacement's outputs feeding the next) together with the current step, and they take
+the failed span's place in the chain. A range nobody serves is retried with `RetryPolicy`
+delays until `SessionConfig.recovery_timeout`, then `BlocksUnavailableError` names the blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 
 import tensor_wire
 from blocks import protocol
+from client.recovery import BanList, RetryPolicy
+from client.routing import MissingBlocksError
 from overlay.host import Host, RemoteError
 from overlay.identity import PeerId
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 
+log = logging.getLogger(__name__)
+
+# Ours: how long a session waits for a failed span's blocks to be served again by default.
+RECOVERY_TIMEOUT = 60.0
+
+# A route as the session uses it: (server, first block, end block) per span.
+Route = list[tuple[PeerId, int, int]]
+# Routes blocks [start, end) around the banned peer ids; `refresh` asks for a fresh swarm view.
+# Raises client.routing.MissingBlocksError when some blocks have no eligible server.
+Rerouter = Callable[[int, int, frozenset[str], bool], Awaitable[Route]]
+
 
 class InferenceError(RuntimeError):
     """A session could not go on; the message says which server and why."""
+
+
+class BlocksUnavailableError(InferenceError, MissingBlocksError):
+    """Recovery gave up at its deadline: nobody could serve `missing` (sorted block indices).
+    Both an InferenceError (the session cannot go on) and a MissingBlocksError (what is missing)."""
+
+    def __init__(self, missing: list[int], message: str):
+        MissingBlocksError.__init__(self, missing)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """One replaced span, for logs and measurements."""
+
+    start: int
+    end: int
+    failed_peer: str
+    replacement: tuple[tuple[str, int, int], ...]
+    replayed: int  # positions replayed into the replacement
+    seconds: float  # from the failure to the current step's answer from the replacement
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +82,7 @@ class SessionConfig:
     wait_timeout: float = 30.0  # for free attention cache on the servers
     step_timeout: float = 60.0
     compression: str = "none"  # of the activations, in both directions
+    recovery_timeout: float = RECOVERY_TIMEOUT  # to replace a failed span, then give up
 
 
 class SpanSession:
@@ -52,8 +103,11 @@ class SpanSession:
 
     async def open(self) -> None:
         config = self.config
-        self._stream = await self.host.open_stream(self.peer, protocol.METHOD_INFERENCE,
-                                                   timeout=None)
+        try:
+            self._stream = await self.host.open_stream(self.peer, protocol.METHOD_INFERENCE,
+                                                       timeout=None)
+        except (ConnectionLost, OSError, TimeoutError) as e:
+            raise InferenceError(f"{self._where()}: {e}") from None
         await self._send(tensor_wire.encode_message([], {
             "model": self.model_id, "start": self.start, "end": self.end,
             "batch_size": config.batch_size, "max_length": config.max_length,
@@ -76,7 +130,7 @@ class SpanSession:
             raise RemoteError(str(meta.get("error")), str(meta.get("message", "")))
         if meta.get("step") != step_id or len(tensors) != 1:
             raise InferenceError(f"{self._where()}: answer out of order")
-        del self.inputs[_count_upto(self.inputs, position):]
+        _trim(self.inputs, position)
         self.inputs.append(hidden)
         self.position = position + hidden.shape[1]
         return tensors[0]
@@ -88,12 +142,18 @@ class SpanSession:
             raise InferenceError(f"{self._where()}: {e}") from None
 
     async def _receive(self, timeout: float):
+        # One timer instead of asyncio.wait_for, which creates a task per call (Python 3.11):
+        # at the deadline the stream is reset, which wakes recv() with the timeout error.
+        stream = self._stream
+        timer = asyncio.get_running_loop().call_later(
+            timeout, _expire, stream, f"{self._where()}: no answer within {timeout:g} s")
         try:
-            message = await asyncio.wait_for(self._stream.recv(), timeout)
-        except TimeoutError:
-            raise InferenceError(f"{self._where()}: no answer within {timeout:g} s") from None
-        except (ConnectionLost, StreamClosed) as e:
-            raise InferenceError(f"{self._where()}: {e}") from None
+            message = await stream.recv()
+        except (ConnectionLost, StreamClosed, TimeoutError) as e:
+            raise InferenceError(str(e) if isinstance(e, TimeoutError) else
+                                 f"{self._where()}: {e}") from None
+        finally:
+            timer.cancel()
         if message is None:
             raise InferenceError(f"{self._where()}: the server ended the session")
         try:
@@ -111,32 +171,70 @@ class SpanSession:
         return f"blocks [{self.start}, {self.end}) on {self.peer.short()}"
 
 
-def _count_upto(inputs: list[torch.Tensor], position: int) -> int:
-    """How many stored inputs lie wholly before `position` (a rollback drops the rest)."""
+def _expire(stream: Stream, message: str) -> None:
+    stream.expire(TimeoutError(message))
+
+
+def _trim(inputs: list[torch.Tensor], position: int) -> None:
+    """Keep exactly positions [0, position) of the stored inputs (a rollback drops the rest,
+    possibly the end of a multi-position input)."""
     total = 0
     for i, tensor in enumerate(inputs):
-        total += tensor.shape[1]
-        if total > position:
-            return i
-    return len(inputs)
+        length = tensor.shape[1]
+        if total + length > position:
+            del inputs[i + 1:]
+            if position > total:
+                inputs[i] = tensor[:, :position - total]
+            else:
+                del inputs[i]
+            return
+        total += length
+
+
+class _ChainFailed(Exception):
+    def __init__(self, span: SpanSession, error: InferenceError):
+        self.span = span
+        self.error = error
 
 
 class InferenceSession:
-    """A chain of SpanSessions covering the model's blocks; `step` runs new positions through."""
+    """A chain of SpanSessions covering the model's blocks; `step` runs new positions through.
 
-    def __init__(self, host: Host, model_id: str, route: list[tuple[PeerId, int, int]],
-                 config: SessionConfig | None = None):
+    With a `rerouter`, a failed span is replaced during `step` (see the module docstring) and
+    the step's result is the one a run without the failure gives; without one, failures raise.
+    `bans` may be shared with other sessions of the same client; `recoveries` lists each
+    replacement made.
+    """
+
+    def __init__(self, host: Host, model_id: str, route: Route,
+                 config: SessionConfig | None = None, *, rerouter: Rerouter | None = None,
+                 bans: BanList | None = None, rng: random.Random | None = None):
         self.host = host
         self.model_id = model_id
         self.config = config or SessionConfig()
-        self.spans = [SpanSession(host, peer, model_id, start, end, self.config)
-                      for peer, start, end in route]
+        self.spans = [self._span(peer, start, end) for peer, start, end in route]
         self.position = 0
+        self.recoveries: list[Recovery] = []
+        self._rerouter = rerouter
+        self._bans = bans if bans is not None else BanList()
+        self._retry = RetryPolicy(rng or random.Random())
         self._closed = False
 
+    def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
+        return SpanSession(self.host, peer, self.model_id, start, end, self.config)
+
     async def open(self) -> InferenceSession:
+        """Open every span; with a rerouter, spans whose server cannot be reached are replaced
+        (a server may have died since the swarm view was read)."""
         try:
-            await asyncio.gather(*(span.open() for span in self.spans))
+            results = await asyncio.gather(*(span.open() for span in self.spans),
+                                           return_exceptions=True)
+            failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+            for _, error in failed:
+                if self._rerouter is None or not isinstance(error, InferenceError):
+                    raise error
+            for index, error in reversed(failed):  # from the end: indices stay valid
+                await self._recover(index, None, 0, error)
         except BaseException:
             await self.close()
             raise
@@ -156,8 +254,19 @@ class InferenceSession:
             raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
                                  f"session's max_length {self.config.max_length}")
         position = self.position
-        for span in self.spans:
-            hidden = await span.step(hidden, position)
+        index = 0
+        while index < len(self.spans):
+            span = self.spans[index]
+            try:
+                out = await span.step(hidden, position)
+            except InferenceError as e:
+                if self._rerouter is None or self._closed:
+                    raise
+                out, count = await self._recover(index, hidden, position, e)
+                index += count
+            else:
+                index += 1
+            hidden = out
         self.position = position + hidden.shape[1]
         return hidden
 
@@ -171,3 +280,86 @@ class InferenceSession:
     async def close(self) -> None:
         self._closed = True
         await asyncio.gather(*(span.close() for span in self.spans), return_exceptions=True)
+
+    # -- recovery ---------------------------------------------------------------------------------
+
+    async def _recover(self, index: int, hidden: torch.Tensor | None, position: int,
+                       error: InferenceError) -> tuple[torch.Tensor | None, int]:
+        """Replace span `index` by a fresh chain for its blocks, rebuild the chain's caches and
+        run the current step (if any) through it; returns (its output, number of new spans)."""
+        failed = self.spans[index]
+        began = time.monotonic()
+        deadline = began + self.config.recovery_timeout
+        self._bans.ban(str(failed.peer), began)
+        await failed.close()
+        log.warning("%s failed: %s; replacing it", failed._where(), error)
+        _trim(failed.inputs, position)
+        replay = list(failed.inputs)
+        attempt, refresh = 0, False
+        reason = str(error)
+        while True:
+            now = time.monotonic()
+            try:
+                route = await self._rerouter(failed.start, failed.end, self._bans.banned(now),
+                                             refresh)
+                chain = [self._span(peer, start, end) for peer, start, end in route]
+                out = await self._run_chain(chain, replay, hidden, position)
+            except MissingBlocksError as e:
+                missing, reason = e.missing, str(e)
+                log.info("no replacement yet for blocks [%d, %d): %s", failed.start, failed.end,
+                         e)
+            except _ChainFailed as e:
+                self._bans.ban(str(e.span.peer), time.monotonic())
+                log.warning("replacement %s failed: %s", e.span._where(), e.error)
+                missing, reason = list(range(failed.start, failed.end)), str(e.error)
+                refresh = True
+                if time.monotonic() < deadline:
+                    continue  # another server may be there already: no wait
+            else:
+                break
+            now = time.monotonic()
+            delay = self._retry.next_delay(attempt, now, deadline,
+                                           wake_at=self._bans.next_unban(now))
+            if delay is None:
+                raise BlocksUnavailableError(
+                    missing, f"could not replace blocks [{failed.start}, {failed.end}) within "
+                    f"{self.config.recovery_timeout:g} s: {reason}") from error
+            attempt += 1
+            refresh = True
+            await asyncio.sleep(delay)
+        self.spans[index:index + 1] = chain
+        record = Recovery(failed.start, failed.end, str(failed.peer),
+                          tuple((str(s.peer), s.start, s.end) for s in chain),
+                          sum(t.shape[1] for t in replay), time.monotonic() - began, str(error))
+        self.recoveries.append(record)
+        log.warning("replaced blocks [%d, %d) of %s by %s in %.3f s (%d positions replayed)",
+                    failed.start, failed.end, failed.peer.short(),
+                    " -> ".join(f"{s.peer.short()}[{s.start}:{s.end})" for s in chain),
+                    record.seconds, record.replayed)
+        return out, len(chain)
+
+    async def _run_chain(self, chain: list[SpanSession], replay: list[torch.Tensor],
+                         hidden: torch.Tensor | None, position: int) -> torch.Tensor | None:
+        """Open `chain`, send it the replayed positions [0, position) and this step's `hidden`
+        as one step from position 0; returns the output for this step's positions only."""
+        results = await asyncio.gather(*(span.open() for span in chain), return_exceptions=True)
+        for span, result in zip(chain, results):
+            if isinstance(result, BaseException):
+                await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)
+                if isinstance(result, InferenceError):
+                    raise _ChainFailed(span, result)
+                raise result
+        parts = [*replay, *([] if hidden is None else [hidden])]
+        if not parts:
+            return None
+        data = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        for span in chain:
+            try:
+                data = await span.step(data, 0)
+            except InferenceError as e:
+                await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)
+                raise _ChainFailed(span, e) from None
+            except BaseException:
+                await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)
+                raise
+        return data[:, position:]

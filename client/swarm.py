@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 
 from blocks.announcement import SwarmView, block_keys
+from overlay.dht.config import DHTConfig
 from overlay.dht.driver import DHT
 from overlay.host import Host
 from overlay.identity import Identity, IdentityError, PeerId
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 RTT_TTL = 60.0  # seconds a measured round-trip time is trusted
 PING_TIMEOUT = 5.0
+# Everything a client reads is a dictionary (block -> {server: announcement}) whose entries
+# were stored by different servers on the 5 nodes closest to the key; one replica may lack an
+# entry another holds. A get that stopped at the first replica would show a partial swarm, so
+# the client merges the answers of this many replicas.
+DICTIONARY_QUORUM = 3
 
 
 class SwarmClient:
@@ -41,7 +47,8 @@ class SwarmClient:
         owns = host is None
         host = host or Host(identity)
         try:
-            dht = await DHT.start(host, list(bootstrap), serve=False)
+            dht = await DHT.start(host, list(bootstrap), DHTConfig(value_quorum=DICTIONARY_QUORUM),
+                                  serve=False)
         except BaseException:
             if owns:
                 await host.close()

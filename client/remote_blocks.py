@@ -1,0 +1,216 @@
+"""The remote part of a model, as one asyncio object: blocks [0, num_blocks) of `model_id`
+served by the swarm. Any slice of them can be run on the caller's own hidden states.
+
+Route choice is the pure client/routing.py over a fresh SwarmView; this module only does I/O.
+Fault tolerance: servers that fail are banned (one `BanList` per RemoteBlocks, shared by its
+sessions); inference sessions made here re-route a failed span themselves (client/inference.py),
+and `forward` re-runs a failed span on another server, waiting for blocks nobody serves until
+`ClientConfig.recovery_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+import tensor_wire
+from blocks import protocol
+from blocks.announcement import SwarmView
+from client.inference import (
+    RECOVERY_TIMEOUT,
+    BlocksUnavailableError,
+    InferenceSession,
+    Rerouter,
+    Route,
+    SessionConfig,
+)
+from client.recovery import BanList, RetryPolicy, splice_route
+from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan
+from client.swarm import SwarmClient
+from overlay.host import RemoteError
+from overlay.identity import PeerId
+from overlay.streams import ConnectionLost, StreamClosed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    view_ttl: float = 10.0  # seconds a swarm view is reused before re-reading the DHT
+    forward_timeout: float = 120.0
+    compression: str = "none"  # activations on the wire: none, float16, int8_blockwise, ...
+    recovery_timeout: float = RECOVERY_TIMEOUT  # to find servers for blocks nobody serves
+
+
+class RemoteBlocks:
+    def __init__(self, swarm: SwarmClient, model_id: str, num_blocks: int,
+                 config: ClientConfig | None = None, rng: random.Random | None = None):
+        self.swarm = swarm
+        self.model_id = model_id
+        self.num_blocks = num_blocks
+        self.config = config or ClientConfig()
+        self._rng = rng or random.Random()
+        self._view: SwarmView | None = None
+        self._view_time = 0.0
+        self.bans = BanList()  # servers that failed a request of this client, with backoff
+        self._retry = RetryPolicy(self._rng)
+
+    async def view(self, refresh: bool = False) -> SwarmView:
+        if refresh or self._view is None or time.monotonic() - self._view_time > \
+                self.config.view_ttl:
+            self._view = await self.swarm.view(self.model_id, self.num_blocks)
+            self._view_time = time.monotonic()
+        return self._view
+
+    async def inference_route(self, start: int, end: int, needs: RouteNeeds | None = None,
+                              banned=frozenset(), measure: bool = True) -> list[RouteSpan]:
+        """Minimum-latency route; `measure=False` (recovery, in a hurry) uses only round-trip
+        times measured earlier instead of pinging servers now (up to PING_TIMEOUT each)."""
+        needs = needs or RouteNeeds()
+        view = await self.view()
+        covering = {s.peer_id for b in range(start, end) for s in view.covering(b)
+                    if s.peer_id not in banned}  # a dead server is not worth a ping
+        if measure:
+            rtts = await self.swarm.rtts(covering)
+        else:  # SwarmClient keeps {peer: (rtt, measured at)}
+            known = getattr(self.swarm, "_rtts", {})
+            rtts = {p: known[p][0] for p in covering if p in known}
+        return RoutePlanner(view).inference_route(start, end, client_rtts=rtts, banned=banned,
+                                                  needs=needs)
+
+    async def forward_route(self, start: int, end: int, banned=frozenset()) -> list[RouteSpan]:
+        view = await self.view()
+        return RoutePlanner(view).spread_route(start, end, self._rng, banned=banned)
+
+    async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run full sequences through blocks [start, end) (no cache). A span whose server
+        fails is banned and re-run on a route found again for exactly its blocks."""
+        end = self.num_blocks if end is None else end
+        route = await self._forward_route_retrying(start, end, patient=False)
+        index = 0
+        while index < len(route):
+            span = route[index]
+            tensors = [hidden] if attention_mask is None else [hidden, attention_mask]
+            payload = tensor_wire.encode_message(tensors, {
+                "model": self.model_id, "start": span.start, "end": span.end,
+                "compression": self.config.compression,
+            }, [self.config.compression] + (["none"] if attention_mask is not None else []))
+            try:
+                answer = await self.swarm.host.call(PeerId.from_string(span.peer_id),
+                                                    protocol.METHOD_FORWARD, payload,
+                                                    timeout=self.config.forward_timeout)
+                (hidden_out,), _ = _decode(answer, expected=1)
+            except RemoteError as e:
+                if e.code not in _SERVER_FAULTS:
+                    raise  # the request itself was refused: another server would refuse it too
+                failure: Exception = e
+            except (ConnectionLost, StreamClosed, TimeoutError, tensor_wire.WireError,
+                    _BadAnswer) as e:
+                failure = e
+            else:
+                self.bans.success(span.peer_id)
+                hidden = hidden_out
+                index += 1
+                continue
+            self.bans.ban(span.peer_id, time.monotonic())
+            log.warning("forward on %s[%d:%d) failed: %s; re-routing", span.peer_id[-6:],
+                        span.start, span.end, failure)
+            replacement = await self._forward_route_retrying(span.start, span.end)
+            route = splice_route(route, index, replacement)
+        return hidden
+
+    async def _forward_route_retrying(self, start: int, end: int,
+                                      patient: bool = True) -> list[RouteSpan]:
+        return await self._route_retrying(
+            lambda banned: self.forward_route(start, end, banned=banned), patient)
+
+    async def _route_retrying(self, plan, patient: bool) -> list[RouteSpan]:
+        """`await plan(banned)` around the banned servers; while it raises MissingBlocksError,
+        re-reads the swarm and retries (RetryPolicy delays) until `recovery_timeout`, then
+        raises BlocksUnavailableError naming the blocks.
+
+        Not `patient` (a first route while no server of this client is banned, e.g. a model
+        nobody serves): one retry on a fresh view, then the MissingBlocksError itself."""
+        deadline = time.monotonic() + self.config.recovery_timeout
+        patient = patient or bool(self.bans.banned(time.monotonic()))
+        attempt = 0
+        while True:
+            now = time.monotonic()
+            try:
+                if attempt:
+                    await self.view(refresh=True)
+                return await plan(self.bans.banned(now))
+            except MissingBlocksError as e:
+                if not patient and attempt:
+                    raise
+                now = time.monotonic()
+                delay = self._retry.next_delay(attempt, now, deadline,
+                                               wake_at=self.bans.next_unban(now))
+                if delay is None:
+                    raise BlocksUnavailableError(
+                        e.missing, f"{e} (waited {self.config.recovery_timeout:g} s)") from e
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def rerouter(self, needs: RouteNeeds) -> Rerouter:
+        """What an InferenceSession calls to replace a failed span (see client/inference.py)."""
+
+        async def reroute(start: int, end: int, banned: frozenset[str], refresh: bool) -> Route:
+            if refresh:
+                await self.view(refresh=True)
+            log.debug("re-routing [%d, %d) around %s over %s", start, end,
+                      [b[-6:] for b in banned],
+                      [(s.peer_id[-6:], s.start, s.end) for s in (await self.view()).spans])
+            route = await self.inference_route(start, end, needs, banned=banned,
+                                               measure=False)
+            return [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route]
+
+        return reroute
+
+    async def inference_session(self, batch_size: int = 1, max_length: int = 2048,
+                                start: int = 0, end: int | None = None,
+                                wait_timeout: float = 30.0) -> InferenceSession:
+        """An open session over blocks [start, end) that replaces failed servers by itself;
+        close it (or use `async with`)."""
+        end = self.num_blocks if end is None else end
+        needs = RouteNeeds(cache_tokens=batch_size * max_length)
+        route = await self._route_retrying(
+            lambda banned: self.inference_route(start, end, needs, banned=banned),
+            patient=False)
+        log.info("route: %s", " -> ".join(f"{s.peer_id[-6:]}[{s.start}:{s.end})" for s in route))
+        config = SessionConfig(batch_size=batch_size, max_length=max_length,
+                               wait_timeout=wait_timeout, compression=self.config.compression,
+                               recovery_timeout=self.config.recovery_timeout)
+        session = InferenceSession(
+            self.swarm.host, self.model_id,
+            [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route], config,
+            rerouter=self.rerouter(needs), bans=self.bans, rng=self._rng,
+        )
+        return await session.open()
+
+
+# Codes of a server that cannot run a request routed to it (a stale announcement, a server
+# shutting down or overloaded): another server may. Any other code refuses the request itself.
+_SERVER_FAULTS = frozenset({protocol.UNKNOWN_MODEL, protocol.BAD_RANGE, protocol.OVERLOADED,
+                            "deadline_exceeded", "unknown_method"})
+
+
+class _BadAnswer(RuntimeError):
+    """A server's answer that does not have the expected shape."""
+
+
+def _decode(data: bytes, expected: int):
+    message = tensor_wire.decode_message(data)
+    if len(message.tensors) != expected:
+        raise _BadAnswer(f"expected {expected} tensors in the answer, got "
+                           f"{len(message.tensors)}")
+    return message
+
+
+__all__ = ["ClientConfig", "RemoteBlocks"]

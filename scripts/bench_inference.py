@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Inference benchmark (issue 5): greedy generation through a 2-server swarm vs transformers.
+
+For each model (the small test model, 4 layers x hidden 64, and a larger CPU one, 8 layers x
+hidden 512), in one run: a swarm on 127.0.0.1 (a bootstrap node and two `overlay-node serve`
+processes, one span each) generates `--tokens` greedy tokens through one inference session;
+transformers generates the same tokens locally. Prints ms/token for both and the overhead per
+token, checks the tokens are identical, and ends with one JSON line.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_inference.py [--tokens 64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from blocks.model_files import default_model_id
+from client.local_head import LocalHead
+from client.local_swarm import LocalSwarm
+from client.remote_blocks import RemoteBlocks
+from client.swarm import SwarmClient
+from overlay.runtime import new_event_loop
+
+MODELS = {
+    "small-4x64": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
+    "cpu-8x512": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192},
+}
+
+
+def write_model(name: str, directory: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **MODELS[name])
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.15)
+    model.save_pretrained(directory / name, safe_serialization=True)
+    return directory / name
+
+
+def local_ms_per_token(model_dir: Path, prompt: torch.Tensor, tokens: int) -> tuple[float, list]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=tokens, do_sample=False,
+                             min_new_tokens=tokens)
+        elapsed = time.perf_counter() - start
+    return elapsed * 1000 / tokens, out[0, prompt.shape[1]:].tolist()
+
+
+async def swarm_ms_per_token(model_dir: Path, bootstrap: str, prompt: torch.Tensor,
+                             tokens: int) -> tuple[float, list]:
+    """Greedy decoding through one inference session: the head runs here, the blocks there."""
+    num_blocks = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
+    client = await SwarmClient.connect([bootstrap])
+    try:
+        head = LocalHead.load(model_dir)
+        remote = RemoteBlocks(client, default_model_id(model_dir), num_blocks)
+        async with await remote.inference_session(1, prompt.shape[1] + tokens + 8) as session:
+            await session.step(head.embed(prompt[:, :2]))  # warm-up (and route measured)
+            session.rollback(0)
+            start = time.perf_counter()
+            hidden = await session.step(head.embed(prompt))
+            new: list[int] = []
+            for _ in range(tokens):
+                token = head.logits(hidden[:, -1:]).argmax(-1)
+                new.append(int(token))
+                if len(new) == tokens:
+                    break
+                hidden = await session.step(head.embed(token, position_ids=session.position))
+            elapsed = time.perf_counter() - start
+    finally:
+        await client.close()
+    return elapsed * 1000 / tokens, new
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs; medians kept")
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            model_dir = write_model(name, Path(tmp))
+            num_blocks = MODELS[name]["num_hidden_layers"]
+            half = num_blocks // 2
+            prompt = torch.tensor([[1, 17, 42, 99, 7, 256, 311, 5]])
+            with LocalSwarm(model_dir, [(0, half), (half, num_blocks)]) as swarm:
+                ours, local = [], []
+                for _ in range(args.repeat):
+                    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                        ms, swarm_tokens = runner.run(
+                            swarm_ms_per_token(model_dir, swarm.bootstrap, prompt, args.tokens))
+                    ours.append(ms)
+                    ms, local_tokens = local_ms_per_token(model_dir, prompt, args.tokens)
+                    local.append(ms)
+                    if swarm_tokens != local_tokens:
+                        print(f"{name}: TOKENS DIFFER from local", file=sys.stderr)
+                        return 1
+            swarm_ms, local_ms = statistics.median(ours), statistics.median(local)
+            results[name] = {"swarm_ms_per_token": round(swarm_ms, 3),
+                             "local_ms_per_token": round(local_ms, 3),
+                             "overhead_ms_per_token": round(swarm_ms - local_ms, 3),
+                             "tokens_identical": True}
+    print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
+          f"python={platform.python_version()}")
+    print("command: OMP_NUM_THREADS=1 python scripts/bench_inference.py " + " ".join(sys.argv[1:]))
+    print(f"{'model':<12}{'swarm ms/tok':>14}{'local ms/tok':>14}{'overhead':>10}{'ratio':>8}")
+    for name, r in results.items():
+        print(f"{name:<12}{r['swarm_ms_per_token']:>14.2f}{r['local_ms_per_token']:>14.2f}"
+              f"{r['overhead_ms_per_token']:>10.2f}"
+              f"{r['swarm_ms_per_token'] / r['local_ms_per_token']:>8.2f}")
+    met = all(r["overhead_ms_per_token"] <= 1.0 for r in results.values())
+    print(f"target: overhead <= 1.0 ms/token with a 2-span chain: {'met' if met else 'MISSED'}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
