@@ -1,0 +1,370 @@
+"""`DistributedModelForCausalLM`: a synchronous, transformers-style model over the swarm.
+
+    model = DistributedModelForCausalLM.from_pretrained(MODEL_DIR, bootstrap=[...])
+    logits = model(input_ids=ids).logits
+    torch.manual_seed(0)
+    tokens = model.generate(ids, do_sample=True, top_p=0.9, max_new_tokens=64, streamer=s)
+
+It is a thin layer ON TOP of the asyncio client (client/model.py): the asyncio `RemoteModel` runs
+on a background event-loop thread (client/sync_loop.py) and this class submits work to it and
+waits. It holds only the local head (embeddings, final norm, LM head), which runs in the caller's
+thread.
+
+Generation is transformers' own `GenerationMixin.generate` (so every logits processor, stopping
+criterion, streamer and the random draws are exactly transformers'), with one change: the
+`past_key_values` it threads through the steps is a `RemoteSessionCache`, a `Cache` whose
+attention caches live on the servers. `get_seq_length()` reports the session's position, so
+`prepare_inputs_for_generation` sends only new tokens; one remote session serves the whole
+`generate` call. Pass your own `model.inference_session(...)` as `past_key_values` to keep a
+session across calls (each call's `input_ids` must then start with the tokens already sent).
+
+Not supported (a clear error says so): beam search and other strategies that reorder or copy
+caches, padding inside an inference session (left-padded batches work in full forward passes),
+`output_attentions` / `output_hidden_states`, training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from blocks.families import ModelInputError
+from client.inference import InferenceError
+from client.model import ModelOptions, ModelSession, RemoteModel
+from client.sync_loop import BackgroundLoop, LoopClosedError, shared_loop
+
+# transformers' `generate` makes this many new tokens when neither `max_length` nor
+# `max_new_tokens` is set anywhere (its default `max_length`, counted after the prompt).
+TRANSFORMERS_DEFAULT_NEW_TOKENS = 20
+# Seconds closing a model (its sessions, its swarm connection) may take before we move on.
+CLOSE_TIMEOUT = 30.0
+
+
+class RemoteSessionCache(Cache):
+    """`past_key_values` for a distributed model: one remote inference session.
+
+    The servers hold the keys and values; this object holds the session and its position. The
+    session opens on the first step (its batch size is that step's) with room for `max_length`
+    positions. Close it (or use `with`) to free the servers' memory.
+    """
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int,
+                 batch_size: int | None = None):
+        super().__init__(layers=[])
+        self._model = model
+        self.max_length = max_length
+        self._batch_size = batch_size
+        self._session: ModelSession | None = None
+        self._closed = False
+
+    # -- what generate and the model read ---------------------------------------------------
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._session is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._session.position if self._session is not None else 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` positions (negative: drop that many from the end)."""
+        position = self.get_seq_length()
+        keep = position + max_length if max_length < 0 else max_length
+        if keep < position:
+            self._live_session().rollback(max(keep, 0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported by distributed models: the "
+                                  "servers' caches cannot be reordered")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a remote session's batch cannot be expanded")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a remote session's batch cannot be reduced")
+
+    # -- the session -------------------------------------------------------------------------
+    def _live_session(self) -> ModelSession:
+        if self._closed:
+            raise InferenceError("the inference session is closed")
+        if self._session is None:
+            raise InferenceError("the inference session has not been started")
+        return self._session
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Embedded new positions [batch, new, hidden] through every block; opens the session
+        on the first call."""
+        if self._closed:
+            raise InferenceError("the inference session is closed")
+        model = self._model
+        if self._session is None:
+            batch = hidden.shape[0] if self._batch_size is None else self._batch_size
+            self._session = model._run(model.remote.inference_session(batch, self.max_length))
+        return model._run(self._session.step_hidden(hidden))
+
+    def close(self) -> None:
+        """Free the servers' caches. Idempotent."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(LoopClosedError, InferenceError, OSError):
+                self._model._run(session.close())
+
+    def __enter__(self) -> RemoteSessionCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"position {self.get_seq_length()}"
+        return f"RemoteSessionCache({state}, max_length={self.max_length})"
+
+
+def _close_remote(loop: BackgroundLoop, remote: RemoteModel) -> None:
+    """Finalizer of a DistributedModelForCausalLM (must not reference the model itself). The
+    garbage collector may run it on any thread, the loop's own included."""
+    with contextlib.suppress(Exception):
+        if loop.in_loop_thread():
+            loop.loop.create_task(remote.close())
+        else:
+            loop.run(remote.close(), timeout=CLOSE_TIMEOUT)
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose transformer blocks run on the swarm; see the module docstring."""
+
+    main_input_name = "input_ids"
+    base_model_prefix = "distributed"
+    _no_split_modules: ClassVar[list[str]] = []
+
+    def __init__(self, config: PretrainedConfig, remote: RemoteModel, loop: BackgroundLoop):
+        super().__init__(config)
+        self.remote = remote
+        self._loop = loop
+        loop.track(remote)
+        self._finalizer = weakref.finalize(self, _close_remote, loop, remote)
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *args: Any, bootstrap: Any = (),
+                        options: ModelOptions | None = None,
+                        **option_kwargs: Any) -> DistributedModelForCausalLM:
+        """Load the local head from `model_dir` and connect to the swarm via `bootstrap`.
+
+        Options (ModelOptions): compression ("none", "float16", "int8_blockwise"), max_length
+        (default session length), dtype, device, model_id, and the timeouts.
+        """
+        if args:
+            raise TypeError("from_pretrained(model_dir, bootstrap=[...], **options) takes no "
+                            "other positional arguments")
+        if isinstance(bootstrap, str):
+            bootstrap = [bootstrap]
+        loop = shared_loop()
+        remote = loop.run(RemoteModel.open(model_dir, bootstrap, options, **option_kwargs))
+        try:
+            model = cls(remote.config, remote, loop)
+            model.generation_config = _generation_config(model_dir, remote.config)
+        except BaseException:
+            loop.run(remote.close())
+            raise
+        return model
+
+    # ------------------------------------------------------------------ plumbing
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run(coro)
+
+    @property
+    def device(self) -> torch.device:
+        return self.remote.head.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.remote.head.dtype
+
+    @property
+    def model_id(self) -> str:
+        return self.remote.model_id
+
+    def close(self) -> None:
+        """Close open sessions and leave the swarm. Idempotent; also runs at exit."""
+        self._finalizer()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ model API
+    def embed(self, input_ids: torch.Tensor, position: int | torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states entering block 0 (the local embeddings), e.g. to build inputs_embeds."""
+        return self.remote.head.embed(input_ids, position, attention_mask)
+
+    def forward_blocks(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the caller's hidden states through remote blocks [start, end) (no cache)."""
+        return self._run(self.remote.forward_blocks(hidden, start, end, attention_mask))
+
+    def inference_session(self, max_length: int | None = None,
+                          batch_size: int | None = None) -> RemoteSessionCache:
+        """A session to pass as `past_key_values` to `generate` or `forward` across calls."""
+        return RemoteSessionCache(self, max_length or self.remote.options.max_length,
+                                  batch_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: RemoteSessionCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits for `input_ids` or `inputs_embeds` ([batch, length]).
+
+        Without `past_key_values`: a full forward pass (no cache kept; `attention_mask` may
+        mark left padding). With a RemoteSessionCache: the given positions are new ones,
+        appended to the session. `logits_to_keep` > 0 computes only the last positions' logits.
+        """
+        if output_attentions or output_hidden_states:
+            raise NotImplementedError("distributed models return logits only (no attentions or "
+                                      "per-layer hidden states); use forward_blocks for those")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ModelInputError("give exactly one of input_ids and inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, RemoteSessionCache):
+            raise TypeError(f"past_key_values must be a RemoteSessionCache (from "
+                            f"model.inference_session()), not {type(past_key_values).__name__}")
+        head = self.remote.head
+        if past_key_values is None:
+            hidden = (head.embed(input_ids, None, attention_mask) if inputs_embeds is None
+                      else inputs_embeds.to(head.device, head.dtype))
+            hidden = self.forward_blocks(hidden, attention_mask=attention_mask)
+        else:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise NotImplementedError("padding is not supported inside inference sessions; "
+                                          "use equal-length prompts, or full forward passes")
+            position = past_key_values.get_seq_length()
+            hidden = (head.embed(input_ids, position) if inputs_embeds is None
+                      else inputs_embeds.to(head.device, head.dtype))
+            hidden = past_key_values.step(hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = head.logits(hidden)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+    # ------------------------------------------------------------------ generation
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: RemoteSessionCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Only the positions the session does not hold yet go to `forward`."""
+        position = past_key_values.get_seq_length() if past_key_values is not None else 0
+        first = bool(kwargs.get("is_first_iteration")) or position == 0
+        new_length = kwargs.get("next_sequence_length")
+        inputs: dict[str, Any] = {"past_key_values": past_key_values,
+                                  "attention_mask": attention_mask,
+                                  "logits_to_keep": kwargs.get("logits_to_keep", 0)}
+        if inputs_embeds is not None and first:
+            inputs["inputs_embeds"] = inputs_embeds[:, position:]
+        elif past_key_values is None:
+            inputs["input_ids"] = input_ids
+        elif new_length is not None:
+            inputs["input_ids"] = input_ids[:, -new_length:]
+        else:
+            if input_ids.shape[1] <= position:
+                raise ModelInputError(f"the session holds {position} positions; input_ids must "
+                                      f"hold those and the new ones, not {input_ids.shape[1]}")
+            inputs["input_ids"] = input_ids[:, position:]
+        return inputs
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None,
+                 generation_config: GenerationConfig | None = None, **kwargs: Any) -> Any:
+        """transformers' `generate`, through one remote inference session.
+
+        Unless `past_key_values` is given (a session from `inference_session()`, left open), a
+        session sized for this call is opened and closed before returning.
+        """
+        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+            return super().generate(inputs, generation_config, **kwargs)
+        if kwargs.get("num_beams", 1) not in (None, 1) or (
+            generation_config is not None and (generation_config.num_beams or 1) > 1
+        ):
+            raise NotImplementedError("beam search is not supported by distributed models")
+        cache = RemoteSessionCache(self, self._planned_length(inputs, generation_config, kwargs))
+        try:
+            return super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+        finally:
+            cache.close()
+
+    def _planned_length(self, inputs: torch.Tensor | None, config: GenerationConfig | None,
+                        kwargs: dict[str, Any]) -> int:
+        """Positions the session needs: prompt + new tokens, as generate will count them."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        prompt_length = 0
+        if isinstance(prompt, torch.Tensor) and prompt.ndim >= 2:
+            prompt_length = prompt.shape[1]
+        if isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
+            prompt_length = max(prompt_length, embeds.shape[1])
+        configs = [config, self.generation_config]
+        max_new = kwargs.get("max_new_tokens")
+        max_length = kwargs.get("max_length")
+        for source in configs:
+            if source is None:
+                continue
+            max_new = max_new if max_new is not None else source.max_new_tokens
+            max_length = max_length if max_length is not None else source.max_length
+        if max_new is not None:
+            return prompt_length + max_new
+        if max_length is not None:
+            return max(max_length, prompt_length + 1) + (prompt_length if embeds is not None
+                                                         else 0)
+        return prompt_length + TRANSFORMERS_DEFAULT_NEW_TOKENS
+
+
+def _generation_config(model_dir: str | Path, config: PretrainedConfig) -> GenerationConfig:
+    """The directory's generation_config.json if any, else one derived from the config."""
+    try:
+        return GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError):
+        return GenerationConfig.from_model_config(config)
+
+
+__all__ = ["DistributedModelForCausalLM", "RemoteSessionCache"]

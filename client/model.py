@@ -1,0 +1,343 @@
+"""A model served by the swarm, as one asyncio object: the client's side of distributed inference.
+
+`RemoteModel` joins what the client runs itself (`LocalHead`: embeddings in, final norm and LM
+head out) with what the swarm runs (`RemoteBlocks`: every transformer block, or any slice of
+them). It is what an asyncio application embeds:
+
+    model = await RemoteModel.open(model_dir, bootstrap=[...], compression="float16")
+    logits = await model.logits(input_ids)                 # a full forward pass, no cache
+    tokens = await model.generate(input_ids, GenerationParams(max_new_tokens=32))
+    async with await model.inference_session(batch_size=1, max_length=512) as session:
+        logits = await session.step(input_ids=prompt)      # the servers keep the cache
+    hidden = await model.forward_blocks(my_hidden, start=3, end=7)   # hidden states in, out
+
+The synchronous transformers-style wrapper (client/causal_lm.py) is built on this, never the
+other way round. Small head computations run on the event loop; large ones (a real LM head over
+many positions) go to a worker thread so the loop keeps serving other requests meanwhile.
+
+This module may not run decoder layers locally, and does no route choice of its own (that is
+client/routing.py, through RemoteBlocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from blocks.families import DeviceOptions, ModelInputError, load_config
+from blocks.model_files import ModelFiles, default_model_id
+from blocks.protocol import COMPRESSIONS
+from client.inference import (
+    RECOVERY_TIMEOUT,
+    BlocksUnavailableError,
+    InferenceError,
+    InferenceSession,
+)
+from client.local_head import LocalHead
+from client.remote_blocks import ClientConfig, RemoteBlocks
+from client.routing import MissingBlocksError, RouteSpan
+from client.swarm import SwarmClient
+
+log = logging.getLogger(__name__)
+
+# Multiply-adds (positions x hidden size x vocabulary) above which the LM head runs on a worker
+# thread instead of the event loop. Measured here (one CPU thread): 4M multiply-adds take
+# 0.8-1.5 ms, about the longest we let the loop stall; a hop to a thread costs ~0.14 ms.
+HEAD_INLINE_MACS = 1 << 22
+
+
+class ModelUnavailableError(MissingBlocksError):
+    """The swarm has no (eligible) server for some blocks of this model, e.g. an unknown id."""
+
+    def __init__(self, model_id: str, missing: Iterable[int]):
+        super().__init__(list(missing))
+        self.model_id = model_id
+        self.args = (f"model {model_id!r}: {self}",)
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else super().__str__()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOptions:
+    """How a client uses a model served by the swarm."""
+
+    compression: str = "none"  # of activations on the wire: none, float16, int8_blockwise...
+    max_length: int = 2048  # default length (prompt + new tokens) of inference sessions
+    dtype: str = "auto"  # of the local head; must match the servers' ("auto": as stored)
+    device: str = "cpu"  # of the local head
+    model_id: str | None = None  # None: derived from the directory, as servers derive it
+    connect_timeout: float = 30.0  # joining the DHT
+    wait_timeout: float = 30.0  # for free attention cache on the servers
+    forward_timeout: float = 120.0  # for one full forward pass through one server
+    recovery_timeout: float = RECOVERY_TIMEOUT  # to replace failed servers, then give up
+    view_ttl: float = 10.0  # seconds a swarm view is reused before the DHT is read again
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {self.compression!r}; known: {COMPRESSIONS}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+        for name in ("connect_timeout", "wait_timeout", "forward_timeout", "recovery_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+    @classmethod
+    def from_kwargs(cls, base: ModelOptions | None = None, **kwargs: Any) -> ModelOptions:
+        """`base` with some fields replaced; unknown names are a clear error."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown model options {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(base or cls(), **kwargs)
+
+
+def num_blocks_of(config: PretrainedConfig) -> int:
+    """The number of transformer blocks (decoder layers) of a model config."""
+    return int(config.get_text_config().num_hidden_layers)
+
+
+class RemoteModel:
+    """A causal LM whose blocks run on the swarm; build with `await RemoteModel.open(...)`."""
+
+    def __init__(self, config: PretrainedConfig, head: LocalHead, blocks: RemoteBlocks,
+                 options: ModelOptions, owns_swarm: bool):
+        self.config = config
+        self.head = head
+        self.blocks = blocks
+        self.options = options
+        self._owns_swarm = owns_swarm
+        self._sessions: set[ModelSession] = set()
+        self._closed = False
+        self._last_session: InferenceSession | None = None
+
+    @classmethod
+    async def open(cls, model_dir: str | Path, bootstrap: Iterable[str] = (),
+                   options: ModelOptions | None = None, *, swarm: SwarmClient | None = None,
+                   **option_kwargs: Any) -> RemoteModel:
+        """Load the local head from `model_dir` and connect to the swarm.
+
+        `bootstrap`: multiaddrs of DHT nodes (ignored when an existing `swarm` is given, which
+        several models may share). Options go in `options` or as keywords (see ModelOptions).
+        """
+        options = ModelOptions.from_kwargs(options, **option_kwargs)
+        files = ModelFiles(model_dir)
+        config = load_config(files)
+        model_id = options.model_id or default_model_id(model_dir)
+        head = await asyncio.to_thread(LocalHead.load, files,
+                                       DeviceOptions(options.device, options.dtype))
+        owns = swarm is None
+        if swarm is None:
+            addrs = list(bootstrap)
+            if not addrs:
+                raise ValueError("give at least one bootstrap multiaddr (or a connected swarm)")
+            try:
+                swarm = await asyncio.wait_for(SwarmClient.connect(addrs),
+                                               options.connect_timeout)
+            except TimeoutError:
+                raise TimeoutError(f"could not join the swarm through {addrs} within "
+                                   f"{options.connect_timeout:g} s") from None
+        client_config = ClientConfig(view_ttl=options.view_ttl,
+                                     forward_timeout=options.forward_timeout,
+                                     compression=options.compression,
+                                     recovery_timeout=options.recovery_timeout)
+        blocks = RemoteBlocks(swarm, model_id, num_blocks_of(config), client_config)
+        return cls(config, head, blocks, options, owns)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model_id(self) -> str:
+        return self.blocks.model_id
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def swarm(self) -> SwarmClient:
+        return self.blocks.swarm
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def last_route(self) -> list[RouteSpan]:
+        """The servers of the latest inference session (replacements included), in order."""
+        session = self._last_session
+        if session is None:
+            return []
+        return [RouteSpan(str(span.peer), span.start, span.end) for span in session.spans]
+
+    # ------------------------------------------------------------------ local head
+    async def embed(self, input_ids: torch.Tensor, position: int | torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states entering block 0 for `input_ids` (see LocalHead.embed)."""
+        return self.head.embed(input_ids, position, attention_mask)
+
+    async def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states leaving the last block."""
+        macs = hidden.shape[0] * hidden.shape[1] * self.head.hidden_size * self.head.vocab_size
+        if macs > HEAD_INLINE_MACS:
+            return await asyncio.to_thread(self.head.logits, hidden)
+        return self.head.logits(hidden)
+
+    def _inputs_to_hidden(self, input_ids: torch.Tensor | None,
+                          inputs_embeds: torch.Tensor | None, position: int | None,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ModelInputError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3:
+                raise ModelInputError("inputs_embeds must be a [batch, length, hidden] tensor")
+            return inputs_embeds.to(self.head.device, self.head.dtype)
+        return self.head.embed(input_ids, position, attention_mask)
+
+    # ------------------------------------------------------------------ remote blocks
+    async def forward_blocks(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run full sequences of the caller's hidden states through blocks [start, end)."""
+        self._check_open()
+        try:
+            return await self.blocks.forward(hidden, start, end, attention_mask)
+        except BlocksUnavailableError:
+            raise
+        except MissingBlocksError as e:
+            raise ModelUnavailableError(self.model_id, e.missing) from None
+
+    async def logits(self, input_ids: torch.Tensor | None = None, *,
+                     inputs_embeds: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, length, vocab] of a full forward pass (no cache).
+
+        `attention_mask` ([batch, length], 0 = padding) allows left-padded batches.
+        """
+        hidden = self._inputs_to_hidden(input_ids, inputs_embeds, None, attention_mask)
+        hidden = await self.forward_blocks(hidden, attention_mask=attention_mask)
+        return await self.head_logits(hidden)
+
+    async def open_blocks_session(self, batch_size: int = 1, max_length: int | None = None,
+                                  start: int = 0, end: int | None = None) -> InferenceSession:
+        """An inference session over blocks [start, end) fed with the caller's hidden states.
+        It replaces failed servers by itself (client/inference.py), within recovery_timeout."""
+        self._check_open()
+        max_length = max_length or self.options.max_length
+        try:
+            session = await self.blocks.inference_session(
+                batch_size, max_length, start, end, wait_timeout=self.options.wait_timeout)
+        except BlocksUnavailableError:
+            raise
+        except MissingBlocksError as e:
+            raise ModelUnavailableError(self.model_id, e.missing) from None
+        self._last_session = session
+        return session
+
+    async def inference_session(self, batch_size: int = 1,
+                                max_length: int | None = None) -> ModelSession:
+        """An open session through all blocks, fed with tokens or embeddings (close it, or use
+        `async with`)."""
+        hidden_session = await self.open_blocks_session(batch_size, max_length)
+        session = ModelSession(self, hidden_session)
+        self._sessions.add(session)
+        return session
+
+    async def generate(self, input_ids: torch.Tensor, params: Any = None, *,
+                       session: ModelSession | None = None,
+                       on_tokens: Callable[[torch.Tensor], Any] | None = None,
+                       generator: torch.Generator | None = None,
+                       **param_kwargs: Any) -> torch.Tensor:
+        """Greedy or sampled generation (see client/generation.py), in one inference session."""
+        from client.generation import GenerationParams, generate
+
+        params = GenerationParams.from_kwargs(params, self.config, **param_kwargs)
+        return await generate(self, input_ids, params, session=session, on_tokens=on_tokens,
+                              generator=generator)
+
+    # ------------------------------------------------------------------ lifetime
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InferenceError("the model has been closed")
+
+    async def close(self) -> None:
+        """Close every session still open and, if this model joined the swarm, leave it."""
+        if self._closed:
+            return
+        self._closed = True
+        sessions, self._sessions = list(self._sessions), set()
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        if self._owns_swarm:
+            await self.swarm.close()
+
+    async def __aenter__(self) -> RemoteModel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class ModelSession:
+    """An inference session through every block, fed with tokens (or embeddings) and giving
+    logits. The servers keep the attention caches; each step sends only new positions."""
+
+    def __init__(self, model: RemoteModel, hidden_session: InferenceSession):
+        self.model = model
+        self.blocks_session = hidden_session
+
+    @property
+    def position(self) -> int:
+        """How many positions the session holds: where the next step starts."""
+        return self.blocks_session.position
+
+    @property
+    def batch_size(self) -> int:
+        return self.blocks_session.config.batch_size
+
+    @property
+    def max_length(self) -> int:
+        return self.blocks_session.config.max_length
+
+    @property
+    def closed(self) -> bool:
+        return self.blocks_session._closed
+
+    async def step_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Embedded new positions in, hidden states after the last block out."""
+        return await self.blocks_session.step(hidden)
+
+    async def step(self, input_ids: torch.Tensor | None = None, *,
+                   inputs_embeds: torch.Tensor | None = None,
+                   last_only: bool = False) -> torch.Tensor:
+        """Logits [batch, new, vocab] of new positions (only the last one if `last_only`)."""
+        if self.closed:
+            raise InferenceError("the inference session is closed")
+        hidden = self.model._inputs_to_hidden(input_ids, inputs_embeds, self.position)
+        out = await self.step_hidden(hidden)
+        if last_only:
+            out = out[:, -1:]
+        return await self.model.head_logits(out)
+
+    def rollback(self, position: int) -> None:
+        """Forget positions from `position` on (e.g. rejected draft tokens)."""
+        self.blocks_session.rollback(position)
+
+    async def close(self) -> None:
+        self.model._sessions.discard(self)
+        await self.blocks_session.close()
+
+    async def __aenter__(self) -> ModelSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = ["ModelOptions", "ModelSession", "ModelUnavailableError", "RemoteModel",
+           "num_blocks_of"]

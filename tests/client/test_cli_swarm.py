@@ -1,0 +1,108 @@
+"""`overlay-node serve`, `status`, `generate` and `demo` as real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from blocks.model_files import default_model_id
+from client.local_swarm import LocalSwarm
+from tests.model_factory import build_model, save_model
+
+CLI = [sys.executable, "-m", "overlay.cli.main"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dir):
+    with LocalSwarm(model_dir, [(0, 2), (2, 4)], extra_serve_args=["--announce-period", "2"]) \
+            as started:
+        yield started
+
+
+def test_status_shows_servers_and_coverage(swarm, model_dir):
+    result = run_cli("status", "--bootstrap", swarm.bootstrap, "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout.strip().splitlines()[-1])
+    [model] = [m for m in status["models"] if m["model_id"] == default_model_id(model_dir)]
+    assert model["num_blocks"] == 4 and model["coverage"] == [1, 1, 1, 1]
+    spans = sorted((s["start"], s["end"], s["state"]) for s in model["servers"])
+    assert spans == [(0, 2, "online"), (2, 4, "online")]
+    text = run_cli("status", "--bootstrap", swarm.bootstrap)
+    assert "4/4 covered" in text.stdout
+
+
+def test_generate_matches_local_greedy(swarm, model_dir):
+    ids = [5, 17, 99, 3, 42]
+    result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                     "--input-ids", ",".join(map(str, ids)), "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    new_tokens = json.loads(result.stdout.strip().splitlines()[-1])["new_tokens"]
+    with torch.no_grad():
+        expected = build_model("llama").generate(torch.tensor([ids]), max_new_tokens=12,
+                                                 do_sample=False)[0, len(ids):].tolist()
+    assert new_tokens == expected
+
+
+def test_serve_refuses_bad_arguments(model_dir, swarm):
+    bad = run_cli("serve", str(model_dir), "--blocks", "3:9", "--bootstrap", swarm.bootstrap)
+    assert bad.returncode != 0 and "not a non-empty range" in bad.stderr
+    bad = run_cli("serve", str(model_dir) + "-missing", "--bootstrap", swarm.bootstrap)
+    assert bad.returncode != 0 and "overlay-node serve:" in bad.stderr
+    bad = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                  "--input-ids", "1,x")
+    assert bad.returncode != 0 and "--input-ids" in bad.stderr
+
+
+def test_clean_exit_announces_offline(model_dir, swarm):
+    extra = LocalSwarm(model_dir, [(0, 4)], extra_serve_args=["--announce-period", "2"])
+    # reuse the running swarm's bootstrap node: start one more server by hand
+    proc = subprocess.Popen(
+        [*CLI, "serve", str(model_dir), "--blocks", "0:4", "--listen", "/ip4/127.0.0.1/tcp/0",
+         "--bootstrap", swarm.bootstrap, "--announce-period", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, text=True)
+    try:
+        assert proc.stdout.readline().startswith("/ip4/127.0.0.1/")
+        coverage = _coverage(swarm, model_dir)
+        assert coverage == [2, 2, 2, 2]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert _coverage(swarm, model_dir) == [1, 1, 1, 1]  # offline at once, not after expiry
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        extra.stop()
+
+
+def _coverage(swarm, model_dir) -> list[int]:
+    result = run_cli("status", "--bootstrap", swarm.bootstrap, "--json")
+    status = json.loads(result.stdout.strip().splitlines()[-1])
+    [model] = [m for m in status["models"] if m["model_id"] == default_model_id(model_dir)]
+    return model["coverage"]
+
+
+def test_demo_runs_and_checks_itself(tmp_path):
+    began = time.monotonic()
+    result = run_cli("demo", "--max-new-tokens", "8", "--cache-dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: identical to the same model run locally" in result.stdout
+    assert "stopped every process" in result.stdout
+    assert time.monotonic() - began < 300

@@ -1,0 +1,120 @@
+"""The asyncio client's generation rules equal transformers' logits processors and sampling,
+bit for bit; parameters and options are validated. No swarm needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from client.generation import (
+    DEFAULT_TOP_K,
+    GenerationParams,
+    choose_tokens,
+    next_token_scores,
+)
+from client.model import ModelOptions
+
+
+def transformers_scores(logits, tokens, params: GenerationParams) -> torch.Tensor:
+    """What transformers' own processors make of the logits, in its order."""
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.do_sample:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors(tokens, logits.to(dtype=torch.float32, copy=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 4),
+    vocab=st.integers(2, 300),
+    do_sample=st.booleans(),
+    temperature=st.sampled_from([1.0, 0.3, 0.7, 1.5]),
+    top_k=st.sampled_from([None, 0, 1, 5, 50, 1000]),
+    top_p=st.sampled_from([1.0, 0.95, 0.5, 0.05]),
+    penalty=st.sampled_from([1.0, 1.2, 0.8]),
+)
+def test_scores_equal_transformers_processors(seed, batch, vocab, do_sample, temperature, top_k,
+                                              top_p, penalty):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=generator) * 4
+    tokens = torch.randint(0, vocab, (batch, 7), generator=generator)
+    params = GenerationParams(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=penalty)
+    ours = next_token_scores(logits, tokens, params)
+    assert torch.equal(ours, transformers_scores(logits, tokens, params))
+    assert torch.equal(logits, logits.clone())  # the input is left alone
+    assert ours.isfinite().any(dim=-1).all()  # some token always stays possible
+
+
+def test_choice_is_argmax_or_the_multinomial_draw():
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(choose_tokens(scores, GenerationParams()), scores.argmax(-1))
+    sampling = GenerationParams(do_sample=True)
+    torch.manual_seed(7)
+    drawn = choose_tokens(scores, sampling)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.multinomial(scores.softmax(-1), 1).squeeze(1))
+    ours = choose_tokens(scores, sampling, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, choose_tokens(scores, sampling, torch.Generator().manual_seed(3)))
+
+
+def test_masked_tokens_are_never_drawn():
+    scores = torch.zeros(2, 10)
+    scores[:, 4] = 5.0
+    scores[:, 6] = 4.9
+    params = GenerationParams(do_sample=True, top_k=2)
+    masked = next_token_scores(scores, torch.zeros(2, 1, dtype=torch.long), params)
+    draws = {int(t) for _ in range(50) for t in choose_tokens(masked, params)}
+    assert draws <= {4, 6}
+
+
+def test_parameters_from_keywords_and_config():
+    config = LlamaConfig(eos_token_id=[2, 5])
+    params = GenerationParams.from_kwargs(None, config, max_new_tokens=3, do_sample=True)
+    assert params.eos_token_id == (2, 5) and params.pad_token == 2
+    assert params.top_k == DEFAULT_TOP_K and params.max_new_tokens == 3
+    assert GenerationParams.from_kwargs(params, eos_token_id=None).eos_token_id == ()
+    assert GenerationParams.from_kwargs(params, eos_token_id=9, pad_token_id=0).pad_token == 0
+    with pytest.raises(TypeError, match="max_tokens"):
+        GenerationParams.from_kwargs(None, config, max_tokens=3)
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_new_tokens": -1}, {"temperature": 0.0}, {"top_k": -2}, {"top_p": 0.0},
+    {"top_p": 1.5}, {"repetition_penalty": 0.0},
+])
+def test_bad_parameters_are_refused(bad):
+    with pytest.raises(ValueError):
+        GenerationParams(**bad)
+
+
+def test_model_options():
+    options = ModelOptions.from_kwargs(None, compression="float16", max_length=64)
+    assert options.compression == "float16" and options.max_length == 64
+    assert ModelOptions.from_kwargs(options, dtype="float32").compression == "float16"
+    with pytest.raises(ValueError, match="compression"):
+        ModelOptions(compression="zip")
+    with pytest.raises(ValueError, match="max_length"):
+        ModelOptions(max_length=0)
+    with pytest.raises(ValueError, match="recovery_timeout"):
+        ModelOptions(recovery_timeout=0)
+    with pytest.raises(TypeError, match="compresion"):
+        ModelOptions.from_kwargs(None, compresion="float16")
