@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 RTT_TTL = 60.0  # seconds a measured round-trip time is trusted
 PING_TIMEOUT = 5.0
 # Everything a client reads is a dictionary (block -> {server: announcement}) whose entries
-# were stored by different servers on the 5 nodes closest to the key; one replica may lack an
-# entry another holds. A get that stopped at the first replica would show a partial swarm, so
-# the client merges the answers of this many replicas.
-DICTIONARY_QUORUM = 3
+# were stored by different servers on the nodes closest to the key at the time; a node that
+# joined later holds none of the earlier entries. A get that stopped at the first replica
+# would show a partial swarm, so the client merges the answers of every replica (reading a
+# view is not on the per-token path).
+DICTIONARY_QUORUM = DHTConfig().num_replicas
 
 
 class SwarmClient:
