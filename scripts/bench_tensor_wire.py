@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
-import ctypes
 import io
 import json
 import platform
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 import tensor_wire as tw
+from overlay.runtime import keep_large_buffers_in_heap
 
 COMPRESSIONS = ("none", "float16", "bfloat16", "int8_blockwise", "lz4")
 
@@ -158,24 +158,6 @@ def small_rows(tensor: torch.Tensor, calls: int) -> list[dict]:
     row("none message + meta round trip",
         lambda: tw.decode_message(tw.encode_message([tensor], {"step": 1})), len(message), 0.0)
     return rows
-
-
-def keep_large_buffers_in_heap() -> bool:
-    """Ask glibc to serve large blocks from its heap and keep them after free (no munmap).
-
-    By default every allocation above 32 MiB is a fresh mmap, so each 64 MiB buffer pays one
-    page fault per 4 KiB page on first touch; a long-running server that exchanges same-sized
-    activations every step can avoid that with these two settings (or the environment variables
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_). False where libc is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
-            libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-        )
-    except (OSError, AttributeError):
-        return False
 
 
 def page_fault_cost(nbytes: int) -> dict:
