@@ -56,15 +56,37 @@ class RecordReader:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        if self._buffer:
-            self._buffer += data
-            data = bytes(self._buffer)
-            self._buffer.clear()
+        """Plaintexts of the records completed by `data`, in order.
+
+        Only the start of a record that straddles two reads is copied (at most one record);
+        everything else is decrypted straight from the received bytes.
+        """
         view = memoryview(data)
-        total = len(view)
-        pos = 0
         out = []
         decrypt = self._cipher.decrypt
+        pos = 0
+        buffer = self._buffer
+        if buffer:
+            if len(buffer) < 2:
+                take = min(2 - len(buffer), len(view))
+                buffer += view[:take]
+                pos = take
+                if len(buffer) < 2:
+                    return out
+            (length,) = _LENGTH.unpack_from(buffer)
+            if length < TAG_SIZE:
+                raise RecordError(f"record of {length} bytes is shorter than its tag")
+            take = min(2 + length - len(buffer), len(view) - pos)
+            buffer += view[pos:pos + take]
+            pos += take
+            if len(buffer) < 2 + length:
+                return out
+            try:
+                out.append(decrypt(memoryview(buffer)[2:]))
+            except Exception as e:  # the cipher's own authentication failure type
+                raise RecordError(f"record failed authentication: {type(e).__name__}") from None
+            self._buffer = bytearray()
+        total = len(view)
         while total - pos >= 2:
             (length,) = _LENGTH.unpack_from(view, pos)
             if length < TAG_SIZE:
