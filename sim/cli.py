@@ -1,0 +1,234 @@
+"""`overlay-sim`: list the scenarios, run one, or sweep one parameter.
+
+    overlay-sim list
+    overlay-sim run SCENARIO [--nodes N] [--servers N] [--duration S]
+                    [--churn none|exp|weibull|mass] [--seed S] [--out DIR] [--set KEY=VALUE]...
+    overlay-sim sweep SCENARIO --param KEY --values V1,V2,... [--metrics M1,M2] [run options]
+
+A run writes metrics.json, timeseries.csv, config.json and PNG plots into --out. Progress goes
+to standard error; the path of the results to standard output. This module is the only part
+of the simulator that reads the wall clock (to report wall_s and the progress bar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from sim.churn import KINDS
+from sim.metrics import RunResult, clean, write_metrics, write_series
+from sim.scenarios import SCENARIOS, ConfigError, Scenario, describe, set_option
+
+
+class ProgressBar:
+    """Simulated time against the run's horizon, drawn on a terminal, or logged every 10%."""
+
+    def __init__(self, stream: TextIO, label: str, horizon: Any, enabled: bool = True):
+        self.stream = stream
+        self.label = label
+        self.horizon = horizon  # callable returning the end of the run in virtual time
+        self.enabled = enabled
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+        self._last_decile = -1
+
+    def __call__(self, now: float, events: int) -> None:
+        if not self.enabled:
+            return
+        wall = time.monotonic()
+        end = max(self.horizon(), 1e-9)
+        fraction = min(1.0, max(0.0, now / end))
+        elapsed = wall - self.started
+        rate = events / elapsed if elapsed > 0 else 0.0
+        if self.tty:
+            if wall - self._last_draw < 0.1 and fraction < 1.0:
+                return
+            self._last_draw = wall
+            filled = int(30 * fraction)
+            eta = elapsed / fraction - elapsed if fraction > 0 else float("nan")
+            self.stream.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} "
+                f"t={now:,.0f}/{end:,.0f}s {events:,} events {rate:,.0f}/s eta {eta:,.0f}s "
+            )
+            self.stream.flush()
+        else:
+            decile = int(fraction * 10)
+            if decile > self._last_decile:
+                self._last_decile = decile
+                self.stream.write(
+                    f"{self.label}: {decile * 10}% t={now:,.0f}/{end:,.0f}s "
+                    f"{events:,} events {elapsed:,.1f}s wall\n"
+                )
+                self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def build_config(spec: Scenario, args: argparse.Namespace) -> Any:
+    config = spec.default_config()
+    options: list[tuple[str, str]] = []
+    if args.nodes is not None:
+        if spec.size_field != "nodes":
+            raise ConfigError(f"{spec.name} has servers, not nodes: use --servers")
+        options.append(("nodes", str(args.nodes)))
+    if args.servers is not None:
+        if spec.size_field != "servers":
+            raise ConfigError(f"{spec.name} has nodes, not servers: use --nodes")
+        options.append(("servers", str(args.servers)))
+    if args.duration is not None:
+        options.append(("duration", str(args.duration)))
+    if args.churn is not None:
+        options.append(("churn.kind", args.churn))
+    if args.seed is not None:
+        options.append(("seed", str(args.seed)))
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        options.append((key.strip(), value))
+    for key, value in options:
+        config = set_option(config, key, value)
+    return config
+
+
+def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
+            timing: bool = True, label: str | None = None) -> RunResult:
+    """Run, time and write one scenario into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    instance = spec.runner(spec.name, config)
+    bar = ProgressBar(sys.stderr, label or spec.name, lambda: instance.horizon,
+                      enabled=not quiet)
+    started = time.perf_counter()
+    result: RunResult = instance.run(bar)
+    wall = time.perf_counter() - started
+    bar.close()
+    result.metrics["wall_s"] = wall
+    events = result.metrics.get("events")
+    result.metrics["events_per_s"] = events / wall if isinstance(events, int) and wall else None
+    write_metrics(out / "metrics.json", result.metrics, timing=timing)
+    write_series(out / "timeseries.csv", result.series)
+    described = {k: clean(v) if not isinstance(v, str) else v
+                 for k, v in describe(config).items()}
+    (out / "config.json").write_text(
+        json.dumps({"scenario": spec.name, **described}, sort_keys=True, indent=2) + "\n"
+    )
+    if plots:
+        from sim.plots import plot_run
+
+        plot_run(result, out)
+    return result
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for spec in SCENARIOS.values():
+        print(f"{spec.name:12s} {spec.description}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    spec = SCENARIOS[args.scenario]
+    config = build_config(spec, args)
+    out = Path(args.out or f"sim-results/{spec.name}-seed{config.seed}")
+    result = run_one(spec, config, out, quiet=args.quiet, plots=not args.no_plots,
+                     timing=not args.no_timing)
+    if not args.quiet:
+        for key in ("events", "wall_s", "events_per_s", *spec.sweep_metrics):
+            print(f"  {key} = {clean(result.metrics.get(key))}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    spec = SCENARIOS[args.scenario]
+    base = build_config(spec, args)
+    raw_values = [v.strip() for v in args.values.split(",") if v.strip()]
+    if not raw_values:
+        raise ConfigError("--values needs at least one value")
+    param = {"churn": "churn.kind"}.get(args.param, args.param)
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics \
+        else list(spec.sweep_metrics)
+    out = Path(args.out or f"sim-results/{spec.name}-sweep-{args.param}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, object]] = []
+    values: list[object] = []
+    for i, raw in enumerate(raw_values):
+        config = set_option(base, param, raw)
+        values.append(_value_at(config, param))
+        label = f"{spec.name} {args.param}={raw} ({i + 1}/{len(raw_values)})"
+        result = run_one(spec, config, out / f"{args.param}={raw}", quiet=args.quiet,
+                         plots=not args.no_plots, timing=not args.no_timing, label=label)
+        runs.append(result.metrics)
+    keys = sorted({k for run in runs for k in run})
+    with (out / "sweep.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([args.param, *keys])
+        for value, run in zip(values, runs):
+            writer.writerow([value, *("" if run.get(k) is None else clean(run.get(k))
+                                      for k in keys)])
+    if not args.no_plots:
+        from sim.plots import plot_sweep
+
+        plot_sweep(args.param, values, runs, metrics, out / "sweep.png",
+                   f"{spec.name}: sweep over {args.param} (seed {base.seed})")
+    print(out)
+    return 0
+
+
+def _value_at(config: Any, path: str) -> object:
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="overlay-sim", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the scenarios").set_defaults(fn=_cmd_list)
+
+    def run_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("scenario", choices=sorted(SCENARIOS))
+        q.add_argument("--nodes", type=int, help="DHT nodes (dht-* scenarios)")
+        q.add_argument("--servers", type=int, help="block servers (swarm)")
+        q.add_argument("--duration", type=float, help="simulated seconds measured")
+        q.add_argument("--churn", choices=KINDS)
+        q.add_argument("--seed", type=int)
+        q.add_argument("--out", help="directory for the results")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any config field by dotted path, e.g. network.latency=regions")
+        q.add_argument("--quiet", action="store_true", help="no progress on stderr")
+        q.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        q.add_argument("--no-timing", action="store_true",
+                       help="write wall_s and events_per_s as null (byte-identical reruns)")
+
+    run = sub.add_parser("run", help="run one scenario")
+    run_options(run)
+    run.set_defaults(fn=_cmd_run)
+    sweep = sub.add_parser("sweep", help="run a scenario for several values of one option")
+    run_options(sweep)
+    sweep.add_argument("--param", required=True, help="option to vary (dotted path)")
+    sweep.add_argument("--values", required=True, help="comma-separated values")
+    sweep.add_argument("--metrics", help="comma-separated metrics for the combined plot")
+    sweep.set_defaults(fn=_cmd_sweep)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"overlay-sim: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`overlay-sim` end to end: outputs, reproducibility, options, imports."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.cli import main
+from sim.scenarios import ConfigError, set_option
+from sim.swarm_config import SwarmScenarioConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(args: list[str], hash_seed: str = "0", timeout: float = 120.0):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED=hash_seed)
+    return subprocess.run([sys.executable, "-m", "sim.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_importing_the_simulator_loads_neither_torch_nor_asyncio():
+    code = ("import sys, sim, sim.cli, sim.scenarios, sim.dht_scenario, sim.swarm_scenario; "
+            "bad = [m for m in ('torch', 'asyncio') if m in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_list_names_every_scenario(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("dht-static", "dht-churn", "swarm"))
+
+
+@pytest.mark.parametrize("args", [
+    ["dht-churn", "--nodes", "40", "--duration", "120", "--set", "churn.scale=60",
+     "--set", "churn.down_scale=30", "--set", "ops_per_s=4"],
+    ["swarm", "--servers", "10", "--duration", "600", "--churn", "weibull",
+     "--set", "churn.scale=600", "--set", "churn.down_scale=120",
+     "--set", "session_rate=0.03", "--set", "max_tokens=512"],
+])
+def test_same_seed_gives_byte_identical_results(tmp_path, args):
+    """Two processes with different string-hash seeds, same simulation seed."""
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        done = _cli(["run", *args, "--seed", "7", "--out", str(out), "--no-timing",
+                     "--no-plots", "--quiet"], hash_seed=hash_seed)
+        assert done.returncode == 0, done.stderr
+        outs.append(out)
+    a, b = ((o / "metrics.json").read_bytes() for o in outs)
+    assert a == b
+    assert (outs[0] / "timeseries.csv").read_bytes() == (outs[1] / "timeseries.csv").read_bytes()
+    metrics = json.loads(a)
+    assert metrics["wall_s"] is None and metrics["events"] > 1000
+    churn_moved = metrics.get("departures", metrics.get("server_departures"))
+    assert churn_moved > 0  # the runs did exercise churn
+    if args[0] != "swarm":
+        return
+    # A different seed gives a different run.
+    other = tmp_path / "other"
+    assert _cli(["run", *args, "--seed", "8", "--out", str(other), "--no-timing",
+                 "--no-plots", "--quiet"]).returncode == 0
+    assert (other / "metrics.json").read_bytes() != a
+
+
+def test_run_writes_metrics_series_config_and_plots(tmp_path):
+    out = tmp_path / "run"
+    done = _cli(["run", "dht-static", "--nodes", "60", "--duration", "120", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    assert "dht-static" in done.stderr and "100%" in done.stderr  # the progress report
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("lookup_success_rate", "hops_p50", "lookup_latency_p50_s", "events", "wall_s",
+                "events_per_s"):
+        assert key in metrics
+    assert metrics["wall_s"] > 0 and metrics["nodes"] == 60
+    rows = list(csv.reader((out / "timeseries.csv").open()))
+    assert rows[0][0] == "time_s" and len(rows) == 1 + 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["nodes"] == 60 and config["churn.kind"] == "none"
+    for png in ("timeseries.png", "distributions.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_runs_each_value_and_plots_them_together(tmp_path):
+    out = tmp_path / "sweep"
+    done = _cli(["sweep", "swarm", "--param", "servers", "--values", "6,12",
+                 "--duration", "300", "--set", "session_rate=0", "--out", str(out),
+                 "--quiet"])
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["servers"] for r in rows] == ["6", "12"]
+    bottleneck = [float(r["bottleneck_throughput_mean"]) for r in rows]
+    assert bottleneck[1] > bottleneck[0]
+    assert (out / "sweep.png").exists() and (out / "servers=12" / "metrics.json").exists()
+
+
+def test_bad_options_get_a_clear_error(capsys):
+    assert main(["run", "swarm", "--nodes", "10"]) == 2
+    assert "use --servers" in capsys.readouterr().err
+    assert main(["run", "dht-static", "--set", "dht.kay=3"]) == 2
+    assert "unknown option 'kay'" in capsys.readouterr().err
+    assert main(["run", "dht-static", "--set", "nodes=many"]) == 2
+    assert "expected an integer" in capsys.readouterr().err
+    assert main(["run", "swarm", "--set", "recovery=pray"]) == 2
+    assert "recovery must be replay or restart" in capsys.readouterr().err
+
+
+def test_set_option_reaches_nested_fields():
+    config = set_option(SwarmScenarioConfig(), "network.latency", "lognormal")
+    config = set_option(config, "churn.mass_at", "100")
+    config = set_option(config, "model.num_blocks", "48")
+    assert (config.network.latency, config.churn.mass_at, config.model.num_blocks) == (
+        "lognormal", 100, 48)
+    with pytest.raises(ConfigError, match="is a section"):
+        set_option(config, "network", "fast")
+    with pytest.raises(ConfigError, match="more blocks than the model has"):
+        set_option(config, "model.num_blocks", "24")  # the A100 class holds 40
