@@ -31,6 +31,10 @@ MODELS_KEY = "overlay-node.models"
 
 
 class Announcer:
+    """Announces the server's span, refreshed every period; while the server moves
+    (blocks/balancer.py) it also announces the span being loaded (`joining`, JOINING) or the
+    span being left (`leaving`, OFFLINE outside the new one) - per block, the latest wins."""
+
     def __init__(self, dht, host, server, rates: ComputeRates, num_blocks: int,
                  period: float = ANNOUNCE_PERIOD, public_addrs: list[str] | None = None):
         self.num_blocks = num_blocks  # of the whole model
@@ -40,45 +44,44 @@ class Announcer:
         self.rates = rates
         self.period = period
         self.public_addrs = public_addrs
+        self.joining: tuple[int, int] | None = None
+        self.leaving: tuple[int, int] | None = None
         self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one announcement at a time: the latest state wins
 
-    def info(self, state: ServerState) -> ServerInfo:
+    def info(self, state: ServerState, span: tuple[int, int] | None = None) -> ServerInfo:
         server = self.server
-        start, end = server.served
-        addrs = self.public_addrs or [str(a) for a in self.host.addrs]
-        return ServerInfo(
-            state=state,
-            start=start,
-            end=end,
-            throughput=self.rates.throughput(end - start),
-            inference_rps=self.rates.inference_rps,
-            forward_rps=self.rates.forward_rps,
-            cache_tokens_left=server.cache_tokens_free,
-            dtype=str(server.span.dtype).removeprefix("torch."),
-            addrs=tuple(addrs),
-            version=PROTOCOL_VERSION,
-        )
+        served = server.served
+        start, end = span or served
+        cache_free = (server.cache_tokens_free if (start, end) == served
+                      else server.config.cache_tokens)
+        return server_info(self.host, self.rates, self.public_addrs, state, start, end,
+                           cache_free, str(server.span.dtype).removeprefix("torch."))
+
+    def records(self, state: ServerState) -> dict[int, ServerInfo]:
+        """Block -> the record to store now: the left span OFFLINE, the served span in
+        `state`, the span being loaded JOINING (later ones overwrite earlier ones)."""
+        out: dict[int, ServerInfo] = {}
+        for span, span_state in ((self.leaving, ServerState.OFFLINE),
+                                 (self.server.served, state),
+                                 (self.joining, ServerState.JOINING)):
+            if span is not None:
+                info = self.info(span_state, span)
+                out.update(dict.fromkeys(range(*span), info))
+        return out
 
     async def announce(self, state: ServerState) -> int:
-        """Store the record for every block; returns how many blocks were stored somewhere."""
-        info = self.info(state)
-        value = info.to_wire()
-        expiration = time.time() + 2 * self.period
-        model_id = self.server.config.model_id
-        keys = block_keys(model_id, info.start, info.end)
-        subkey = str(self.host.peer_id)
-        registry = {"model": model_id, "num_blocks": self.num_blocks, "state": int(state)}
-        # No republishing by the DHT: this announcer refreshes the records itself, and a
-        # republished copy would outlive the state it describes.
-        replicas = await self.dht.store_many(
-            [(key, value, expiration, subkey) for key in keys]
-            + [(MODELS_KEY, registry, expiration, subkey)],
-            republish=False,
-        )
-        stored = sum(1 for r in replicas[:-1] if r > 0)
-        if stored < len(keys):
-            log.warning("announced %d of %d blocks as %s", stored, len(keys), state.name)
-        return stored
+        """Store the records of every block; returns how many blocks of the served span were
+        stored somewhere."""
+        async with self._lock:
+            records = self.records(state)
+            stored = await store_records(self.dht, self.host, self.server.config.model_id,
+                                         self.num_blocks, records, state, self.period)
+        start, end = self.server.served
+        held = sum(1 for block in range(start, end) if block in stored)
+        if held < end - start:
+            log.warning("announced %d of %d blocks as %s", held, end - start, state.name)
+        return held
 
     async def start(self) -> None:
         await self.announce(ServerState.JOINING)
@@ -98,4 +101,45 @@ class Announcer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.leaving = self.leaving if self.joining is None else self.joining
+        self.joining = None
         await self.announce(ServerState.OFFLINE)
+
+
+def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state: ServerState,
+                start: int, end: int, cache_tokens_left: int, dtype: str) -> ServerInfo:
+    """The record a server on `host` announces for blocks [start, end)."""
+    addrs = public_addrs or [str(a) for a in host.addrs]
+    return ServerInfo(
+        state=state,
+        start=start,
+        end=end,
+        throughput=rates.throughput(end - start),
+        inference_rps=rates.inference_rps,
+        forward_rps=rates.forward_rps,
+        network_rps=rates.network_rps,
+        cache_tokens_left=cache_tokens_left,
+        dtype=dtype,
+        addrs=tuple(addrs),
+        version=PROTOCOL_VERSION,
+    )
+
+
+async def store_records(dht, host, model_id: str, num_blocks: int,
+                        records: dict[int, ServerInfo], state: ServerState, period: float
+                        ) -> set[int]:
+    """Store `records` (block -> info) under the blocks' keys, signed, expiring after two
+    periods, and register the model; returns the blocks stored on at least one node."""
+    expiration = time.time() + 2 * period
+    subkey = str(host.peer_id)
+    blocks = sorted(records)
+    registry = {"model": model_id, "num_blocks": num_blocks, "state": int(state)}
+    # No republishing by the DHT: the announcer refreshes the records itself, and a
+    # republished copy would outlive the state it describes.
+    replicas = await dht.store_many(
+        [(block_keys(model_id, block, block + 1)[0], records[block].to_wire(), expiration,
+          subkey) for block in blocks]
+        + [(MODELS_KEY, registry, expiration, subkey)],
+        republish=False,
+    )
+    return {block for block, r in zip(blocks, replicas[:-1]) if r > 0}

@@ -9,6 +9,8 @@ import logging
 import sys
 import time
 
+from blocks import serve_placement
+
 log = logging.getLogger("blocks.serve")
 
 
@@ -24,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--blocks", metavar="A:B",
                        help="serve blocks A (inclusive) to B (exclusive)")
     which.add_argument("--num-blocks", type=int, metavar="N",
-                       help="serve N blocks (for now the first N; default: all)")
+                       help="serve N blocks chosen from what the DHT says, and move when the "
+                            "swarm is imbalanced (default: all blocks)")
     serve.add_argument("--bootstrap", action="append", default=[], metavar="MADDR",
                        help="a node of the swarm's DHT (repeatable)")
     serve.add_argument("--listen", default="/ip4/0.0.0.0/tcp/0", metavar="MADDR")
@@ -41,10 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="how often to refresh the DHT announcement; records expire after "
                             "twice that (default 60, as in Petals)")
     serve.add_argument("--identity", metavar="PATH")
+    serve_placement.add_arguments(serve)
     serve.set_defaults(func=run_serve)
 
 
-def parse_blocks(text: str | None, num_blocks: int | None, total: int) -> tuple[int, int]:
+def parse_blocks(text: str | None, num_blocks: int | None, total: int
+                 ) -> tuple[int, int] | int:
+    """A fixed span (`--blocks A:B`, or all blocks by default), or with `--num-blocks N` the
+    number of blocks to place by the DHT."""
     if text is not None:
         try:
             start_text, end_text = text.split(":")
@@ -56,67 +63,93 @@ def parse_blocks(text: str | None, num_blocks: int | None, total: int) -> tuple[
             raise SystemExit(f"overlay-node serve: blocks {start}:{end} are not a non-empty range "
                              f"of the model's {total} blocks")
         return start, end
-    count = total if num_blocks is None else num_blocks
-    if not 0 < count <= total:
+    if num_blocks is None:
+        return 0, total
+    if not 0 < num_blocks <= total:
         raise SystemExit(f"overlay-node serve: --num-blocks must be in 1..{total}")
-    return 0, count
+    return num_blocks
 
 
 async def run_serve(args: argparse.Namespace) -> int:
     from blocks.announcer import Announcer
-    from blocks.families import DeviceOptions, load_config
+    from blocks.families import DeviceOptions, load_config, resolve_device, resolve_dtype
     from blocks.model_files import ModelFiles, ModelFilesError, default_model_id
     from blocks.server import BlockServer, ServingConfig
     from blocks.span import BlockSpan
-    from blocks.throughput import measure
-    from overlay.cli.dht import start_dht
     from overlay.cli.node import dialable, load_identity, parse_addrs
     from overlay.host import Host
 
     try:
         files = ModelFiles(args.model_dir)
         config = load_config(files)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(files, args.dtype)
     except (ModelFilesError, ValueError, OSError) as e:
         raise SystemExit(f"overlay-node serve: {e}") from None
-    total = config.get_text_config().num_hidden_layers
-    start, end = parse_blocks(args.blocks, args.num_blocks, total)
+    text_config = config.get_text_config()
+    total = text_config.num_hidden_layers
+    wanted = parse_blocks(args.blocks, args.num_blocks, total)
     model_id = args.model_id or default_model_id(args.model_dir)
     bootstrap = parse_addrs(args.bootstrap)
     [listen] = parse_addrs([args.listen])
-
+    options = DeviceOptions(device=args.device, dtype=args.dtype)
     loop = asyncio.get_running_loop()
-    began = time.perf_counter()
-    log.info("loading blocks [%d, %d) of %s (%s) on %s", start, end, args.model_dir, model_id,
-             args.device)
-    try:
-        span = await loop.run_in_executor(
-            None, lambda: BlockSpan.load(files, start, end,
-                                         DeviceOptions(device=args.device, dtype=args.dtype)))
-    except Exception as e:  # any load failure ends serve, with its reason
-        raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
-    log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - began)
+
+    def load(start: int, end: int) -> BlockSpan:
+        began = time.perf_counter()
+        log.info("loading blocks [%d, %d) of %s (%s) on %s", start, end, args.model_dir,
+                 model_id, args.device)
+        span = BlockSpan.load(files, start, end, options)
+        log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - began)
+        return span
+
+    async def load_or_exit(start: int, end: int) -> BlockSpan:
+        try:
+            return await loop.run_in_executor(None, load, start, end)
+        except Exception as e:  # any load failure ends serve, with its reason
+            raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
 
     host = Host(load_identity(args.identity))
-    server = BlockServer(span, ServingConfig(model_id=model_id, cache_tokens=args.cache_tokens,
-                                             max_length=args.max_length))
-    dht = announcer = None
+    server = dht = announcer = balancer = None
     try:
         addrs = await host.listen(listen)
+        dht = await serve_placement.start_server_dht(host, [str(b) for b in bootstrap])
+        hidden = text_config.hidden_size
+        if isinstance(wanted, tuple):  # a fixed span: no placement, no rebalancing
+            start, end = wanted
+            span = await load_or_exit(start, end)
+            rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
+                args, model_id, device, dtype, hidden, lambda: span))
+        else:
+            rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
+                args, model_id, device, dtype, hidden, lambda: load(0, 1)))
+            planner = serve_placement.make_planner(args, str(host.peer_id), total, wanted)
+            start, end = await serve_placement.choose_span(
+                args, planner, dht, host, model_id, total, rates,
+                str(dtype).removeprefix("torch."))
+            span = await load_or_exit(start, end)
+        server = BlockServer(span, ServingConfig(model_id=model_id, cache_tokens=args.cache_tokens,
+                                                 max_length=args.max_length))
         server.attach(host)
-        dht = await start_dht(host, [str(b) for b in bootstrap])
-        rates = await loop.run_in_executor(None, measure, span)
-        log.info("compute: %.0f tokens/s per block in single-token steps, %.0f in forward passes",
-                 rates.inference_rps, rates.forward_rps)
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
         await announcer.start()
+        if not isinstance(wanted, tuple):
+            balancer = serve_placement.start_balancer(planner, dht, announcer, server, load,
+                                                      total)
         print(dialable(addrs[0]), flush=True)
-        log.info("serving %s blocks [%d, %d) as %s", model_id, start, end, host.peer_id)
+        log.info("serving %s blocks [%d, %d) as %s, announcing %.0f tokens/s", model_id,
+                 start, end, host.peer_id, rates.throughput(end - start))
         await asyncio.Event().wait()
     finally:
+        if balancer is not None:
+            balancer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await balancer
         if announcer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(announcer.stop(), 5)
-        await server.close()
+        if server is not None:
+            await server.close()
         if dht is not None:
             with contextlib.suppress(Exception):
                 await dht.close()

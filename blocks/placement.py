@@ -30,7 +30,8 @@ from blocks.announcement import ServerInfo, ServerState
 # Petals `Server(balance_quality=0.75)`: move only if the bottleneck would grow by more than
 # 1 / 0.75 = 1.33x. A value above 1 forces a move at every check (Petals: for debugging).
 BALANCE_QUALITY = 0.75
-# Petals `Server(mean_balance_check_period=120)`: checks happen after uniform(0, 2x) seconds.
+# Petals `Server(mean_balance_check_period=120)` (src/petals/server/server.py; its older
+# cli/run_server.py flag defaulted to 60): checks happen after uniform(0, 2x) seconds.
 MEAN_BALANCE_CHECK_PERIOD = 120.0
 # Petals `Server(mean_block_selection_delay=5)`: a joining server waits uniform(0, 2x)
 # seconds before reading the DHT, so servers started together do not pick the same blocks.
@@ -141,9 +142,10 @@ def should_choose_other_blocks(
     return initial / final < balance_quality - STAY_BIAS
 
 
-def block_selection_delay(rng: random.Random) -> float:
+def block_selection_delay(rng: random.Random, mean_delay: float = MEAN_BLOCK_SELECTION_DELAY
+                          ) -> float:
     """Seconds a joining server waits before choosing its blocks (Petals: uniform(0, 2x))."""
-    return rng.random() * 2 * MEAN_BLOCK_SELECTION_DELAY
+    return rng.random() * 2 * mean_delay
 
 
 def balance_check_delay(rng: random.Random, mean_period: float = MEAN_BALANCE_CHECK_PERIOD

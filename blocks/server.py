@@ -46,14 +46,15 @@ class ServingConfig:
 
 
 class _Session:
-    __slots__ = ("blocks", "cost", "last_active", "session", "session_id", "stream")
+    __slots__ = ("blocks", "budget", "cost", "last_active", "session", "session_id", "stream")
 
-    def __init__(self, session_id, session, blocks, cost, stream):
+    def __init__(self, session_id, session, blocks, cost, stream, budget):
         self.session_id = session_id
         self.stream = stream
         self.session = session
         self.blocks = blocks
         self.cost = cost
+        self.budget = budget  # of the span it was opened on (a server may have moved since)
         self.last_active = time.monotonic()
 
 
@@ -100,6 +101,32 @@ class BlockServer:
     @property
     def num_sessions(self) -> int:
         return len(self._sessions)
+
+    # ------------------------------------------------------------------ moving (issue 6)
+    def switch_span(self, span: BlockSpan) -> None:
+        """Serve `span` from now on: new requests must fall inside it, while sessions already
+        open on the old span keep running on it (their own view and cache budget) until they
+        end or `free_old_spans()`. The old span stays in memory meanwhile."""
+        self.span = span
+        self._views = {(span.start, span.end): span}
+        self.budget = CacheBudget(self.config.cache_tokens * span.num_blocks)
+
+    @property
+    def old_span_sessions(self) -> int:
+        """Sessions still running on a span this server has left."""
+        return sum(1 for e in self._sessions.values() if e.budget is not self.budget)
+
+    def free_old_spans(self) -> int:
+        """Close the sessions still on a span this server has left (their clients recover
+        elsewhere), so its weights and caches can be freed; returns how many were closed."""
+        closed = 0
+        for entry in list(self._sessions.values()):
+            if entry.budget is not self.budget:
+                self._end_session(entry)
+                entry.stream.reset(f"{protocol.SESSION_CLOSED}: the server moved to blocks "
+                                   f"[{self.span.start}, {self.span.end})")
+                closed += 1
+        return closed
 
     def info(self) -> dict:
         return {
@@ -150,19 +177,23 @@ class BlockServer:
             raise RemoteError(e.code, str(e)) from None
         blocks = request.blocks
         cost = request.batch_size * request.max_length * (blocks.end - blocks.start)
+        budget = self.budget
         try:
-            await self.budget.acquire(cost, request.wait_timeout)
+            await budget.acquire(cost, request.wait_timeout)
         except CacheFullError as e:
             raise RemoteError(protocol.CACHE_FULL, str(e)) from None
         entry = None
         try:
+            if budget is not self.budget:  # moved to another span while this one waited
+                raise RemoteError(protocol.BAD_RANGE, f"this server now serves blocks "
+                                                      f"[{self.span.start}, {self.span.end})")
             view = self._view(blocks.start, blocks.end)
             session = view.new_session(request.batch_size, request.max_length)
-            entry = _Session(next(self._ids), session, blocks, cost, stream)
+            entry = _Session(next(self._ids), session, blocks, cost, stream, budget)
             self._sessions[entry.session_id] = entry
         finally:
             if entry is None:
-                self.budget.release(cost)
+                budget.release(cost)
         try:
             await stream.send(tensor_wire.encode_message([], {
                 "session": entry.session_id, "cache_tokens_free": self.cache_tokens_free,
@@ -274,7 +305,7 @@ class BlockServer:
             return
         with contextlib.suppress(Exception):
             entry.session.close()
-        self.budget.release(entry.cost)
+        entry.budget.release(entry.cost)
 
     async def _reap_idle_sessions(self) -> None:
         timeout = self.config.session_idle_timeout

@@ -14,7 +14,8 @@ import logging
 import time
 from collections.abc import Iterable
 
-from blocks.announcement import SwarmView, block_keys
+from blocks.announcement import SwarmView
+from blocks.swarm_reader import DICTIONARY_QUORUM, read_view
 from overlay.dht.config import DHTConfig
 from overlay.dht.driver import DHT
 from overlay.host import Host
@@ -25,12 +26,7 @@ log = logging.getLogger(__name__)
 
 RTT_TTL = 60.0  # seconds a measured round-trip time is trusted
 PING_TIMEOUT = 5.0
-# Everything a client reads is a dictionary (block -> {server: announcement}) whose entries
-# were stored by different servers on the nodes closest to the key at the time; a node that
-# joined later holds none of the earlier entries. A get that stopped at the first replica
-# would show a partial swarm, so the client merges the answers of every replica (reading a
-# view is not on the per-token path).
-DICTIONARY_QUORUM = DHTConfig().num_replicas
+# DICTIONARY_QUORUM (blocks/swarm_reader.py): a view merges every DHT replica of a record.
 
 
 class SwarmClient:
@@ -57,16 +53,7 @@ class SwarmClient:
         return cls(host, dht, owns_host=owns)
 
     async def view(self, model_id: str, num_blocks: int) -> SwarmView:
-        keys = block_keys(model_id, 0, num_blocks)
-        result = await self.dht.get_records(keys)
-        per_block = {}
-        for block, key in enumerate(keys):
-            records = result.records.get(key.encode(), [])
-            per_block[block] = {r.subkey: r.value for r in records if r.subkey is not None}
-        view, rejected = SwarmView.from_block_records(num_blocks, per_block)
-        for bad in rejected[:5]:
-            log.warning("ignored announcement of %s for block %d: %s", bad.peer_id, bad.block,
-                        bad.reason)
+        view = await read_view(self.dht, model_id, num_blocks)
         for peer, info in view.servers.items():
             with contextlib.suppress(IdentityError, ValueError):
                 self.host.add_peer_addrs(PeerId.from_string(peer), info.addrs)

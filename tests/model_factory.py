@@ -124,17 +124,20 @@ def _configs() -> dict[str, PretrainedConfig]:
 FAMILIES: tuple[str, ...] = tuple(_configs())
 
 
-def tiny_config(family: str) -> PretrainedConfig:
-    """A fresh config of ``family`` (a key of ``FAMILIES``)."""
+def tiny_config(family: str, num_layers: int = NUM_LAYERS) -> PretrainedConfig:
+    """A fresh config of ``family`` (a key of ``FAMILIES``), with ``num_layers`` blocks."""
     configs = _configs()
     if family not in configs:
         raise KeyError(f"unknown test family {family!r}; known: {', '.join(configs)}")
-    return configs[family]
+    config = configs[family]
+    if num_layers != NUM_LAYERS:
+        config.num_hidden_layers = num_layers  # every family maps this name to its own
+    return config
 
 
-def build_model(family: str, seed: int = 0) -> PreTrainedModel:
+def build_model(family: str, seed: int = 0, num_layers: int = NUM_LAYERS) -> PreTrainedModel:
     """A float32 causal LM of ``family`` with seeded random weights, in eval mode."""
-    config = tiny_config(family)
+    config = tiny_config(family, num_layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
@@ -152,13 +155,14 @@ def build_model(family: str, seed: int = 0) -> PreTrainedModel:
 
 
 def save_model(
-    family: str, directory: Path, seed: int = 0, max_shard_size: str | None = None
+    family: str, directory: Path, seed: int = 0, max_shard_size: str | None = None,
+    num_layers: int = NUM_LAYERS,
 ) -> Path:
     """Build and save a model of ``family`` to ``directory`` (created); returns the directory.
 
     ``max_shard_size`` (e.g. ``"100KB"``) splits the weights into shards with an index.
     """
-    model = build_model(family, seed)
+    model = build_model(family, seed, num_layers)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)

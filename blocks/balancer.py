@@ -1,0 +1,116 @@
+"""The I/O driver of a server's placement: reads the swarm from the DHT on the planner's
+schedule, and carries out the moves it decides (blocks/rebalancing.py decides; this only
+sleeps, reads, loads and announces).
+
+A move, without dropping the sessions the server can finish:
+1. announce JOINING for the new span (the old span's other blocks stay ONLINE: it still
+   serves them), so servers checking meanwhile count us at our destination;
+2. load the new span (only its tensors) on a loader thread while the old one keeps serving;
+   if that fails, withdraw the JOINING records and stay;
+3. switch: new sessions and forwards go to the new span; announce it ONLINE and the blocks
+   left behind OFFLINE, so clients stop routing new work there at once;
+4. sessions already open on the old span run on until they end or the grace deadline, then
+   the rest are closed (their clients recover elsewhere) and the old span's memory is freed.
+Both spans are resident between 2 and 4: a server whose memory holds only one span should be
+started with `--handover-grace 0` and a smaller `--num-blocks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Callable
+
+from blocks.announcement import ServerState
+from blocks.rebalancing import Move, SpanPlanner, placement_infos
+from blocks.swarm_reader import read_view
+
+log = logging.getLogger(__name__)
+
+DRAIN_POLL = 0.5  # seconds between looks at the old span's sessions during a handover
+
+
+class Balancer:
+    def __init__(self, planner: SpanPlanner, dht, announcer, server,
+                 load_span: Callable[[int, int], object], num_blocks: int):
+        self.planner = planner
+        self.dht = dht
+        self.announcer = announcer
+        self.server = server
+        self.load_span = load_span  # (start, end) -> BlockSpan; runs on a loader thread
+        self.num_blocks = num_blocks
+        self.moving = False
+
+    async def run(self) -> None:
+        """Check on the planner's schedule until cancelled (at once if rebalancing is off)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            at = self.planner.next_check(loop.time())
+            if at is None:
+                return
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a DHT hiccup or a failed move: try again next period
+                log.exception("balance check failed; the server keeps its span")
+
+    async def check_once(self) -> Move | None:
+        """Read the swarm, ask the planner, and move if it says so."""
+        loop = asyncio.get_running_loop()
+        view = await read_view(self.dht, self.server.config.model_id, self.num_blocks)
+        own = self.announcer.info(ServerState.ONLINE)
+        move = self.planner.check(loop.time(), placement_infos(view), own)
+        if move is None:
+            log.debug("balance check: blocks [%d, %d) stay", own.start, own.end)
+            return None
+        log.info("swarm is imbalanced: moving from blocks [%d, %d) to [%d, %d)",
+                 move.old_start, move.old_end, move.start, move.end)
+        await self.move(move)
+        return move
+
+    async def move(self, move: Move) -> bool:
+        """Carry out `move`; False (and still serving the old span) if loading failed."""
+        loop = asyncio.get_running_loop()
+        announcer, server = self.announcer, self.server
+        self.moving = True
+        try:
+            announcer.joining = (move.start, move.end)
+            await announcer.announce(ServerState.ONLINE)
+            try:
+                span = await loop.run_in_executor(None, self.load_span, move.start, move.end)
+            except Exception as e:  # out of memory, unreadable files: keep serving the old span
+                log.error("cannot load blocks [%d, %d): %s; staying on [%d, %d)", move.start,
+                          move.end, e, move.old_start, move.old_end)
+                announcer.joining = None
+                await announcer.announce(ServerState.ONLINE)
+                return False
+            old = server.served
+            server.switch_span(span)
+            announcer.joining, announcer.leaving = None, old
+            await announcer.announce(ServerState.ONLINE)
+            log.info("serving blocks [%d, %d); %d session(s) finishing on [%d, %d)",
+                     move.start, move.end, server.old_span_sessions, *old)
+            handover = self.planner.handover(move, loop.time())
+            while not handover.old_span_free(loop.time(), server.old_span_sessions):
+                await asyncio.sleep(min(DRAIN_POLL, max(0.0, handover.deadline - loop.time())))
+            closed = server.free_old_spans()
+            if closed:
+                log.info("closed %d session(s) still on the old span after %.0f s", closed,
+                         handover.deadline - handover.switched_at)
+            announcer.leaving = None  # its OFFLINE records expire by themselves
+            release_memory()
+            return True
+        finally:
+            self.moving = False
+
+
+def release_memory() -> None:
+    """Give the freed span's memory back (file handles, CUDA cache)."""
+    gc.collect()
+    import torch  # the server has torch loaded already; the planner modules must not
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,162 @@
+"""What `overlay-node serve` adds for issue 6: its placement and throughput options, choosing
+the span from the DHT when no `--blocks` is given, and starting the rebalancing loop.
+
+Kept apart from blocks/cli.py so that the serve command's body stays a short sequence of
+calls: `add_arguments`, `resolve_rates`, `choose_span`, `start_balancer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+from blocks.announcement import ServerState
+from blocks.placement import BALANCE_QUALITY, MEAN_BALANCE_CHECK_PERIOD, MEAN_BLOCK_SELECTION_DELAY
+from blocks.rebalancing import HANDOVER_GRACE, BalanceConfig, SpanPlanner, placement_infos
+from blocks.swarm_reader import DICTIONARY_QUORUM, read_view
+
+log = logging.getLogger("blocks.serve")
+
+
+def add_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--throughput", default="auto", type=_throughput, metavar="auto|eval|X",
+                       help="tokens/s to announce: auto (measure one block once and cache it, "
+                            "the default), eval (measure again, refresh the cache) or a number")
+    serve.add_argument("--network-mbps", type=_positive, metavar="MBPS",
+                       help="the link's speed, capping the announced throughput (default: 100, "
+                            "not measured)")
+    serve.add_argument("--balance-period", type=_positive, default=MEAN_BALANCE_CHECK_PERIOD,
+                       metavar="SECONDS",
+                       help="mean seconds between rebalancing checks, each after "
+                            "uniform(0, 2x) (default %(default)g, as in Petals); only without "
+                            "--blocks")
+    serve.add_argument("--balance-quality", type=_non_negative, default=BALANCE_QUALITY,
+                       help="move when the swarm's bottleneck is below this share of what "
+                            "moving would give (default %(default)g, as in Petals; 0 never "
+                            "moves, above 1 moves at every check)")
+    serve.add_argument("--block-selection-delay", type=_non_negative,
+                       default=MEAN_BLOCK_SELECTION_DELAY, metavar="SECONDS",
+                       help="mean random wait before choosing blocks, uniform(0, 2x), so that "
+                            "servers started together spread out (default %(default)g)")
+    serve.add_argument("--handover-grace", type=_non_negative, default=HANDOVER_GRACE,
+                       metavar="SECONDS",
+                       help="after a move, how long sessions open on the old span may run on "
+                            "(both spans stay in memory meanwhile; default %(default)g)")
+
+
+def balance_config(args: argparse.Namespace) -> BalanceConfig:
+    return BalanceConfig(mean_balance_period=args.balance_period,
+                         balance_quality=args.balance_quality,
+                         mean_selection_delay=args.block_selection_delay,
+                         handover_grace=args.handover_grace)
+
+
+async def start_server_dht(host, bootstrap: list[str]):
+    """The server's DHT node; its reads merge every replica (blocks/swarm_reader.py)."""
+    from overlay.dht.config import DHTConfig
+    from overlay.dht.driver import DHT, DHTError
+
+    try:
+        return await DHT.start(host, bootstrap, DHTConfig(value_quorum=DICTIONARY_QUORUM))
+    except DHTError as e:
+        raise SystemExit(f"overlay-node: {e}") from None
+
+
+def resolve_rates(args: argparse.Namespace, model_id: str, device, dtype, hidden_size: int,
+                  load_block: Callable[[], object]):
+    """The server's ComputeRates: `--throughput X` as given, else the cached measurement of
+    one block (`load_block()` gives a span whose first block is timed; called only when the
+    cache has no figure). Runs torch work: call it on a worker thread."""
+    from blocks.throughput import (
+        DEFAULT_NETWORK_BPS,
+        ComputeRates,
+        cache_key,
+        cached_rates,
+        measure,
+        network_rps,
+    )
+
+    bps = args.network_mbps * 1e6 if args.network_mbps else DEFAULT_NETWORK_BPS
+    network = network_rps(hidden_size, bps)
+    if isinstance(args.throughput, float):
+        return ComputeRates(None, None, network, override=args.throughput)
+    key = cache_key(model_id, device, dtype, getattr(args, "quant", None) or "none")
+    rates, measured = cached_rates(key, lambda: measure(load_block()),
+                                   force=args.throughput == "eval")
+    log.info("compute (%s): %.0f tokens/s per block in single-token steps, %.0f in forward "
+             "passes; network assumed %.0f Mbit/s", "measured" if measured else "cached",
+             rates.inference_rps, rates.forward_rps, bps / 1e6)
+    return ComputeRates(rates.inference_rps, rates.forward_rps, network)
+
+
+async def choose_span(args: argparse.Namespace, planner: SpanPlanner, dht, host, model_id: str,
+                      total: int, rates, dtype_name: str) -> tuple[int, int]:
+    """Wait the random selection delay, read the swarm, take the best window (rule 1 of
+    blocks/rebalancing.py) and announce it JOINING at once, before loading."""
+    from blocks.announcer import server_info, store_records
+
+    loop = asyncio.get_running_loop()
+    delay = planner.selection_time(loop.time()) - loop.time()
+    log.info("choosing %d blocks in %.1f s", planner.span_length, delay)
+    await asyncio.sleep(delay)
+    view = await read_view(dht, model_id, total)
+    start, end = planner.choose(placement_infos(view))
+    log.info("chose blocks [%d, %d) (throughput per block now: %s)", start, end,
+             _throughputs(view, total))
+    info = server_info(host, rates, None, ServerState.JOINING, start, end, args.cache_tokens,
+                       dtype_name)
+    await store_records(dht, host, model_id, total, dict.fromkeys(range(start, end), info),
+                        ServerState.JOINING, args.announce_period)
+    return start, end
+
+
+def make_planner(args: argparse.Namespace, peer_id: str, total: int, count: int) -> SpanPlanner:
+    return SpanPlanner(peer_id, total, count, balance_config(args), random.SystemRandom())
+
+
+def start_balancer(planner: SpanPlanner, dht, announcer, server, load_span, total: int
+                   ) -> asyncio.Task:
+    from blocks.balancer import Balancer
+
+    balancer = Balancer(planner, dht, announcer, server, load_span, total)
+    return asyncio.get_running_loop().create_task(balancer.run())
+
+
+def _throughputs(view, total: int) -> str:
+    from blocks.placement import block_throughputs
+
+    values = block_throughputs(placement_infos(view), total)
+    return " ".join(f"{v:.0f}" for v in values)
+
+
+def _throughput(text: str) -> str | float:
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, eval or a number, got {text!r}"
+                                         ) from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"throughput must be a finite number >= 0, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0")
+    return value
