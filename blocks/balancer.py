@@ -4,7 +4,8 @@ sleeps, reads, loads and announces).
 
 A move, without dropping the sessions the server can finish:
 1. announce JOINING for the new span (the old span's other blocks stay ONLINE: it still
-   serves them), so servers checking meanwhile count us at our destination;
+   serves them), so servers checking meanwhile count us at our destination; a moment later
+   look again and give way to a contender with a smaller peer id (rebalancing.py, rule 4);
 2. load the new span (only its tensors) on a loader thread while the old one keeps serving;
    if that fails, withdraw the JOINING records and stay;
 3. switch: new sessions and forwards go to the new span; announce it ONLINE and the blocks
@@ -23,7 +24,7 @@ import logging
 from collections.abc import Callable
 
 from blocks.announcement import ServerState
-from blocks.rebalancing import Move, SpanPlanner, placement_infos
+from blocks.rebalancing import CONTENTION_WAIT, Move, SpanPlanner, placement_infos
 from blocks.swarm_reader import read_view
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,15 @@ DRAIN_POLL = 0.5  # seconds between looks at the old span's sessions during a ha
 
 class Balancer:
     def __init__(self, planner: SpanPlanner, dht, announcer, server,
-                 load_span: Callable[[int, int], object], num_blocks: int):
+                 load_span: Callable[[int, int], object], num_blocks: int,
+                 contention_wait: float = CONTENTION_WAIT):
         self.planner = planner
         self.dht = dht
         self.announcer = announcer
         self.server = server
         self.load_span = load_span  # (start, end) -> BlockSpan; runs on a loader thread
         self.num_blocks = num_blocks
+        self.contention_wait = contention_wait
         self.moving = False
 
     async def run(self) -> None:
@@ -58,27 +61,48 @@ class Balancer:
                 log.exception("balance check failed; the server keeps its span")
 
     async def check_once(self) -> Move | None:
-        """Read the swarm, ask the planner, and move if it says so."""
+        """Read the swarm and ask the planner; if it says move, wait the selection delay, read
+        again and move only if the planner still says so (two servers that decided at the same
+        moment then rarely both move: the later one sees the first one's JOINING records)."""
         loop = asyncio.get_running_loop()
-        view = await read_view(self.dht, self.server.config.model_id, self.num_blocks)
-        own = self.announcer.info(ServerState.ONLINE)
-        move = self.planner.check(loop.time(), placement_infos(view), own)
+        move = await self._decide()
         if move is None:
-            log.debug("balance check: blocks [%d, %d) stay", own.start, own.end)
+            return None
+        await asyncio.sleep(max(0.0, self.planner.selection_time(loop.time()) - loop.time()))
+        move = await self._decide()
+        if move is None:
+            log.info("the imbalance is gone on a second look; staying")
             return None
         log.info("swarm is imbalanced: moving from blocks [%d, %d) to [%d, %d)",
                  move.old_start, move.old_end, move.start, move.end)
         await self.move(move)
         return move
 
+    async def _decide(self) -> Move | None:
+        view = await read_view(self.dht, self.server.config.model_id, self.num_blocks)
+        own = self.announcer.info(ServerState.ONLINE)
+        move = self.planner.check(asyncio.get_running_loop().time(), placement_infos(view), own)
+        if move is None:
+            log.debug("balance check: blocks [%d, %d) stay", own.start, own.end)
+        return move
+
     async def move(self, move: Move) -> bool:
-        """Carry out `move`; False (and still serving the old span) if loading failed."""
+        """Carry out `move`; False (still serving the old span) if it gave way to another
+        server or loading failed."""
         loop = asyncio.get_running_loop()
         announcer, server = self.announcer, self.server
         self.moving = True
         try:
             announcer.joining = (move.start, move.end)
             await announcer.announce(ServerState.ONLINE)
+            await asyncio.sleep(self.contention_wait)
+            view = await read_view(self.dht, server.config.model_id, self.num_blocks)
+            if self.planner.yields(move, placement_infos(view)):
+                log.info("another server is moving to blocks [%d, %d) too; staying",
+                         move.start, move.end)
+                announcer.joining = None
+                await announcer.announce(ServerState.ONLINE)
+                return False
             try:
                 span = await loop.run_in_executor(None, self.load_span, move.start, move.end)
             except Exception as e:  # out of memory, unreadable files: keep serving the old span

@@ -8,11 +8,16 @@ what a live server needs around them, as a sans-IO planner:
    `choose_best_blocks` over the other servers' announcements.
 2. Every `balance_check_delay(mean_period)` it reads the swarm again and asks
    `should_choose_other_blocks`, with its own record as it announces it (not as a possibly
-   stale DHT copy shows it). If yes, it moves to the best window for the swarm without it.
+   stale DHT copy shows it). If yes, it waits the selection delay, asks again with a fresh
+   view, and only then moves, to the best window for the swarm without it.
 3. A server that is moving counts at its destination: `placement_infos` takes a peer's
    JOINING span over its ONLINE one, so a second server checking meanwhile does not chase
    the same hole.
-4. Moving hands over: the new span is announced JOINING, loaded, then served; sessions that
+4. Two servers that decide at the same moment cannot see each other and may chase the same
+   hole. So a mover announces JOINING, looks again a moment later, and yields (withdraws and
+   stays) if a peer with a smaller id is JOINING blocks that overlap its destination: of
+   contending movers exactly the smallest id goes on (`SpanPlanner.yields`).
+5. Moving hands over: the new span is announced JOINING, loaded, then served; sessions that
    were open on the old span go on until they end or `handover_grace` seconds have passed,
    then the old span is freed (`Handover.old_span_free`).
 
@@ -39,6 +44,9 @@ from blocks.placement import (
     should_choose_other_blocks,
 )
 
+# Seconds a mover waits after announcing JOINING before looking for contenders (rule 4): well
+# above the time an announcement takes to reach the DHT (milliseconds to a second).
+CONTENTION_WAIT = 1.0
 # Seconds the sessions open on a span a server is leaving may still run on it. Ours, not
 # Petals' (Petals drops them when it moves): one mean balance period, long enough for an
 # interactive generation to finish; a client whose session is cut recovers on another server.
@@ -162,6 +170,15 @@ class SpanPlanner:
             return None
         self.moves += 1
         return Move(own.start, own.end, start, start + self.span_length)
+
+    def yields(self, move: Move, infos: Mapping[str, ServerInfo]) -> bool:
+        """Rule 4: after announcing JOINING for `move`, should this server give way to a peer
+        with a smaller id that is JOINING overlapping blocks (`infos`: placement_infos)?"""
+        for peer, info in infos.items():
+            if (peer < self.peer_id and info.state == ServerState.JOINING
+                    and info.start < move.end and move.start < info.end):
+                return True
+        return False
 
     def handover(self, move: Move, now: float) -> Handover:
         """The new span serves from `now`; the old one may be freed by the deadline."""
