@@ -83,6 +83,14 @@ class Announcer:
             log.warning("announced %d of %d blocks as %s", held, end - start, state.name)
         return held
 
+    async def withdraw_joining(self) -> None:
+        """A move given up: its JOINING records become OFFLINE (where not served)."""
+        self.leaving, self.joining = self.joining, None
+        try:
+            await self.announce(ServerState.ONLINE)
+        finally:
+            self.leaving = None
+
     async def start(self) -> None:
         await self.announce(ServerState.JOINING)
         await self.announce(ServerState.ONLINE)

@@ -100,16 +100,14 @@ class Balancer:
             if self.planner.yields(move, placement_infos(view)):
                 log.info("another server is moving to blocks [%d, %d) too; staying",
                          move.start, move.end)
-                announcer.joining = None
-                await announcer.announce(ServerState.ONLINE)
+                await announcer.withdraw_joining()
                 return False
             try:
                 span = await loop.run_in_executor(None, self.load_span, move.start, move.end)
             except Exception as e:  # out of memory, unreadable files: keep serving the old span
                 log.error("cannot load blocks [%d, %d): %s; staying on [%d, %d)", move.start,
                           move.end, e, move.old_start, move.old_end)
-                announcer.joining = None
-                await announcer.announce(ServerState.ONLINE)
+                await announcer.withdraw_joining()
                 return False
             old = server.served
             server.switch_span(span)
