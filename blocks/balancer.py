@@ -19,6 +19,7 @@ started with `--handover-grace 0` and a smaller `--num-blocks`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import Callable
@@ -88,45 +89,67 @@ class Balancer:
 
     async def move(self, move: Move) -> bool:
         """Carry out `move`; False (still serving the old span) if it gave way to another
-        server or loading failed."""
-        loop = asyncio.get_running_loop()
-        announcer, server = self.announcer, self.server
+        server or could not load the new span."""
         self.moving = True
         try:
-            announcer.joining = (move.start, move.end)
+            span = await self._prepare(move)
+            if span is None:
+                return False
+            await self._hand_over(move, span)
+            return True
+        finally:
+            self.moving = False
+
+    async def _prepare(self, move: Move):
+        """Steps 1-2: the new span loaded, or None (JOINING records withdrawn)."""
+        loop = asyncio.get_running_loop()
+        announcer = self.announcer
+        announcer.joining = (move.start, move.end)
+        try:
             await announcer.announce(ServerState.ONLINE)
             await asyncio.sleep(self.contention_wait)
-            view = await read_view(self.dht, server.config.model_id, self.num_blocks)
+            view = await read_view(self.dht, self.server.config.model_id, self.num_blocks)
             if self.planner.yields(move, placement_infos(view)):
                 log.info("another server is moving to blocks [%d, %d) too; staying",
                          move.start, move.end)
                 await announcer.withdraw_joining()
-                return False
-            try:
-                span = await loop.run_in_executor(None, self.load_span, move.start, move.end)
-            except Exception as e:  # out of memory, unreadable files: keep serving the old span
-                log.error("cannot load blocks [%d, %d): %s; staying on [%d, %d)", move.start,
-                          move.end, e, move.old_start, move.old_end)
-                await announcer.withdraw_joining()
-                return False
-            old = server.served
-            server.switch_span(span)
-            announcer.joining, announcer.leaving = None, old
+                return None
+            return await loop.run_in_executor(None, self.load_span, move.start, move.end)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # out of memory, unreadable files, the DHT: keep the old span
+            log.error("cannot move to blocks [%d, %d): %s; staying on [%d, %d)", move.start,
+                      move.end, e, move.old_start, move.old_end)
+            if announcer.joining is not None:
+                with contextlib.suppress(Exception):
+                    await announcer.withdraw_joining()
+                announcer.joining = None
+            return None
+
+    async def _hand_over(self, move: Move, span) -> None:
+        """Steps 3-4: serve `span`; the old one once its sessions are done, freed."""
+        loop = asyncio.get_running_loop()
+        announcer, server = self.announcer, self.server
+        old = server.served
+        server.switch_span(span)
+        del span
+        announcer.joining, announcer.leaving = None, old
+        try:
             await announcer.announce(ServerState.ONLINE)
-            log.info("serving blocks [%d, %d); %d session(s) finishing on [%d, %d)",
-                     move.start, move.end, server.old_span_sessions, *old)
-            handover = self.planner.handover(move, loop.time())
+        except Exception:  # the refresh loop announces again next period
+            log.exception("announcing the new span failed; retrying next period")
+        log.info("serving blocks [%d, %d); %d session(s) finishing on [%d, %d)",
+                 move.start, move.end, server.old_span_sessions, *old)
+        handover = self.planner.handover(move, loop.time())
+        try:
             while not handover.old_span_free(loop.time(), server.old_span_sessions):
                 await asyncio.sleep(min(DRAIN_POLL, max(0.0, handover.deadline - loop.time())))
+        finally:  # also when cancelled (the server stops): nothing stays on the old span
             closed = server.free_old_spans()
             if closed:
-                log.info("closed %d session(s) still on the old span after %.0f s", closed,
-                         handover.deadline - handover.switched_at)
+                log.info("closed %d session(s) still on blocks [%d, %d)", closed, *old)
             announcer.leaving = None  # its OFFLINE records expire by themselves
             release_memory()
-            return True
-        finally:
-            self.moving = False
 
 
 def release_memory() -> None:

@@ -124,10 +124,15 @@ async def run_serve(args: argparse.Namespace) -> int:
             rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
                 args, model_id, device, dtype, hidden, lambda: load(0, 1)))
             planner = serve_placement.make_planner(args, str(host.peer_id), total, wanted)
+            dtype_name = str(dtype).removeprefix("torch.")
             start, end = await serve_placement.choose_span(
-                args, planner, dht, host, model_id, total, rates,
-                str(dtype).removeprefix("torch."))
-            span = await load_or_exit(start, end)
+                args, planner, dht, host, model_id, total, rates, dtype_name)
+            try:
+                span = await load_or_exit(start, end)
+            except SystemExit:
+                await serve_placement.withdraw_span(args, dht, host, model_id, total,
+                                                    (start, end), rates, dtype_name)
+                raise
         server = BlockServer(span, ServingConfig(model_id=model_id, cache_tokens=args.cache_tokens,
                                                  max_length=args.max_length))
         server.attach(host)

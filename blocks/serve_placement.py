@@ -113,6 +113,21 @@ async def choose_span(args: argparse.Namespace, planner: SpanPlanner, dht, host,
     return start, end
 
 
+async def withdraw_span(args: argparse.Namespace, dht, host, model_id: str, total: int,
+                        span: tuple[int, int], rates, dtype_name: str) -> None:
+    """The chosen span could not be loaded: replace its JOINING records by OFFLINE ones, so
+    that no other server counts on us there."""
+    from blocks.announcer import server_info, store_records
+
+    info = server_info(host, rates, None, ServerState.OFFLINE, *span, 0, dtype_name)
+    try:
+        await asyncio.wait_for(store_records(dht, host, model_id, total,
+                                             dict.fromkeys(range(*span), info),
+                                             ServerState.OFFLINE, args.announce_period), 5)
+    except Exception as e:  # the records expire after two periods anyway
+        log.warning("could not withdraw the announcement of blocks [%d, %d): %s", *span, e)
+
+
 def make_planner(args: argparse.Namespace, peer_id: str, total: int, count: int) -> SpanPlanner:
     return SpanPlanner(peer_id, total, count, balance_config(args), random.SystemRandom())
 
