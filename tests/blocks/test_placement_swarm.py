@@ -135,3 +135,24 @@ async def test_four_servers_cover_twice_and_recover_from_two_kills(model_dir, tm
         if client is not None:
             await client.close()
         stop(procs)
+
+
+def test_serve_placement_options_parse_and_refuse_bad_values(capsys):
+    from overlay.cli.main import build_parser
+
+    def parse(*extra: str):
+        argv = ["serve", "model", "--num-blocks", "4", *extra]
+        return build_parser(argv).parse_args(argv)
+
+    args = parse()
+    assert (args.throughput, args.balance_period, args.balance_quality) == ("auto", 120.0, 0.75)
+    assert (args.block_selection_delay, args.handover_grace, args.network_mbps) == (5.0, 120.0,
+                                                                                   None)
+    assert parse("--throughput", "eval").throughput == "eval"
+    assert parse("--throughput", "12.5", "--balance-quality", "0").throughput == 12.5
+    for bad in (["--throughput", "fast"], ["--throughput", "-1"], ["--throughput", "nan"],
+                ["--balance-period", "0"], ["--balance-quality", "-0.5"],
+                ["--handover-grace", "inf"], ["--network-mbps", "0"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+        assert bad[0] in capsys.readouterr().err
