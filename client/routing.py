@@ -10,14 +10,19 @@ replaces exactly the failed range):
     compute on q:              blocks run on q / q's inference_rps (tokens/s per block)
     last server -> client:     one-way delay (client's RTT / 2)
   An unmeasured delay counts as `default_delay`, an unreachable one (RTT = inf) as
-  `max_delay`. As in Petals, a route that enters a server stays on it to the end of its span
-  (or of the range): hops happen only at span ends, which keeps the problem small. Nodes are
+  `max_delay`. That is the cost of a step when servers push their outputs to the next server
+  (docs/block_protocol.md, "push"); with `RoutingConfig.relay` (old servers, push off) the
+  client relays every hidden state, and a hop p -> q costs p -> client + client -> q instead.
+  As in Petals, a route that enters a server stays on it to the end of its span (or of the
+  range): hops happen only at span ends, which keeps the problem small. Nodes are
   (block, server holding the hidden state); every edge moves forward in blocks or hops at one
   block, so the graph is a DAG ordered by block and one pass in block order finds the same
   shortest path Dijkstra would, without a heap.
 - `RoutePlanner.spread_route`: forward/backward for fine-tuning spread load: at each block
   the next server is drawn among those covering it, with probability proportional to its
-  announced throughput (random source injected).
+  announced throughput (random source injected); servers the client measured as unreachable
+  (RTT = inf) are drawn only when nothing else covers the block (Petals'
+  `_make_sequence_with_max_throughput` gives them weight 1e-6).
 
 Only ONLINE servers of the client's protocol version are used; banned servers, servers
 without the requested adapter and (for inference) servers whose free attention cache is below
@@ -65,6 +70,9 @@ class RoutingConfig:
     default_delay: float = DEFAULT_DELAY
     max_delay: float = MAX_DELAY
     default_inference_rps: float = DEFAULT_INFERENCE_RPS
+    # False: servers push hidden states along the chain (server -> server links cost their
+    # announced next_pings); True: the client relays every hidden state between spans.
+    relay: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +149,10 @@ class RoutePlanner:
                             break  # sources are sorted by cost; hops cost >= overhead
                         prev = src[1]
                         if prev is None:
-                            rtt = client_rtts.get(peer)
-                        elif prev.peer_id == peer:
-                            rtt = 0.0  # another span of the same server: no network
+                            link = _delay(client_rtts.get(peer), cfg)
                         else:
-                            rtt = prev.info.next_pings.get(peer)
-                        cost = src[0] + _delay(rtt, cfg) + overhead
+                            link = _link(prev.peer_id, prev.info, peer, client_rtts, cfg)
+                        cost = src[0] + link + overhead
                         if cost < best:
                             best, best_src = cost, src
                     stop = min(span.end, end)
@@ -184,12 +190,10 @@ class RoutePlanner:
         for hop in route:
             info = self.view.servers[hop.peer_id]
             if prev is None:
-                rtt = client_rtts.get(hop.peer_id)
-            elif prev == hop.peer_id:
-                rtt = 0.0
+                link = _delay(client_rtts.get(hop.peer_id), cfg)
             else:
-                rtt = self.view.servers[prev].next_pings.get(hop.peer_id)
-            total += _delay(rtt, cfg) + cfg.hop_overhead
+                link = _link(prev, self.view.servers[prev], hop.peer_id, client_rtts, cfg)
+            total += link + cfg.hop_overhead
             total += hop.length / (info.inference_rps or cfg.default_inference_rps)
             prev = hop.peer_id
         if prev is not None:
@@ -206,9 +210,11 @@ class RoutePlanner:
         *,
         banned: Container[str] = _NO_BANS,
         needs: RouteNeeds = RouteNeeds(),
+        client_rtts: Mapping[str, float] = _NO_RTTS,
     ) -> list[RouteSpan]:
         """A random chain over [start, end): at each block a server covering it, drawn with
-        probability proportional to its throughput; it runs to the end of its span."""
+        probability proportional to its throughput; it runs to the end of its span. Servers
+        whose measured RTT is inf (unreachable) weigh MIN_SPREAD_WEIGHT."""
         self._check_range(start, end)
         if start == end:
             return []
@@ -217,7 +223,8 @@ class RoutePlanner:
         block = start
         while block < end:
             candidates = [s for s in self.view.covering(block) if id(s) in eligible]
-            weights = [max(s.info.throughput, MIN_SPREAD_WEIGHT) for s in candidates]
+            weights = [MIN_SPREAD_WEIGHT if client_rtts.get(s.peer_id) == math.inf
+                       else max(s.info.throughput, MIN_SPREAD_WEIGHT) for s in candidates]
             point = rng.random() * sum(weights)
             chosen = candidates[-1]
             for span, weight in zip(candidates, weights):
@@ -277,6 +284,16 @@ def _usable(span: ServedSpan, banned: Container[str], needs: RouteNeeds, inferen
         if info.inference_rps is not None and info.inference_rps <= 0:
             return False
     return True
+
+
+def _link(prev: str, prev_info, peer: str, client_rtts: Mapping[str, float],
+          cfg: RoutingConfig) -> float:
+    """One-way seconds for a hidden state to get from server `prev` to server `peer`."""
+    if prev == peer:
+        return 0.0  # another span of the same server: no network
+    if cfg.relay:
+        return _delay(client_rtts.get(prev), cfg) + _delay(client_rtts.get(peer), cfg)
+    return _delay(prev_info.next_pings.get(peer), cfg)
 
 
 def _delay(rtt: float | None, cfg: RoutingConfig) -> float:

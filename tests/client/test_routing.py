@@ -21,6 +21,7 @@ from client.routing import (
     RouteNeeds,
     RoutePlanner,
     RouteSpan,
+    RoutingConfig,
 )
 
 
@@ -204,7 +205,7 @@ def test_inference_route_is_the_cheapest_of_all_routes(data):
     start = data.draw(st.integers(min_value=0, max_value=blocks - 1))
     end = data.draw(st.one_of(st.just(blocks), st.integers(min_value=start + 1, max_value=blocks)))
     view = SwarmView.from_servers(blocks, servers)
-    planner = RoutePlanner(view)
+    planner = RoutePlanner(view, RoutingConfig(relay=data.draw(st.booleans())))
     candidates = list(all_routes(view, start, end, set(peers) - banned))
     if not candidates:
         with pytest.raises(MissingBlocksError):
@@ -249,3 +250,69 @@ def test_planning_80_blocks_over_300_servers_is_fast():
     assert route[0].start == 0 and route[-1].end == 80
     # Measured about 4 ms on the shared 2-core dev machine; generous bound against noise.
     assert statistics.median(timings) < 0.05
+
+
+# -- push vs relay: which links a step crosses --------------------------------------------------
+
+def near_far_swarm() -> tuple[SwarmView, dict[str, float]]:
+    """N1, N2 are near the client but far from each other; F1, F2 far from the client, near
+    each other. Pushing along F1 -> F2 wins; relaying through the client favours N1 -> N2."""
+    servers = {
+        "N1": online(0, 2, inference_rps=1000.0, next_pings={"N2": 0.4, "F2": 0.4}),
+        "F1": online(0, 2, inference_rps=1000.0, next_pings={"F2": 0.002}),
+        "N2": online(2, 4, inference_rps=1000.0),
+        "F2": online(2, 4, inference_rps=1000.0),
+    }
+    return SwarmView.from_servers(4, servers), {"N1": 0.02, "N2": 0.02, "F1": 0.2, "F2": 0.2}
+
+
+def test_push_routes_use_server_to_server_pings():
+    view, rtts = near_far_swarm()
+    planner = RoutePlanner(view)
+    route = planner.inference_route(0, 4, client_rtts=rtts)
+    assert route == [RouteSpan("F1", 0, 2), RouteSpan("F2", 2, 4)]
+    # client->F1 0.1 + hop, 2 blocks 0.002, F1->F2 0.001 + hop, 0.002, F2->client 0.1
+    assert planner.route_latency(route, client_rtts=rtts) == pytest.approx(
+        0.1 + HOP_OVERHEAD + 0.002 + 0.001 + HOP_OVERHEAD + 0.002 + 0.1)
+    near = [RouteSpan("N1", 0, 2), RouteSpan("N2", 2, 4)]
+    assert planner.route_latency(near, client_rtts=rtts) == pytest.approx(
+        0.01 + HOP_OVERHEAD + 0.002 + 0.2 + HOP_OVERHEAD + 0.002 + 0.01)
+
+
+def test_relay_routes_cross_the_client_between_spans():
+    view, rtts = near_far_swarm()
+    planner = RoutePlanner(view, RoutingConfig(relay=True))
+    route = planner.inference_route(0, 4, client_rtts=rtts)
+    assert route == [RouteSpan("N1", 0, 2), RouteSpan("N2", 2, 4)]
+    # N1 -> client -> N2 is 0.01 + 0.01 one way: next_pings do not matter when relaying
+    assert planner.route_latency(route, client_rtts=rtts) == pytest.approx(
+        0.01 + HOP_OVERHEAD + 0.002 + 0.02 + HOP_OVERHEAD + 0.002 + 0.01)
+    far = [RouteSpan("F1", 0, 2), RouteSpan("F2", 2, 4)]
+    assert planner.route_latency(far, client_rtts=rtts) == pytest.approx(
+        0.1 + HOP_OVERHEAD + 0.002 + 0.2 + HOP_OVERHEAD + 0.002 + 0.1)
+
+
+def test_servers_without_free_cache_are_avoided_even_when_fastest():
+    servers = {
+        "fast": online(0, 4, inference_rps=10_000.0, cache_tokens_left=100),
+        "slow": online(0, 4, inference_rps=10.0, cache_tokens_left=10_000),
+    }
+    planner = RoutePlanner(SwarmView.from_servers(4, servers))
+    assert planner.inference_route(0, 4, needs=RouteNeeds(cache_tokens=64))[0].peer_id == "fast"
+    route = planner.inference_route(0, 4, needs=RouteNeeds(cache_tokens=1024))
+    assert route == [RouteSpan("slow", 0, 4)]
+
+
+def test_spread_routes_avoid_servers_the_client_cannot_reach():
+    servers = {
+        "big": online(0, 4, throughput=1000.0),
+        "small": online(0, 4, throughput=1.0),
+    }
+    planner = RoutePlanner(SwarmView.from_servers(4, servers))
+    rng = random.Random(3)
+    chosen = Counter(planner.spread_route(0, 4, rng, client_rtts={"big": math.inf})[0].peer_id
+                     for _ in range(300))
+    assert chosen["small"] == 300
+    alone = RoutePlanner(SwarmView.from_servers(4, {"big": servers["big"]}))
+    assert alone.spread_route(0, 4, rng, client_rtts={"big": math.inf}) == [
+        RouteSpan("big", 0, 4)]  # unreachable but alone: still tried
