@@ -24,6 +24,7 @@ import tensor_wire
 from blocks import protocol
 from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.protocol import RequestError
+from blocks.push import Pushed, PushService
 from blocks.span import BlockSpan, SpanInputError
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.streams import ConnectionLost, Stream, StreamClosed
@@ -46,7 +47,8 @@ class ServingConfig:
 
 
 class _Session:
-    __slots__ = ("blocks", "budget", "cost", "last_active", "session", "session_id", "stream")
+    __slots__ = ("blocks", "budget", "cost", "inbox", "last_active", "session", "session_id",
+                 "stream")
 
     def __init__(self, session_id, session, blocks, cost, stream, budget):
         self.session_id = session_id
@@ -56,6 +58,7 @@ class _Session:
         self.cost = cost
         self.budget = budget  # of the span it was opened on (a server may have moved since)
         self.last_active = time.monotonic()
+        self.inbox = None
 
 
 class BlockServer:
@@ -73,12 +76,14 @@ class BlockServer:
         self.requests_served = 0
         self._seconds_per_token: float | None = None  # moving average of compute time
         self._in_worker = 0  # computations queued on or running in the worker thread
+        self.push: PushService | None = None  # server-to-server push (blocks/push.py)
 
     # ------------------------------------------------------------------ lifetime
     def attach(self, host: Host) -> None:
         host.add_handler(protocol.METHOD_INFO, self._info)
         host.add_handler(protocol.METHOD_FORWARD, self._forward)
         host.add_stream_handler(protocol.METHOD_INFERENCE, self._inference)
+        self.push = PushService(host)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle_sessions())
 
     async def close(self) -> None:
@@ -88,6 +93,8 @@ class BlockServer:
                 await self._reaper
         for entry in list(self._sessions.values()):
             self._end_session(entry)
+        if self.push is not None:
+            await self.push.aclose()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     @property
@@ -190,6 +197,7 @@ class BlockServer:
             view = self._view(blocks.start, blocks.end)
             session = view.new_session(request.batch_size, request.max_length)
             entry = _Session(next(self._ids), session, blocks, cost, stream, budget)
+            entry.inbox = self.push.open(stream, meta)
             self._sessions[entry.session_id] = entry
         finally:
             if entry is None:
@@ -197,6 +205,7 @@ class BlockServer:
         try:
             await stream.send(tensor_wire.encode_message([], {
                 "session": entry.session_id, "cache_tokens_free": self.cache_tokens_free,
+                **self.push.opening_fields(entry.inbox),
             }))
             await self._serve_steps(stream, entry, request)
         finally:
@@ -206,13 +215,16 @@ class BlockServer:
                            request: protocol.SessionRequest) -> None:
         session = entry.session
         while True:
-            message = await stream.recv()
+            message = await entry.inbox.next()  # the client's message, or a pushed step
             if message is None:
                 return
             if entry.session_id not in self._sessions:
                 raise RemoteError(protocol.SESSION_CLOSED, "the session was closed for idleness")
             entry.last_active = time.monotonic()
-            tensors, meta = self._decode(message)
+            if isinstance(message, Pushed):
+                tensors, meta = message.tensors, message.meta
+            else:
+                tensors, meta = self._decode(message)
             try:
                 step = protocol.parse_step_request(meta)
                 if len(tensors) != 1:
@@ -226,8 +238,8 @@ class BlockServer:
                 await stream.send(tensor_wire.encode_message([], reply))
                 continue
             self.requests_served += 1
-            await stream.send(tensor_wire.encode_message([output], {"step": step.step_id},
-                                                         request.compression))
+            # to the client, and on to the next server when the step asks for push
+            await self.push.answer(entry.inbox, step.step_id, output, meta, request.compression)
             entry.last_active = time.monotonic()
 
     @staticmethod
@@ -305,6 +317,8 @@ class BlockServer:
             return
         with contextlib.suppress(Exception):
             entry.session.close()
+        if entry.inbox is not None:
+            self.push.close(entry.inbox)
         entry.budget.release(entry.cost)
 
     async def _reap_idle_sessions(self) -> None:

@@ -5,6 +5,13 @@ sends only the new positions through the chain and returns the last server's hid
 the servers keep the attention caches. The session remembers, per span, every input it sent,
 so that a failed server can be replaced by replaying them.
 
+Push (docs/block_protocol.md, "Push"; on by default): servers that accept it get a step's
+hidden states from the previous server of the chain instead of from the client, so a step
+crosses the chain once (client/push_chain.py). Every server still answers the client, which
+keeps each span's inputs exactly as in relay mode; a push that fails is reported by the
+pushing server and the client relays that hop itself. Servers that do not speak push (older
+versions) are relayed to, as before.
+
 Recovery (when the session was given a `Rerouter`): a span whose server fails during a step
 (lost connection, timeout, reset stream, malformed answer; never a `RemoteError`, which means
 the caller's input was refused) is banned (client/recovery.py `BanList`), exactly its block
@@ -21,6 +28,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,6 +36,7 @@ import torch
 
 import tensor_wire
 from blocks import protocol
+from blocks.push_protocol import MAX_HOP_ADDRS, PUSH_VERSION, TOKEN_BYTES, PushHop
 from client.recovery import BanList, RetryPolicy
 from client.routing import MissingBlocksError
 from overlay.host import Host, RemoteError
@@ -83,13 +92,55 @@ class SessionConfig:
     step_timeout: float = 60.0
     compression: str = "none"  # of the activations, in both directions
     recovery_timeout: float = RECOVERY_TIMEOUT  # to replace a failed span, then give up
+    push: bool = True  # servers send hidden states on to the next server themselves
+
+
+class Mailbox:
+    """The messages of a session's push-capable spans, as their reader tasks receive them, so
+    that a step can wait on two streams at once (a span's answer, or its pusher's notice).
+    A span's end or failure stays at the head of its queue: every later read sees it."""
+
+    __slots__ = ("_queues", "_waiter")
+
+    def __init__(self):
+        self._queues: dict[SpanSession, deque] = {}
+        self._waiter: asyncio.Future | None = None
+
+    def post(self, span: SpanSession, item: bytes | BaseException | None) -> None:
+        self._queues.setdefault(span, deque()).append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def forget(self, span: SpanSession) -> None:
+        self._queues.pop(span, None)
+
+    async def get(self, spans: tuple[SpanSession, ...]):
+        """(span, item): the oldest message of the first of `spans` that has one."""
+        while True:
+            for span in spans:
+                queue = self._queues.get(span)
+                if queue:
+                    item = queue[0]
+                    if isinstance(item, bytes):
+                        queue.popleft()
+                    return span, item
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+# What `SpanSession.read` makes of one message of a step.
+ANSWER, STALE, NOTICE = "answer", "stale", "notice"
 
 
 class SpanSession:
     """One server's part of an inference session: blocks [start, end) on `peer`."""
 
     def __init__(self, host: Host, peer: PeerId, model_id: str, start: int, end: int,
-                 config: SessionConfig):
+                 config: SessionConfig, mailbox: Mailbox | None = None):
         self.host = host
         self.peer = peer
         self.model_id = model_id
@@ -98,8 +149,11 @@ class SpanSession:
         self.config = config
         self.position = 0
         self.inputs: list[torch.Tensor] = []  # everything sent, for replay on another server
+        self.push_token: bytes | None = None  # the server accepts pushes into this session
         self._stream: Stream | None = None
         self._step_ids = 0
+        self._mailbox = mailbox
+        self._reader: asyncio.Task | None = None
 
     async def open(self) -> None:
         config = self.config
@@ -108,32 +162,111 @@ class SpanSession:
                                                        timeout=None)
         except (ConnectionLost, OSError, TimeoutError) as e:
             raise InferenceError(f"{self._where()}: {e}") from None
-        await self._send(tensor_wire.encode_message([], {
+        opening = {
             "model": self.model_id, "start": self.start, "end": self.end,
             "batch_size": config.batch_size, "max_length": config.max_length,
             "wait_timeout": config.wait_timeout, "compression": config.compression,
-        }))
-        _, meta = await self._receive(config.wait_timeout + config.step_timeout)
+        }
+        if config.push and self._mailbox is not None:
+            opening["push"] = PUSH_VERSION
+        await self._send(tensor_wire.encode_message([], opening))
+        message = await self._receive(config.wait_timeout + config.step_timeout)
+        if not isinstance(message, bytes):
+            self.read(message, 0)  # raises: the server is lost
+        try:
+            _, meta = tensor_wire.decode_message(message)
+        except tensor_wire.WireError as e:
+            raise InferenceError(f"{self._where()}: malformed answer: {e}") from None
         if "session" not in meta:
             raise InferenceError(f"{self._where()}: unexpected answer to the session request")
+        push = meta.get("push") if self._mailbox is not None else None
+        if isinstance(push, dict) and isinstance(push.get("token"), bytes) and \
+                len(push["token"]) == TOKEN_BYTES:
+            self.push_token = push["token"]
+            self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        if self._stream is None:
-            raise InferenceError(f"{self._where()}: session is not open")
+        """Relay: send `hidden` (positions from `position` on) and wait for the output."""
+        step_id = self.next_step_id()
+        await self.send_step(hidden, position, step_id)
+        while True:
+            kind, out = self.read(await self._receive(self.config.step_timeout), step_id)
+            if kind == ANSWER:
+                break
+        self.commit(hidden, position)
+        return out
+
+    # -- the parts of a step, for push chains (client/push_chain.py) --------------------------
+
+    def next_step_id(self) -> int:
         step_id = self._step_ids
         self._step_ids += 1
-        message = tensor_wire.encode_message([hidden], {"position": position, "step": step_id},
-                                             self.config.compression)
-        await self._send(message)
-        tensors, meta = await self._receive(self.config.step_timeout)
+        return step_id
+
+    def hop(self, step_id: int) -> PushHop:
+        """How the previous server pushes this span's part of step `step_id` to it."""
+        addrs = tuple(str(a) for a in self.host.peer_addrs(self.peer)[:MAX_HOP_ADDRS])
+        return PushHop(str(self.peer), self.push_token, step_id, addrs)
+
+    async def send_step(self, hidden: torch.Tensor, position: int, step_id: int,
+                        chain: list[PushHop] | None = None) -> None:
+        if self._stream is None:
+            raise InferenceError(f"{self._where()}: session is not open")
+        meta = {"position": position, "step": step_id}
+        if chain:
+            meta["next"] = [hop.to_wire() for hop in chain]
+        await self._send(tensor_wire.encode_message([hidden], meta, self.config.compression))
+
+    def read(self, item: bytes | BaseException | None, step_id: int):
+        """(ANSWER, output), (STALE, None) for a message of an earlier step, or (NOTICE,
+        reason) when the server could not push step `step_id` on. Raises InferenceError when
+        the server is lost, RemoteError when it refused the step."""
+        if isinstance(item, RemoteError):
+            raise item
+        if isinstance(item, BaseException):
+            raise InferenceError(str(item) if isinstance(item, TimeoutError) else
+                                 f"{self._where()}: {item}")
+        if item is None:
+            raise InferenceError(f"{self._where()}: the server ended the session")
+        try:
+            tensors, meta = tensor_wire.decode_message(item)
+        except tensor_wire.WireError as e:
+            raise InferenceError(f"{self._where()}: malformed answer: {e}") from None
+        got = meta.get("step")
+        if not isinstance(got, int) or got > step_id:
+            raise InferenceError(f"{self._where()}: answer out of order")
+        if got < step_id:
+            return STALE, None
+        if "push_failed" in meta:
+            return NOTICE, str(meta["push_failed"])
         if "error" in meta:
             raise RemoteError(str(meta.get("error")), str(meta.get("message", "")))
-        if meta.get("step") != step_id or len(tensors) != 1:
+        if len(tensors) != 1:
             raise InferenceError(f"{self._where()}: answer out of order")
+        return ANSWER, tensors[0]
+
+    def commit(self, hidden: torch.Tensor, position: int) -> None:
+        """The server has run `hidden` from `position` on: keep it for replay."""
         _trim(self.inputs, position)
         self.inputs.append(hidden)
         self.position = position + hidden.shape[1]
-        return tensors[0]
+
+    def arm_timeout(self, timeout: float) -> asyncio.TimerHandle:
+        """At the deadline the stream is reset, which fails the wait with a timeout."""
+        return asyncio.get_running_loop().call_later(
+            timeout, _expire, self._stream, f"{self._where()}: no answer within {timeout:g} s")
+
+    async def _read(self) -> None:
+        """Push mode: move every message of the stream to the session's mailbox."""
+        stream, mailbox = self._stream, self._mailbox
+        try:
+            while True:
+                message = await stream.recv()
+                mailbox.post(self, message)
+                if message is None:
+                    return
+        except Exception as e:  # RemoteError too: `read` raises it to the caller
+            mailbox.post(self, e)
 
     async def _send(self, message: bytes) -> None:
         try:
@@ -141,27 +274,26 @@ class SpanSession:
         except (ConnectionLost, StreamClosed) as e:
             raise InferenceError(f"{self._where()}: {e}") from None
 
-    async def _receive(self, timeout: float):
+    async def _receive(self, timeout: float) -> bytes | BaseException | None:
+        """The next message, or the stream's end (None) or failure, for `read` to judge."""
         # One timer instead of asyncio.wait_for, which creates a task per call (Python 3.11):
         # at the deadline the stream is reset, which wakes recv() with the timeout error.
-        stream = self._stream
-        timer = asyncio.get_running_loop().call_later(
-            timeout, _expire, stream, f"{self._where()}: no answer within {timeout:g} s")
+        timer = self.arm_timeout(timeout)
         try:
-            message = await stream.recv()
+            if self._reader is not None:
+                return (await self._mailbox.get((self,)))[1]
+            return await self._stream.recv()
         except (ConnectionLost, StreamClosed, TimeoutError) as e:
-            raise InferenceError(str(e) if isinstance(e, TimeoutError) else
-                                 f"{self._where()}: {e}") from None
+            return e
         finally:
             timer.cancel()
-        if message is None:
-            raise InferenceError(f"{self._where()}: the server ended the session")
-        try:
-            return tensor_wire.decode_message(message)
-        except tensor_wire.WireError as e:
-            raise InferenceError(f"{self._where()}: malformed answer: {e}") from None
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._mailbox is not None:
+            self._mailbox.forget(self)
         stream, self._stream = self._stream, None
         if stream is not None:
             with contextlib.suppress(Exception):
@@ -212,6 +344,8 @@ class InferenceSession:
         self.host = host
         self.model_id = model_id
         self.config = config or SessionConfig()
+        self.mailbox = Mailbox()
+        self.client_sends = 0  # hidden states the client sent to a span (relay: one per span)
         self.spans = [self._span(peer, start, end) for peer, start, end in route]
         self.position = 0
         self.recoveries: list[Recovery] = []
@@ -221,7 +355,8 @@ class InferenceSession:
         self._closed = False
 
     def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
-        return SpanSession(self.host, peer, self.model_id, start, end, self.config)
+        return SpanSession(self.host, peer, self.model_id, start, end, self.config,
+                           self.mailbox)
 
     async def open(self) -> InferenceSession:
         """Open every span; with a rerouter, spans whose server cannot be reached are replaced
@@ -254,10 +389,17 @@ class InferenceSession:
             raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
                                  f"session's max_length {self.config.max_length}")
         position = self.position
+        if any(span.push_token is not None for span in self.spans):
+            from client.push_chain import push_step  # imports this module
+
+            hidden = await push_step(self, hidden, position)
+            self.position = position + hidden.shape[1]
+            return hidden
         index = 0
         while index < len(self.spans):
             span = self.spans[index]
             try:
+                self.client_sends += 1
                 out = await span.step(hidden, position)
             except InferenceError as e:
                 if self._rerouter is None or self._closed:

@@ -1,0 +1,232 @@
+"""Server-to-server push for inference sessions (the I/O half; rules in blocks/push_protocol.py).
+
+A `PushService` belongs to one BlockServer. For every session it hands out a `SessionInbox`:
+where the session's steps come from. Without push that is just the client's stream. With
+push (the client asked for it when opening) the inbox also takes steps that the previous
+server of the client's chain sends with `blocks.push`, authenticated by the session's random
+token; a reader task moves the client's messages into the same queue, so one loop serves both.
+
+After a step, `answer` sends the output to the next hop first (the critical path), then to
+the client (which keeps it as the next span's input, for replay). A push that fails (the
+next server is gone, refuses, or does not answer within PUSH_TIMEOUT) is reported to the
+client on the session stream with a failure notice; the client then relays that output
+itself. A pushed step whose id is not above the last step the session answered is stale (the
+client already relayed it) and is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+
+import tensor_wire
+from blocks import protocol
+from blocks.protocol import RequestError
+from blocks.push_protocol import (
+    METHOD_PUSH,
+    PUSH_VERSION,
+    TOKEN_BYTES,
+    PushHop,
+    failure_notice,
+    parse_chain,
+    parse_push_request,
+    push_meta,
+    wants_push,
+)
+from overlay.host import Host, RemoteError, RpcContext
+from overlay.identity import IdentityError, PeerId
+from overlay.streams import ConnectionLost, Stream, StreamClosed
+
+log = logging.getLogger(__name__)
+
+# Ours: seconds a server waits for the next server to accept a push before telling its client
+# to relay instead (loopback answers in well under a millisecond; a WAN hop in < 1 s).
+PUSH_TIMEOUT = 5.0
+# Ours: pushed steps queued in one session before further pushes are refused (a client runs
+# one step at a time, so more than one or two queued means a misbehaving peer).
+MAX_QUEUED_PUSHES = 8
+
+
+class Pushed:
+    """A step that another server pushed: decoded tensors and client-style step metadata."""
+
+    __slots__ = ("meta", "tensors")
+
+    def __init__(self, tensors, meta: dict):
+        self.tensors = tensors
+        self.meta = meta
+
+
+class SessionInbox:
+    """The steps of one session, from its client's stream and (push on) from other servers."""
+
+    __slots__ = ("_error", "_items", "_reader", "_waiter", "last_step", "stream", "token")
+
+    def __init__(self, stream: Stream, token: bytes | None):
+        self.stream = stream
+        self.token = token
+        self.last_step = -1  # the highest step id answered
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._reader: asyncio.Task | None = None
+        if token is not None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_stream())
+
+    async def next(self) -> bytes | Pushed | None:
+        """The next client message (bytes) or pushed step; None when the client has ended."""
+        if self._reader is None:
+            return await self.stream.recv()
+        while True:
+            while not self._items:
+                if self._error is not None:
+                    raise self._error
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            item = self._items.popleft()
+            if item is None:
+                return None
+            if isinstance(item, Pushed) and item.meta["step"] <= self.last_step:
+                continue  # stale: the client relayed this step already
+            return item
+
+    def deliver(self, item: Pushed) -> None:
+        if sum(isinstance(i, Pushed) for i in self._items) >= MAX_QUEUED_PUSHES:
+            raise RemoteError(protocol.OVERLOADED, "too many pushed steps queued")
+        self._put(item)
+
+    def _put(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _read_stream(self) -> None:
+        try:
+            while True:
+                message = await self.stream.recv()
+                self._put(message)
+                if message is None:
+                    return
+        except (ConnectionLost, StreamClosed, TimeoutError) as e:
+            self._error = e
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+class PushService:
+    """Accepts pushes into this server's sessions and pushes their outputs on."""
+
+    def __init__(self, host: Host, timeout: float = PUSH_TIMEOUT):
+        self.host = host
+        self.timeout = timeout
+        self._by_token: dict[bytes, SessionInbox] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.pushed = 0  # outputs sent on to the next server
+        self.push_failures = 0
+        host.add_handler(METHOD_PUSH, self._on_push)
+
+    # ------------------------------------------------------------------ sessions
+    def open(self, stream: Stream, request_meta) -> SessionInbox:
+        """The inbox of a new session; with a push token when the client asked for push."""
+        token = secrets.token_bytes(TOKEN_BYTES) if wants_push(request_meta) else None
+        inbox = SessionInbox(stream, token)
+        if token is not None:
+            self._by_token[token] = inbox
+        return inbox
+
+    @staticmethod
+    def opening_fields(inbox: SessionInbox) -> dict:
+        """What the session's opening answer adds: the push version and token, if on."""
+        if inbox.token is None:
+            return {}
+        return {"push": {"v": PUSH_VERSION, "token": inbox.token}}
+
+    def close(self, inbox: SessionInbox) -> None:
+        if inbox.token is not None:
+            self._by_token.pop(inbox.token, None)
+        inbox.close()
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    # ------------------------------------------------------------------ a step's output
+    async def answer(self, inbox: SessionInbox, step_id: int, output, meta: dict,
+                     compression: str) -> None:
+        """Send a step's output on along the push chain in `meta` (if any) and to the client."""
+        inbox.last_step = max(inbox.last_step, step_id)
+        chain = meta.get("next") if isinstance(meta, dict) else None
+        problem = None
+        if chain is not None:
+            try:
+                hops = parse_chain(chain)
+            except RequestError as e:
+                hops, problem = (), f"bad push chain: {e}"
+            if hops:
+                payload = tensor_wire.encode_message(
+                    [output], push_meta(hops[0], meta["position"], hops[1:]), compression)
+                task = asyncio.get_running_loop().create_task(
+                    self._push(inbox, step_id, hops[0], payload))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                await asyncio.sleep(0)  # let the push reach the socket before the answer
+        await inbox.stream.send(tensor_wire.encode_message([output], {"step": step_id},
+                                                           compression))
+        if problem is not None:
+            await inbox.stream.send(tensor_wire.encode_message(
+                [], failure_notice(step_id, problem)))
+
+    async def _push(self, inbox: SessionInbox, step_id: int, hop: PushHop,
+                    payload: bytes) -> None:
+        try:
+            peer = PeerId.from_string(hop.peer)
+            if peer == self.host.peer_id:
+                await self._on_push(None, payload)  # our own next span: no network
+            else:
+                if hop.addrs and not self.host.peer_addrs(peer):
+                    self.host.add_peer_addrs(peer, hop.addrs)
+                await self.host.call(peer, METHOD_PUSH, payload, timeout=self.timeout)
+            self.pushed += 1
+            return
+        except asyncio.CancelledError:
+            raise
+        except (RemoteError, ConnectionLost, TimeoutError, IdentityError, OSError) as e:
+            reason = f"push to {hop.peer[-8:]} failed: {e}"
+        self.push_failures += 1
+        log.info("step %d: %s; the client relays", step_id, reason)
+        with contextlib.suppress(ConnectionLost, StreamClosed):
+            inbox.stream.send_nowait(tensor_wire.encode_message(
+                [], failure_notice(step_id, reason)))
+
+    # ------------------------------------------------------------------ receiving pushes
+    async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
+        try:
+            tensors, meta = tensor_wire.decode_message(payload)
+        except tensor_wire.WireError as e:
+            raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
+        try:
+            request = parse_push_request(meta)
+            if len(tensors) != 1:
+                raise RequestError(protocol.BAD_INPUT, "a push carries one tensor")
+        except RequestError as e:
+            raise RemoteError(e.code, str(e)) from None
+        inbox = self._by_token.get(request.token)
+        if inbox is None:
+            raise RemoteError(protocol.SESSION_CLOSED, "no session with this push token")
+        inbox.deliver(Pushed(tensors, request.step_meta()))
+        return b""

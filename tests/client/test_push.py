@@ -1,0 +1,134 @@
+"""Server-to-server push (docs/block_protocol.md, "Push") against real `overlay-node serve`
+processes: a step is sent to the first span only, the servers push it along, the client
+still holds every span's input, a failed push falls back to the client relaying, and a push
+target killed mid-generation is replaced with the tokens of the local model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.inference import SessionConfig
+from client.local_swarm import LocalSwarm
+from client.model import ModelSession, RemoteModel
+from tests.client.test_fault_tolerance import prompt, server_index, wait_until_visible
+from tests.model_factory import NUM_LAYERS, build_model, save_model
+
+# Three spans in the chain; a spare [1, 3) so a killed middle server can be replaced.
+SPANS = [(0, 1), (1, 3), (3, NUM_LAYERS), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model("llama", tmp_path_factory.mktemp("model") / "llama")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_model("llama")
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dir, tmp_path_factory):
+    local = LocalSwarm(model_dir, SPANS, log_dir=tmp_path_factory.mktemp("logs"))
+    with local:
+        yield local
+
+
+async def run_steps(model: RemoteModel, hidden: torch.Tensor, push: bool, spoil=None):
+    """Steps of 4, 1, 1, 1 positions through a 3-span session; outputs and the session."""
+    blocks = model.blocks
+    session = await blocks.inference_session(1, 16)
+    if not push:  # the same chain, opened as a relay-only (push version 0) client would
+        await session.close()
+        route = [(s.peer, s.start, s.end) for s in session.spans]
+        session = type(session)(session.host, session.model_id, route,
+                                SessionConfig(max_length=16, push=False))
+        await session.open()
+    if spoil is not None:
+        spoil(session)
+    outs = []
+    for lo, hi in [(0, 4), (4, 5), (5, 6), (6, 7)]:
+        outs.append(await session.step(hidden[:, lo:hi]))
+    await session.close()
+    return outs, session
+
+
+@pytest.mark.slow
+async def test_push_and_relay_give_the_same_states_and_push_sends_once(swarm, model_dir):
+    hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(2))
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, len(SPANS))
+        pushed, push_session = await run_steps(model, hidden, push=True)
+        relayed, relay_session = await run_steps(model, hidden, push=False)
+    finally:
+        await model.close()
+    assert len(push_session.spans) == 3
+    assert all(s.push_token is not None for s in push_session.spans)
+    assert all(s.push_token is None for s in relay_session.spans)
+    assert push_session.client_sends == 4  # one per step: the servers pushed the rest
+    assert relay_session.client_sends == 12
+    for a, b in zip(pushed, relayed):
+        assert torch.equal(a, b)
+    # the client kept every span's inputs, as relay mode does (what replay needs)
+    for p, r in zip(push_session.spans, relay_session.spans):
+        assert p.position == r.position == 7
+        assert torch.equal(torch.cat(p.inputs, dim=1), torch.cat(r.inputs, dim=1))
+
+
+@pytest.mark.slow
+async def test_a_refused_push_falls_back_to_the_client_relaying(swarm, model_dir):
+    """The middle span's token is spoiled on the client, so the first server's push is
+    refused (no such session) and reported; the client relays that hop, with the same
+    results. The last span, an "old server" here (no token), is relayed to throughout."""
+    hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(3))
+
+    def spoil(session):
+        session.spans[1].push_token = bytes(16)  # a token no server issued
+        session.spans[2].push_token = None
+
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, len(SPANS))
+        clean, _ = await run_steps(model, hidden, push=True)
+        spoiled, session = await run_steps(model, hidden, push=True, spoil=spoil)
+    finally:
+        await model.close()
+    assert session.client_sends == 12  # every hop relayed after a failed push or to old
+    assert session.recoveries == []
+    for a, b in zip(clean, spoiled):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+async def test_push_target_killed_mid_generation(swarm, model_dir, reference):
+    """Last on this swarm: SIGKILLs the middle server, the first server's push target."""
+    ids, new_tokens, kill_after = prompt(11), 32, 10
+    expected = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, len(SPANS))
+        blocks_session = await model.blocks.inference_session(1, 64)
+        assert [(s.start, s.end) for s in blocks_session.spans] == SPANS[:3]
+        victim = str(blocks_session.spans[1].peer)
+        produced = []
+
+        def kill_midway(chosen: torch.Tensor) -> None:
+            produced.append(int(chosen))
+            if len(produced) == kill_after:
+                swarm.kill_server(server_index(swarm, victim))
+
+        async with ModelSession(model, blocks_session) as session:
+            got = await model.generate(ids, session=session, on_tokens=kill_midway,
+                                       max_new_tokens=new_tokens, do_sample=False)
+        recoveries = list(blocks_session.recoveries)
+        sends = blocks_session.client_sends
+    finally:
+        await model.close()
+    assert torch.equal(got, expected)
+    assert len(produced) == new_tokens
+    assert [(r.failed_peer, r.start, r.end) for r in recoveries] == [(victim, 1, 3)]
+    assert recoveries[0].replayed == ids.shape[1] + kill_after - 1
+    # one send per step, plus the recovery's re-send to the span after the replacement
+    assert sends <= new_tokens + 2
