@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -46,6 +47,7 @@ class Announcer:
         self.public_addrs = public_addrs
         self.joining: tuple[int, int] | None = None
         self.leaving: tuple[int, int] | None = None
+        self.next_pings = None  # () -> {peer id: RTT seconds} (blocks/next_hop_pinger.py)
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one announcement at a time: the latest state wins
 
@@ -55,8 +57,11 @@ class Announcer:
         start, end = span or served
         cache_free = (server.cache_tokens_free if (start, end) == served
                       else server.config.cache_tokens)
-        return server_info(self.host, self.rates, self.public_addrs, state, start, end,
+        info = server_info(self.host, self.rates, self.public_addrs, state, start, end,
                            cache_free, str(server.span.dtype).removeprefix("torch."))
+        if self.next_pings is not None and state == ServerState.ONLINE and (start, end) == served:
+            info = dataclasses.replace(info, next_pings=self.next_pings())
+        return info
 
     def records(self, state: ServerState) -> dict[int, ServerInfo]:
         """Block -> the record to store now: the left span OFFLINE, the served span in

@@ -74,6 +74,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from blocks.announcer import Announcer
     from blocks.families import DeviceOptions, load_config, resolve_device, resolve_dtype
     from blocks.model_files import ModelFiles, ModelFilesError, default_model_id
+    from blocks.next_hop_pinger import NextHopPinger
     from blocks.server import BlockServer, ServingConfig
     from blocks.span import BlockSpan
     from overlay.cli.node import dialable, load_identity, parse_addrs
@@ -110,7 +111,7 @@ async def run_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
 
     host = Host(load_identity(args.identity))
-    server = dht = announcer = balancer = None
+    server = dht = announcer = balancer = pinger = None
     try:
         addrs = await host.listen(listen)
         dht = await serve_placement.start_server_dht(host, [str(b) for b in bootstrap])
@@ -137,7 +138,10 @@ async def run_serve(args: argparse.Namespace) -> int:
                                                  max_length=args.max_length))
         server.attach(host)
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
+        pinger = NextHopPinger(dht, host, server, total, period=args.announce_period)
+        announcer.next_pings = pinger.next_pings  # RTTs to the next servers, for routing
         await announcer.start()
+        pinger.start()
         if not isinstance(wanted, tuple):
             balancer = serve_placement.start_balancer(planner, dht, announcer, server, load,
                                                       total)
@@ -146,6 +150,8 @@ async def run_serve(args: argparse.Namespace) -> int:
                  start, end, host.peer_id, rates.throughput(end - start))
         await asyncio.Event().wait()
     finally:
+        if pinger is not None:
+            await pinger.stop()
         if balancer is not None:
             balancer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -5,6 +5,9 @@ target killed mid-generation is replaced with the tokens of the local model."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -30,7 +33,9 @@ def reference():
 
 @pytest.fixture(scope="module")
 def swarm(model_dir, tmp_path_factory):
-    local = LocalSwarm(model_dir, SPANS, log_dir=tmp_path_factory.mktemp("logs"))
+    # a short announce period, so that the measured next_pings are announced within the test
+    local = LocalSwarm(model_dir, SPANS, log_dir=tmp_path_factory.mktemp("logs"),
+                       extra_serve_args=("--announce-period", "2"))
     with local:
         yield local
 
@@ -52,6 +57,31 @@ async def run_steps(model: RemoteModel, hidden: torch.Tensor, push: bool, spoil=
         outs.append(await session.step(hidden[:, lo:hi]))
     await session.close()
     return outs, session
+
+
+@pytest.mark.slow
+async def test_servers_announce_round_trips_to_the_servers_after_them(swarm, model_dir):
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, len(SPANS))
+        deadline = time.monotonic() + 20
+        while True:
+            view = await model.blocks.view(refresh=True)
+            by_span = {}
+            for peer, info in view.servers.items():
+                by_span.setdefault((info.start, info.end), []).append((peer, info))
+            (first, first_info), = by_span[(0, 1)]
+            middle = {peer for peer, _ in by_span[(1, 3)]}
+            if set(first_info.next_pings) == middle or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await model.close()
+    assert set(first_info.next_pings) == middle  # both servers of block 1, nobody else
+    assert all(0 < rtt < 1.0 for rtt in first_info.next_pings.values())  # loopback
+    for _, info in by_span[(1, 3)]:
+        assert set(info.next_pings) == {p for p, _ in by_span[(3, NUM_LAYERS)]}
+    assert by_span[(3, NUM_LAYERS)][0][1].next_pings == {}  # the last span: nobody after it
 
 
 @pytest.mark.slow
