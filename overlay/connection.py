@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from overlay.identity import PeerId
+from overlay.link_delay import DelayedTransport
 from overlay.mux import (
     ConnectionTerminated,
     DataReceived,
@@ -47,6 +48,8 @@ WRITE_LOW_WATER = 128 << 10
 
 class Connection(asyncio.Protocol):
     """One TCP connection to a peer. Created by the Host; applications use streams."""
+
+    link_delay = 0.0  # TEST-ONLY one-way delay of every write (overlay/link_delay.py)
 
     def __init__(
         self,
@@ -100,6 +103,8 @@ class Connection(asyncio.Protocol):
         self._refused = reason
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.link_delay:
+            transport = DelayedTransport(transport, self.link_delay)  # type: ignore[arg-type]
         self._transport = transport  # type: ignore[assignment]
         if self._refused is not None:
             self._on_closed = None

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from overlay.connection import Connection
 from overlay.identity import Identity, PeerId
+from overlay.link_delay import delay_from_env
 from overlay.multiaddr import Multiaddr
 from overlay.mux import MuxConfig
 from overlay.rpc_codec import (
@@ -87,6 +88,7 @@ class Host:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._frozen = False
+        self._link_delay = delay_from_env()  # TEST-ONLY (overlay/link_delay.py); 0 normally
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -219,6 +221,8 @@ class Host:
             on_stream=self._on_stream,
             on_closed=self._on_closed,
         )
+        if self._link_delay:
+            conn.link_delay = self._link_delay
         if self._closing or len(self._all) >= self.config.max_connections:
             conn.refuse("host is closing" if self._closing else "too many connections")
         else:
