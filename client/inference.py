@@ -156,6 +156,8 @@ class SpanSession:
         self._reader: asyncio.Task | None = None
 
     async def open(self) -> None:
+        if self._stream is not None:
+            return  # open already (a second open would leak the server's session)
         config = self.config
         try:
             self._stream = await self.host.open_stream(self.peer, protocol.METHOD_INFERENCE,
@@ -353,6 +355,7 @@ class InferenceSession:
         self._bans = bans if bans is not None else BanList()
         self._retry = RetryPolicy(rng or random.Random())
         self._closed = False
+        self._opened = False
 
     def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
         return SpanSession(self.host, peer, self.model_id, start, end, self.config,
@@ -360,7 +363,11 @@ class InferenceSession:
 
     async def open(self) -> InferenceSession:
         """Open every span; with a rerouter, spans whose server cannot be reached are replaced
-        (a server may have died since the swarm view was read)."""
+        (a server may have died since the swarm view was read). Opening twice is a no-op
+        (`async with await blocks.inference_session(...)` opens in both places)."""
+        if self._opened:
+            return self
+        self._opened = True
         try:
             results = await asyncio.gather(*(span.open() for span in self.spans),
                                            return_exceptions=True)

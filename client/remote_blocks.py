@@ -30,7 +30,13 @@ from client.inference import (
     SessionConfig,
 )
 from client.recovery import BanList, RetryPolicy, splice_route
-from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan
+from client.routing import (
+    MissingBlocksError,
+    RouteNeeds,
+    RoutePlanner,
+    RouteSpan,
+    RoutingConfig,
+)
 from client.swarm import SwarmClient
 from overlay.host import RemoteError
 from overlay.identity import PeerId
@@ -45,6 +51,7 @@ class ClientConfig:
     forward_timeout: float = 120.0
     compression: str = "none"  # activations on the wire: none, float16, int8_blockwise, ...
     recovery_timeout: float = RECOVERY_TIMEOUT  # to find servers for blocks nobody serves
+    push: bool = True  # servers push hidden states to the next server (else: client relays)
 
 
 class RemoteBlocks:
@@ -80,12 +87,17 @@ class RemoteBlocks:
         else:  # SwarmClient keeps {peer: (rtt, measured at)}
             known = getattr(self.swarm, "_rtts", {})
             rtts = {p: known[p][0] for p in covering if p in known}
-        return RoutePlanner(view).inference_route(start, end, client_rtts=rtts, banned=banned,
-                                                  needs=needs)
+        # routes are costed as the session will run them: pushed along, or relayed
+        planner = RoutePlanner(view, RoutingConfig(relay=not self.config.push))
+        return planner.inference_route(start, end, client_rtts=rtts, banned=banned,
+                                       needs=needs)
 
     async def forward_route(self, start: int, end: int, banned=frozenset()) -> list[RouteSpan]:
         view = await self.view()
-        return RoutePlanner(view).spread_route(start, end, self._rng, banned=banned)
+        known = getattr(self.swarm, "_rtts", {})  # measured earlier; no pings here
+        rtts = {peer: entry[0] for peer, entry in known.items()}
+        return RoutePlanner(view).spread_route(start, end, self._rng, banned=banned,
+                                               client_rtts=rtts)
 
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +198,8 @@ class RemoteBlocks:
         log.info("route: %s", " -> ".join(f"{s.peer_id[-6:]}[{s.start}:{s.end})" for s in route))
         config = SessionConfig(batch_size=batch_size, max_length=max_length,
                                wait_timeout=wait_timeout, compression=self.config.compression,
-                               recovery_timeout=self.config.recovery_timeout)
+                               recovery_timeout=self.config.recovery_timeout,
+                               push=self.config.push)
         session = InferenceSession(
             self.swarm.host, self.model_id,
             [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route], config,

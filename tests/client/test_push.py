@@ -44,6 +44,9 @@ async def run_steps(model: RemoteModel, hidden: torch.Tensor, push: bool, spoil=
     """Steps of 4, 1, 1, 1 positions through a 3-span session; outputs and the session."""
     blocks = model.blocks
     session = await blocks.inference_session(1, 16)
+    streams = [s._stream for s in session.spans]
+    assert await session.open() is session  # `async with await ...` opens twice: a no-op
+    assert [s._stream for s in session.spans] == streams
     if not push:  # the same chain, opened as a relay-only (push version 0) client would
         await session.close()
         route = [(s.peer, s.start, s.end) for s in session.spans]
