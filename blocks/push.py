@@ -121,8 +121,15 @@ class SessionInbox:
                 waiter.set_result(None)
 
     def close(self) -> None:
+        """The session is over (ended, or closed for idleness): a loop waiting in `next` gets
+        StreamClosed, as it would from the stream itself."""
         if self._reader is not None:
             self._reader.cancel()
+            if self._error is None:
+                self._error = StreamClosed("the session was closed")
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
 
 class PushService:

@@ -50,6 +50,18 @@ SPANS = {2: [(0, 2), (2, NUM_LAYERS)], 3: [(0, 1), (1, 3), (3, NUM_LAYERS)]}
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 56, 31, 5]])
 
 
+def local_greedy(tokens: int) -> list[int]:
+    """transformers' model run locally, argmax at every step; like the swarm loop below it
+    does not stop at the end-of-text token (generate's min_new_tokens would forbid it)."""
+    model = build_model("llama")
+    ids = PROMPT
+    with torch.no_grad():
+        for _ in range(tokens):
+            token = model(ids).logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, token], dim=1)
+    return ids[0, PROMPT.shape[1]:].tolist()
+
+
 async def generate(model_dir: Path, bootstrap: str, tokens: int, push: bool):
     """Greedy decoding through one session: (per-step seconds, tokens, client sends, steps)."""
     client = await SwarmClient.connect([bootstrap])
@@ -91,9 +103,7 @@ def main() -> int:
     delay = str(args.delay_ms)
     os.environ[link_delay.ENV_VAR] = delay  # this process's client hosts too (read once per Host)
     spans = SPANS[args.spans]
-    expected = build_model("llama").generate(PROMPT, max_new_tokens=args.tokens,
-                                             min_new_tokens=args.tokens, do_sample=False)
-    expected_tokens = expected[0, PROMPT.shape[1]:].tolist()
+    expected_tokens = local_greedy(args.tokens)
     steps: dict[str, list[float]] = {"push": [], "relay": []}
     sends: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
