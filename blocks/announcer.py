@@ -15,6 +15,7 @@ import time
 
 from blocks.announcement import (
     ANNOUNCE_PERIOD,
+    MODELS_KEY,
     PROTOCOL_VERSION,
     ServerInfo,
     ServerState,
@@ -25,9 +26,6 @@ from blocks.throughput import ComputeRates
 log = logging.getLogger(__name__)
 
 
-# A DHT cannot list its keys: servers also register their model under this key (subkey = their
-# peer id, so the record is signed), which is how `overlay-node status` finds the models.
-MODELS_KEY = "overlay-node.models"
 
 
 class Announcer:

@@ -72,10 +72,10 @@ def parse_blocks(text: str | None, num_blocks: int | None, total: int
 
 async def run_serve(args: argparse.Namespace) -> int:
     from blocks.announcer import Announcer
-    from blocks.families import DeviceOptions, load_config, resolve_device, resolve_dtype
-    from blocks.model_files import ModelFiles, ModelFilesError, default_model_id
     from blocks.server import BlockServer, ServingConfig
     from blocks.span import BlockSpan
+    from model_parts.files import ModelFiles, ModelFilesError, default_model_id
+    from model_parts.skeleton import DeviceOptions, load_config, resolve_device, resolve_dtype
     from overlay.cli.node import dialable, load_identity, parse_addrs
     from overlay.host import Host
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from blocks.families import (
+from model_parts.files import ModelFiles
+from model_parts.skeleton import (
     DeviceOptions,
     ModelInputError,
     UnsupportedModelError,
@@ -45,7 +46,6 @@ from blocks.families import (
     restrict_config,
     set_submodule,
 )
-from blocks.model_files import ModelFiles
 
 
 class SpanInputError(ModelInputError):
