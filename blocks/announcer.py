@@ -54,7 +54,8 @@ class Announcer:
         cache_free = (server.cache_tokens_free if (start, end) == served
                       else server.config.cache_tokens)
         return server_info(self.host, self.rates, self.public_addrs, state, start, end,
-                           cache_free, str(server.span.dtype).removeprefix("torch."))
+                           cache_free, str(server.span.dtype).removeprefix("torch."),
+                           None if server.span.quant == "none" else server.span.quant)
 
     def records(self, state: ServerState) -> dict[int, ServerInfo]:
         """Block -> the record to store now: the left span OFFLINE, the served span in
@@ -113,7 +114,8 @@ class Announcer:
 
 
 def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state: ServerState,
-                start: int, end: int, cache_tokens_left: int, dtype: str) -> ServerInfo:
+                start: int, end: int, cache_tokens_left: int, dtype: str,
+                quant: str | None = None) -> ServerInfo:
     """The record a server on `host` announces for blocks [start, end)."""
     addrs = public_addrs or [str(a) for a in host.addrs]
     return ServerInfo(
@@ -126,6 +128,7 @@ def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state
         network_rps=rates.network_rps,
         cache_tokens_left=cache_tokens_left,
         dtype=dtype,
+        quant=quant,
         addrs=tuple(addrs),
         version=PROTOCOL_VERSION,
     )

@@ -32,6 +32,8 @@ from transformers import DynamicCache, PretrainedConfig
 
 from blocks import fast_decode
 from blocks.fast_decode import DecodeOptions, DirectDecoder, IdleGraph, NoFastPath
+from blocks.quantization import quantize_linears
+from model_parts.dummy import DummyModelFiles
 from model_parts.files import ModelFiles
 from model_parts.skeleton import (
     DeviceOptions,
@@ -217,7 +219,9 @@ class BlockSpan:
         self._lo, self._hi = layer_range
         self._layers_path = layers_path
         self.hidden_size: int = config.hidden_size
-        first_param = next(loaded.layers[self._lo].parameters())
+        # The first floating-point parameter: quantized weights are stored as integers.
+        params = list(loaded.layers[self._lo].parameters())
+        first_param = next((p for p in params if p.is_floating_point()), params[0])
         self.dtype: torch.dtype = first_param.dtype
         self.device: torch.device = first_param.device
         embeddings = model.get_input_embeddings()
@@ -229,23 +233,27 @@ class BlockSpan:
         self._direct_checked = False
         self._static = False
         self.fast_path_notes: dict[str, str] = {}  # why a fast path is off, by path
+        self.quant = "none"
 
     @classmethod
     def load(
         cls,
-        model: ModelFiles | str | Path,
+        model: ModelFiles | DummyModelFiles | str | Path,
         start: int,
         end: int,
         options: DeviceOptions | None = None,
         decode: DecodeOptions | None = None,
+        quant: str = "none",
     ) -> BlockSpan:
         """Read layers [start, end) of the model directory (only their tensors) and build them.
 
         ``decode``: which single-token fast paths to try (blocks/fast_decode.py); each is checked
-        against the plain path here, at load, before any session uses it.
+        against the plain path here, at load, before any session uses it. ``quant``: the layers'
+        linear weights in ``int8`` or ``nf4`` through bitsandbytes (blocks/quantization.py).
+        ``model`` may be a ``DummyModelFiles`` (random weights from the config alone).
         """
         options = options or DeviceOptions()
-        files = model if isinstance(model, ModelFiles) else ModelFiles(model)
+        files = ModelFiles(model) if isinstance(model, str | Path) else model
         config = load_config(files)
         total = config.get_text_config().num_hidden_layers
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total):
@@ -267,7 +275,7 @@ class BlockSpan:
             in_layers = model_name.startswith(f"{path}.") and dot and index.isdigit()
             if in_layers and start <= int(index) < end:
                 wanted[name] = f"{path}.{int(index) - start}.{rest}"
-        tensors = files.read(sorted(wanted))
+        tensors = files.read(sorted(wanted), **files.read_options(device, dtype))
         load_tensors(causal_lm, {wanted[name]: tensor for name, tensor in tensors.items()}, dtype)
         missing = meta_parameters(kept)
         if missing:
@@ -276,6 +284,7 @@ class BlockSpan:
                 f"the checkpoint lacks {len(missing)} tensors of blocks [{start}, {end}), "
                 f"e.g. {path}.{start + int(index)}.{rest}"
             )
+        quantize_linears(kept, quant, device, dtype)
 
         base = causal_lm.base_model
         if base.config is not causal_lm.config:
@@ -295,6 +304,7 @@ class BlockSpan:
         layers_path = path.removeprefix(f"{causal_lm.base_model_prefix}.")
         loaded = _LoadedLayers(kept)
         span = cls(loaded, base, base.config, (start, end), (0, end - start), layers_path)
+        span.quant = quant
         span._cache_costs = span._measure_cache_costs()
         span._set_up_fast_paths(decode or DecodeOptions())
         return span
@@ -316,6 +326,7 @@ class BlockSpan:
         model = _clone_with_layers(self._model, self._layers_path, layers, config)
         view = BlockSpan(self._loaded, model, config, (start, end), (lo, hi), self._layers_path)
         view._cache_costs = self._cache_costs[start - self.start : end - self.start]
+        view.quant = self.quant
         view._set_up_fast_paths(self._decode_options, lazy_direct=True)
         return view
 

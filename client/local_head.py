@@ -116,7 +116,7 @@ class LocalHead:
     ) -> LocalHead:
         """Read the embedding, final-norm and head tensors (only those) and build the head."""
         options = options or DeviceOptions()
-        files = model if isinstance(model, ModelFiles) else ModelFiles(model)
+        files = ModelFiles(model) if isinstance(model, str | Path) else model
         config = load_config(files)
         device = resolve_device(options.device)
         dtype = resolve_dtype(files, options.dtype)
@@ -133,7 +133,7 @@ class LocalHead:
             for name, model_name in key_map.items()
             if not model_name.startswith(f"{path}.")
         }
-        tensors = files.read(sorted(names))
+        tensors = files.read(sorted(names), **files.read_options(device, dtype))
         load_tensors(causal_lm, {names[name]: tensor for name, tensor in tensors.items()}, dtype)
         if meta_parameters(causal_lm):
             causal_lm.tie_weights()

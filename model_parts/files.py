@@ -120,6 +120,13 @@ class ModelFiles:
         except Exception as exc:  # safetensors raises its own error types
             raise ModelFilesError(f"cannot read {single}: {exc}") from None
 
+    generates_weights = False  # model_parts/dummy.py's DummyModelFiles does
+
+    def read_options(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """How a loader should call ``read``: on the CPU as stored (the loader casts, keeping
+        what transformers keeps in float32, then moves)."""
+        return {}
+
     @property
     def tensor_names(self) -> list[str]:
         """All tensor names in the checkpoint, sorted."""
