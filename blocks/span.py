@@ -486,9 +486,10 @@ class BlockSpan:
                 return session._graph.replay(hidden)
         if self._loaded.graph_pool is None:
             self._loaded.graph_pool = torch.cuda.graph_pool_handle()
-        graph, output = fast_decode.capture_step(
-            self, session._cache, hidden, self._loaded.graph_pool
-        )
+        with torch.inference_mode():
+            graph, output = fast_decode.capture_step(
+                self, session._cache, hidden, self._loaded.graph_pool
+            )
         if graph is None:
             options = self._decode_options
             self._decode_options = DecodeOptions(options.direct_layers, options.static_cache, False)

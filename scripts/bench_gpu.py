@@ -62,7 +62,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
 
 def _sync() -> None:
     if DEVICE.startswith("cuda"):
-        _sync()
+        torch.cuda.synchronize()
 
 
 def write_config(shape: dict, directory: Path) -> Path:
