@@ -496,9 +496,12 @@ class SessionGraph:
 
 
 def capture_step(
-    span: BlockSpan, cache: StaticCache, hidden: torch.Tensor, pool: Any
+    span: BlockSpan, cache: StaticCache, hidden: torch.Tensor
 ) -> tuple[SessionGraph | None, torch.Tensor]:
     """Capture the span's single-token step over ``cache`` and run it once for ``hidden``.
+
+    Each graph has its own memory pool (a decode step's intermediates are small): graphs sharing
+    one pool broke PyTorch 2.11's allocator (an internal assert) once one of them was freed.
 
     Returns the graph (None if the capture failed or its result differs from an eager run of the
     same step) and the step's output; either way the cache has advanced by this one step.
@@ -513,7 +516,7 @@ def capture_step(
     torch.cuda.current_stream(hidden.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = span._run(static_in, cache, None)
     except Exception as exc:  # a model the capture cannot handle: keep the eager path
         log.warning("CUDA graph capture failed (%s: %s); eager steps", type(exc).__name__, exc)

@@ -16,13 +16,16 @@ installed bitsandbytes can; a failure is a clear QuantizationError, not a crash 
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 from torch import nn
 
-# bitsandbytes warns on every int8 multiplication whose inputs are not float16 (bf16 spans).
+# bitsandbytes warns (through warnings or its logger, by version) on every int8 multiplication
+# whose inputs are not float16, i.e. on every step of a bf16 span.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 QUANT_TYPES = ("none", "int8", "nf4")
 # LLM.int8(), section 3.2: features with any magnitude >= 6 are outliers, kept in 16 bits.

@@ -123,9 +123,8 @@ class _LoadedLayers:
         ]
         self._slots_from = 0
         # Single-token fast paths (blocks/fast_decode.py): one idle session's static cache and
-        # CUDA graph kept for the next session of the same shape; the graphs' memory pool.
+        # CUDA graph kept for the next session of the same shape.
         self.idle_graph: IdleGraph | None = None
-        self.graph_pool: Any = None
 
     def set_slots(self, lo: int) -> None:
         """Number the layers' cache slots from layer ``lo`` (a run's first layer). Caller holds
@@ -484,12 +483,8 @@ class BlockSpan:
         if session._graph is not None:
             with self._loaded.lock, torch.inference_mode():
                 return session._graph.replay(hidden)
-        if self._loaded.graph_pool is None:
-            self._loaded.graph_pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
-            graph, output = fast_decode.capture_step(
-                self, session._cache, hidden, self._loaded.graph_pool
-            )
+            graph, output = fast_decode.capture_step(self, session._cache, hidden)
         if graph is None:
             options = self._decode_options
             self._decode_options = DecodeOptions(options.direct_layers, options.static_cache, False)
