@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_BLOCKS_MODULES = {"blocks.announcement", "blocks.placement", "blocks.protocol"}
+PURE_BLOCKS_MODULES = {
+    "blocks.announcement", "blocks.placement", "blocks.protocol", "blocks.swarm_reader",
+}
 OUR_PACKAGES = {"overlay", "tensor_wire", "model_parts", "blocks", "client", "sim"}
 ALLOWED_DEPENDENCIES = {
     "overlay": set(),
