@@ -42,6 +42,9 @@ ANNOUNCE_PERIOD = 60.0
 ANNOUNCE_EXPIRATION = 2 * ANNOUNCE_PERIOD
 # Version of the block-server protocol a record advertises; clients route only to their own.
 PROTOCOL_VERSION = 1
+# A DHT cannot list its keys: servers also register their model under this key (subkey = their
+# peer id, so the record is signed), which is how `overlay-node status` finds the models.
+MODELS_KEY = "overlay-node.models"
 
 # Bounds on untrusted records (all far above what an honest server sends).
 MAX_BLOCK_INDEX = 65_536

@@ -16,6 +16,7 @@ import time
 
 from blocks.announcement import (
     ANNOUNCE_PERIOD,
+    MODELS_KEY,
     PROTOCOL_VERSION,
     ServerInfo,
     ServerState,
@@ -26,9 +27,6 @@ from blocks.throughput import ComputeRates
 log = logging.getLogger(__name__)
 
 
-# A DHT cannot list its keys: servers also register their model under this key (subkey = their
-# peer id, so the record is signed), which is how `overlay-node status` finds the models.
-MODELS_KEY = "overlay-node.models"
 
 
 class Announcer:
@@ -58,7 +56,8 @@ class Announcer:
         cache_free = (server.cache_tokens_free if (start, end) == served
                       else server.config.cache_tokens)
         info = server_info(self.host, self.rates, self.public_addrs, state, start, end,
-                           cache_free, str(server.span.dtype).removeprefix("torch."))
+                           cache_free, str(server.span.dtype).removeprefix("torch."),
+                           None if server.span.quant == "none" else server.span.quant)
         if self.next_pings is not None and state == ServerState.ONLINE and (start, end) == served:
             info = dataclasses.replace(info, next_pings=self.next_pings())
         return info
@@ -120,7 +119,8 @@ class Announcer:
 
 
 def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state: ServerState,
-                start: int, end: int, cache_tokens_left: int, dtype: str) -> ServerInfo:
+                start: int, end: int, cache_tokens_left: int, dtype: str,
+                quant: str | None = None) -> ServerInfo:
     """The record a server on `host` announces for blocks [start, end)."""
     addrs = public_addrs or [str(a) for a in host.addrs]
     return ServerInfo(
@@ -133,6 +133,7 @@ def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state
         network_rps=rates.network_rps,
         cache_tokens_left=cache_tokens_left,
         dtype=dtype,
+        quant=quant,
         addrs=tuple(addrs),
         version=PROTOCOL_VERSION,
     )

@@ -25,8 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     which = serve.add_mutually_exclusive_group()
     which.add_argument("--blocks", metavar="A:B",
                        help="serve blocks A (inclusive) to B (exclusive)")
-    which.add_argument("--num-blocks", type=int, metavar="N",
-                       help="serve N blocks chosen from what the DHT says, and move when the "
+    which.add_argument("--num-blocks", type=_num_blocks, metavar="N|auto",
+                       help="serve N blocks (auto: as many as fit in free memory: weights + "
+                            "--cache-tokens + autograd reserve) chosen from what the DHT says, "
+                            "and move when the "
                             "swarm is imbalanced (default: all blocks)")
     serve.add_argument("--bootstrap", action="append", default=[], metavar="MADDR",
                        help="a node of the swarm's DHT (repeatable)")
@@ -34,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     serve.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                       help="the blocks' linear weights through bitsandbytes: int8 (LLM.int8(), "
+                            "outlier threshold 6.0) or nf4 (QLoRA, double quantization)")
+    serve.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                       help="dummy: random weights from config.json alone, for benchmarks")
+    serve.add_argument("--decode", default="fast", choices=["fast", "plain"],
+                       help="single-token steps: fast (direct layer calls, static caches and "
+                            "CUDA graphs where checked equal) or plain (default fast)")
     serve.add_argument("--model-id", help="swarm-wide name of the model (default: derived from "
                                           "the directory name and its config)")
     serve.add_argument("--cache-tokens", type=int, default=8192,
@@ -46,6 +56,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--identity", metavar="PATH")
     serve_placement.add_arguments(serve)
     serve.set_defaults(func=run_serve)
+
+
+def _num_blocks(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def parse_blocks(text: str | None, num_blocks: int | None, total: int
@@ -72,16 +91,18 @@ def parse_blocks(text: str | None, num_blocks: int | None, total: int
 
 async def run_serve(args: argparse.Namespace) -> int:
     from blocks.announcer import Announcer
-    from blocks.families import DeviceOptions, load_config, resolve_device, resolve_dtype
-    from blocks.model_files import ModelFiles, ModelFilesError, default_model_id
+    from blocks.footprint import choose_num_blocks
     from blocks.next_hop_pinger import NextHopPinger
     from blocks.server import BlockServer, ServingConfig
     from blocks.span import BlockSpan
+    from model_parts.dummy import open_model_files
+    from model_parts.files import ModelFilesError, default_model_id
+    from model_parts.skeleton import DeviceOptions, load_config, resolve_device, resolve_dtype
     from overlay.cli.node import dialable, load_identity, parse_addrs
     from overlay.host import Host
 
     try:
-        files = ModelFiles(args.model_dir)
+        files = open_model_files(args.model_dir, args.load_format)
         config = load_config(files)
         device = resolve_device(args.device)
         dtype = resolve_dtype(files, args.dtype)
@@ -89,6 +110,8 @@ async def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"overlay-node serve: {e}") from None
     text_config = config.get_text_config()
     total = text_config.num_hidden_layers
+    if args.num_blocks == "auto":
+        args.num_blocks = _auto_num_blocks(choose_num_blocks, config, device, dtype, args)
     wanted = parse_blocks(args.blocks, args.num_blocks, total)
     model_id = args.model_id or default_model_id(args.model_dir)
     bootstrap = parse_addrs(args.bootstrap)
@@ -100,8 +123,10 @@ async def run_serve(args: argparse.Namespace) -> int:
         began = time.perf_counter()
         log.info("loading blocks [%d, %d) of %s (%s) on %s", start, end, args.model_dir,
                  model_id, args.device)
-        span = BlockSpan.load(files, start, end, options)
-        log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - began)
+        span = BlockSpan.load(files, start, end, options, decode=_decode_options(args.decode),
+                              quant=args.quant)
+        log.info("loaded %d blocks in %.1f s (quant %s; decode paths %s)", end - start,
+                 time.perf_counter() - began, args.quant, span.decode_paths)
         return span
 
     async def load_or_exit(start: int, end: int) -> BlockSpan:
@@ -166,6 +191,29 @@ async def run_serve(args: argparse.Namespace) -> int:
                 await dht.close()
         await host.close()
     return 0
+
+
+def _auto_num_blocks(choose_num_blocks, config, device, dtype, args) -> int:
+    """`--num-blocks auto`: how many blocks fit (blocks/memory.py's estimate), logged."""
+    from blocks.memory import GIB, MemoryEstimateError
+
+    try:
+        fit = choose_num_blocks(config, device, dtype, args.quant, args.cache_tokens)
+    except (MemoryEstimateError, ValueError, OSError) as e:
+        raise SystemExit(f"overlay-node serve: --num-blocks auto: {e}") from None
+    log.info("--num-blocks auto: %d blocks fit in %.1f GiB free (%.2f GiB weights + %.2f GiB "
+             "cache each, %.2f GiB reserve)", fit.num_blocks, fit.free_bytes / GIB,
+             fit.weight_bytes_per_block / GIB, fit.cache_bytes_per_block / GIB,
+             fit.reserve_bytes / GIB)
+    return fit.num_blocks
+
+
+def _decode_options(mode: str):
+    from blocks.fast_decode import DecodeOptions
+
+    if mode == "plain":
+        return DecodeOptions(direct_layers=False, static_cache=False, cuda_graphs=False)
+    return DecodeOptions()
 
 
 if __name__ == "__main__":  # pragma: no cover

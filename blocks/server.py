@@ -143,6 +143,7 @@ class BlockServer:
             "end": self.span.end,
             "hidden_size": self.span.hidden_size,
             "dtype": str(self.span.dtype).removeprefix("torch."),
+            "quant": self.span.quant,
             "cache_tokens": self.config.cache_tokens,
             "cache_tokens_free": self.cache_tokens_free,
             "max_length": self.config.max_length,

@@ -20,6 +20,7 @@ This module may not do I/O beyond reading the model directory, and never touches
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from blocks.families import (
+from blocks import fast_decode
+from blocks.fast_decode import DecodeOptions, DirectDecoder, IdleGraph, NoFastPath
+from blocks.quantization import quantize_linears
+from model_parts.dummy import DummyModelFiles
+from model_parts.files import ModelFiles
+from model_parts.skeleton import (
     DeviceOptions,
     ModelInputError,
     UnsupportedModelError,
@@ -45,7 +51,8 @@ from blocks.families import (
     restrict_config,
     set_submodule,
 )
-from blocks.model_files import ModelFiles
+
+log = logging.getLogger(__name__)
 
 
 class SpanInputError(ModelInputError):
@@ -115,6 +122,18 @@ class _LoadedLayers:
             for layer in layers
         ]
         self._slots_from = 0
+        # Single-token fast paths (blocks/fast_decode.py): one idle session's static cache and
+        # CUDA graph kept for the next session of the same shape.
+        self.idle_graph: IdleGraph | None = None
+
+    def set_slots(self, lo: int) -> None:
+        """Number the layers' cache slots from layer ``lo`` (a run's first layer). Caller holds
+        ``lock``."""
+        if self._slots_from != lo:
+            for index in range(len(self.layers)):
+                for module in self._slot_owners[index]:
+                    module.layer_idx = index - lo
+            self._slots_from = lo
 
     def hook(self, lo: int, hi: int) -> None:
         """Make layers ``lo`` and ``hi - 1`` able to act as a run's first and last layer."""
@@ -142,11 +161,7 @@ class _LoadedLayers:
     def run(self, model: nn.Module, lo: int, hi: int, hidden: torch.Tensor, **kwargs: Any) -> Any:
         """Run ``model`` (a base model over layers [lo, hi)) with ``hidden`` entering layer lo;
         returns what layer hi - 1 output. Caller holds ``lock``."""
-        if self._slots_from != lo:
-            for index in range(len(self.layers)):
-                for module in self._slot_owners[index]:
-                    module.layer_idx = index - lo
-            self._slots_from = lo
+        self.set_slots(lo)
         self._first, self._last, self._pending = self.layers[lo], self.layers[hi - 1], hidden
         try:
             model(**kwargs)
@@ -203,25 +218,41 @@ class BlockSpan:
         self._lo, self._hi = layer_range
         self._layers_path = layers_path
         self.hidden_size: int = config.hidden_size
-        first_param = next(loaded.layers[self._lo].parameters())
+        # The first floating-point parameter: quantized weights are stored as integers.
+        params = list(loaded.layers[self._lo].parameters())
+        first_param = next((p for p in params if p.is_floating_point()), params[0])
         self.dtype: torch.dtype = first_param.dtype
         self.device: torch.device = first_param.device
         embeddings = model.get_input_embeddings()
         self._embedding_dim = getattr(embeddings, "embedding_dim", self.hidden_size)
         loaded.hook(self._lo, self._hi)
         self._cache_costs: list[_CacheLayerCost] = []
+        self._decode_options = DecodeOptions()
+        self._direct: DirectDecoder | None = None
+        self._direct_checked = False
+        self._static = False
+        self.fast_path_notes: dict[str, str] = {}  # why a fast path is off, by path
+        self.quant = "none"
 
     @classmethod
     def load(
         cls,
-        model: ModelFiles | str | Path,
+        model: ModelFiles | DummyModelFiles | str | Path,
         start: int,
         end: int,
         options: DeviceOptions | None = None,
+        decode: DecodeOptions | None = None,
+        quant: str = "none",
     ) -> BlockSpan:
-        """Read layers [start, end) of the model directory (only their tensors) and build them."""
+        """Read layers [start, end) of the model directory (only their tensors) and build them.
+
+        ``decode``: which single-token fast paths to try (blocks/fast_decode.py); each is checked
+        against the plain path here, at load, before any session uses it. ``quant``: the layers'
+        linear weights in ``int8`` or ``nf4`` through bitsandbytes (blocks/quantization.py).
+        ``model`` may be a ``DummyModelFiles`` (random weights from the config alone).
+        """
         options = options or DeviceOptions()
-        files = model if isinstance(model, ModelFiles) else ModelFiles(model)
+        files = ModelFiles(model) if isinstance(model, str | Path) else model
         config = load_config(files)
         total = config.get_text_config().num_hidden_layers
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total):
@@ -243,7 +274,7 @@ class BlockSpan:
             in_layers = model_name.startswith(f"{path}.") and dot and index.isdigit()
             if in_layers and start <= int(index) < end:
                 wanted[name] = f"{path}.{int(index) - start}.{rest}"
-        tensors = files.read(sorted(wanted))
+        tensors = files.read(sorted(wanted), **files.read_options(device, dtype))
         load_tensors(causal_lm, {wanted[name]: tensor for name, tensor in tensors.items()}, dtype)
         missing = meta_parameters(kept)
         if missing:
@@ -252,6 +283,7 @@ class BlockSpan:
                 f"the checkpoint lacks {len(missing)} tensors of blocks [{start}, {end}), "
                 f"e.g. {path}.{start + int(index)}.{rest}"
             )
+        quantize_linears(kept, quant, device, dtype)
 
         base = causal_lm.base_model
         if base.config is not causal_lm.config:
@@ -271,7 +303,9 @@ class BlockSpan:
         layers_path = path.removeprefix(f"{causal_lm.base_model_prefix}.")
         loaded = _LoadedLayers(kept)
         span = cls(loaded, base, base.config, (start, end), (0, end - start), layers_path)
+        span.quant = quant
         span._cache_costs = span._measure_cache_costs()
+        span._set_up_fast_paths(decode or DecodeOptions())
         return span
 
     def subspan(self, start: int, end: int) -> BlockSpan:
@@ -291,21 +325,74 @@ class BlockSpan:
         model = _clone_with_layers(self._model, self._layers_path, layers, config)
         view = BlockSpan(self._loaded, model, config, (start, end), (lo, hi), self._layers_path)
         view._cache_costs = self._cache_costs[start - self.start : end - self.start]
+        view.quant = self.quant
+        view._set_up_fast_paths(self._decode_options, lazy_direct=True)
         return view
+
+    # ------------------------------------------------------------ fast paths
+    def _set_up_fast_paths(self, options: DecodeOptions, lazy_direct: bool = False) -> None:
+        self._decode_options = options
+        static = options.static_cache
+        if static is None:
+            static = self.device.type == "cuda"
+        if static:
+            problem = fast_decode.static_cache_problem(self)
+            self._static = problem is None
+            if problem is not None:
+                self.fast_path_notes["static_cache"] = problem
+                log.info("blocks [%d, %d): no static cache: %s", self.start, self.end, problem)
+        if not lazy_direct and not self._static:
+            self._direct_decoder()
+
+    def _direct_decoder(self) -> DirectDecoder | None:
+        """The direct single-token path, built and checked on first use (None: unavailable)."""
+        if not self._direct_checked:
+            self._direct_checked = True
+            if self._decode_options.direct_layers:
+                try:
+                    self._direct = fast_decode.build_direct_decoder(self)
+                except NoFastPath as exc:
+                    self.fast_path_notes["direct_layers"] = str(exc)
+                    log.info("blocks [%d, %d): plain decode steps: %s", self.start, self.end, exc)
+        return self._direct
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self._static and self.device.type == "cuda" and self._decode_options.cuda_graphs
+
+    @property
+    def decode_paths(self) -> dict[str, bool]:
+        """Which single-token fast paths this span uses (for logs, info and benchmarks)."""
+        return {
+            "direct_layers": not self._static and self._direct_decoder() is not None,
+            "static_cache": self._static,
+            "cuda_graphs": self.uses_cuda_graphs,
+        }
+
+    def _stand_in(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What goes in as "inputs_embeds" (ignored: the first layer gets ``hidden``)."""
+        if self._embedding_dim == self.hidden_size:
+            return hidden
+        batch, length, _ = hidden.shape
+        return hidden.new_zeros(batch, length, self._embedding_dim)
+
+    def _run_direct(
+        self, decoder: DirectDecoder, hidden: torch.Tensor, cache: Any, position: int
+    ) -> torch.Tensor:
+        with self._loaded.lock, torch.inference_mode():
+            self._loaded.set_slots(self._lo)
+            return decoder.run(hidden, cache, position)
 
     def _run(
         self,
         hidden: torch.Tensor,
         cache: Any | None,
         attention_mask: torch.Tensor | None,
+        stand_in: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass of the base model's forward through this span's layers."""
-        batch, length, _ = hidden.shape
-        stand_in = (
-            hidden
-            if self._embedding_dim == self.hidden_size
-            else hidden.new_zeros(batch, length, self._embedding_dim)
-        )
+        if stand_in is None:
+            stand_in = self._stand_in(hidden)
         with self._loaded.lock, torch.inference_mode():
             return self._loaded.run(
                 self._model,
@@ -372,6 +459,39 @@ class BlockSpan:
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self._config)
 
+    def _new_session_cache(self, batch_size: int, max_length: int) -> tuple[Any, Any]:
+        """A session's cache and CUDA graph: static (an idle session's, with its graph, if it
+        had this shape) or dynamic."""
+        if not self._static:
+            return self._new_cache(), None
+        key = (self._lo, self._hi, batch_size, max_length)
+        idle, self._loaded.idle_graph = self._loaded.idle_graph, None
+        if idle is not None and idle.key == key:
+            with torch.inference_mode():
+                idle.cache.reset()
+            return idle.cache, idle.graph
+        del idle  # another shape: free its memory before allocating this session's
+        return fast_decode.new_static_cache(self, batch_size, max_length), None
+
+    def _keep_idle(self, cache: Any, graph: Any, batch_size: int, max_length: int) -> None:
+        if self._static:
+            key = (self._lo, self._hi, batch_size, max_length)
+            self._loaded.idle_graph = IdleGraph(key, cache, graph)
+
+    def _step_graph(self, session: SpanSession, hidden: torch.Tensor) -> torch.Tensor:
+        """A single-token step of a static-cache session through its CUDA graph."""
+        if session._graph is not None:
+            with self._loaded.lock, torch.inference_mode():
+                return session._graph.replay(hidden)
+        with torch.inference_mode():
+            graph, output = fast_decode.capture_step(self, session._cache, hidden)
+        if graph is None:
+            options = self._decode_options
+            self._decode_options = DecodeOptions(options.direct_layers, options.static_cache, False)
+            self.fast_path_notes["cuda_graphs"] = "capture failed or differed; see the log"
+        session._graph = graph
+        return output
+
     # ----------------------------------------------------------- cache costs
     def _measure_cache_costs(self) -> list[_CacheLayerCost]:
         """Measure what each cache layer holds after one and after two tokens (batch 1).
@@ -431,8 +551,10 @@ class SpanSession:
         self.span = span
         self.batch_size = batch_size
         self.max_length = max_length
-        self._cache: Any | None = span._new_cache()
+        self._cache: Any | None
+        self._cache, self._graph = span._new_session_cache(batch_size, max_length)
         self._position = 0
+        self._failed = False
 
     @property
     def position(self) -> int:
@@ -464,10 +586,24 @@ class SpanSession:
             mask = torch.ones(
                 self.batch_size, self._position + length, dtype=torch.long, device=hidden.device
             )
+        span = self.span
         try:
-            output = self.span._run(hidden, cache, mask)
+            if length > 1:
+                output = span._run(hidden, cache, mask)
+            elif span._static:
+                if span.uses_cuda_graphs:
+                    output = span._step_graph(self, hidden)
+                else:
+                    output = span._run(hidden, cache, None)
+            else:
+                direct = span._direct_decoder()
+                if direct is None:
+                    output = span._run(hidden, cache, None)
+                else:
+                    output = span._run_direct(direct, hidden, cache, self._position)
         except BaseException:
             # Some layers may have cached the new positions and others not: unusable.
+            self._failed = True
             self.close()
             raise
         self._position += length
@@ -502,8 +638,10 @@ class SpanSession:
         return sum(_tensor_bytes(layer) for layer in cache.layers)
 
     def close(self) -> None:
-        """Free the cache. Idempotent."""
-        self._cache = None
+        """Free the cache (a static one may be kept for the next session). Idempotent."""
+        cache, graph, self._cache, self._graph = self._cache, self._graph, None, None
+        if cache is not None and not self._failed:
+            self.span._keep_idle(cache, graph, self.batch_size, self.max_length)
 
     def __enter__(self) -> SpanSession:
         return self

@@ -36,10 +36,10 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from blocks.families import ModelInputError
 from client.inference import InferenceError
 from client.model import ModelOptions, ModelSession, RemoteModel
 from client.sync_loop import BackgroundLoop, LoopClosedError, shared_loop
+from model_parts.skeleton import ModelInputError
 
 # transformers' `generate` makes this many new tokens when neither `max_length` nor
 # `max_new_tokens` is set anywhere (its default `max_length`, counted after the prompt).

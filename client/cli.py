@@ -90,8 +90,8 @@ async def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from blocks.model_files import ModelFilesError
     from client.model import RemoteModel
+    from model_parts.files import ModelFilesError
     from overlay.dht.driver import DHTError
 
     tokenizer = None

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PretrainedConfig
 
-from blocks.families import ModelInputError
+from model_parts.skeleton import ModelInputError
 
 if TYPE_CHECKING:
     from client.model import ModelSession, RemoteModel

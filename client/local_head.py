@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from blocks.families import (
+from model_parts.files import ModelFiles
+from model_parts.skeleton import (
     DeviceOptions,
     ModelInputError,
     UnsupportedModelError,
@@ -45,7 +46,6 @@ from blocks.families import (
     restrict_config,
     set_submodule,
 )
-from blocks.model_files import ModelFiles
 
 
 class _Stop(Exception):
@@ -116,7 +116,7 @@ class LocalHead:
     ) -> LocalHead:
         """Read the embedding, final-norm and head tensors (only those) and build the head."""
         options = options or DeviceOptions()
-        files = model if isinstance(model, ModelFiles) else ModelFiles(model)
+        files = ModelFiles(model) if isinstance(model, str | Path) else model
         config = load_config(files)
         device = resolve_device(options.device)
         dtype = resolve_dtype(files, options.dtype)
@@ -133,7 +133,7 @@ class LocalHead:
             for name, model_name in key_map.items()
             if not model_name.startswith(f"{path}.")
         }
-        tensors = files.read(sorted(names))
+        tensors = files.read(sorted(names), **files.read_options(device, dtype))
         load_tensors(causal_lm, {names[name]: tensor for name, tensor in tensors.items()}, dtype)
         if meta_parameters(causal_lm):
             causal_lm.tie_weights()

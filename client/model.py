@@ -32,8 +32,6 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from blocks.families import DeviceOptions, ModelInputError, load_config
-from blocks.model_files import ModelFiles, default_model_id
 from blocks.protocol import COMPRESSIONS
 from client.inference import (
     RECOVERY_TIMEOUT,
@@ -45,6 +43,8 @@ from client.local_head import LocalHead
 from client.remote_blocks import ClientConfig, RemoteBlocks
 from client.routing import MissingBlocksError, RouteSpan
 from client.swarm import SwarmClient
+from model_parts.files import ModelFiles, default_model_id
+from model_parts.skeleton import DeviceOptions, ModelInputError, load_config
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from blocks.announcement import ServerState
-from blocks.announcer import MODELS_KEY
+from blocks.announcement import MODELS_KEY, ServerState
 from client.swarm import SwarmClient
 
 MAX_BLOCKS = 4096  # a registry entry claiming more blocks than this is ignored

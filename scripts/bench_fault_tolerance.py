@@ -34,13 +34,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from blocks.model_files import default_model_id
 from client.inference import InferenceError, InferenceSession, SessionConfig
 from client.local_head import LocalHead
 from client.local_swarm import LocalSwarm
 from client.recovery import BanConfig, BanList
 from client.remote_blocks import RemoteBlocks
 from client.swarm import SwarmClient
+from model_parts.files import default_model_id
 from overlay.identity import PeerId
 from overlay.runtime import new_event_loop
 

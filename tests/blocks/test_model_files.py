@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from blocks.model_files import ModelFiles, ModelFilesError, default_model_id
+from model_parts.files import ModelFiles, ModelFilesError, default_model_id
 from tests.model_factory import build_model, save_model
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from blocks.families import DeviceOptions
 from blocks.span import BlockSpan, SessionClosedError, SpanInputError, SpanSession
 from client.local_head import LocalHead
+from model_parts.skeleton import DeviceOptions
 from tests.model_factory import FAMILIES, NUM_LAYERS, VOCAB_SIZE, save_model
 
 TOLERANCE = 1e-4

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from blocks.model_files import default_model_id
 from client.local_swarm import LocalSwarm
+from model_parts.files import default_model_id
 from tests.model_factory import build_model, save_model
 
 CLI = [sys.executable, "-m", "overlay.cli.main"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from blocks.families import DeviceOptions, ModelInputError
 from client.local_head import LocalHead
+from model_parts.skeleton import DeviceOptions, ModelInputError
 from tests.model_factory import FAMILIES, VOCAB_SIZE, save_model
 
 
@@ -45,7 +45,7 @@ def test_embed_with_a_position_offset_equals_the_tail_of_a_full_embed(family_dir
 
 
 def _layers_path(model: torch.nn.Module) -> str:
-    from blocks.families import find_layer_list
+    from model_parts.skeleton import find_layer_list
 
     path, _ = find_layer_list(model)
     return path.removeprefix(f"{model.base_model_prefix}.")
