@@ -50,7 +50,7 @@ WRITE_HIGH_WATER = 512 << 10
 WRITE_LOW_WATER = 128 << 10
 # Records sealed per write: large enough that a bulk transfer costs few system calls, small
 # enough that a small request queued behind it waits little.
-WRITE_BATCH = 256 << 10
+WRITE_BATCH = 1 << 20
 HANDSHAKE_READ = 4096
 _per_thread = threading.local()
 

@@ -26,7 +26,7 @@ import sys
 import time
 
 from overlay.host import Host
-from overlay.runtime import new_event_loop
+from overlay.runtime import keep_large_buffers_in_heap, new_event_loop
 
 MESSAGE = 4 << 20
 SMALL = 1024
@@ -155,7 +155,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def client(args: argparse.Namespace) -> dict:
-    server = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+    flags = ["--glibc-defaults"] if args.glibc_defaults else []
+    server = subprocess.Popen([sys.executable, __file__, "--serve", *flags], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -194,9 +195,14 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=256, help="MiB per throughput run")
     parser.add_argument("--calls", type=int, default=3000, help="RPCs per latency run")
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="keep glibc's default malloc thresholds (overlay-node processes "
+                             "keep large buffers in the heap; both sides of the comparison do)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not args.glibc_defaults:
+        keep_large_buffers_in_heap()  # as every overlay-node process does (overlay.runtime.run)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         if args.serve:
             runner.run(serve())

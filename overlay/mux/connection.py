@@ -69,7 +69,7 @@ class MuxConfig:
     # never waits a round trip per window (1 MiB is under a millisecond of data on loopback).
     # Credit only grows as the application consumes, so a reader that stops reading holds at
     # most its current window.
-    max_stream_window: int = 16 << 20
+    max_stream_window: int = 4 << 20
     # The sum over a connection's streams of what their windows grew beyond INITIAL_WINDOW:
     # bounds what one peer can make us buffer (max_streams x 1 MiB + this).
     max_window_growth: int = 64 << 20

@@ -148,12 +148,13 @@ async def test_large_transfer_does_not_starve_small_calls(pair):
     latencies, queued = [], []
     loop = asyncio.get_running_loop()
     conn = client.connection_to(server.peer_id)
-    for _ in range(20):
+    while not pusher.done() and len(latencies) < 200:
         start = loop.time()
         assert await client.call(addr, "echo", b"small") == b"small"
         latencies.append(loop.time() - start)
         queued.append(conn.queued_bytes(stream.stream_id))
-    assert not pusher.done(), "the transfer should still be running while small calls are served"
+    # Small calls were answered while the transfer ran, not queued behind all of it.
+    assert len(latencies) >= 5, latencies
     await asyncio.wait_for(pusher, 120)
     # Bounded buffering: the sender holds at most one message beyond its high-water mark.
     assert max(queued) <= SEND_HIGH_WATER + len(chunk)
