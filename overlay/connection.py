@@ -38,6 +38,7 @@ from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader
 from overlay.rpc_codec import parse_reset_reason
 from overlay.secure_handshake import HandshakeError, SecureHandshake
 from overlay.streams import SEND_HIGH_WATER, ConnectionLost, Stream
+from overlay.unary import PendingCall
 
 if TYPE_CHECKING:
     from overlay.identity import Identity
@@ -254,6 +255,24 @@ class Connection(asyncio.BufferedProtocol):
         self._streams[stream_id] = stream
         return stream
 
+    def start_call(self, parts, future: asyncio.Future) -> PendingCall:
+        """Open a stream and send one request message (`parts`) with FIN; the answer goes to
+        `future` (overlay/unary.py)."""
+        if self.closed or self._mux is None:
+            raise ConnectionLost(f"connection to {self.remote_peer} is closed")
+        mux = self._mux
+        try:
+            stream_id = mux.open_stream()
+            last = len(parts) - 1
+            for i, part in enumerate(parts):
+                mux.send(stream_id, part, end=i == last, fin=i == last)
+        except MuxError as e:
+            raise ConnectionLost(str(e)) from None
+        call = PendingCall(self, stream_id, future)
+        self._streams[stream_id] = call
+        self._flush()
+        return call
+
     def mux_send_parts(self, stream_id: int, parts, fin: bool, flush: bool = True) -> None:
         """One message from `parts`: every part but the last is a fragment (END unset)."""
         send = self._mux.send
@@ -355,6 +374,8 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if mux is None or transport is None or self._paused:
             return
+        if not (mux.has_data_to_send() or self._drain_waiters):
+            return  # the common case after receiving an answer: nothing to do
         if mux.has_data_to_send():
             writer = self._writer
             if not transport.get_write_buffer_size():
