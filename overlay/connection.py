@@ -4,6 +4,10 @@ It owns a socket transport and three pure state machines, in order: `SecureHands
 Noise handshake completes, then `RecordReader` (records -> plaintext) and `MuxConnection`
 (plaintext -> stream events). After every input it drains what the state machines want to send.
 Any protocol violation closes this connection only, with the reason logged.
+
+It is a BufferedProtocol: the socket reads straight into the record reader's buffer, and the
+multiplexer writes frames straight into the buffer the records are sealed from (RecordWriter),
+so a payload is copied once on each side besides the encryption itself.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -29,11 +34,11 @@ from overlay.mux import (
     StreamOpened,
     StreamReset,
 )
-from overlay.mux.connection import MAX_RECORD_PLAINTEXT
-from overlay.record_layer import RecordError, RecordReader, seal_records
+from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
 from overlay.secure_handshake import HandshakeError, SecureHandshake
 from overlay.streams import SEND_HIGH_WATER, ConnectionLost, Stream
+from overlay.unary import PendingCall
 
 if TYPE_CHECKING:
     from overlay.identity import Identity
@@ -44,9 +49,23 @@ log = logging.getLogger(__name__)
 # large transfer would only add latency to the small requests queued behind it.
 WRITE_HIGH_WATER = 512 << 10
 WRITE_LOW_WATER = 128 << 10
+# Records sealed per write: large enough that a bulk transfer costs few system calls, small
+# enough that a small request queued behind it waits little.
+WRITE_BATCH = 1 << 20
+HANDSHAKE_READ = 4096
+_per_thread = threading.local()
 
 
-class Connection(asyncio.Protocol):
+def _plaintext_scratch() -> memoryview:
+    """One record's worth of plaintext scratch, shared by the connections of a thread (a
+    record is sealed as soon as it is written there), so idle connections hold none."""
+    scratch = getattr(_per_thread, "scratch", None)
+    if scratch is None:
+        scratch = _per_thread.scratch = memoryview(bytearray(MAX_RECORD_PLAINTEXT))
+    return scratch
+
+
+class Connection(asyncio.BufferedProtocol):
     """One TCP connection to a peer. Created by the Host; applications use streams."""
 
     link_delay = 0.0  # TEST-ONLY one-way delay of every write (overlay/link_delay.py)
@@ -78,8 +97,10 @@ class Connection(asyncio.Protocol):
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
         self._handshake: SecureHandshake | None = None
-        self._cipher = None
+        self._writer: RecordWriter | None = None
         self._reader: RecordReader | None = None
+        self._handshake_buffer: bytearray | None = None
+        self._flush_scheduled = False
         self._mux: MuxConnection | None = None
         self._streams: dict[int, Stream] = {}
         self._paused = False
@@ -130,21 +151,32 @@ class Connection(asyncio.Protocol):
             return
         self._write_handshake()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+        reader = self._reader
+        if reader is not None:
+            return reader.get_buffer(sizehint)
+        if self._handshake_buffer is None:
+            self._handshake_buffer = bytearray(HANDSHAKE_READ)
+        return self._handshake_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
             return
         reader = self._reader
         if reader is None:
-            self._handshake_data(data)
+            self._handshake_data(bytes(self._handshake_buffer[:nbytes]))
             return
         try:
-            plaintexts = reader.feed(data)
+            plaintexts = reader.buffer_updated(nbytes)
         except RecordError as e:
             self.abort(str(e))
             return
-        mux = self._mux
+        self._records_received(plaintexts)
+
+    def _records_received(self, plaintexts: list[bytes]) -> None:
+        receive = self._mux.receive_data
         for plaintext in plaintexts:
-            mux.receive_data(plaintext)
+            receive(plaintext)
         self._process_events()
         self._flush()
 
@@ -189,7 +221,8 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.remote_peer = session.remote_peer
-        self._cipher = session.transport
+        self._handshake_buffer = None
+        self._writer = RecordWriter(session.transport, _plaintext_scratch())
         self._reader = RecordReader(session.transport)
         self._mux = MuxConnection(self.initiator, self._mux_config)
         self._on_ready(self)
@@ -198,7 +231,12 @@ class Connection(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(self)
         if session.leftover:
-            self.data_received(session.leftover)
+            try:
+                plaintexts = self._reader.feed(session.leftover)
+            except RecordError as e:
+                self.abort(str(e))
+                return
+            self._records_received(plaintexts)
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -216,6 +254,24 @@ class Connection(asyncio.Protocol):
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         return stream
+
+    def start_call(self, parts, future: asyncio.Future) -> PendingCall:
+        """Open a stream and send one request message (`parts`) with FIN; the answer goes to
+        `future` (overlay/unary.py)."""
+        if self.closed or self._mux is None:
+            raise ConnectionLost(f"connection to {self.remote_peer} is closed")
+        mux = self._mux
+        try:
+            stream_id = mux.open_stream()
+            last = len(parts) - 1
+            for i, part in enumerate(parts):
+                mux.send(stream_id, part, end=i == last, fin=i == last)
+        except MuxError as e:
+            raise ConnectionLost(str(e)) from None
+        call = PendingCall(self, stream_id, future)
+        self._streams[stream_id] = call
+        self._flush()
+        return call
 
     def mux_send_parts(self, stream_id: int, parts, fin: bool, flush: bool = True) -> None:
         """One message from `parts`: every part but the last is a fragment (END unset)."""
@@ -318,30 +374,34 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if mux is None or transport is None or self._paused:
             return
+        if not (mux.has_data_to_send() or self._drain_waiters):
+            return  # the common case after receiving an answer: nothing to do
         if mux.has_data_to_send():
-            chunks = []
-            size = 0
-            while size < WRITE_HIGH_WATER:
-                chunk = mux.data_to_send(MAX_RECORD_PLAINTEXT)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            if chunks:
-                try:
-                    transport.write(seal_records(self._cipher, chunks))
-                except Exception as e:  # nonce exhaustion, or a transport already closing
-                    self.abort(f"cannot send: {e}")
-                    return
+            writer = self._writer
+            if not transport.get_write_buffer_size():
+                writer.release()  # the transport holds none of our buffers any more
+            try:
+                out = writer.seal_from(mux.frames_into, mux.has_data_to_send, WRITE_BATCH)
+                if out is not None:
+                    transport.write(out)
+            except Exception as e:  # nonce exhaustion, or a transport already closing
+                self.abort(f"cannot send: {e}")
+                return
         if self._drain_waiters:
             queued = mux.queued_bytes
             waiting = [s for s in self._drain_waiters if queued(s.stream_id) <= SEND_HIGH_WATER]
             for stream in waiting:
                 self._drain_waiters.discard(stream)
                 stream._wake_sender()
-        if mux.has_data_to_send() and not self._paused:
+        if mux.has_data_to_send() and not self._paused and not self._flush_scheduled:
             # More frames than one write batch: continue after other callbacks had their turn.
-            self.loop.call_soon(self._flush)
+            self._flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if not self.closed:
+            self._flush()
 
     def close(self) -> None:
         """Graceful: send GO_AWAY and what is queued, then close the socket."""

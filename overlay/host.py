@@ -32,6 +32,7 @@ from overlay.rpc_codec import (
     reset_reason,
 )
 from overlay.streams import ConnectionLost, Stream, StreamClosed
+from overlay.unary import PendingCall
 
 log = logging.getLogger(__name__)
 
@@ -272,19 +273,20 @@ class Host:
             except TimeoutError:
                 raise RpcTimeout(f"{method} on {_name(peer)}: could not connect within "
                                  f"{timeout:g} s") from None
-        stream = conn.open_stream()
-        # One timer per call (cheaper than asyncio.timeout on this hot path): at the deadline
-        # the stream is reset, which wakes the reader below with the timeout error.
-        timer = loop.call_at(deadline, _expire_call, stream, method, peer, timeout)
+        future = loop.create_future()
         try:
-            stream.send_parts(_one_message(encode_request(method, KIND_UNARY, timeout), payload),
-                              end_stream=True)
-            answer = await stream.recv()
-        except asyncio.CancelledError:
-            stream.reset("cancelled: the caller gave up")
-            raise
-        except StreamClosed as e:
+            call = conn.start_call(_one_message(encode_request(method, KIND_UNARY, timeout),
+                                                payload), future)
+        except ConnectionLost as e:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
+        # One timer per call (cheaper than asyncio.timeout on this hot path): at the deadline
+        # the stream is reset and the future fails with the timeout error.
+        timer = loop.call_at(deadline, _expire_call, call, method, peer, timeout)
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            call.fail("cancelled: the caller gave up", ConnectionLost("cancelled"))
+            raise
         finally:
             timer.cancel()
         if answer is None:
@@ -445,8 +447,9 @@ def _expire_task(task: asyncio.Task, expired: list[bool]) -> None:
     task.cancel()
 
 
-def _expire_call(stream: Stream, method: str, peer, timeout: float) -> None:
-    stream.expire(RpcTimeout(f"{method} on {_name(peer)}: no answer within {timeout:g} s"))
+def _expire_call(call: PendingCall, method: str, peer, timeout: float) -> None:
+    call.fail("deadline_exceeded: the caller gave up",
+              RpcTimeout(f"{method} on {_name(peer)}: no answer within {timeout:g} s"))
 
 
 def _name(peer) -> str:

@@ -1,19 +1,31 @@
 """Noise transport records on the socket: a 2-byte big-endian length, then the ciphertext.
 
-Sans-IO: `RecordReader.feed` turns received bytes into plaintexts, `seal_records` turns a plaintext
-byte string into framed records. Each record carries at most MAX_RECORD_PLAINTEXT bytes (a
-Noise message is at most 65535 bytes, 16 of which are the authentication tag).
+Sans-IO. Receiving: `RecordReader` owns the receive buffer; the driver lets the socket write
+straight into `get_buffer()` (asyncio's BufferedProtocol) and reports `buffer_updated(n)`, which
+returns the plaintexts of the records completed so far (`feed(data)` does both for bytes that
+were read elsewhere). Sending: `RecordWriter.seal_from` encrypts what a frame source writes
+into framed records, in a buffer it reuses once the driver says the previous one has left
+(`release`); `seal_records` does the same for a list of plaintexts. Each record
+carries at most MAX_RECORD_PLAINTEXT bytes (a Noise message is at most 65535 bytes, 16 of which
+are the authentication tag).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from overlay.mux.connection import MAX_RECORD_PLAINTEXT
 
 TAG_SIZE = 16
+LENGTH_SIZE = 2
+MAX_RECORD = LENGTH_SIZE + MAX_RECORD_PLAINTEXT + TAG_SIZE  # 65537 bytes on the wire
+# The receive buffer starts small (an idle connection costs little) and grows to the large
+# size once a read fills it: bulk transfers then take one system call per ~1 MiB.
+SMALL_RECEIVE_BUFFER = 16 << 10
+LARGE_RECEIVE_BUFFER = 1 << 20
+MIN_READ = 2048  # get_buffer makes room when less than this is left
 _LENGTH = struct.Struct(">H")
 
 
@@ -28,80 +40,201 @@ class Cipher(Protocol):
 
 
 def seal_records(cipher: Cipher, plaintexts: Sequence[bytes]) -> bytearray:
-    """Encrypt each plaintext (at most MAX_RECORD_PLAINTEXT bytes) into one framed record.
-
-    The records are sealed in place into one buffer sized up front: the ciphertext is written
-    once, where the socket will read it (no per-record bytes objects joined afterwards).
-    """
-    out = bytearray(sum(len(p) for p in plaintexts) + len(plaintexts) * (2 + TAG_SIZE))
-    view = memoryview(out)
-    pack_into = _LENGTH.pack_into
-    encrypt_into = cipher.encrypt_into
-    pos = 0
-    for plaintext in plaintexts:
-        size = len(plaintext) + TAG_SIZE
-        pack_into(out, pos, size)
-        encrypt_into(plaintext, view[pos + 2:pos + 2 + size])
-        pos += 2 + size
+    """Encrypt each plaintext (at most MAX_RECORD_PLAINTEXT bytes) into one framed record."""
+    out = bytearray(sum(len(p) for p in plaintexts) + len(plaintexts) * (LENGTH_SIZE + TAG_SIZE))
+    end = _seal_into(cipher, plaintexts, memoryview(out), 0)
+    assert end == len(out)
     return out
 
 
-class RecordReader:
-    """Reassembles framed records from a byte stream and decrypts them in order."""
+def _seal_into(cipher: Cipher, plaintexts, view: memoryview, pos: int) -> int:
+    pack_into = _LENGTH.pack_into
+    encrypt_into = cipher.encrypt_into
+    for plaintext in plaintexts:
+        size = len(plaintext) + TAG_SIZE
+        pack_into(view, pos, size)
+        pos += LENGTH_SIZE
+        encrypt_into(plaintext, view[pos:pos + size])
+        pos += size
+    return pos
 
-    __slots__ = ("_buffer", "_cipher")
+
+class RecordWriter:
+    """Seals the frames a source writes into records, in a send buffer it reuses.
+
+    The source (the multiplexer's `frames_into`) writes one record's plaintext at a time into
+    a scratch buffer; each is encrypted from there straight into its place in the send buffer,
+    behind its length prefix: no per-record bytes objects, no join. A send buffer handed to
+    the transport must not change until the transport has written it, so it is reused only
+    after the driver calls `release()` (when the transport's write buffer is empty);
+    otherwise a fresh one is taken. Reuse matters: a fresh large buffer costs a zero-fill and,
+    above glibc's mmap threshold, a page fault per page.
+    """
+
+    __slots__ = ("_cipher", "_idle_flushes", "_in_flight", "_plain", "_spare")
+
+    # A spare send buffer unused for this many small flushes is given back (idle connections
+    # should not hold a bulk-sized buffer each).
+    SPARE_IDLE_LIMIT = 64
+
+    def __init__(self, cipher: Cipher, scratch: memoryview | None = None):
+        """`scratch`: MAX_RECORD_PLAINTEXT bytes where plaintexts are assembled; the driver may
+        share one between all the writers of a thread (each record is sealed at once)."""
+        self._cipher = cipher
+        self._plain = memoryview(bytearray(MAX_RECORD_PLAINTEXT)) if scratch is None else scratch
+        self._spare: bytearray | None = None  # free for reuse
+        self._in_flight: bytearray | None = None  # the last large buffer handed out
+        self._idle_flushes = 0
+
+    def release(self) -> None:
+        """Everything sealed so far has been written: its buffer may be reused."""
+        if self._in_flight is not None:
+            self._spare, self._in_flight = self._in_flight, None
+
+    def seal_from(self, fill: Callable[[memoryview], int], more: Callable[[], bool],
+                  max_bytes: int) -> bytearray | memoryview | None:
+        """Records of what `fill` writes (called until it writes nothing or about `max_bytes`
+        are sealed); `more()` tells whether the source has anything left after a record.
+        None when the source had nothing to send."""
+        plain = self._plain
+        size = fill(plain)
+        if not size:
+            return None
+        if not more():  # one record, the common case of small messages: an exact buffer
+            out = bytearray(size + LENGTH_SIZE + TAG_SIZE)
+            self._seal_one(plain[:size], memoryview(out), 0)
+            self._idle_flushes += 1
+            if self._idle_flushes > self.SPARE_IDLE_LIMIT:
+                self._spare = None
+            return out
+        self._idle_flushes = 0
+        buf = self._spare
+        if buf is not None and len(buf) >= max_bytes + MAX_RECORD:
+            self._spare = None
+        else:
+            buf = bytearray(max_bytes + MAX_RECORD)
+        self._in_flight = buf
+        view = memoryview(buf)
+        limit = len(buf) - MAX_RECORD
+        pos = 0
+        while True:
+            pos = self._seal_one(plain[:size], view, pos)
+            if pos > limit:
+                break
+            size = fill(plain)
+            if not size:
+                break
+        return view[:pos]
+
+    def _seal_one(self, plaintext: memoryview, view: memoryview, pos: int) -> int:
+        size = len(plaintext) + TAG_SIZE
+        _LENGTH.pack_into(view, pos, size)
+        pos += LENGTH_SIZE
+        self._cipher.encrypt_into(plaintext, view[pos:pos + size])
+        return pos + size
+
+
+class RecordReader:
+    """Reassembles framed records from a byte stream and decrypts them in order.
+
+    The socket writes into the reader's own buffer (`get_buffer`), so received bytes are
+    decrypted where they landed: no copy into intermediate bytes objects, and a record split
+    across two reads is moved only when the buffer is nearly full.
+    """
+
+    __slots__ = ("_buf", "_cipher", "_end", "_small_reads", "_start", "_view")
+
+    # The large buffer goes back after this many consecutive small reads that left nothing
+    # pending (the bulk transfer is over).
+    SHRINK_AFTER = 16
 
     def __init__(self, cipher: Cipher):
         self._cipher = cipher
-        self._buffer = bytearray()
+        self._buf = bytearray(SMALL_RECEIVE_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet consumed
+        self._end = 0  # end of the received bytes
+        self._small_reads = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Plaintexts of the records completed by `data`, in order.
+    @property
+    def buffered(self) -> int:
+        """Received bytes of records not yet complete."""
+        return self._end - self._start
 
-        Only the start of a record that straddles two reads is copied (at most one record);
-        everything else is decrypted straight from the received bytes.
-        """
-        view = memoryview(data)
-        out = []
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next read may write (at least MIN_READ bytes)."""
+        if len(self._buf) - self._end < MIN_READ:
+            self._make_room()
+        return self._view[self._end:]
+
+    def _make_room(self) -> None:
+        pending = self._end - self._start
+        if len(self._buf) < LARGE_RECEIVE_BUFFER:
+            # The small buffer filled up: a large record, or bulk traffic. Grow.
+            buf = bytearray(LARGE_RECEIVE_BUFFER)
+            buf[:pending] = self._view[self._start:self._end]
+            self._buf, self._view = buf, memoryview(buf)
+        elif pending:
+            # Move the start of the pending record (less than one record) to the front.
+            chunk = self._view[self._start:self._end]
+            if self._start < pending:  # overlapping: copy through bytes
+                chunk = bytes(chunk)
+            self._view[:pending] = chunk
+        self._start, self._end = 0, pending
+
+    def buffer_updated(self, nbytes: int) -> list[bytes]:
+        """`nbytes` were written at `get_buffer()`: the plaintexts of the records completed."""
+        end = self._end + nbytes
+        if end > len(self._buf):
+            raise ValueError("buffer_updated beyond the buffer it was given")
+        self._end = end
+        view = self._view
+        pos = self._start
         decrypt = self._cipher.decrypt
-        pos = 0
-        buffer = self._buffer
-        if buffer:
-            if len(buffer) < 2:
-                take = min(2 - len(buffer), len(view))
-                buffer += view[:take]
-                pos = take
-                if len(buffer) < 2:
-                    return out
-            (length,) = _LENGTH.unpack_from(buffer)
+        unpack_from = _LENGTH.unpack_from
+        out = []
+        while end - pos >= LENGTH_SIZE:
+            (length,) = unpack_from(view, pos)
             if length < TAG_SIZE:
                 raise RecordError(f"record of {length} bytes is shorter than its tag")
-            take = min(2 + length - len(buffer), len(view) - pos)
-            buffer += view[pos:pos + take]
-            pos += take
-            if len(buffer) < 2 + length:
-                return out
-            try:
-                out.append(decrypt(memoryview(buffer)[2:]))
-            except Exception as e:  # the cipher's own authentication failure type
-                raise RecordError(f"record failed authentication: {type(e).__name__}") from None
-            self._buffer = bytearray()
-        total = len(view)
-        while total - pos >= 2:
-            (length,) = _LENGTH.unpack_from(view, pos)
-            if length < TAG_SIZE:
-                raise RecordError(f"record of {length} bytes is shorter than its tag")
-            end = pos + 2 + length
-            if end > total:
+            stop = pos + LENGTH_SIZE + length
+            if stop > end:
                 break
             try:
-                out.append(decrypt(view[pos + 2:end]))
+                out.append(decrypt(view[pos + LENGTH_SIZE:stop]))
             except Exception as e:  # the cipher's own authentication failure type
                 raise RecordError(f"record failed authentication: {type(e).__name__}") from None
-            pos = end
-        if pos < total:
-            self._buffer += view[pos:]
+            pos = stop
+        if pos == end:
+            pos = self._end = 0
+            if len(self._buf) > SMALL_RECEIVE_BUFFER:
+                self._small_reads = self._small_reads + 1 if nbytes < MAX_RECORD else 0
+                if self._small_reads >= self.SHRINK_AFTER:
+                    self._buf = bytearray(SMALL_RECEIVE_BUFFER)
+                    self._view = memoryview(self._buf)
+                    self._small_reads = 0
+        self._start = pos
+        return out
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Plaintexts of the records completed by `data` (bytes read by someone else)."""
+        data = memoryview(data).cast("B")
+        out: list[bytes] = []
+        pos = 0
+        while pos < len(data):
+            room = self.get_buffer()
+            take = min(len(room), len(data) - pos)
+            room[:take] = data[pos:pos + take]
+            pos += take
+            out += self.buffer_updated(take)
         return out
 
 
-__all__ = ["MAX_RECORD_PLAINTEXT", "Cipher", "RecordError", "RecordReader", "seal_records"]
+__all__ = [
+    "MAX_RECORD_PLAINTEXT",
+    "Cipher",
+    "RecordError",
+    "RecordReader",
+    "RecordWriter",
+    "seal_records",
+]

@@ -16,7 +16,7 @@ DHT request).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgpack
 
@@ -44,8 +44,9 @@ class RemoteError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHeader:
+class RequestHeader(NamedTuple):
+    """(Immutable; a NamedTuple rather than a frozen dataclass: one is built per call.)"""
+
     method: str
     kind: int
     timeout: float | None  # seconds the caller will wait, as sent; None for no limit
@@ -56,18 +57,46 @@ _REQUEST = struct.Struct(">BBI")
 NO_TIMEOUT = 0xFFFFFFFF
 
 
+# Headers already encoded or decoded, keyed by what determines them: a program calls few
+# methods with few distinct timeouts, and this runs on every call. Bounded (cleared when full).
+_CACHE_LIMIT = 4096
+_encoded: dict[tuple[str, int, float | None], bytes] = {}
+_decoded: dict[bytes, RequestHeader] = {}
+
+
 def encode_request(method: str, kind: int, timeout: float | None) -> bytes:
+    key = (method, kind, timeout)
+    header = _encoded.get(key)
+    if header is not None:
+        return header
     name = method.encode()
     if not 0 < len(name) <= MAX_METHOD_LENGTH:
         raise ValueError(f"method name must be 1 to {MAX_METHOD_LENGTH} bytes: {method!r}")
     millis = NO_TIMEOUT if timeout is None else min(NO_TIMEOUT - 1, max(0, int(timeout * 1000)))
-    return _REQUEST.pack(kind, len(name), millis) + name
+    header = _REQUEST.pack(kind, len(name), millis) + name
+    if len(_encoded) >= _CACHE_LIMIT:
+        _encoded.clear()
+    _encoded[key] = header
+    return header
 
 
 def decode_request(data: bytes | memoryview) -> tuple[RequestHeader, int]:
     """The header at the start of `data`, and the offset where the payload begins."""
     if len(data) < _REQUEST.size:
         raise RpcProtocolError("request header is truncated")
+    end = _REQUEST.size + data[1]
+    raw = bytes(data[:end])
+    header = _decoded.get(raw)
+    if header is not None and (header.kind == KIND_UNARY or len(data) == end):
+        return header, end
+    header, end = _decode_request(data)
+    if len(_decoded) >= _CACHE_LIMIT:
+        _decoded.clear()
+    _decoded[raw] = header
+    return header, end
+
+
+def _decode_request(data: bytes | memoryview) -> tuple[RequestHeader, int]:
     kind, length, millis = _REQUEST.unpack_from(data)
     if kind not in (KIND_UNARY, KIND_STREAM):
         raise RpcProtocolError(f"unknown request kind {kind}")

@@ -98,7 +98,7 @@ def test_large_message_is_split_into_frames_and_reassembled():
 
 
 def test_flow_control_blocks_sender_until_receiver_acknowledges():
-    a, b = MuxConnection(True), MuxConnection(False)
+    a, b = MuxConnection(True), MuxConnection(False, MuxConfig(max_stream_window=INITIAL_WINDOW))
     sid = a.open_stream()
     a.send(sid, b"x" * (INITIAL_WINDOW * 3))
     b.receive_data(a.data_to_send(1 << 30))
@@ -111,6 +111,49 @@ def test_flow_control_blocks_sender_until_receiver_acknowledges():
     b.receive_data(a.data_to_send(1 << 30))
     more = sum(len(e.data) for e in events(b) if isinstance(e, DataReceived))
     assert more == INITIAL_WINDOW
+
+
+def received_bytes(conn: MuxConnection, sid: int) -> int:
+    return sum(len(e.data) for e in events(conn) if isinstance(e, DataReceived))
+
+
+def test_window_of_a_reader_that_keeps_up_doubles_up_to_the_limit():
+    a = MuxConnection(True)
+    b = MuxConnection(False, MuxConfig(max_stream_window=4 * INITIAL_WINDOW))
+    sid = a.open_stream()
+    a.send(sid, b"x" * (64 * INITIAL_WINDOW))
+    bursts = []
+    for _ in range(8):
+        b.receive_data(a.data_to_send(1 << 30))
+        got = received_bytes(b, sid)
+        bursts.append(got)
+        b.acknowledge(sid, got)  # the application read it all
+        a.receive_data(b.data_to_send())
+    # Each burst is what the window allowed: it doubles while the reader keeps up, then stays.
+    assert bursts[:4] == [INITIAL_WINDOW, 2 * INITIAL_WINDOW, 4 * INITIAL_WINDOW,
+                          4 * INITIAL_WINDOW]
+    assert set(bursts[4:]) == {4 * INITIAL_WINDOW}
+
+
+def test_window_growth_is_bounded_per_connection():
+    a = MuxConnection(True)
+    b = MuxConnection(False, MuxConfig(max_stream_window=8 * INITIAL_WINDOW,
+                                       max_window_growth=3 * INITIAL_WINDOW))
+    s1, s2 = a.open_stream(), a.open_stream()
+    for sid in (s1, s2):
+        a.send(sid, b"y" * (64 * INITIAL_WINDOW))
+    total = []
+    for _ in range(6):
+        b.receive_data(a.data_to_send(1 << 30))
+        got = [e for e in events(b) if isinstance(e, DataReceived)]
+        total.append(sum(len(e.data) for e in got))
+        for sid in (s1, s2):
+            b.acknowledge(sid, sum(len(e.data) for e in got if e.stream_id == sid))
+        a.receive_data(b.data_to_send())
+    # Two streams of 1 MiB each, plus at most 3 MiB of growth between them.
+    assert max(total) == 5 * INITIAL_WINDOW
+    b.reset_stream(s1, "done")  # a closed stream gives its growth back
+    assert b._window_growth == b._streams[s2].recv_window - INITIAL_WINDOW < 3 * INITIAL_WINDOW
 
 
 def test_sender_exceeding_the_window_is_a_protocol_error():

@@ -1,4 +1,5 @@
-"""The record layer alone: sealing, and reading records split anywhere across socket reads."""
+"""The record layer: sealing (alone and from the multiplexer), and reading records split
+anywhere across socket reads, through `feed` and through the reader's own buffer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.identity import Identity
-from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, seal_records
+from overlay.mux import DataReceived, MuxConnection
+from overlay.record_layer import (
+    MAX_RECORD_PLAINTEXT,
+    SMALL_RECEIVE_BUFFER,
+    RecordError,
+    RecordReader,
+    RecordWriter,
+    seal_records,
+)
 from overlay.secure_handshake import SecureHandshake
 
 
@@ -53,3 +62,113 @@ def test_one_byte_at_a_time_and_forgery():
         reader.feed(bytes(forged[:7]) + bytes(forged[7:]))
     with pytest.raises(RecordError, match="shorter than its tag"):
         RecordReader(receiver).feed(b"\x00\x05abcde")
+
+
+def read_like_a_socket(reader: RecordReader, wire: bytes, sizes) -> list[bytes]:
+    """Write `wire` into the reader's own buffer in reads of the given sizes (cycled), as the
+    BufferedProtocol driver does."""
+    got, pos, i = [], 0, 0
+    while pos < len(wire):
+        room = reader.get_buffer()
+        take = min(len(room), sizes[i % len(sizes)], len(wire) - pos)
+        i += 1
+        room[:take] = wire[pos:pos + take]
+        pos += take
+        got += reader.buffer_updated(take)
+    return got
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 100, 4096, 40000, MAX_RECORD_PLAINTEXT]),
+                      min_size=1, max_size=40),
+       reads=st.lists(st.integers(1, 3 << 20), min_size=1, max_size=8))
+def test_reads_into_the_readers_buffer_give_the_same_records(sizes, reads):
+    sender, receiver = transports()
+    plaintexts = [os.urandom(n) for n in sizes]
+    wire = bytes(seal_records(sender, plaintexts))
+    assert read_like_a_socket(RecordReader(receiver), wire, reads) == plaintexts
+
+
+def test_receive_buffer_grows_for_bulk_and_shrinks_when_idle():
+    sender, receiver = transports()
+    reader = RecordReader(receiver)
+    assert len(reader.get_buffer()) == SMALL_RECEIVE_BUFFER
+    bulk = [os.urandom(MAX_RECORD_PLAINTEXT) for _ in range(20)]
+    assert read_like_a_socket(reader, bytes(seal_records(sender, bulk)), [1 << 20]) == bulk
+    assert len(reader.get_buffer()) > SMALL_RECEIVE_BUFFER
+    small = [b"ping %d" % i for i in range(RecordReader.SHRINK_AFTER)]
+    for message in small:
+        assert read_like_a_socket(reader, bytes(seal_records(sender, [message])), [99]) == [
+            message]
+    assert len(reader.get_buffer()) == SMALL_RECEIVE_BUFFER
+
+
+def test_forged_record_in_the_readers_buffer_is_an_error():
+    sender, receiver = transports()
+    wire = bytearray(seal_records(sender, [b"a" * 1000, b"b" * 1000]))
+    wire[1500] ^= 0x40
+    reader = RecordReader(receiver)
+    with pytest.raises(RecordError, match="authentication"):
+        read_like_a_socket(reader, bytes(wire), [700])
+
+
+def mux_pair():
+    return MuxConnection(True), MuxConnection(False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300_000), min_size=1, max_size=6),
+       batch=st.sampled_from([1, 5000, 70_000, 256 << 10]),
+       reads=st.lists(st.integers(1, 2 << 20), min_size=1, max_size=6))
+def test_frames_sealed_by_the_writer_decode_identically_whatever_the_splits(lengths, batch,
+                                                                             reads):
+    """Mux frames -> RecordWriter records -> reads of any size -> RecordReader -> mux: the
+    messages come out as they went in, for any write batch and any read boundaries."""
+    sender, receiver = transports()
+    a, b = mux_pair()
+    streams = [a.open_stream() for _ in range(2)]
+    sent = {sid: [] for sid in streams}
+    for i, n in enumerate(lengths):
+        sid = streams[i % 2]
+        message = os.urandom(n)
+        sent[sid].append(message)
+        a.send(sid, message)
+    writer = RecordWriter(sender)
+    wire = bytearray()
+    while (out := writer.seal_from(a.frames_into, a.has_data_to_send, batch)) is not None:
+        wire += out
+        if len(wire) % 3:  # sometimes the transport still holds the buffer
+            writer.release()
+    plaintexts = read_like_a_socket(RecordReader(receiver), bytes(wire), reads)
+    assert all(len(p) <= MAX_RECORD_PLAINTEXT for p in plaintexts)
+    got = {sid: [] for sid in streams}
+    partial = {sid: b"" for sid in streams}
+    for plaintext in plaintexts:
+        b.receive_data(plaintext)
+        while (event := b.next_event()) is not None:
+            if isinstance(event, DataReceived):
+                partial[event.stream_id] += bytes(event.data)
+                if event.end:
+                    got[event.stream_id].append(partial[event.stream_id])
+                    partial[event.stream_id] = b""
+    assert got == sent
+
+
+def test_a_buffer_still_held_by_the_transport_is_never_reused():
+    sender, receiver = transports()
+    a, _ = mux_pair()
+    sid = a.open_stream()
+    writer = RecordWriter(sender)
+    a.send(sid, b"1" * 200_000)
+    first = writer.seal_from(a.frames_into, a.has_data_to_send, 100_000)
+    snapshot = bytes(first)
+    a.send(sid, b"2" * 200_000)
+    second = writer.seal_from(a.frames_into, a.has_data_to_send, 100_000)  # no release()
+    assert bytes(first) == snapshot and second.obj is not first.obj
+    second_bytes = bytes(second)
+    writer.release()
+    third = writer.seal_from(a.frames_into, a.has_data_to_send, 100_000)
+    assert third.obj is second.obj  # released: reused
+    reader = RecordReader(receiver)
+    plaintexts = reader.feed(snapshot) + reader.feed(second_bytes) + reader.feed(third)
+    assert sum(len(p) for p in plaintexts) > 300_000

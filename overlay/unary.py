@@ -1,0 +1,64 @@
+"""The caller's half of a unary RPC on a connection: one request out, one answer back.
+
+A `Stream` (overlay/streams.py) is a general message queue with flow-control bookkeeping and
+a waiter per message; a unary call needs none of that, and it runs on every DHT request. The
+connection hands the answer of a `PendingCall` straight to a future. Same wire behaviour as a
+stream: the request is one message with FIN, the answer one message (overlay/PROTOCOL.md, 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from overlay.connection import Connection
+
+
+class PendingCall:
+    """Receives the one answer message of a unary call into `future` (bytes; None when the
+    peer half-closed without answering), or the error that ended the call."""
+
+    __slots__ = ("_conn", "_parts", "future", "stream_id")
+
+    def __init__(self, conn: Connection, stream_id: int, future: asyncio.Future):
+        self._conn = conn
+        self.stream_id = stream_id
+        self.future = future
+        self._parts: list | None = None
+
+    # Called by the connection, like the same methods of Stream.
+    def _on_data(self, data, end: bool) -> None:
+        parts = self._parts
+        if end and parts is None:
+            answer = bytes(data)
+        else:
+            if parts is None:
+                parts = self._parts = []
+            parts.append(data)
+            if not end:
+                # We hold the fragments ourselves (bounded by the message size limit): give
+                # the credit back at once, so a large answer flows.
+                self._conn.acknowledge(self.stream_id, len(data))
+                return
+            answer = b"".join(parts)
+            self._parts = None
+        future = self.future
+        if not future.done():
+            future.set_result(answer)
+
+    def _on_end(self) -> None:
+        future = self.future
+        if not future.done():
+            future.set_result(None)
+        self._conn.release_stream(self.stream_id)
+
+    def _on_error(self, error: BaseException) -> None:
+        future = self.future
+        if not future.done():
+            future.set_exception(error)
+
+    def fail(self, reason: str, error: BaseException) -> None:
+        """Give up on the call (deadline or cancellation): reset the stream, fail the future."""
+        self._conn.reset_stream(self.stream_id, reason)
+        self._on_error(error)
