@@ -7,14 +7,21 @@ travel as tensor_wire messages whose metadata maps are checked by the functions 
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 PROTOCOL_VERSION = 1
 
 METHOD_INFO = "blocks.info"
 METHOD_FORWARD = "blocks.forward"
 METHOD_INFERENCE = "blocks.inference"
+METHOD_BACKWARD = "blocks.backward"
+METHOD_LORA_PUT = "blocks.lora_put"
 
 # Error codes (RemoteError.code) of the block RPCs, beyond the transport's own.
 UNKNOWN_MODEL = "unknown_model"
@@ -24,10 +31,18 @@ CACHE_FULL = "cache_full"
 SESSION_CLOSED = "session_closed"
 TOO_LONG = "too_long"
 OVERLOADED = "overloaded"
+UNKNOWN_ADAPTER = "unknown_adapter"  # no adapter of that name is hosted by this server
+ADAPTER_MISSING = "adapter_missing"  # an uploaded LoRA this server no longer holds: upload again
+TOO_LARGE = "too_large"  # over a size limit of this server (request tokens, adapter bytes)
 
 COMPRESSIONS = ("none", "float16", "bfloat16", "int8_blockwise", "lz4")
 MAX_BATCH = 1024
 MAX_LENGTH = 1 << 20
+MAX_LORA_RANK = 1024
+MAX_LORA_MODULES = 64  # target modules per layer
+MAX_ADAPTER_NAME = 128
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class RequestError(ValueError):
@@ -112,3 +127,119 @@ def parse_step_request(meta: Any) -> StepRequest:
 
 def response_compression(meta: Any) -> str:
     return _compression(meta) if isinstance(meta, dict) else "none"
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass(frozen=True, slots=True)
+class TuningRequest:
+    """What a forward, backward or inference request asks beyond the frozen blocks."""
+
+    adapter: str | None = None  # a LoRA adapter the server hosts, by name
+    lora: str | None = None  # the content digest of a LoRA the client uploaded (METHOD_LORA_PUT)
+    prompts: bool = False  # a deep-prompts tensor [blocks, batch or 1, prefix, hidden] follows
+    mask: bool = False  # an attention-mask tensor [batch, length] follows
+
+
+def parse_tuning(meta: Any, tensor_count: int, leading: int) -> TuningRequest:
+    """The tuning part of a request whose first `leading` tensors are fixed (hidden states, and
+    output gradients for backward). Requests from before fine-tuning existed send a mask as
+    the one tensor after the leading ones without saying so."""
+    if not isinstance(meta, dict):
+        raise RequestError(BAD_INPUT, "request metadata must be a map")
+    adapter, lora = meta.get("adapter"), meta.get("lora")
+    if adapter is not None and (not isinstance(adapter, str) or not adapter
+                                or len(adapter) > MAX_ADAPTER_NAME):
+        raise RequestError(BAD_INPUT, f"'adapter' must be a name of at most {MAX_ADAPTER_NAME} "
+                                      f"characters")
+    if lora is not None and not (isinstance(lora, str) and _DIGEST.fullmatch(lora)):
+        raise RequestError(BAD_INPUT, "'lora' must be a 64-digit hex digest from blocks.lora_put")
+    if adapter is not None and lora is not None:
+        raise RequestError(BAD_INPUT, "a request uses a hosted adapter or an uploaded LoRA, "
+                                      "not both")
+    flags = {}
+    for key in ("prompts", "mask"):
+        value = meta.get(key, False)
+        if not isinstance(value, bool):
+            raise RequestError(BAD_INPUT, f"{key!r} must be true or false")
+        flags[key] = value
+    if "mask" not in meta and not flags["prompts"] and tensor_count == leading + 1:
+        flags["mask"] = True  # the original layout: [hidden, attention_mask]
+    expected = leading + flags["mask"] + flags["prompts"]
+    if tensor_count != expected:
+        raise RequestError(BAD_INPUT, f"expected {expected} tensors for this request, got "
+                                      f"{tensor_count}")
+    return TuningRequest(adapter, lora, flags["prompts"], flags["mask"])
+
+
+@dataclass(frozen=True, slots=True)
+class LoraPutRequest:
+    """An uploaded LoRA for blocks [start, end): for each block in order and each module in
+    `modules` order, tensors A [rank, in_features] and B [out_features, rank] (PEFT's
+    lora_A / lora_B weights); the output of module m gains scaling * B(A(x))."""
+
+    blocks: BlockRange
+    rank: int
+    alpha: float
+    rslora: bool  # scaling alpha / sqrt(rank) instead of alpha / rank
+    modules: tuple[str, ...]  # paths inside one decoder layer, e.g. "self_attn.q_proj"
+    digest: str
+    replaces: str | None  # a digest this client uploaded before and no longer needs
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, self.rslora)
+
+    @property
+    def tensor_count(self) -> int:
+        return 2 * len(self.modules) * (self.blocks.end - self.blocks.start)
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: alpha / rank, or alpha / sqrt(rank) for rank-stabilised LoRA."""
+    return alpha / rank**0.5 if rslora else alpha / rank
+
+
+def parse_lora_put(meta: Any, model_id: str, served: tuple[int, int],
+                   tensor_count: int) -> LoraPutRequest:
+    blocks = parse_range(meta, model_id, served)
+    rank = _int(meta, "rank", 1, MAX_LORA_RANK)
+    alpha = meta.get("alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < 1e6:
+        raise RequestError(BAD_INPUT, "'alpha' must be a positive number")
+    rslora = meta.get("rslora", False)
+    if not isinstance(rslora, bool):
+        raise RequestError(BAD_INPUT, "'rslora' must be true or false")
+    modules = meta.get("modules")
+    if (not isinstance(modules, list) or not 0 < len(modules) <= MAX_LORA_MODULES
+            or not all(isinstance(m, str) and len(m) <= 256 and _MODULE_PATH.fullmatch(m)
+                       for m in modules) or len(set(modules)) != len(modules)):
+        raise RequestError(BAD_INPUT, f"'modules' must list 1 to {MAX_LORA_MODULES} distinct "
+                                      f"module paths")
+    digest, replaces = meta.get("digest"), meta.get("replaces")
+    if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        raise RequestError(BAD_INPUT, "'digest' must be a 64-digit hex SHA-256")
+    if replaces is not None and not (isinstance(replaces, str) and _DIGEST.fullmatch(replaces)):
+        raise RequestError(BAD_INPUT, "'replaces' must be a 64-digit hex SHA-256")
+    request = LoraPutRequest(blocks, rank, float(alpha), rslora, tuple(modules), digest,
+                             replaces)
+    if tensor_count != request.tensor_count:
+        raise RequestError(BAD_INPUT, f"a LoRA of {len(modules)} modules on "
+                                      f"{blocks.end - blocks.start} blocks has "
+                                      f"{request.tensor_count} tensors, got {tensor_count}")
+    return request
+
+
+def lora_digest(start: int, end: int, rank: int, alpha: float, rslora: bool,
+                modules: Iterable[str],
+                tensors: Iterable[tuple[str, tuple[int, ...], bytes | memoryview]]) -> str:
+    """SHA-256 naming an uploaded LoRA: its layout and every tensor's dtype, shape and bytes
+    (in the order of LoraPutRequest). Client and server compute it alike, so the server can
+    check an upload is what its name says before other requests refer to it."""
+    h = hashlib.sha256(msgpack.packb(
+        ["lora/1", start, end, rank, float(alpha), rslora, list(modules)]))
+    for dtype, shape, data in tensors:
+        h.update(msgpack.packb([dtype, list(shape)]))
+        h.update(data)
+    return h.hexdigest()

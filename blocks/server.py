@@ -22,7 +22,9 @@ import torch
 
 import tensor_wire
 from blocks import protocol
+from blocks.backward import ServerTuning
 from blocks.cache_budget import CacheBudget, CacheFullError
+from blocks.lora import LoraWeights
 from blocks.protocol import RequestError
 from blocks.push import Pushed, PushService
 from blocks.span import BlockSpan, SpanInputError
@@ -44,13 +46,18 @@ class ServingConfig:
     max_length: int = 8192  # the longest session a client may open
     session_idle_timeout: float = 300.0
     max_request_tokens: int = 16384  # batch x length of one forward or step
+    max_backward_tokens: int = 8192  # batch x length of one backward (~3x a forward's work)
+    max_adapter_bytes: int = 256 << 20  # one uploaded LoRA (blocks.lora_put)
+    adapter_cache_bytes: int = 1 << 30  # all uploaded LoRAs held at once
+    adapter_idle_timeout: float = 600.0  # an uploaded LoRA unused this long is dropped
 
 
 class _Session:
-    __slots__ = ("blocks", "budget", "cost", "inbox", "last_active", "session", "session_id",
-                 "stream")
+    __slots__ = ("blocks", "budget", "cost", "inbox", "last_active", "lora", "session",
+                 "session_id", "stream", "tuning")
 
-    def __init__(self, session_id, session, blocks, cost, stream, budget):
+    def __init__(self, session_id, session, blocks, cost, stream, budget, tuning=None,
+                 lora=None):
         self.session_id = session_id
         self.stream = stream
         self.session = session
@@ -59,12 +66,15 @@ class _Session:
         self.budget = budget  # of the span it was opened on (a server may have moved since)
         self.last_active = time.monotonic()
         self.inbox = None
+        self.tuning = tuning  # protocol.TuningRequest of the opening, or None
+        self.lora = lora  # its LoRA weights (pinned in the upload cache while open)
 
 
 class BlockServer:
     """Serves one span. Create, then `attach(host)`; `close()` frees every session."""
 
-    def __init__(self, span: BlockSpan, config: ServingConfig):
+    def __init__(self, span: BlockSpan, config: ServingConfig,
+                 adapters: dict[str, LoraWeights] | None = None):
         self.span = span
         self.config = config
         self.budget = CacheBudget(config.cache_tokens * span.num_blocks)
@@ -77,6 +87,7 @@ class BlockServer:
         self._seconds_per_token: float | None = None  # moving average of compute time
         self._in_worker = 0  # computations queued on or running in the worker thread
         self.push: PushService | None = None  # server-to-server push (blocks/push.py)
+        self.tuning = ServerTuning(self, adapters)  # backward, LoRA, deep prompts
 
     # ------------------------------------------------------------------ lifetime
     def attach(self, host: Host) -> None:
@@ -84,6 +95,7 @@ class BlockServer:
         host.add_handler(protocol.METHOD_FORWARD, self._forward)
         host.add_stream_handler(protocol.METHOD_INFERENCE, self._inference)
         self.push = PushService(host)
+        self.tuning.attach(host)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle_sessions())
 
     async def close(self) -> None:
@@ -148,6 +160,7 @@ class BlockServer:
             "cache_tokens_free": self.cache_tokens_free,
             "max_length": self.config.max_length,
             "sessions": len(self._sessions),
+            "adapters": list(self.tuning.adapter_names),
         }
 
     # ------------------------------------------------------------------ handlers
@@ -159,14 +172,15 @@ class BlockServer:
         try:
             blocks = protocol.parse_range(meta, self.config.model_id, self.served)
             compression = protocol.response_compression(meta)
-            if len(tensors) not in (1, 2):
-                raise RequestError(protocol.BAD_INPUT, "forward takes hidden states "
-                                                       "[and an attention mask]")
-            hidden = tensors[0]
+            tuned = protocol.parse_tuning(meta, len(tensors), leading=1)
+            hidden, *rest = tensors
             self._check_size(hidden)
-            mask = tensors[1] if len(tensors) == 2 else None
+            mask = rest.pop(0) if tuned.mask else None
+            prompts = rest.pop(0) if tuned.prompts else None
             view = self._view(blocks.start, blocks.end)
-            output = await self._compute(view.forward, hidden, mask)
+            tuning = self.tuning.tuning(tuned, view, prompts, self.tuning.lora_for(tuned, view),
+                                        _batch(hidden))
+            output = await self._compute(_run_forward, view, mask, tuning, hidden)
         except RequestError as e:
             raise RemoteError(e.code, str(e)) from None
         self.requests_served += 1
@@ -181,6 +195,9 @@ class BlockServer:
             request = protocol.parse_session_request(
                 meta, self.config.model_id, self.served, self.config.max_length
             )
+            tuned = protocol.parse_tuning(meta, 0, leading=0)
+            view = self._view(request.blocks.start, request.blocks.end)
+            lora = self.tuning.lora_for(tuned, view, pin=True)
         except RequestError as e:
             raise RemoteError(e.code, str(e)) from None
         blocks = request.blocks
@@ -189,20 +206,21 @@ class BlockServer:
         try:
             await budget.acquire(cost, request.wait_timeout)
         except CacheFullError as e:
+            self.tuning.unpin(tuned)
             raise RemoteError(protocol.CACHE_FULL, str(e)) from None
         entry = None
         try:
             if budget is not self.budget:  # moved to another span while this one waited
                 raise RemoteError(protocol.BAD_RANGE, f"this server now serves blocks "
                                                       f"[{self.span.start}, {self.span.end})")
-            view = self._view(blocks.start, blocks.end)
             session = view.new_session(request.batch_size, request.max_length)
-            entry = _Session(next(self._ids), session, blocks, cost, stream, budget)
+            entry = _Session(next(self._ids), session, blocks, cost, stream, budget, tuned, lora)
             entry.inbox = self.push.open(stream, meta)
             self._sessions[entry.session_id] = entry
         finally:
             if entry is None:
                 budget.release(cost)
+                self.tuning.unpin(tuned)
         try:
             await stream.send(tensor_wire.encode_message([], {
                 "session": entry.session_id, "cache_tokens_free": self.cache_tokens_free,
@@ -228,11 +246,19 @@ class BlockServer:
                 tensors, meta = self._decode(message)
             try:
                 step = protocol.parse_step_request(meta)
-                if len(tensors) != 1:
-                    raise RequestError(protocol.BAD_INPUT, "a step carries one tensor")
-                hidden = tensors[0]
+                prompts = None
+                if isinstance(meta, dict) and meta.get("prompts") is True and len(tensors) == 2:
+                    hidden, prompts = tensors  # deep prompts, added at the prefix positions
+                elif len(tensors) != 1:
+                    raise RequestError(protocol.BAD_INPUT, "a step carries one tensor (and deep "
+                                                           "prompts when 'prompts' is true)")
+                else:
+                    hidden = tensors[0]
                 self._check_size(hidden)
-                output = await self._compute(self._step, session, step.position, hidden)
+                tuning = self.tuning.tuning(protocol.TuningRequest(), session.span, prompts,
+                                            entry.lora, _batch(hidden), step.position)
+                output = await self._compute(self._step, session, step.position, tuning,
+                                             hidden)
             except RequestError as e:
                 # A bad step is refused; the session and its cache stay as they were.
                 reply = {"step": _step_id(meta), "error": e.code, "message": str(e)}
@@ -244,7 +270,7 @@ class BlockServer:
             entry.last_active = time.monotonic()
 
     @staticmethod
-    def _step(session, position: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _step(session, position: int, tuning, hidden: torch.Tensor) -> torch.Tensor:
         if position > session.position:
             raise RequestError(protocol.BAD_INPUT, f"step starts at position {position} but the "
                                                    f"session holds only {session.position}")
@@ -253,7 +279,7 @@ class BlockServer:
         if position + hidden.shape[1] > session.max_length:
             raise RequestError(protocol.TOO_LONG, f"{position + hidden.shape[1]} tokens exceed the "
                                                   f"session's max_length {session.max_length}")
-        return session.step(hidden)
+        return session.step(hidden, tuning)
 
     # ------------------------------------------------------------------ helpers
     async def _compute(self, fn: Callable, *args):
@@ -321,6 +347,8 @@ class BlockServer:
         if entry.inbox is not None:
             self.push.close(entry.inbox)
         entry.budget.release(entry.cost)
+        if entry.tuning is not None:
+            self.tuning.unpin(entry.tuning)
 
     async def _reap_idle_sessions(self) -> None:
         timeout = self.config.session_idle_timeout
@@ -334,6 +362,14 @@ class BlockServer:
                     self._end_session(entry)
                     entry.stream.reset(f"{protocol.SESSION_CLOSED}: idle for more than "
                                        f"{timeout:g} s")
+
+
+def _run_forward(view: BlockSpan, mask, tuning, hidden):
+    return view.forward(hidden, mask, tuning)
+
+
+def _batch(hidden) -> int:
+    return int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.ndim == 3 else 1
 
 
 def _tokens(hidden) -> int:

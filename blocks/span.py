@@ -19,12 +19,13 @@ This module may not do I/O beyond reading the model directory, and never touches
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -61,6 +62,17 @@ class SpanInputError(ModelInputError):
 
 class SessionClosedError(RuntimeError):
     """The session was closed; its cache is gone."""
+
+
+class RunTuning(Protocol):
+    """What a request adds to one run of a span (blocks/tuning.py): ``applied`` is entered
+    while the run holds the span's lock and yields the hidden states to feed the first layer."""
+
+    differentiable: bool
+
+    def applied(
+        self, span: BlockSpan, hidden: torch.Tensor
+    ) -> contextlib.AbstractContextManager[torch.Tensor]: ...
 
 
 class _AbsentEmbedding(nn.Module):
@@ -389,11 +401,20 @@ class BlockSpan:
         cache: Any | None,
         attention_mask: torch.Tensor | None,
         stand_in: torch.Tensor | None = None,
+        tuning: RunTuning | None = None,
     ) -> torch.Tensor:
-        """One pass of the base model's forward through this span's layers."""
+        """One pass of the base model's forward through this span's layers; ``tuning`` (deep
+        prompts, LoRA: blocks/tuning.py) is applied for this run only, under autograd if it
+        is differentiable."""
         if stand_in is None:
             stand_in = self._stand_in(hidden)
-        with self._loaded.lock, torch.inference_mode():
+        grad = tuning is not None and tuning.differentiable
+        with (
+            self._loaded.lock,
+            torch.enable_grad() if grad else torch.inference_mode(),
+            contextlib.nullcontext(hidden) if tuning is None else tuning.applied(self, hidden)
+            as hidden,
+        ):
             return self._loaded.run(
                 self._model,
                 self._lo,
@@ -430,8 +451,22 @@ class BlockSpan:
     def num_blocks(self) -> int:
         return self.end - self.start
 
+    @property
+    def layers_path(self) -> str:
+        """Dotted path of the decoder-layer list inside the base model ("layers", "h"...)."""
+        return self._layers_path
+
+    def layer(self, block: int) -> nn.Module:
+        """The decoder layer of (absolute) block ``block`` of this span."""
+        if not self.start <= block < self.end:
+            raise SpanInputError(f"block {block} is not in [{self.start}, {self.end})")
+        return self._loaded.layers[self._lo + block - self.start]
+
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        tuning: RunTuning | None = None,
     ) -> torch.Tensor:
         """Run full sequences through the span, no cache. ``attention_mask``: [batch, length],
         1 for real tokens and 0 for padding, as transformers takes it."""
@@ -446,7 +481,7 @@ class BlockSpan:
             if attention_mask.is_floating_point() or attention_mask.is_complex():
                 raise SpanInputError("attention mask must hold integers or booleans (1 = token)")
             attention_mask = attention_mask.to(self.device)
-        return self._run(hidden, None, attention_mask)
+        return self._run(hidden, None, attention_mask, tuning=tuning)
 
     def new_session(self, batch_size: int, max_length: int) -> SpanSession:
         """Open an inference session for ``batch_size`` sequences of up to ``max_length`` tokens."""
@@ -570,7 +605,7 @@ class SpanSession:
             raise SessionClosedError("the inference session is closed")
         return self._cache
 
-    def step(self, hidden_new: torch.Tensor) -> torch.Tensor:
+    def step(self, hidden_new: torch.Tensor, tuning: RunTuning | None = None) -> torch.Tensor:
         """Run new positions (one or several) through the span; returns their hidden states."""
         cache = self._live_cache()
         hidden = self.span._check_hidden(hidden_new, self.batch_size)
@@ -588,7 +623,9 @@ class SpanSession:
             )
         span = self.span
         try:
-            if length > 1:
+            if tuning is not None:  # LoRA, deep prompts: the plain path applies them
+                output = span._run(hidden, cache, mask, tuning=tuning)
+            elif length > 1:
                 output = span._run(hidden, cache, mask)
             elif span._static:
                 if span.uses_cuda_graphs:

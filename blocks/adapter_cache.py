@@ -1,0 +1,110 @@
+"""The uploaded-LoRA cache of a block server: content-addressed, bounded in bytes, idle-expiring.
+
+Clients upload the LoRA weights of their span once (blocks.lora_put) and then name them by
+digest in every forward, backward and inference request, so weights cross the network once per
+training step (or per generation session), not once per request. An entry is evicted when it
+has not been used for `idle_timeout` seconds, when its uploader replaces it with a newer
+version, or, least recently used first, when a new upload needs room; entries pinned by an open
+inference session are never evicted (the session ends, the pin goes, then the entry may).
+
+Pure: no torch, no asyncio, no clock (`now` is passed in). Values are opaque.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+
+class AdapterCacheFullError(ValueError):
+    """An upload that does not fit even after evicting everything evictable."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: Any
+    size: int
+    last_used: float
+    pins: int = 0
+
+
+class AdapterCache:
+    __slots__ = ("_entries", "idle_timeout", "max_bytes", "used_bytes")
+
+    def __init__(self, max_bytes: int, idle_timeout: float):
+        self.max_bytes = max_bytes
+        self.idle_timeout = idle_timeout
+        self.used_bytes = 0
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str, now: float) -> Any | None:
+        """The value under `key` (marking it used), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry.last_used = now
+        self._entries.move_to_end(key)
+        return entry.value
+
+    def put(self, key: str, value: Any, size: int, now: float) -> list[str]:
+        """Store `value`; returns the keys evicted to make room. An existing key is only
+        touched (same content, same digest)."""
+        if key in self._entries:
+            self.get(key, now)
+            return []
+        if size > self.max_bytes:
+            raise AdapterCacheFullError(f"{size} bytes exceed this server's adapter cache of "
+                                        f"{self.max_bytes} bytes")
+        evicted = self.expire(now)
+        for old in list(self._entries):
+            if self.used_bytes + size <= self.max_bytes:
+                break
+            if self._entries[old].pins == 0:
+                self._remove(old)
+                evicted.append(old)
+        if self.used_bytes + size > self.max_bytes:
+            raise AdapterCacheFullError(f"the adapter cache is full of adapters in use "
+                                        f"({self.used_bytes} of {self.max_bytes} bytes)")
+        self._entries[key] = _Entry(value, size, now)
+        self.used_bytes += size
+        return evicted
+
+    def discard(self, key: str) -> bool:
+        """Drop `key` unless an open session pins it; True if it was dropped."""
+        entry = self._entries.get(key)
+        if entry is None or entry.pins:
+            return False
+        self._remove(key)
+        return True
+
+    def pin(self, key: str, now: float) -> Any | None:
+        """Keep `key` while a session uses it; returns its value (None: not held)."""
+        value = self.get(key, now)
+        if value is not None:
+            self._entries[key].pins += 1
+        return value
+
+    def unpin(self, key: str, now: float) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.pins:
+            entry.pins -= 1
+            entry.last_used = now
+
+    def expire(self, now: float) -> list[str]:
+        """Evict unpinned entries idle for longer than `idle_timeout`; returns their keys."""
+        stale = [key for key, entry in self._entries.items()
+                 if entry.pins == 0 and now - entry.last_used > self.idle_timeout]
+        for key in stale:
+            self._remove(key)
+        return stale
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self.used_bytes -= entry.size
