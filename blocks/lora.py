@@ -14,21 +14,15 @@ This module may not do network I/O; it reads adapter directories.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from blocks.protocol import LoraPutRequest, lora_digest, lora_scaling
+from blocks.lora_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY, tensors_digest
+from blocks.protocol import LoraPutRequest, lora_scaling
 from blocks.span import BlockSpan
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_KEY = re.compile(r"base_model\.model\.(?P<layers>.+?)\.(?P<index>\d+)\.(?P<module>.+)"
-                       r"\.lora_(?P<ab>[AB])\.weight")
 
 
 class AdapterError(ValueError):
@@ -97,26 +91,12 @@ class LoraWeights:
                                    f"runs {span.dtype}")
 
 
-def _wire_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
-
-
-def digest_of(request_like: LoraPutRequest | LoraWeights, tensors: Iterable[torch.Tensor]) -> str:
-    """The content digest (blocks.protocol.lora_digest) of LoRA tensors in wire order."""
-    if isinstance(request_like, LoraPutRequest):
-        start, end = request_like.blocks.start, request_like.blocks.end
-    else:
-        start, end = request_like.start, request_like.end
-    return lora_digest(start, end, request_like.rank, request_like.alpha, request_like.rslora,
-                       request_like.modules,
-                       ((str(t.dtype).removeprefix("torch."), tuple(t.shape), _wire_bytes(t))
-                        for t in tensors))
-
-
 def from_upload(request: LoraPutRequest, tensors: list[torch.Tensor],
                 span: BlockSpan) -> LoraWeights:
     """LoRA weights from a blocks.lora_put request, checked against `span` and the digest."""
-    if digest_of(request, tensors) != request.digest:
+    blocks = request.blocks
+    if tensors_digest(blocks.start, blocks.end, request.rank, request.alpha, request.rslora,
+                      request.modules, tensors) != request.digest:
         raise AdapterError("the uploaded LoRA does not match its digest")
     weights, it = {}, iter(tensors)
     for block in range(request.blocks.start, request.blocks.end):
@@ -162,7 +142,7 @@ def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None
     try:
         with safe_open(str(directory / ADAPTER_WEIGHTS), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-                match = _PEFT_KEY.fullmatch(key)
+                match = PEFT_KEY.fullmatch(key)
                 if match is None:
                     raise AdapterError(f"{directory}: unsupported tensor {key!r} (LoRA on "
                                        f"decoder-layer linear modules only)")

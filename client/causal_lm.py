@@ -18,9 +18,15 @@ attention caches live on the servers. `get_seq_length()` reports the session's p
 `generate` call. Pass your own `model.inference_session(...)` as `past_key_values` to keep a
 session across calls (each call's `input_ids` must then start with the tokens already sent).
 
+Fine-tuning (client/finetune.py): `from_pretrained(..., tuning_mode="ptune" | "deep_ptune" |
+"lora", ...)` gives the model trainable parameters (prompts or LoRA weights) while the blocks
+stay frozen on the servers; full passes are differentiable (`labels` give transformers' causal-LM
+loss) and `loss.backward()` runs the swarm's backward. `adapter="NAME"` uses an adapter the
+servers host. `save_adapter(DIR)` writes a trained LoRA in PEFT's format.
+
 Not supported (a clear error says so): beam search and other strategies that reorder or copy
 caches, padding inside an inference session (left-padded batches work in full forward passes),
-`output_attentions` / `output_hidden_states`, training.
+`output_attentions` / `output_hidden_states`, generation with deep prompts.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client.finetune import ModelTuning, TuningOptions
 from client.inference import InferenceError
 from client.model import ModelOptions, ModelSession, RemoteModel
 from client.sync_loop import BackgroundLoop, LoopClosedError, shared_loop
@@ -46,6 +54,11 @@ from model_parts.skeleton import ModelInputError
 TRANSFORMERS_DEFAULT_NEW_TOKENS = 20
 # Seconds closing a model (its sessions, its swarm connection) may take before we move on.
 CLOSE_TIMEOUT = 30.0
+# transformers 5.24 renamed `past_key_values` to `cache` (in outputs, generate and
+# prepare_inputs_for_generation); this model takes both names and answers with the one the
+# installed version's outputs have.
+_OUTPUT_CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+                       else "past_key_values")
 
 
 class RemoteSessionCache(Cache):
@@ -64,6 +77,7 @@ class RemoteSessionCache(Cache):
         self._batch_size = batch_size
         self._session: ModelSession | None = None
         self._closed = False
+        self._prefix = 0  # positions of the model's tuned prompts at the session's start
 
     # -- what generate and the model read ---------------------------------------------------
     @property
@@ -83,7 +97,7 @@ class RemoteSessionCache(Cache):
         return self._closed
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._session.position if self._session is not None else 0
+        return self._session.position - self._prefix if self._session is not None else 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_length
@@ -96,7 +110,7 @@ class RemoteSessionCache(Cache):
         position = self.get_seq_length()
         keep = position + max_length if max_length < 0 else max_length
         if keep < position:
-            self._live_session().rollback(max(keep, 0))
+            self._live_session().rollback(max(keep, 0) + self._prefix)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported by distributed models: the "
@@ -122,9 +136,17 @@ class RemoteSessionCache(Cache):
         if self._closed:
             raise InferenceError("the inference session is closed")
         model = self._model
+        prompts = None
         if self._session is None:
             batch = hidden.shape[0] if self._batch_size is None else self._batch_size
-            self._session = model._run(model.remote.inference_session(batch, self.max_length))
+            prompts = model.tuning.session_prefix(batch, hidden.dtype, hidden.device)
+            prefix = 0 if prompts is None else prompts.shape[1]
+            self._session = model._run(model.remote.inference_session(
+                batch, self.max_length + prefix, **model.tuning.session_kwargs()))
+            self._prefix = prefix
+        if prompts is not None:
+            out = model._run(self._session.step_hidden(torch.cat([prompts, hidden], dim=1)))
+            return out[:, prompts.shape[1]:]
         return model._run(self._session.step_hidden(hidden))
 
     def close(self) -> None:
@@ -163,12 +185,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "distributed"
     _no_split_modules: ClassVar[list[str]] = []
 
-    def __init__(self, config: PretrainedConfig, remote: RemoteModel, loop: BackgroundLoop):
+    def __init__(self, config: PretrainedConfig, remote: RemoteModel, loop: BackgroundLoop,
+                 tuning: TuningOptions | None = None):
         super().__init__(config)
         self.remote = remote
         self._loop = loop
         loop.track(remote)
         self._finalizer = weakref.finalize(self, _close_remote, loop, remote)
+        # The trainable part (prompts or LoRA); its parameters are this model's parameters.
+        self.tuning = ModelTuning(config, remote, loop, tuning or TuningOptions())
         self.eval()
 
     @classmethod
@@ -179,16 +204,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         Options (ModelOptions): compression ("none", "float16", "int8_blockwise"), max_length
         (default session length), dtype, device, model_id, and the timeouts.
+        Fine-tuning (client/finetune.py TuningOptions): tuning_mode ("ptune", "deep_ptune",
+        "lora"), pre_seq_len, lora=LoraConfig(...) or lora_rank / lora_alpha /
+        lora_target_modules, lora_path (a saved adapter), adapter (hosted by the servers),
+        chunk_tokens.
         """
         if args:
             raise TypeError("from_pretrained(model_dir, bootstrap=[...], **options) takes no "
                             "other positional arguments")
         if isinstance(bootstrap, str):
             bootstrap = [bootstrap]
+        tuning = TuningOptions.pop_from(option_kwargs)
         loop = shared_loop()
         remote = loop.run(RemoteModel.open(model_dir, bootstrap, options, **option_kwargs))
         try:
-            model = cls(remote.config, remote, loop)
+            model = cls(remote.config, remote, loop, tuning)
             model.generation_config = _generation_config(model_dir, remote.config)
         except BaseException:
             loop.run(remote.close())
@@ -238,6 +268,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return RemoteSessionCache(self, max_length or self.remote.options.max_length,
                                   batch_size)
 
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the trained LoRA (tuning_mode="lora") in PEFT's format: adapter_config.json
+        and adapter_model.safetensors, loadable by PEFT, by `lora_path=` or by
+        `overlay-node serve --adapter NAME=DIR`."""
+        return self.tuning.save_adapter(directory, self.model_id)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -250,14 +286,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        labels: torch.Tensor | None = None,
+        cache: RemoteSessionCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits for `input_ids` or `inputs_embeds` ([batch, length]).
 
         Without `past_key_values`: a full forward pass (no cache kept; `attention_mask` may
-        mark left padding). With a RemoteSessionCache: the given positions are new ones,
-        appended to the session. `logits_to_keep` > 0 computes only the last positions' logits.
+        mark left padding), differentiable when grad mode is on and the tuned parameters or
+        `inputs_embeds` require gradients. With a RemoteSessionCache: the given positions are
+        new ones, appended to the session. `logits_to_keep` > 0 computes only the last
+        positions' logits. `labels` ([batch, length], -100 = ignored): the loss is
+        transformers' causal-LM loss (labels shifted inside, as transformers does).
         """
+        past_key_values = past_key_values if past_key_values is not None else cache
         if output_attentions or output_hidden_states:
             raise NotImplementedError("distributed models return logits only (no attentions or "
                                       "per-layer hidden states); use forward_blocks for those")
@@ -267,10 +309,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"past_key_values must be a RemoteSessionCache (from "
                             f"model.inference_session()), not {type(past_key_values).__name__}")
         head = self.remote.head
+        grad = False
         if past_key_values is None:
             hidden = (head.embed(input_ids, None, attention_mask) if inputs_embeds is None
                       else inputs_embeds.to(head.device, head.dtype))
-            hidden = self.forward_blocks(hidden, attention_mask=attention_mask)
+            grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
+                p.requires_grad for p in self.tuning.parameters()))
+            if grad or self.tuning.active:
+                hidden = self.tuning.full_pass(hidden, attention_mask)
+            else:
+                hidden = self.forward_blocks(hidden, attention_mask=attention_mask)
         else:
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("padding is not supported inside inference sessions; "
@@ -281,8 +329,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = past_key_values.step(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = head.logits(hidden)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        logits = head.logits(hidden, grad=grad)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(logits, labels.to(logits.device), self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{_OUTPUT_CACHE_FIELD: past_key_values})
 
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(
@@ -291,9 +343,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: RemoteSessionCache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: RemoteSessionCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Only the positions the session does not hold yet go to `forward`."""
+        past_key_values = past_key_values if past_key_values is not None else cache
         position = past_key_values.get_seq_length() if past_key_values is not None else 0
         first = bool(kwargs.get("is_first_iteration")) or position == 0
         new_length = kwargs.get("next_sequence_length")
@@ -321,7 +375,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         Unless `past_key_values` is given (a session from `inference_session()`, left open), a
         session sized for this call is opened and closed before returning.
         """
-        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None or \
+                kwargs.get("use_cache") is False:
             return super().generate(inputs, generation_config, **kwargs)
         if kwargs.get("num_beams", 1) not in (None, 1) or (
             generation_config is not None and (generation_config.num_beams or 1) > 1
@@ -329,7 +384,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise NotImplementedError("beam search is not supported by distributed models")
         cache = RemoteSessionCache(self, self._planned_length(inputs, generation_config, kwargs))
         try:
-            return super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+            return super().generate(inputs, generation_config, **{_OUTPUT_CACHE_FIELD: cache},
+                                    **kwargs)
         finally:
             cache.close()
 

@@ -53,6 +53,8 @@ Route = list[tuple[PeerId, int, int]]
 # Routes blocks [start, end) around the banned peer ids; `refresh` asks for a fresh swarm view.
 # Raises client.routing.MissingBlocksError when some blocks have no eligible server.
 Rerouter = Callable[[int, int, frozenset[str], bool], Awaitable[Route]]
+# Extra meta for the opening request of blocks [start, end) on a server (fine-tuned weights).
+Opening = Callable[[PeerId, int, int], Awaitable[dict]]
 
 
 class InferenceError(RuntimeError):
@@ -140,8 +142,10 @@ class SpanSession:
     """One server's part of an inference session: blocks [start, end) on `peer`."""
 
     def __init__(self, host: Host, peer: PeerId, model_id: str, start: int, end: int,
-                 config: SessionConfig, mailbox: Mailbox | None = None):
+                 config: SessionConfig, mailbox: Mailbox | None = None,
+                 opening: Opening | None = None):
         self.host = host
+        self.opening = opening
         self.peer = peer
         self.model_id = model_id
         self.start = start
@@ -162,12 +166,14 @@ class SpanSession:
         try:
             self._stream = await self.host.open_stream(self.peer, protocol.METHOD_INFERENCE,
                                                        timeout=None)
+            extra = {} if self.opening is None else await self.opening(self.peer, self.start,
+                                                                         self.end)
         except (ConnectionLost, OSError, TimeoutError) as e:
             raise InferenceError(f"{self._where()}: {e}") from None
         opening = {
             "model": self.model_id, "start": self.start, "end": self.end,
             "batch_size": config.batch_size, "max_length": config.max_length,
-            "wait_timeout": config.wait_timeout, "compression": config.compression,
+            "wait_timeout": config.wait_timeout, "compression": config.compression, **extra,
         }
         if config.push and self._mailbox is not None:
             opening["push"] = PUSH_VERSION
@@ -342,9 +348,11 @@ class InferenceSession:
 
     def __init__(self, host: Host, model_id: str, route: Route,
                  config: SessionConfig | None = None, *, rerouter: Rerouter | None = None,
-                 bans: BanList | None = None, rng: random.Random | None = None):
+                 bans: BanList | None = None, rng: random.Random | None = None,
+                 opening: Opening | None = None):
         self.host = host
         self.model_id = model_id
+        self._opening = opening
         self.config = config or SessionConfig()
         self.mailbox = Mailbox()
         self.client_sends = 0  # hidden states the client sent to a span (relay: one per span)
@@ -359,7 +367,7 @@ class InferenceSession:
 
     def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
         return SpanSession(self.host, peer, self.model_id, start, end, self.config,
-                           self.mailbox)
+                           self.mailbox, self._opening)
 
     async def open(self) -> InferenceSession:
         """Open every span; with a rerouter, spans whose server cannot be reached are replaced

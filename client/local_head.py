@@ -193,8 +193,9 @@ class LocalHead:
             return stop.args[0]
         raise UnsupportedModelError("the model's forward never reached its decoder layers")
 
-    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, length, vocab] for hidden states leaving the last block."""
+    def logits(self, hidden_states: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Logits [batch, length, vocab] for hidden states leaving the last block; with `grad`,
+        under autograd (fine-tuning: gradients flow back to the hidden states)."""
         if (
             not isinstance(hidden_states, torch.Tensor)
             or hidden_states.ndim != 3
@@ -206,7 +207,7 @@ class LocalHead:
         if hidden_states.dtype != self.dtype:
             raise ModelInputError(f"hidden states are {hidden_states.dtype}, head is {self.dtype}")
         hidden = hidden_states.to(self.device)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(not grad):
             if self._logits_chain is not None:
                 return _run_chain(self._logits_chain, hidden)
             return self._logits_by_forward(hidden)

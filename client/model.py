@@ -225,14 +225,17 @@ class RemoteModel:
         return await self.head_logits(hidden)
 
     async def open_blocks_session(self, batch_size: int = 1, max_length: int | None = None,
-                                  start: int = 0, end: int | None = None) -> InferenceSession:
+                                  start: int = 0, end: int | None = None,
+                                  **tuning: Any) -> InferenceSession:
         """An inference session over blocks [start, end) fed with the caller's hidden states.
-        It replaces failed servers by itself (client/inference.py), within recovery_timeout."""
+        It replaces failed servers by itself (client/inference.py), within recovery_timeout.
+        `tuning`: `adapter=` / `opening=` of RemoteBlocks.inference_session (fine-tuning)."""
         self._check_open()
         max_length = max_length or self.options.max_length
         try:
             session = await self.blocks.inference_session(
-                batch_size, max_length, start, end, wait_timeout=self.options.wait_timeout)
+                batch_size, max_length, start, end, wait_timeout=self.options.wait_timeout,
+                **tuning)
         except BlocksUnavailableError:
             raise
         except MissingBlocksError as e:
@@ -240,11 +243,11 @@ class RemoteModel:
         self._last_session = session
         return session
 
-    async def inference_session(self, batch_size: int = 1,
-                                max_length: int | None = None) -> ModelSession:
+    async def inference_session(self, batch_size: int = 1, max_length: int | None = None,
+                                **tuning: Any) -> ModelSession:
         """An open session through all blocks, fed with tokens or embeddings (close it, or use
         `async with`)."""
-        hidden_session = await self.open_blocks_session(batch_size, max_length)
+        hidden_session = await self.open_blocks_session(batch_size, max_length, **tuning)
         session = ModelSession(self, hidden_session)
         self._sessions.add(session)
         return session

@@ -25,6 +25,7 @@ from client.inference import (
     RECOVERY_TIMEOUT,
     BlocksUnavailableError,
     InferenceSession,
+    Opening,
     Rerouter,
     Route,
     SessionConfig,
@@ -92,12 +93,13 @@ class RemoteBlocks:
         return planner.inference_route(start, end, client_rtts=rtts, banned=banned,
                                        needs=needs)
 
-    async def forward_route(self, start: int, end: int, banned=frozenset()) -> list[RouteSpan]:
+    async def forward_route(self, start: int, end: int, banned=frozenset(),
+                            needs: RouteNeeds | None = None) -> list[RouteSpan]:
         view = await self.view()
         known = getattr(self.swarm, "_rtts", {})  # measured earlier; no pings here
         rtts = {peer: entry[0] for peer, entry in known.items()}
         return RoutePlanner(view).spread_route(start, end, self._rng, banned=banned,
-                                               client_rtts=rtts)
+                                               client_rtts=rtts, needs=needs or RouteNeeds())
 
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,10 +139,10 @@ class RemoteBlocks:
             route = splice_route(route, index, replacement)
         return hidden
 
-    async def _forward_route_retrying(self, start: int, end: int,
-                                      patient: bool = True) -> list[RouteSpan]:
+    async def _forward_route_retrying(self, start: int, end: int, patient: bool = True,
+                                      needs: RouteNeeds | None = None) -> list[RouteSpan]:
         return await self._route_retrying(
-            lambda banned: self.forward_route(start, end, banned=banned), patient)
+            lambda banned: self.forward_route(start, end, banned=banned, needs=needs), patient)
 
     async def _route_retrying(self, plan, patient: bool) -> list[RouteSpan]:
         """`await plan(banned)` around the banned servers; while it raises MissingBlocksError,
@@ -187,11 +189,13 @@ class RemoteBlocks:
 
     async def inference_session(self, batch_size: int = 1, max_length: int = 2048,
                                 start: int = 0, end: int | None = None,
-                                wait_timeout: float = 30.0) -> InferenceSession:
+                                wait_timeout: float = 30.0, adapter: str | None = None,
+                                opening: Opening | None = None) -> InferenceSession:
         """An open session over blocks [start, end) that replaces failed servers by itself;
-        close it (or use `async with`)."""
+        close it (or use `async with`). `adapter`: only servers hosting it; `opening` adds to
+        each span's opening request (fine-tuned weights: client/training.py)."""
         end = self.num_blocks if end is None else end
-        needs = RouteNeeds(cache_tokens=batch_size * max_length)
+        needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter)
         route = await self._route_retrying(
             lambda banned: self.inference_route(start, end, needs, banned=banned),
             patient=False)
@@ -203,7 +207,7 @@ class RemoteBlocks:
         session = InferenceSession(
             self.swarm.host, self.model_id,
             [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route], config,
-            rerouter=self.rerouter(needs), bans=self.bans, rng=self._rng,
+            rerouter=self.rerouter(needs), bans=self.bans, rng=self._rng, opening=opening,
         )
         return await session.open()
 

@@ -1,0 +1,88 @@
+"""The swarm's blocks as a differentiable function, for synchronous torch code.
+
+`remote_blocks(...)` is `RemoteBlocksFunction.apply`: its forward runs `SwarmTrainer.forward`
+and its backward `SwarmTrainer.backward`, each on the client's background event loop
+(client/sync_loop.py), which the calling thread waits on. Inputs that may require gradients:
+the hidden states, the deep prompts and every LoRA parameter (passed in so that autograd
+routes their gradients to the optimizer's tensors); the LoRA weights' values at forward time
+are snapshotted, so backward uses exactly the weights forward used.
+
+This module may not do I/O itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from client.lora import RemoteLora
+from client.sync_loop import BackgroundLoop
+from client.training import PassRecord, SwarmTrainer, Tuning
+
+
+@dataclass(frozen=True, eq=False)
+class RemotePass:
+    """What one call runs: where, with which mask, adapter and LoRA module."""
+
+    trainer: SwarmTrainer
+    loop: BackgroundLoop
+    attention_mask: torch.Tensor | None = None
+    adapter: str | None = None
+    lora: RemoteLora | None = None
+    start: int = 0
+    end: int | None = None
+
+
+class RemoteBlocksFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, spec: RemotePass, hidden: torch.Tensor,
+                prompts: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        snapshot = None if spec.lora is None else spec.lora.snapshot(dtype)
+        wire_prompts = None if prompts is None else prompts.detach().to(dtype)
+        tuning = Tuning(wire_prompts, snapshot, spec.adapter)
+        out, record = spec.loop.run(spec.trainer.forward(
+            hidden.detach(), spec.attention_mask, tuning, spec.start, spec.end))
+        ctx.spec, ctx.record = spec, record
+        ctx.prompt_dtype = None if prompts is None else prompts.dtype
+        ctx.lora_dtypes = [p.dtype for p in lora_params]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        spec: RemotePass = ctx.spec
+        record: PassRecord = ctx.record
+        grads = spec.loop.run(spec.trainer.backward(record, grad_output))
+        ctx.record = None  # the boundary activations are not needed any more
+        grad_prompts = None
+        if ctx.prompt_dtype is not None and grads.prompts is not None:
+            grad_prompts = grads.prompts.to(ctx.prompt_dtype)
+        lora_grads: list[torch.Tensor | None] = []
+        if spec.lora is not None:
+            for key, a, b in zip(spec.lora.keys, spec.lora.lora_A, spec.lora.lora_B):
+                pair = grads.lora.get(key)
+                if pair is None:  # blocks outside [start, end): no gradient
+                    lora_grads += [None, None]
+                else:
+                    lora_grads += [pair[0].to(a.dtype), pair[1].to(b.dtype)]
+        return (None, grads.hidden.to(grad_output.dtype), grad_prompts, *lora_grads)
+
+
+def remote_blocks(spec: RemotePass, hidden: torch.Tensor,
+                  prompts: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states after the remote blocks, differentiable w.r.t. `hidden`, `prompts` and the
+    LoRA parameters of `spec.lora` (when they require gradients and grad mode is on)."""
+    params = [] if spec.lora is None else spec.lora.parameters_in_order()
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or (prompts is not None and prompts.requires_grad)
+        or any(p.requires_grad for p in params))
+    if not needs_grad:
+        dtype = hidden.dtype
+        tuning = Tuning(None if prompts is None else prompts.detach().to(dtype),
+                        None if spec.lora is None else spec.lora.snapshot(dtype), spec.adapter)
+        out, _ = spec.loop.run(spec.trainer.forward(hidden.detach(), spec.attention_mask,
+                                                    tuning, spec.start, spec.end, keep=False))
+        return out
+    return RemoteBlocksFunction.apply(spec, hidden, prompts, *params)

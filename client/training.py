@@ -1,0 +1,369 @@
+"""Forward and backward passes through the swarm, for fine-tuning (asyncio).
+
+`SwarmTrainer.forward` runs full sequences through blocks [start, end) like RemoteBlocks.forward
+but keeps, for every span of the route, the hidden states it sent (the client holds the
+activations at span boundaries; servers keep nothing between requests). `backward` walks the
+same spans in reverse with `blocks.backward`: each server recomputes its span's forward under
+autograd and returns the gradients of its inputs, of the deep prompts and of the LoRA weights
+it was sent; the client sums those over chunks.
+
+- Chunks: a batch larger than `chunk_tokens` (batch x length) is split by rows, and the
+  chunks run concurrently, each on its own throughput-weighted random route
+  (RoutePlanner.spread_route), so replicas of a span share the work.
+- Failures: a server that fails (lost connection, timeout, malformed answer, a stale route:
+  the codes of RemoteBlocks) is banned and its span re-run on a route found again for exactly
+  its blocks (client/recovery.py, as for forward). In backward the replacement chain first
+  recomputes the span's inner boundaries by forward, then runs backward through them.
+- Tuning: deep prompts and a LoRA snapshot go with each request (the LoRA uploaded once per
+  server and content digest, `blocks.lora_put`; re-uploaded if the server evicted it), or a
+  hosted adapter is named and routing keeps to servers that announce it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import tensor_wire
+from blocks import protocol
+from client.lora import LoraSnapshot
+from client.recovery import splice_route
+from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks, _BadAnswer
+from client.routing import RouteNeeds, RouteSpan
+from overlay.host import RemoteError
+from overlay.identity import PeerId
+from overlay.streams import ConnectionLost, StreamClosed
+
+log = logging.getLogger(__name__)
+
+# Ours: batch x length of one request. Servers accept up to 8192 in backward by default
+# (blocks.server.ServingConfig.max_backward_tokens); smaller chunks spread better.
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    timeout: float = 120.0  # one request to one server
+    compression: str = "none"  # of hidden states and gradients on the wire
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """What a pass adds to the frozen blocks."""
+
+    prompts: torch.Tensor | None = None  # deep prompts [num_blocks, 1 or batch, prefix, hidden]
+    lora: LoraSnapshot | None = None  # client-owned LoRA weights, trained
+    adapter: str | None = None  # a LoRA adapter servers host, by name (frozen)
+
+    @property
+    def needs(self) -> RouteNeeds:
+        return RouteNeeds(adapter=self.adapter)
+
+
+@dataclass(slots=True)
+class _Run:
+    span: RouteSpan
+    inputs: torch.Tensor
+
+
+@dataclass(slots=True)
+class _Chunk:
+    rows: tuple[int, int]
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None  # the chunk's deep prompts (rows sliced if per-row)
+    runs: list[_Run] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PassRecord:
+    """What `backward` needs from a forward pass."""
+
+    start: int
+    end: int
+    shape: tuple[int, ...]
+    tuning: Tuning
+    chunks: list[_Chunk]
+
+
+@dataclass(slots=True)
+class Gradients:
+    hidden: torch.Tensor  # of the pass's input hidden states
+    prompts: torch.Tensor | None  # of the deep prompts (the shape they were given in)
+    lora: dict[tuple[int, str], list[torch.Tensor]]  # (block, module) -> [of A, of B]
+
+
+class _ServerFault(Exception):
+    def __init__(self, span: RouteSpan, error: BaseException):
+        super().__init__(f"{span.peer_id[-6:]}[{span.start}:{span.end}): {error}")
+        self.span = span
+        self.error = error
+
+
+class SwarmTrainer:
+    def __init__(self, blocks: RemoteBlocks, config: TrainingConfig | None = None):
+        self.blocks = blocks
+        self.config = config or TrainingConfig()
+        self._uploaded: set[tuple[str, str]] = set()  # (peer, digest) the peer has
+        self._latest: dict[tuple[str, int, int], str] = {}  # (peer, start, end) -> digest
+        self._upload_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.recoveries = 0  # spans re-run on another server (for tests and logs)
+
+    # ------------------------------------------------------------------ forward
+    async def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      tuning: Tuning = Tuning(), start: int = 0, end: int | None = None,
+                      keep: bool = True) -> tuple[torch.Tensor, PassRecord | None]:
+        """Hidden states after blocks [start, end), and (if `keep`) what backward needs."""
+        end = self.blocks.num_blocks if end is None else end
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.numel() == 0:
+            raise ValueError("hidden states must be a non-empty [batch, length, hidden] tensor")
+        chunks = self._chunks(hidden, attention_mask, tuning.prompts)
+        results = await asyncio.gather(*(
+            self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep)
+            for c in chunks))
+        out = torch.cat(results, dim=0) if len(results) > 1 else results[0]
+        record = PassRecord(start, end, tuple(hidden.shape), tuning, chunks) if keep else None
+        return out, record
+
+    def _chunks(self, hidden: torch.Tensor, mask: torch.Tensor | None,
+                prompts: torch.Tensor | None) -> list[_Chunk]:
+        batch, length = hidden.shape[:2]
+        rows = max(1, self.config.chunk_tokens // length)
+        chunks = []
+        for r0 in range(0, batch, rows):
+            r1 = min(batch, r0 + rows)
+            chunk_prompts = prompts
+            if prompts is not None and prompts.shape[1] != 1:
+                chunk_prompts = prompts[:, r0:r1]
+            chunks.append(_Chunk((r0, r1), None if mask is None else mask[r0:r1],
+                                 chunk_prompts))
+        return chunks
+
+    async def _forward_chunk(self, hidden: torch.Tensor, chunk: _Chunk, tuning: Tuning,
+                             start: int, end: int, keep: bool,
+                             patient: bool = False) -> torch.Tensor:
+        runs = await self._forward_runs(hidden, chunk, tuning, start, end, keep, patient)
+        hidden = runs.pop()
+        if keep:
+            chunk.runs = runs  # type: ignore[assignment]
+        return hidden
+
+    async def _forward_runs(self, hidden: torch.Tensor, chunk: _Chunk, tuning: Tuning,
+                            start: int, end: int, keep: bool, patient: bool) -> list:
+        """[_Run per span..., output]: the route's spans with their inputs, then the output."""
+        needs = tuning.needs
+        route = await self.blocks._forward_route_retrying(start, end, patient=patient,
+                                                          needs=needs)
+        runs: list = []
+        index = 0
+        while index < len(route):
+            span = route[index]
+            try:
+                out = await self._forward_span(span, hidden, chunk, tuning)
+            except _ServerFault as fault:
+                self._failed(fault, "forward")
+                replacement = await self.blocks._forward_route_retrying(
+                    span.start, span.end, needs=needs)
+                route = splice_route(route, index, replacement)
+                continue
+            if keep:
+                runs.append(_Run(span, hidden))
+            hidden = out
+            index += 1
+        runs.append(hidden)
+        return runs
+
+    async def _forward_span(self, span: RouteSpan, hidden: torch.Tensor, chunk: _Chunk,
+                            tuning: Tuning) -> torch.Tensor:
+        tensors, compressions, meta = self._inputs(span, [hidden], chunk)
+        message = await self._request(span, protocol.METHOD_FORWARD, tensors, compressions,
+                                      meta, tuning)
+        if len(message.tensors) != 1 or message.tensors[0].shape != hidden.shape:
+            raise _ServerFault(span, _BadAnswer("forward answer of the wrong shape"))
+        return message.tensors[0]
+
+    # ------------------------------------------------------------------ backward
+    async def backward(self, record: PassRecord, grad_output: torch.Tensor) -> Gradients:
+        """Gradients of the pass's inputs, deep prompts and LoRA, given those of its output."""
+        if tuple(grad_output.shape) != record.shape:
+            raise ValueError(f"output gradients must be {list(record.shape)}, got "
+                             f"{list(grad_output.shape)}")
+        tuning = record.tuning
+        grad_output = grad_output.detach()
+        prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
+        lora: dict[tuple[int, str], list[torch.Tensor]] = {}
+        sums = _Sums(prompts, lora)
+        results = await asyncio.gather(*(
+            self._backward_runs(chunk.runs, grad_output[chunk.rows[0]:chunk.rows[1]].to(
+                chunk.runs[0].inputs.dtype), chunk, tuning, sums)
+            for chunk in record.chunks))
+        hidden = torch.cat(results, dim=0) if len(results) > 1 else results[0]
+        return Gradients(hidden, sums.prompts, sums.lora)
+
+    async def _backward_runs(self, runs: list[_Run], grad: torch.Tensor, chunk: _Chunk,
+                             tuning: Tuning, sums: _Sums) -> torch.Tensor:
+        for run in reversed(runs):
+            try:
+                grad_in, extra = await self._backward_span(run, grad, chunk, tuning)
+            except _ServerFault as fault:
+                self._failed(fault, "backward")
+                # Another chain for exactly these blocks: recompute its inner boundaries,
+                # then run backward through it (which may fail over again, recursively).
+                sub_runs = await self._forward_runs(run.inputs, chunk, tuning, run.span.start,
+                                                    run.span.end, keep=True, patient=True)
+                sub_runs.pop()
+                grad = await self._backward_runs(sub_runs, grad, chunk, tuning, sums)
+                continue
+            sums.add(run.span, chunk, extra, tuning)
+            grad = grad_in
+        return grad
+
+    async def _backward_span(self, run: _Run, grad: torch.Tensor, chunk: _Chunk,
+                             tuning: Tuning) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        span = run.span
+        tensors, compressions, meta = self._inputs(span, [run.inputs, grad], chunk)
+        message = await self._request(span, protocol.METHOD_BACKWARD, tensors, compressions,
+                                      meta, tuning)
+        expected = 1 + (chunk.prompts is not None)
+        if tuning.lora is not None:
+            expected += 2 * len(tuning.lora.keys_of(span.start, span.end))
+        got = message.tensors
+        if len(got) != expected or got[0].shape != run.inputs.shape:
+            raise _ServerFault(span, _BadAnswer(f"backward answer with {len(got)} tensors, "
+                                                f"expected {expected}"))
+        return got[0], got[1:]
+
+    # ------------------------------------------------------------------ requests
+    def _inputs(self, span: RouteSpan, leading: list[torch.Tensor], chunk: _Chunk):
+        compression = self.config.compression
+        tensors = list(leading)
+        compressions = [compression] * len(leading)
+        meta: dict = {"mask": chunk.mask is not None, "prompts": chunk.prompts is not None}
+        if chunk.mask is not None:
+            tensors.append(chunk.mask)
+            compressions.append("none")
+        if chunk.prompts is not None:
+            tensors.append(chunk.prompts[span.start:span.end].contiguous())
+            compressions.append("none")
+        return tensors, compressions, meta
+
+    async def _request(self, span: RouteSpan, method: str, tensors: list[torch.Tensor],
+                       compressions: list[str], meta: dict, tuning: Tuning):
+        blocks = self.blocks
+        peer = PeerId.from_string(span.peer_id)
+        meta = {"model": blocks.model_id, "start": span.start, "end": span.end,
+                "compression": self.config.compression, **meta}
+        lora = None
+        if tuning.adapter is not None:
+            meta["adapter"] = tuning.adapter
+        if tuning.lora is not None:
+            lora = tuning.lora.span(span.start, span.end)
+            meta["lora"] = lora[0]["digest"]
+        payload = tensor_wire.encode_message(tensors, meta, compressions)
+        for attempt in range(2):
+            try:
+                if lora is not None:
+                    await self._upload(span, *lora, again=attempt > 0)
+                answer = await blocks.swarm.host.call(peer, method, payload,
+                                                      timeout=self.config.timeout)
+                message = tensor_wire.decode_message(answer)
+            except RemoteError as e:
+                if e.code == protocol.ADAPTER_MISSING and lora is not None and attempt == 0:
+                    continue  # evicted since we uploaded it: upload again
+                if e.code in _SERVER_FAULTS:
+                    raise _ServerFault(span, e) from None
+                raise
+            except (ConnectionLost, StreamClosed, TimeoutError, OSError,
+                    tensor_wire.WireError) as e:
+                raise _ServerFault(span, e) from None
+            blocks.bans.success(span.peer_id)
+            return message
+        raise _ServerFault(span, RuntimeError("the server keeps losing the uploaded LoRA"))
+
+    async def _upload(self, span: RouteSpan, meta: dict, tensors: list[torch.Tensor],
+                      again: bool = False) -> None:
+        """Send a LoRA snapshot's part for this span to its server, once per digest."""
+        digest = meta["digest"]
+        key = (span.peer_id, digest)
+        if again:
+            self._uploaded.discard(key)
+        if key in self._uploaded:
+            return
+        lock = self._upload_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._uploaded:
+                return
+            slot = (span.peer_id, span.start, span.end)
+            previous = self._latest.get(slot)
+            put_meta = {**meta, "model": self.blocks.model_id}
+            if previous is not None and previous != digest:
+                put_meta["replaces"] = previous
+            payload = tensor_wire.encode_message(tensors, put_meta)
+            answer = await self.blocks.swarm.host.call(
+                PeerId.from_string(span.peer_id), protocol.METHOD_LORA_PUT, payload,
+                timeout=self.config.timeout)
+            if tensor_wire.decode_message(answer).meta.get("digest") != digest:
+                raise _BadAnswer("the server named the uploaded LoRA differently")
+            if previous is not None:
+                self._uploaded.discard((span.peer_id, previous))
+            self._latest[slot] = digest
+            self._uploaded.add(key)
+        self._upload_locks.pop(key, None)
+
+    def session_opening(self, tuning: Tuning) -> Callable[[PeerId, int, int],
+                                                           Awaitable[dict]] | None:
+        """What an inference session adds to each span's opening: the hosted adapter's name,
+        or the digest of the LoRA (uploaded first)."""
+        if tuning.adapter is not None:
+            async def named(peer: PeerId, start: int, end: int) -> dict:
+                return {"adapter": tuning.adapter}
+            return named
+        if tuning.lora is None:
+            return None
+
+        async def uploaded(peer: PeerId, start: int, end: int) -> dict:
+            meta, tensors = tuning.lora.span(start, end)
+            await self._upload(RouteSpan(str(peer), start, end), meta, tensors)
+            return {"lora": meta["digest"]}
+        return uploaded
+
+    def _failed(self, fault: _ServerFault, what: str) -> None:
+        self.blocks.bans.ban(fault.span.peer_id, time.monotonic())
+        self.recoveries += 1
+        log.warning("%s on %s failed: %s; re-routing", what, fault.span.peer_id[-6:],
+                    fault.error)
+
+
+@dataclass(slots=True)
+class _Sums:
+    prompts: torch.Tensor | None
+    lora: dict[tuple[int, str], list[torch.Tensor]]
+
+    def add(self, span: RouteSpan, chunk: _Chunk, extra: list[torch.Tensor],
+            tuning: Tuning) -> None:
+        it = iter(extra)
+        if chunk.prompts is not None and self.prompts is not None:
+            grad = next(it).to(self.prompts.dtype)
+            target = self.prompts[span.start:span.end]
+            if target.shape[1] == 1:
+                target += grad
+            else:
+                target[:, chunk.rows[0]:chunk.rows[1]] += grad
+        if tuning.lora is not None:
+            for key in tuning.lora.keys_of(span.start, span.end):
+                pair = [next(it), next(it)]
+                held = self.lora.get(key)
+                if held is None:
+                    self.lora[key] = pair
+                else:
+                    held[0] = held[0] + pair[0]
+                    held[1] = held[1] + pair[1]
