@@ -63,15 +63,16 @@ class AdapterCache:
             raise AdapterCacheFullError(f"{size} bytes exceed this server's adapter cache of "
                                         f"{self.max_bytes} bytes")
         evicted = self.expire(now)
+        pinned = sum(entry.size for entry in self._entries.values() if entry.pins)
+        if pinned + size > self.max_bytes:  # refused before anything is evicted for it
+            raise AdapterCacheFullError(f"the adapter cache is full of adapters in use "
+                                        f"({pinned} of {self.max_bytes} bytes)")
         for old in list(self._entries):
             if self.used_bytes + size <= self.max_bytes:
                 break
             if self._entries[old].pins == 0:
                 self._remove(old)
                 evicted.append(old)
-        if self.used_bytes + size > self.max_bytes:
-            raise AdapterCacheFullError(f"the adapter cache is full of adapters in use "
-                                        f"({self.used_bytes} of {self.max_bytes} bytes)")
         self._entries[key] = _Entry(value, size, now)
         self.used_bytes += size
         return evicted

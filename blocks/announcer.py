@@ -57,7 +57,8 @@ class Announcer:
                       else server.config.cache_tokens)
         info = server_info(self.host, self.rates, self.public_addrs, state, start, end,
                            cache_free, str(server.span.dtype).removeprefix("torch."),
-                           None if server.span.quant == "none" else server.span.quant)
+                           None if server.span.quant == "none" else server.span.quant,
+                           server.tuning.adapter_names)
         if self.next_pings is not None and state == ServerState.ONLINE and (start, end) == served:
             info = dataclasses.replace(info, next_pings=self.next_pings())
         return info
@@ -120,7 +121,7 @@ class Announcer:
 
 def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state: ServerState,
                 start: int, end: int, cache_tokens_left: int, dtype: str,
-                quant: str | None = None) -> ServerInfo:
+                quant: str | None = None, adapters: tuple[str, ...] = ()) -> ServerInfo:
     """The record a server on `host` announces for blocks [start, end)."""
     addrs = public_addrs or [str(a) for a in host.addrs]
     return ServerInfo(
@@ -134,6 +135,7 @@ def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state
         cache_tokens_left=cache_tokens_left,
         dtype=dtype,
         quant=quant,
+        adapters=adapters,
         addrs=tuple(addrs),
         version=PROTOCOL_VERSION,
     )

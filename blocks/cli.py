@@ -55,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "twice that (default 60, as in Petals)")
     serve.add_argument("--identity", metavar="PATH")
     serve_placement.add_arguments(serve)
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                       help="host a PEFT LoRA adapter under NAME for clients to choose "
+                            "(repeatable); only the tensors of the served blocks are read")
     serve.set_defaults(func=run_serve)
 
 
@@ -135,6 +138,17 @@ async def run_serve(args: argparse.Namespace) -> int:
         except Exception as e:  # any load failure ends serve, with its reason
             raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
 
+    def load_adapters(span: BlockSpan) -> dict:
+        from blocks.lora import AdapterError, load_hosted_adapters
+
+        try:
+            adapters = load_hosted_adapters(args.adapter, span)
+        except AdapterError as e:
+            raise SystemExit(f"overlay-node serve: {e}") from None
+        for name in adapters:
+            log.info("hosting adapter %s", name)
+        return adapters
+
     host = Host(load_identity(args.identity))
     server = dht = announcer = balancer = pinger = None
     try:
@@ -144,6 +158,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         if isinstance(wanted, tuple):  # a fixed span: no placement, no rebalancing
             start, end = wanted
             span = await load_or_exit(start, end)
+            adapters = load_adapters(span)
             rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
                 args, model_id, device, dtype, hidden, lambda: span))
         else:
@@ -155,12 +170,13 @@ async def run_serve(args: argparse.Namespace) -> int:
                 args, planner, dht, host, model_id, total, rates, dtype_name)
             try:
                 span = await load_or_exit(start, end)
+                adapters = load_adapters(span)
             except SystemExit:
                 await serve_placement.withdraw_span(args, dht, host, model_id, total,
                                                     (start, end), rates, dtype_name)
                 raise
         server = BlockServer(span, ServingConfig(model_id=model_id, cache_tokens=args.cache_tokens,
-                                                 max_length=args.max_length))
+                                                 max_length=args.max_length), adapters)
         server.attach(host)
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
         pinger = NextHopPinger(dht, host, server, total, period=args.announce_period)

@@ -172,3 +172,27 @@ def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None
         raise AdapterError(f"{directory}: {lora.nbytes} bytes for blocks [{span.start}, "
                            f"{span.end}) exceed the limit of {max_bytes}")
     return lora
+
+
+def load_hosted_adapters(specs: list[str], span: BlockSpan) -> dict[str, LoraWeights]:
+    """`serve --adapter NAME=DIR` values -> the adapters this server hosts (its blocks only)."""
+    from blocks.announcement import MAX_ADAPTERS
+    from blocks.protocol import MAX_ADAPTER_NAME
+
+    hosted: dict[str, LoraWeights] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise AdapterError(f"--adapter must look like NAME=DIR, got {spec!r}")
+        if len(name) > MAX_ADAPTER_NAME or not name.isprintable():
+            raise AdapterError(f"adapter name {name!r} is not a printable name of at most "
+                               f"{MAX_ADAPTER_NAME} characters")
+        if name in hosted:
+            raise AdapterError(f"adapter {name!r} is given twice")
+        try:
+            hosted[name] = load_peft_lora(directory, span)
+        except AdapterError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from None
+    if len(hosted) > MAX_ADAPTERS:
+        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server")
+    return hosted

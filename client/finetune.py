@@ -28,7 +28,13 @@ from client.autograd import RemotePass, remote_blocks
 from client.lora import LoraConfig, RemoteLora
 from client.ptune import TUNING_MODES, PromptTuning
 from client.sync_loop import BackgroundLoop
-from client.training import DEFAULT_CHUNK_TOKENS, SwarmTrainer, TrainingConfig, Tuning
+from client.training import (
+    DEFAULT_CHUNK_TOKENS,
+    SwarmTrainer,
+    TrainingConfig,
+    Tuning,
+    check_adapter,
+)
 
 # Token ids whose embeddings set the spread of fresh prompts (ptune): the first ones.
 _INIT_PROBE_TOKENS = 1024
@@ -90,6 +96,8 @@ class ModelTuning(nn.Module):
         self.trainer = SwarmTrainer(remote.blocks, TrainingConfig(
             chunk_tokens=options.chunk_tokens, timeout=model_options.forward_timeout,
             compression=model_options.compression))
+        if self.adapter is not None:
+            loop.run(check_adapter(remote.blocks, self.adapter))
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         if self.mode in ("ptune", "deep_ptune"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from blocks import protocol
 from client.lora import LoraSnapshot
 from client.recovery import splice_route
 from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks, _BadAnswer
-from client.routing import RouteNeeds, RouteSpan
+from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
 from overlay.host import RemoteError
 from overlay.identity import PeerId
 from overlay.streams import ConnectionLost, StreamClosed
@@ -102,6 +103,33 @@ class Gradients:
     lora: dict[tuple[int, str], list[torch.Tensor]]  # (block, module) -> [of A, of B]
 
 
+class AdapterUnavailableError(MissingBlocksError):
+    """No server hosting the requested adapter covers some blocks."""
+
+    def __init__(self, adapter: str, missing: list[int], hosted: list[str]):
+        super().__init__(missing)
+        self.adapter = adapter
+        self.args = (f"no server hosting adapter {adapter!r} holds blocks "
+                     f"{_ranges(self.missing)} (adapters announced in the swarm: "
+                     f"{', '.join(hosted) or 'none'})",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+async def check_adapter(blocks: RemoteBlocks, adapter: str, start: int = 0,
+                        end: int | None = None) -> None:
+    """Raise AdapterUnavailableError unless servers hosting `adapter` cover [start, end)."""
+    end = blocks.num_blocks if end is None else end
+    view = await blocks.view(refresh=True)
+    try:
+        RoutePlanner(view).spread_route(start, end, random.Random(0),
+                                        needs=RouteNeeds(adapter=adapter))
+    except MissingBlocksError as e:
+        hosted = sorted({name for info in view.servers.values() for name in info.adapters})
+        raise AdapterUnavailableError(adapter, e.missing, hosted) from None
+
+
 class _ServerFault(Exception):
     def __init__(self, span: RouteSpan, error: BaseException):
         super().__init__(f"{span.peer_id[-6:]}[{span.start}:{span.end}): {error}")
@@ -127,9 +155,14 @@ class SwarmTrainer:
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.numel() == 0:
             raise ValueError("hidden states must be a non-empty [batch, length, hidden] tensor")
         chunks = self._chunks(hidden, attention_mask, tuning.prompts)
-        results = await asyncio.gather(*(
-            self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep)
-            for c in chunks))
+        try:
+            results = await asyncio.gather(*(
+                self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep)
+                for c in chunks))
+        except MissingBlocksError:
+            if tuning.adapter is not None:
+                await check_adapter(self.blocks, tuning.adapter, start, end)
+            raise
         out = torch.cat(results, dim=0) if len(results) > 1 else results[0]
         record = PassRecord(start, end, tuple(hidden.shape), tuning, chunks) if keep else None
         return out, record
