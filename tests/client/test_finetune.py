@@ -276,6 +276,9 @@ def test_generation_with_prompt_tuning_matches_local(swarm, reference):
     with torch.no_grad():
         new = reference.generate(inputs_embeds=inputs, max_new_tokens=10, do_sample=False)
     assert torch.equal(got[:, ids.shape[1]:], new[:, -10:])
+    with open_model(swarm, tuning_mode="deep_ptune", pre_seq_len=2) as model, \
+            pytest.raises(NotImplementedError, match="deep prompts"):
+        model.generate(ids, max_new_tokens=2)
 
 
 def test_bad_input_reaching_servers_leaves_them_serving(swarm):
