@@ -360,3 +360,17 @@ def test_bad_adapter_directories_are_refused_clearly(tmp_path, span, peft_dir):
     # a server of blocks [2, 4) reads only its blocks' tensors
     half = load_peft_lora(peft_dir, span.subspan(2, 4))
     assert {block for block, _ in half.weights} == {2, 3}
+
+
+def test_server_reads_an_adapter_the_client_saved(tmp_path, span):
+    from client.lora import LoraConfig, RemoteLora
+
+    lora = RemoteLora(build_model("llama").config, LoraConfig(rank=RANK, alpha=ALPHA))
+    with torch.no_grad():
+        for b in lora.lora_B:
+            b.normal_(0, 0.1)
+    lora.save_pretrained(tmp_path / "mine")
+    hosted = load_peft_lora(tmp_path / "mine", span)
+    assert hosted.modules == MODULES and hosted.scaling == ALPHA / RANK
+    for key, a, b in zip(lora.keys, lora.lora_A, lora.lora_B):
+        assert torch.equal(hosted.weights[key][0], a) and torch.equal(hosted.weights[key][1], b)
