@@ -89,6 +89,12 @@ class RemoteSessionCache(Cache):
         return True
 
     @property
+    def is_linear(self) -> list[bool]:
+        """One full-attention cache (the servers'): transformers 5.24's generate then slices a
+        prompt that repeats the session's positions, as older versions did."""
+        return [False]
+
+    @property
     def is_initialized(self) -> bool:
         return self._session is not None
 
