@@ -12,6 +12,7 @@ weights live in a content-addressed cache (blocks/adapter_cache.py); adapters th
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ import torch
 import tensor_wire
 from blocks import protocol
 from blocks.adapter_cache import AdapterCache, AdapterCacheFullError
-from blocks.lora import AdapterError, LoraWeights, from_upload
+from blocks.lora import AdapterError, LoraWeights, from_upload, load_peft_lora
 from blocks.protocol import RequestError, TuningRequest
 from blocks.span import BlockSpan, SpanInputError
 from blocks.tuning import SpanTuning, TuningHooks
@@ -28,6 +29,8 @@ from overlay.host import RemoteError, RpcContext
 
 if TYPE_CHECKING:
     from blocks.server import BlockServer
+
+log = logging.getLogger(__name__)
 
 
 class ServerTuning:
@@ -48,6 +51,19 @@ class ServerTuning:
     @property
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(sorted(self.hosted))
+
+    def switch_span(self, span: BlockSpan) -> None:
+        """The server moved (blocks/balancer.py): hosted adapters are read again for the new
+        blocks; one that cannot be is dropped (and no longer announced). Uploaded LoRAs stay:
+        each names its own blocks."""
+        for name, lora in list(self.hosted.items()):
+            try:
+                if lora.source is None:
+                    raise AdapterError("it was not read from a directory")
+                self.hosted[name] = load_peft_lora(lora.source, span)
+            except AdapterError as e:
+                log.warning("no longer hosting adapter %s: %s", name, e)
+                del self.hosted[name]
 
     def attach(self, host) -> None:
         host.add_handler(protocol.METHOD_BACKWARD, self._backward)

@@ -40,6 +40,7 @@ class LoraWeights:
     rslora: bool
     modules: tuple[str, ...]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    source: Path | None = None  # the PEFT directory it was read from (hosted adapters)
 
     @property
     def scaling(self) -> float:
@@ -166,7 +167,7 @@ def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None
                                                                             span.dtype))
     modules = tuple(sorted({name for _, name in weights}))
     lora = LoraWeights(span.start, span.end, rank, alpha, bool(config.get("use_rslora")),
-                       modules, weights)
+                       modules, weights, directory)
     lora.check(span)
     if max_bytes is not None and lora.nbytes > max_bytes:
         raise AdapterError(f"{directory}: {lora.nbytes} bytes for blocks [{span.start}, "

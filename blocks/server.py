@@ -129,6 +129,7 @@ class BlockServer:
         self.span = span
         self._views = {(span.start, span.end): span}
         self.budget = CacheBudget(self.config.cache_tokens * span.num_blocks)
+        self.tuning.switch_span(span)
 
     @property
     def old_span_sessions(self) -> int:

@@ -18,6 +18,7 @@ This module may not do I/O.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,9 @@ class TuningHooks:
 
     def __init__(self) -> None:
         self.active: _Active | None = None
-        self._hooked_layers: set[nn.Module] = set()
-        self._hooked_linears: set[nn.Module] = set()
+        # Weak: a server that moves to another span frees the old span's layers.
+        self._hooked_layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._hooked_linears: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def _ensure_layer(self, layer: nn.Module) -> None:
         if layer not in self._hooked_layers:

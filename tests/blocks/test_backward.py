@@ -374,3 +374,17 @@ def test_server_reads_an_adapter_the_client_saved(tmp_path, span):
     assert hosted.modules == MODULES and hosted.scaling == ALPHA / RANK
     for key, a, b in zip(lora.keys, lora.lora_A, lora.lora_B):
         assert torch.equal(hosted.weights[key][0], a) and torch.equal(hosted.weights[key][1], b)
+
+
+async def test_a_server_that_moves_reads_its_adapters_again(model_dir, span, peft_dir):
+    hosted = load_hosted_adapters([f"tuned={peft_dir}"], span)
+    hosted["memory"] = hosted["tuned"].restrict(0, 4)  # not from a directory: cannot be re-read
+    hosted["memory"] = type(hosted["memory"])(**{**vars(hosted["memory"]), "source": None})
+    server = BlockServer(span, ServingConfig(model_id=MODEL_ID), hosted)
+    try:
+        assert server.tuning.adapter_names == ("memory", "tuned")
+        server.switch_span(BlockSpan.load(model_dir, 2, 4))
+        assert server.tuning.adapter_names == ("tuned",)
+        assert {block for block, _ in server.tuning.hosted["tuned"].weights} == {2, 3}
+    finally:
+        await server.close()
