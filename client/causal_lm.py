@@ -26,7 +26,7 @@ servers host. `save_adapter(DIR)` writes a trained LoRA in PEFT's format.
 
 Not supported (a clear error says so): beam search and other strategies that reorder or copy
 caches, padding inside an inference session (left-padded batches work in full forward passes),
-`output_attentions` / `output_hidden_states`, generation with deep prompts.
+`output_attentions` / `output_hidden_states`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from transformers import PretrainedConfig
 
 from blocks.families import ModelInputError
 from client.autograd import RemotePass, remote_blocks
+from client.inference import SessionTuning
 from client.lora import LoraConfig, RemoteLora
 from client.ptune import TUNING_MODES, PromptTuning
 from client.sync_loop import BackgroundLoop
@@ -146,15 +147,19 @@ class ModelTuning(nn.Module):
 
     # ------------------------------------------------------------------ inference sessions
     def session_kwargs(self) -> dict[str, Any]:
-        """What RemoteModel.inference_session needs for generation with these weights."""
-        if self.mode == "deep_ptune":
-            raise NotImplementedError("generation with deep prompts is not supported yet: the "
-                                      "inference protocol carries them, but the client's "
-                                      "sessions do not send them; use tuning_mode='ptune' or "
-                                      "'lora' for generation")
-        snapshot = None if self.lora is None else self.lora.snapshot(self._remote.head.dtype)
+        """What RemoteModel.inference_session needs for generation with these weights: the
+        LoRA (uploaded as each span opens) or the adapter's name, and the deep prompts (sent
+        with the steps that cover the prefix positions)."""
+        dtype = self._remote.head.dtype
+        snapshot = None if self.lora is None else self.lora.snapshot(dtype)
+        deep = None
+        if self.ptune is not None:
+            with torch.no_grad():
+                deep = self.ptune.deep(dtype, self._remote.head.device)
+                deep = None if deep is None else deep.clone()
         tuning = Tuning(None, snapshot, self.adapter)
-        kwargs: dict[str, Any] = {"opening": self.trainer.session_opening(tuning)}
+        kwargs: dict[str, Any] = {"tuning": SessionTuning(self.trainer.session_opening(tuning),
+                                                          deep)}
         if self.adapter is not None:
             kwargs["adapter"] = self.adapter
         return kwargs

@@ -57,6 +57,14 @@ Rerouter = Callable[[int, int, frozenset[str], bool], Awaitable[Route]]
 Opening = Callable[[PeerId, int, int], Awaitable[dict]]
 
 
+@dataclass(frozen=True, slots=True)
+class SessionTuning:
+    """Fine-tuned additions to every span's session (client/finetune.py builds them)."""
+
+    opening: Opening | None = None
+    prompts: torch.Tensor | None = None  # deep prompts [num_blocks, 1, prefix, hidden]
+
+
 class InferenceError(RuntimeError):
     """A session could not go on; the message says which server and why."""
 
@@ -143,9 +151,11 @@ class SpanSession:
 
     def __init__(self, host: Host, peer: PeerId, model_id: str, start: int, end: int,
                  config: SessionConfig, mailbox: Mailbox | None = None,
-                 opening: Opening | None = None):
+                 tuning: SessionTuning | None = None):
         self.host = host
-        self.opening = opening
+        self.opening = None if tuning is None else tuning.opening
+        prompts = None if tuning is None else tuning.prompts
+        self.prompts = None if prompts is None else prompts[start:end].contiguous()
         self.peer = peer
         self.model_id = model_id
         self.start = start
@@ -220,10 +230,13 @@ class SpanSession:
                         chain: list[PushHop] | None = None) -> None:
         if self._stream is None:
             raise InferenceError(f"{self._where()}: session is not open")
-        meta = {"position": position, "step": step_id}
+        tensors, meta = [hidden], {"position": position, "step": step_id}
         if chain:
             meta["next"] = [hop.to_wire() for hop in chain]
-        await self._send(tensor_wire.encode_message([hidden], meta, self.config.compression))
+        if self.prompts is not None and position < self.prompts.shape[2]:
+            tensors.append(self.prompts)  # deep prompts: the server adds them at the prefix
+            meta["prompts"] = True
+        await self._send(tensor_wire.encode_message(tensors, meta, self.config.compression))
 
     def read(self, item: bytes | BaseException | None, step_id: int):
         """(ANSWER, output), (STALE, None) for a message of an earlier step, or (NOTICE,
@@ -349,10 +362,10 @@ class InferenceSession:
     def __init__(self, host: Host, model_id: str, route: Route,
                  config: SessionConfig | None = None, *, rerouter: Rerouter | None = None,
                  bans: BanList | None = None, rng: random.Random | None = None,
-                 opening: Opening | None = None):
+                 tuning: SessionTuning | None = None):
         self.host = host
         self.model_id = model_id
-        self._opening = opening
+        self._tuning = tuning
         self.config = config or SessionConfig()
         self.mailbox = Mailbox()
         self.client_sends = 0  # hidden states the client sent to a span (relay: one per span)
@@ -367,7 +380,7 @@ class InferenceSession:
 
     def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
         return SpanSession(self.host, peer, self.model_id, start, end, self.config,
-                           self.mailbox, self._opening)
+                           self.mailbox, self._tuning)
 
     async def open(self) -> InferenceSession:
         """Open every span; with a rerouter, spans whose server cannot be reached are replaced

@@ -229,7 +229,7 @@ class RemoteModel:
                                   **tuning: Any) -> InferenceSession:
         """An inference session over blocks [start, end) fed with the caller's hidden states.
         It replaces failed servers by itself (client/inference.py), within recovery_timeout.
-        `tuning`: `adapter=` / `opening=` of RemoteBlocks.inference_session (fine-tuning)."""
+        `tuning`: `adapter=` / `tuning=` of RemoteBlocks.inference_session (fine-tuning)."""
         self._check_open()
         max_length = max_length or self.options.max_length
         try:

@@ -25,10 +25,10 @@ from client.inference import (
     RECOVERY_TIMEOUT,
     BlocksUnavailableError,
     InferenceSession,
-    Opening,
     Rerouter,
     Route,
     SessionConfig,
+    SessionTuning,
 )
 from client.recovery import BanList, RetryPolicy, splice_route
 from client.routing import (
@@ -190,10 +190,10 @@ class RemoteBlocks:
     async def inference_session(self, batch_size: int = 1, max_length: int = 2048,
                                 start: int = 0, end: int | None = None,
                                 wait_timeout: float = 30.0, adapter: str | None = None,
-                                opening: Opening | None = None) -> InferenceSession:
+                                tuning: SessionTuning | None = None) -> InferenceSession:
         """An open session over blocks [start, end) that replaces failed servers by itself;
-        close it (or use `async with`). `adapter`: only servers hosting it; `opening` adds to
-        each span's opening request (fine-tuned weights: client/training.py)."""
+        close it (or use `async with`). `adapter`: only servers hosting it; `tuning`: what
+        fine-tuned weights add to each span's session (client/finetune.py)."""
         end = self.num_blocks if end is None else end
         needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter)
         route = await self._route_retrying(
@@ -203,11 +203,14 @@ class RemoteBlocks:
         config = SessionConfig(batch_size=batch_size, max_length=max_length,
                                wait_timeout=wait_timeout, compression=self.config.compression,
                                recovery_timeout=self.config.recovery_timeout,
-                               push=self.config.push)
+                               # steps with deep prompts are relayed: a push carries no
+                               # prompts for the next server
+                               push=self.config.push and (tuning is None
+                                                          or tuning.prompts is None))
         session = InferenceSession(
             self.swarm.host, self.model_id,
             [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route], config,
-            rerouter=self.rerouter(needs), bans=self.bans, rng=self._rng, opening=opening,
+            rerouter=self.rerouter(needs), bans=self.bans, rng=self._rng, tuning=tuning,
         )
         return await session.open()
 

@@ -267,18 +267,46 @@ def test_hosted_adapter_is_peft_and_unknown_names_fail_clearly(swarm, adapter_di
         open_model(swarm, adapter="nope")
 
 
-def test_generation_with_prompt_tuning_matches_local(swarm, reference):
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_generation_with_prompts_matches_local(swarm, reference, mode):
     ids = token_batch(1, 6, seed=10)
-    with open_model(swarm, tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN) as model:
-        prompts = model.tuning.ptune.prompt_embeddings.detach()
+    with open_model(swarm, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN) as model:
+        ptune = model.tuning.ptune
+        deep = None
+        if mode == "deep_ptune":
+            with torch.no_grad():
+                ptune.intermediate_prompt_embeddings.normal_(0, 0.3)
+            deep = ptune.intermediate_prompt_embeddings.detach().clone()
+        prompts = ptune.prompt_embeddings.detach()
         got = model.generate(ids, max_new_tokens=10, do_sample=False)
     inputs = torch.cat([prompts.unsqueeze(0), reference.model.embed_tokens(ids)], dim=1)
-    with torch.no_grad():
+    with torch.no_grad(), PrefillPromptHooks(reference, deep):
         new = reference.generate(inputs_embeds=inputs, max_new_tokens=10, do_sample=False)
     assert torch.equal(got[:, ids.shape[1]:], new[:, -10:])
-    with open_model(swarm, tuning_mode="deep_ptune", pre_seq_len=2) as model, \
-            pytest.raises(NotImplementedError, match="deep prompts"):
-        model.generate(ids, max_new_tokens=2)
+    with torch.no_grad():  # the test can fail: without the prompts, other tokens come
+        other = reference.generate(inputs_embeds=inputs if deep is not None else
+                                   reference.model.embed_tokens(ids), max_new_tokens=10,
+                                   do_sample=False)
+    assert not torch.equal(new[:, -10:], other[:, -10:])
+
+
+class PrefillPromptHooks(PromptHooks):
+    """Deep prompts during local generation: only the first pass (the prefill) holds the
+    prefix positions; decoding steps come after them."""
+
+    def __init__(self, model, deep):
+        self.handles = []
+        if deep is not None:
+            super().__init__(model, deep)
+
+    @staticmethod
+    def _hook(prompt):
+        add = PromptHooks._hook(prompt)
+
+        def prefill_only(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return add(module, args, kwargs) if hidden.shape[1] > 1 else None
+        return prefill_only
 
 
 def test_bad_input_reaching_servers_leaves_them_serving(swarm):
