@@ -136,6 +136,25 @@ def test_inputs_embeds_gradient_matches_local(swarm, reference):
     assert relative_error(out.logits.detach(), local.logits.detach()) <= GRAD_TOLERANCE
 
 
+def test_left_padded_batch_with_ignored_labels_matches_local(swarm, reference):
+    ids = token_batch(3, 8, seed=14)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)  # transformers' ignore_index
+    with open_model(swarm, chunk_tokens=8) as model:  # one row per request
+        embeds = model.embed(ids, attention_mask=mask).clone().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        loss.backward()
+    local_embeds = embeds.detach().clone().requires_grad_(True)
+    local = reference(inputs_embeds=local_embeds, attention_mask=mask, labels=labels).loss
+    local.backward()
+    assert abs(loss.item() - local.item()) <= LOSS_TOLERANCE
+    real = mask.bool()
+    assert relative_error(embeds.grad[real], local_embeds.grad[real]) <= GRAD_TOLERANCE
+
+
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
 def test_prompt_gradients_match_local(swarm, reference, mode):
     ids = token_batch(4, 9, seed=2)
