@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from blocks.families import ModelInputError
 from client.autograd import RemotePass, remote_blocks
 from client.inference import SessionTuning
 from client.lora import LoraConfig, RemoteLora
@@ -36,6 +35,7 @@ from client.training import (
     Tuning,
     check_adapter,
 )
+from model_parts.skeleton import ModelInputError
 
 # Token ids whose embeddings set the spread of fresh prompts (ptune): the first ones.
 _INIT_PROBE_TOKENS = 1024

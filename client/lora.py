@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from blocks.families import build_skeleton, find_layer_list
 from blocks.lora_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY, peft_key, tensors_digest
 from blocks.protocol import MAX_LORA_RANK, lora_scaling
+from model_parts.skeleton import build_skeleton, find_layer_list
 
 # PEFT `LoraConfig` defaults: r=8, lora_alpha=8 (we use 16, the common choice of 2 x r).
 DEFAULT_RANK = 8
