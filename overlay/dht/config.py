@@ -24,6 +24,13 @@ STALE_AFTER_FAILURES = 5
 BUCKET_REFRESH_INTERVAL = 3600.0
 # Kademlia 2.5: key-value pairs are republished once an hour.
 REPUBLISH_INTERVAL = 3600.0
+# BEP 5 ("DHT Protocol", BitTorrent): a node is "good" if it answered or sent us a request
+# within the last 15 minutes, "questionable" after that. A full bucket pings its least
+# recently seen contact only when that contact is questionable; a newcomer is otherwise just
+# kept as a replacement (Kademlia 4.1: probing is delayed "until it has useful messages to
+# send"). Without this rule every newcomer to a full bucket costs a PING, and each PING
+# introduces the pinger to another full bucket: a cascade.
+QUESTIONABLE_AFTER = 15 * 60.0
 # RFC 6298 2.1: the timeout before any round trip has been measured is 1 second.
 RFC6298_INITIAL_RTO = 1.0
 # Number of nodes a value is written to. Kademlia writes to the k closest; hivemind and Petals
@@ -59,6 +66,7 @@ class DHTConfig:
     # Value-bearing answers a get collects before it stops (FIND_VALUE stops early on a value).
     value_quorum: int = 1
     stale_after_failures: int = STALE_AFTER_FAILURES
+    questionable_after: float = QUESTIONABLE_AFTER
     replacement_cache_size: int = K_BUCKET_SIZE
     bucket_refresh_interval: float = BUCKET_REFRESH_INTERVAL
     republish_interval: float = REPUBLISH_INTERVAL

@@ -1,13 +1,18 @@
 """The routing table: k-buckets with replacement caches (Kademlia paper, sections 2.2 and 4.1).
 
 Bucket i holds up to k contacts at XOR distance [2**i, 2**(i+1)) from this node, least
-recently seen first. A new contact for a full bucket never pushes anyone out by itself: the
-table parks it in the bucket's replacement cache and asks the caller to ping the least
-recently seen contact (`PingLeastRecent`); `on_ping_result` then keeps the old one (alive:
-long-lived nodes are the likeliest to stay up, section 2.2) or evicts it for the most recent
-replacement (dead). A contact that failed `stale_after_failures` requests in a row is stale
-(section 4.1) and is replaced as soon as a replacement is waiting; with no replacement it is
-only flagged, so a node whose own link went down does not empty its table.
+recently seen first, each with the time it was last seen. A new contact for a full bucket
+never pushes anyone out by itself: the table parks it in the bucket's replacement cache.
+Only when the least recently seen contact is *questionable* (not seen for
+`questionable_after` seconds, BEP 5's 15 minutes) and no ping is pending for the bucket does
+the table ask the caller to ping it (`PingLeastRecent`); `on_ping_result` then keeps the old
+one (alive: long-lived nodes are the likeliest to stay up, section 2.2) or evicts it for the
+most recent replacement (dead). So a bucket pings at most once per pending replacement and
+never a contact heard from recently (section 4.1 delays probing "until it has useful
+messages to send"; pinging on every newcomer makes each PING introduce the pinger to another
+full bucket, a cascade). A contact that failed `stale_after_failures` requests in a row is
+stale (section 4.1) and is replaced as soon as a replacement is waiting; with no replacement
+it is only flagged, so a node whose own link went down does not empty its table.
 
 Only nodes that serve DHT requests may be added; the caller checks that, since it knows the
 request flags.
@@ -18,6 +23,7 @@ Pure: no I/O, no clock (time comes in as `now`), no randomness.
 from __future__ import annotations
 
 import enum
+from bisect import insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -42,12 +48,14 @@ class PingLeastRecent:
 
 
 class _Bucket:
-    __slots__ = ("contacts", "failures", "pending_ping", "replacements")
+    __slots__ = ("contacts", "failures", "pending_ping", "replacements", "seen")
 
     def __init__(self) -> None:
         # node_id -> Contact in order of last sighting: first = least recently seen.
         self.contacts: dict[int, Contact] = {}
-        self.replacements: dict[int, Contact] = {}
+        self.seen: dict[int, float] = {}  # node_id -> time of the last sighting (same keys)
+        # node_id -> (Contact, time seen), most recently seen last
+        self.replacements: dict[int, tuple[Contact, float]] = {}
         self.failures: dict[int, int] = {}  # sparse: contacts with failures in a row
         self.pending_ping: int | None = None
 
@@ -59,6 +67,7 @@ class RoutingTable:
         "_buckets",
         "_config",
         "_created_at",
+        "_indices",
         "_looked_up_at",
         "_lowest",
         "_refresh_at",
@@ -70,6 +79,7 @@ class RoutingTable:
         self.self_id = self_id
         self._config = config
         self._buckets: dict[int, _Bucket] = {}
+        self._indices: list[int] = []  # bucket indices created so far, ascending
         self._size = 0
         self._created_at = now
         self._looked_up_at: dict[int, float] = {}  # bucket index -> time of the last lookup
@@ -98,7 +108,12 @@ class RoutingTable:
 
     def replacements(self, index: int) -> list[Contact]:
         bucket = self._buckets.get(index)
-        return [] if bucket is None else list(bucket.replacements.values())
+        return [] if bucket is None else [c for c, _ in bucket.replacements.values()]
+
+    def last_seen(self, node_id: int) -> float | None:
+        """When `node_id` last answered or asked us something (None: not in the table)."""
+        bucket = self._buckets.get(self._index(node_id))
+        return None if bucket is None else bucket.seen.get(node_id)
 
     def failures(self, node_id: int) -> int:
         bucket = self._buckets.get(self._index(node_id))
@@ -126,38 +141,47 @@ class RoutingTable:
     def add_or_update(self, contact: Contact, now: float) -> AddOutcome | PingLeastRecent:
         """Record that `contact` was just seen alive (it answered us or asked us something)."""
         node_id = contact.node_id
-        index = self._index(node_id)
+        index = (self.self_id ^ node_id).bit_length() - 1
         if index < 0:
             return AddOutcome.IGNORED
         bucket = self._buckets.get(index)
         if bucket is None:
             bucket = self._buckets[index] = _Bucket()
+            insort(self._indices, index)
         contacts = bucket.contacts
         if node_id in contacts:
             del contacts[node_id]  # re-inserted at the tail: most recently seen
             contacts[node_id] = contact
-            bucket.failures.pop(node_id, None)
+            bucket.seen[node_id] = now
+            if bucket.failures:
+                bucket.failures.pop(node_id, None)
             return AddOutcome.UPDATED
         if len(contacts) < self._config.k:
-            contacts[node_id] = contact
-            bucket.replacements.pop(node_id, None)
-            self._size += 1
-            if len(contacts) == 1:
-                self._invalidate()
+            self._insert(bucket, contact, now)
             return AddOutcome.ADDED
         stale = self._stale_contact(bucket)
         if stale is not None:
             self._remove_from(bucket, stale)
-            contacts[node_id] = contact
-            bucket.replacements.pop(node_id, None)
-            self._size += 1
+            self._insert(bucket, contact, now)
             return AddOutcome.ADDED
-        self._cache_replacement(bucket, contact)
+        self._cache_replacement(bucket, contact, now)
         if bucket.pending_ping is not None:
             return AddOutcome.CACHED
-        least_recent = next(iter(contacts.values()))
-        bucket.pending_ping = least_recent.node_id
-        return PingLeastRecent(least_recent, contact)
+        least_recent = next(iter(contacts))
+        if now - bucket.seen[least_recent] < self._config.questionable_after:
+            return AddOutcome.CACHED  # heard from recently: no reason to doubt it (BEP 5)
+        bucket.pending_ping = least_recent
+        return PingLeastRecent(contacts[least_recent], contact)
+
+    def _insert(self, bucket: _Bucket, contact: Contact, now: float) -> None:
+        node_id = contact.node_id
+        bucket.contacts[node_id] = contact
+        bucket.seen[node_id] = now
+        if bucket.replacements:
+            bucket.replacements.pop(node_id, None)
+        self._size += 1
+        if len(bucket.contacts) == 1:
+            self._invalidate()
 
     def on_ping_result(self, node_id: int, alive: bool, now: float) -> Contact | None:
         """Resolve a `PingLeastRecent`; returns the replacement promoted when it was dead."""
@@ -171,10 +195,11 @@ class RoutingTable:
         if alive:
             contact = bucket.contacts.pop(node_id)
             bucket.contacts[node_id] = contact
+            bucket.seen[node_id] = now
             bucket.failures.pop(node_id, None)
             return None
         self._remove_from(bucket, node_id)
-        return self._promote_replacement(bucket)
+        return self._promote_replacement(bucket, now)
 
     def on_failure(self, node_id: int, now: float) -> Contact | None:
         """A request to `node_id` failed; returns the replacement promoted if it went stale."""
@@ -187,7 +212,7 @@ class RoutingTable:
         failures = bucket.failures[node_id] = bucket.failures.get(node_id, 0) + 1
         if failures >= self._config.stale_after_failures and bucket.replacements:
             self._remove_from(bucket, node_id)
-            return self._promote_replacement(bucket)
+            return self._promote_replacement(bucket, now)
         return None
 
     def remove(self, node_id: int) -> bool:
@@ -204,15 +229,16 @@ class RoutingTable:
                 return node_id
         return None
 
-    def _cache_replacement(self, bucket: _Bucket, contact: Contact) -> None:
+    def _cache_replacement(self, bucket: _Bucket, contact: Contact, now: float) -> None:
         cache = bucket.replacements
         cache.pop(contact.node_id, None)
-        cache[contact.node_id] = contact  # most recent last
+        cache[contact.node_id] = (contact, now)  # most recent last
         while len(cache) > self._config.replacement_cache_size:
             del cache[next(iter(cache))]
 
     def _remove_from(self, bucket: _Bucket, node_id: int) -> None:
         del bucket.contacts[node_id]
+        del bucket.seen[node_id]
         bucket.failures.pop(node_id, None)
         if bucket.pending_ping == node_id:
             bucket.pending_ping = None
@@ -220,14 +246,11 @@ class RoutingTable:
         if not bucket.contacts:
             self._invalidate()
 
-    def _promote_replacement(self, bucket: _Bucket) -> Contact | None:
+    def _promote_replacement(self, bucket: _Bucket, now: float) -> Contact | None:
         if not bucket.replacements:
             return None
-        node_id, contact = bucket.replacements.popitem()  # the most recently seen
-        bucket.contacts[node_id] = contact
-        self._size += 1
-        if len(bucket.contacts) == 1:
-            self._invalidate()
+        _, (contact, seen) = bucket.replacements.popitem()  # the most recently seen
+        self._insert(bucket, contact, seen)
         return contact
 
     # -- queries -------------------------------------------------------------------------
@@ -240,26 +263,31 @@ class RoutingTable:
         Buckets are visited in order of distance to `target` (no full sort): with d = self ^
         target, every contact of bucket i agrees with d above bit i and differs from it at
         bit i, so buckets where d has a 1 come first (highest bit first), then the others
-        (lowest bit first). Only the buckets needed to reach `n` contacts are sorted.
+        (lowest bit first). Only the buckets needed to reach `n` contacts are sorted, by
+        node id with the C-level key `target.__xor__`.
         """
         if n <= 0 or not self._size:
             return []
         d = self.self_id ^ target
-        indices = sorted(self._buckets)
-        order = [i for i in reversed(indices) if (d >> i) & 1]
-        order += [i for i in indices if not (d >> i) & 1]
+        buckets = self._buckets
+        indices = self._indices
+        key = target.__xor__
         found: list[Contact] = []
-        for i in order:
-            contacts = self._buckets[i].contacts
-            if not contacts:
-                continue
-            members = sorted(contacts.values(), key=lambda c: c.node_id ^ target)
-            if exclude is not None:
-                members = [c for c in members if not exclude(c)]
-            found.extend(members)
-            if len(found) >= n:
-                break
-        return found[:n]
+        for i in reversed(indices):
+            if (d >> i) & 1:
+                contacts = buckets[i].contacts
+                if contacts:
+                    _extend(found, contacts, key, exclude)
+                    if len(found) >= n:
+                        return found[:n]
+        for i in indices:
+            if not (d >> i) & 1:
+                contacts = buckets[i].contacts
+                if contacts:
+                    _extend(found, contacts, key, exclude)
+                    if len(found) >= n:
+                        return found[:n]
+        return found
 
     # -- bucket refresh (section 2.3) ---------------------------------------------------
 
@@ -297,3 +325,17 @@ class RoutingTable:
     def random_id_in_bucket(self, index: int, random_bits: Callable[[int], int]) -> int:
         """An id at distance [2**index, 2**(index+1)) from us: a refresh target for bucket i."""
         return self.self_id ^ ((1 << index) | (random_bits(index) if index else 0))
+
+
+def _extend(
+    found: list[Contact],
+    contacts: dict[int, Contact],
+    key: Callable[[int], int],
+    exclude: Callable[[Contact], bool] | None,
+) -> None:
+    """Append one bucket's contacts to `found`, nearest first (by `key`), minus excluded."""
+    if exclude is None:
+        found.extend([contacts[x] for x in sorted(contacts, key=key)])
+    else:
+        found.extend([c for c in map(contacts.__getitem__, sorted(contacts, key=key))
+                      if not exclude(c)])

@@ -215,11 +215,15 @@ def test_full_bucket_pings_least_recent_and_replaces_a_dead_one():
     for x in (a, b):
         hub.handle_request(x.peer_id, Ping(x.addrs, True), net.now)
     net.dead.add(a.peer_id)
+    # while a was heard from recently, c only waits as a replacement: no PING (BEP 5)
     hub.handle_request(c.peer_id, Ping(c.addrs, True), net.now)
+    assert hub.take_effects() == []
+    later = net.now + config.questionable_after + 1.0
+    hub.handle_request(c.peer_id, Ping(c.addrs, True), later)
     effects = hub.take_effects()
     assert len(effects) == 1 and isinstance(effects[0], SendRequest)
     assert effects[0].contact.node_id == a.node_id and isinstance(effects[0].request, Ping)
-    hub.on_failure(effects[0].req_id, net.now)
+    hub.on_failure(effects[0].req_id, later)
     assert {x.node_id for x in hub.table} == {b.node_id, c.node_id}
 
 

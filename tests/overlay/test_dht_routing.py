@@ -72,34 +72,63 @@ def fill_bucket(table: RoutingTable, index: int, count: int) -> list[Contact]:
     return out
 
 
+Q = DHTConfig().questionable_after  # BEP 5: a contact unheard of this long is questionable
+LATER = Q + 100.0  # a time at which every contact of fill_bucket is questionable
+
+
 def test_full_bucket_asks_to_ping_least_recent_and_alive_keeps_it():
     table = RoutingTable(0, DHTConfig(k=3))
     first, second, third = fill_bucket(table, 10, 3)
-    assert table.add_or_update(second, 5.0) is AddOutcome.UPDATED  # second is now most recent
+    assert table.add_or_update(second, LATER - 5) is AddOutcome.UPDATED  # now most recent
     newcomer = fake((1 << 10) | 99)
-    outcome = table.add_or_update(newcomer, 6.0)
+    outcome = table.add_or_update(newcomer, LATER)
     assert outcome == PingLeastRecent(first, newcomer)
     # a second newcomer while the ping is pending is only cached
     other = fake((1 << 10) | 98)
-    assert table.add_or_update(other, 6.5) is AddOutcome.CACHED
-    assert table.on_ping_result(first.node_id, True, 7.0) is None
+    assert table.add_or_update(other, LATER + 0.5) is AddOutcome.CACHED
+    assert table.on_ping_result(first.node_id, True, LATER + 1) is None
     assert [c.node_id for c in table.bucket(10)] == [third.node_id, second.node_id, first.node_id]
     assert {c.node_id for c in table.replacements(10)} == {newcomer.node_id, other.node_id}
     assert newcomer.node_id not in table
+    assert table.last_seen(first.node_id) == LATER + 1
+
+
+def test_recently_seen_least_recent_contact_is_not_pinged():
+    """BEP 5 / Kademlia 4.1: a newcomer to a full bucket whose least recently seen contact
+    was heard from within `questionable_after` is only cached; no PING at all."""
+    table = RoutingTable(0, DHTConfig(k=3))
+    first, second, third = fill_bucket(table, 10, 3)  # seen at 0, 1, 2
+    for j in range(50):  # a stream of newcomers, all before `first` turns questionable
+        newcomer = fake((1 << 10) | (100 + j))
+        assert table.add_or_update(newcomer, Q - 1.0) is AddOutcome.CACHED
+    assert [c.node_id for c in table.bucket(10)] == [first.node_id, second.node_id,
+                                                     third.node_id]
+    assert len(table.replacements(10)) == DHTConfig().replacement_cache_size
+    # once `first` is questionable, the next newcomer asks for exactly one ping
+    late = fake((1 << 10) | 999)
+    assert table.add_or_update(late, Q + 0.5) == PingLeastRecent(first, late)
+    assert table.add_or_update(fake((1 << 10) | 998), Q + 0.6) is AddOutcome.CACHED
+    # it answered: it is fresh again, and the next least recent (second, seen at 1.0) is
+    # questionable only from Q + 1
+    table.on_ping_result(first.node_id, True, Q + 0.7)
+    assert table.add_or_update(fake((1 << 10) | 997), Q + 0.8) is AddOutcome.CACHED
+    assert isinstance(table.add_or_update(fake((1 << 10) | 996), Q + 1.5), PingLeastRecent)
 
 
 def test_dead_least_recent_is_replaced_by_most_recent_replacement():
     table = RoutingTable(0, DHTConfig(k=2))
     first, second = fill_bucket(table, 7, 2)
     a, b = fake((1 << 7) | 50), fake((1 << 7) | 51)
-    assert isinstance(table.add_or_update(a, 1.0), PingLeastRecent)
-    assert table.add_or_update(b, 2.0) is AddOutcome.CACHED
-    promoted = table.on_ping_result(first.node_id, False, 3.0)
+    assert isinstance(table.add_or_update(a, LATER), PingLeastRecent)
+    assert table.add_or_update(b, LATER + 1) is AddOutcome.CACHED
+    promoted = table.on_ping_result(first.node_id, False, LATER + 2)
     assert promoted == b
     assert first.node_id not in table and b.node_id in table and second.node_id in table
     assert len(table) == 2
-    # the next full-bucket sighting may ping again (no ping pending any more)
-    assert isinstance(table.add_or_update(fake((1 << 7) | 52), 4.0), PingLeastRecent)
+    assert table.last_seen(b.node_id) == LATER + 1  # when it was seen, not when promoted
+    # the next full-bucket sighting may ping again (no ping pending; second is questionable)
+    assert table.add_or_update(fake((1 << 7) | 52), LATER + 3) == PingLeastRecent(
+        second, fake((1 << 7) | 52))
 
 
 def test_stale_after_five_failures_replaced_only_when_a_replacement_waits():
@@ -119,8 +148,7 @@ def test_stale_contact_replaced_from_cache_on_fifth_failure():
     table = RoutingTable(0, DHTConfig(k=1))
     (only,) = fill_bucket(table, 5, 1)
     spare = fake((1 << 5) | 3)
-    assert isinstance(table.add_or_update(spare, 1.0), PingLeastRecent)
-    table.on_ping_result(only.node_id, True, 1.5)  # it answered that ping
+    assert table.add_or_update(spare, 1.0) is AddOutcome.CACHED  # `only` is fresh
     for i in range(4):
         assert table.on_failure(only.node_id, 2.0 + i) is None
     assert table.on_failure(only.node_id, 7.0) == spare
