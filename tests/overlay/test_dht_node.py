@@ -100,17 +100,27 @@ def test_gets_survive_dead_and_silent_nodes_without_waiting_out_timeouts():
         records = get(net, reader, key)
         slowest = max(slowest, net.now - start)
         assert records and msgpack.unpackb(records[0].value) == key.decode()
+    assert slowest < 0.2
     # Full lookups (which must hear from the k closest, silent ones among them) and gets of
     # missing keys: each silent peer costs one adaptive timeout (25 ms floor), never the 3 s
-    # request timeout. One-way latency is 1 ms.
+    # request timeout. One-way latency is 1 ms. A reader that has measured fewer than
+    # TAIL_MIN_PEERS paths does not know yet how slow paths may be: it waits the initial
+    # timeout (RFC 6298 2.1: 1 s) for peers it never measured.
+    warmed = 0
     for i in range(10):
         reader = rng.choice(alive)
         target = rng.getrandbits(256)
         start = net.now
+        patient = reader.health.unmeasured_timeout() >= net.config.initial_soft_timeout
         net.run_op(reader, lambda now, r=reader, t=target: r.find_closest([t], now))
         assert get(net, reader, f"missing-{i}".encode()) == []
-        slowest = max(slowest, net.now - start)
-    assert slowest < 0.2
+        took = net.now - start
+        if patient:
+            assert took < 2 * net.config.initial_soft_timeout + 0.2
+        else:
+            warmed += 1
+            assert took < 0.2
+    assert warmed >= 7
 
 
 def test_silent_peer_is_backed_off_after_its_adaptive_timeout():
