@@ -2,7 +2,7 @@
 
 It does for `overlay.dht.node.DHTNode` what the asyncio driver does on real sockets, and
 nothing more: after every input it drains `take_effects()`, carries each `SendRequest`
-through the network model (size from the real msgpack encoding, queued uplink, latency,
+through the network model (size of the real msgpack encoding, queued uplink, latency,
 loss), hands the request to the target's `handle_request`, carries the response back to
 `on_response` (or reports `on_failure`), delivers `OperationDone`s to the scenario, and keeps
 one timer per node armed at `next_deadline()`. Every routing, lookup, storage and timeout
@@ -27,7 +27,7 @@ from overlay.dht.config import DHTConfig
 from overlay.dht.contact import Contact
 from overlay.dht.effects import OperationDone, SendRequest
 from overlay.dht.ids import ID_BITS, node_id_of
-from overlay.dht.messages import encode_request, encode_response
+from overlay.dht.messages import request_size, response_size
 from overlay.dht.node import DHTNode, DHTProtocolError
 from overlay.identity import PeerId
 from sim.engine import Simulator
@@ -43,8 +43,8 @@ class DriverConfig:
     # Fraction of departures in which the machine vanishes (no answer at all) rather than
     # refusing connections. Ours: half and half, no measurement behind it.
     silent_fraction: float = 0.5
-    # Charge each message its exact encoded size (encode_request / encode_response); False
-    # charges a fixed 512 bytes and saves the encoding time.
+    # Charge each message its exact encoded size (request_size / response_size: the length
+    # encode_request / encode_response would give, without encoding); False charges 512.
     exact_sizes: bool = True
 
 
@@ -216,7 +216,7 @@ class SimDHT:
         now = self.sim.now
         target_index = self.by_node_id.get(effect.contact.node_id)
         target = None if target_index is None else self.peers[target_index]
-        size = len(encode_request(effect.request)) if self.driver.exact_sizes else 512
+        size = request_size(effect.request) if self.driver.exact_sizes else 512
         if target is None or target.dht is None:
             if target is not None and target.silent:
                 self.network.transfer(sender.index, target.index, size, now)
@@ -255,7 +255,7 @@ class SimDHT:
             self.sim.at(back, self._fail, sender, sender_epoch, effect.req_id)
             return
         self.after_input(target)
-        size = len(encode_response(response)) if self.driver.exact_sizes else 512
+        size = response_size(response) if self.driver.exact_sizes else 512
         arrival = self.network.transfer(target.index, sender.index, size, now)
         if arrival is not None:
             self.sim.at(arrival, self._respond, sender, sender_epoch, effect.req_id, response)

@@ -15,11 +15,12 @@ from overlay.identity import PeerId
 class Contact:
     """A DHT node as seen by another: immutable after creation."""
 
-    __slots__ = ("addrs", "node_id", "peer")
+    __slots__ = ("addrs", "node_id", "peer", "wire_size")
 
     def __init__(self, peer: PeerId, addrs: tuple[str, ...] = (), node_id: int | None = None):
         self.peer = peer
         self.addrs = addrs
+        self.wire_size: int | None = None  # msgpack size in a peer list (messages.py fills it)
         # Callers that already hashed the peer id (the simulator) pass node_id to skip SHA-256.
         self.node_id = node_id_of(peer.raw) if node_id is None else node_id
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
+from heapq import heappop, heappush
 
 from overlay.dht.config import DHTConfig
 from overlay.dht.contact import Contact
@@ -122,6 +123,11 @@ class DHTNode:
         self._effects: list[SendRequest | OperationDone] = []
         self._pending: dict[int, Pending] = {}
         self._active: dict[int, Operation] = {}
+        # Deadlines of requests (req id) and operations, as (when, seq, what): a lazy heap.
+        # An entry is stale once its request is settled or its operation has re-armed (its
+        # `armed_at` differs); stale entries are dropped when they reach the top.
+        self._timers: list[tuple[float, int, int | Operation]] = []
+        self._timer_seq = 0
         self._next_req = 0
         self._next_op = 0
         # (key, subkey) -> [record, next republish time]: what we published and keep alive
@@ -158,8 +164,19 @@ class DHTNode:
 
     def _drive(self, op: Operation, now: float) -> None:
         op.step(self, now)
-        if op.done and self._active.pop(op.op_id, None) is not None and not op.internal:
-            self._effects.append(OperationDone(op.op_id, op.result))  # type: ignore[arg-type]
+        if op.done:
+            if self._active.pop(op.op_id, None) is not None and not op.internal:
+                self._effects.append(OperationDone(op.op_id, op.result))  # type: ignore[arg-type]
+            return
+        deadline = op.deadline()
+        if deadline != op.armed_at:
+            op.armed_at = deadline
+            if deadline is not None:
+                self._push_timer(deadline, op)
+
+    def _push_timer(self, when: float, what: int | Operation) -> None:
+        self._timer_seq += 1
+        heappush(self._timers, (when, self._timer_seq, what))
 
     def get(self, keys: Sequence[bytes], now: float) -> int:
         """Find the records of `keys`; ends with a `GetResult`."""
@@ -257,6 +274,8 @@ class DHTNode:
         self._pending[req_id] = Pending(
             op, contact, request, now, now + timeout, soft_deadline, tag
         )
+        # a soft deadline always comes first (max_soft_timeout < request_timeout)
+        self._push_timer(now + timeout if soft_deadline is None else soft_deadline, req_id)
         op.requests += 1
         self._effects.append(SendRequest(req_id, contact, request, timeout))
         return req_id
@@ -365,22 +384,43 @@ class DHTNode:
 
     def handle_timer(self, now: float) -> None:
         """Apply every deadline that has passed."""
-        expired = [rid for rid, p in self._pending.items() if p.deadline <= now]
-        for req_id in expired:
-            self.on_failure(req_id, now)
-        for pending in self._pending.values():
-            if pending.soft_deadline is not None and pending.soft_deadline <= now:
+        timers = self._timers
+        due: list[int | Operation] = []
+        while timers and timers[0][0] <= now:
+            due.append(heappop(timers)[2])
+        ops: list[Operation] = []
+        for what in due:
+            if type(what) is not int:
+                ops.append(what)  # type: ignore[arg-type]
+                continue
+            pending = self._pending.get(what)  # type: ignore[arg-type]
+            if pending is None:
+                continue  # settled meanwhile
+            if pending.soft_deadline is not None:
+                if pending.soft_deadline > now:
+                    continue  # not possible for a live entry; kept for safety
                 pending.soft_deadline = None
                 # Silent past its adaptive timeout: avoid it until it answers (sec. 2.3).
                 self.health.on_failure(pending.contact.node_id, now)
-        for op in list(self._active.values()):
+                if pending.deadline > now:
+                    self._push_timer(pending.deadline, what)
+                    continue
+            if pending.deadline <= now:
+                self.on_failure(what, now)  # type: ignore[arg-type]
+        seen: set[int] = set()
+        for op in ops:
+            if op.op_id in seen or op.op_id not in self._active:
+                continue
+            seen.add(op.op_id)
             deadline = op.deadline()
             if deadline is not None and deadline <= now:
+                op.armed_at = None  # re-armed by _drive if still waiting
                 self._drive(op, now)
         if self.serves:
-            due = self.table.refresh_due(now)
-            if due:
-                targets = [self.table.random_id_in_bucket(i, self.random_bits) for i in due]
+            due_buckets = self.table.refresh_due(now)
+            if due_buckets:
+                targets = [self.table.random_id_in_bucket(i, self.random_bits)
+                           for i in due_buckets]
                 for target in targets[_MAX_REFRESH_TARGETS:]:  # their turn comes next time
                     self.table.mark_lookup(target, now)
                 op = LookupOperation(
@@ -391,16 +431,20 @@ class DHTNode:
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` must next be called (None: only after new input)."""
-        best = float("inf")
-        for p in self._pending.values():
-            # a soft deadline always comes first (max_soft_timeout < request_timeout)
-            d = p.deadline if p.soft_deadline is None else p.soft_deadline
-            if d < best:
-                best = d
-        for op in self._active.values():
-            d = op.deadline()
-            if d is not None and d < best:
-                best = d
+        timers = self._timers
+        pending = self._pending
+        while timers:
+            when, _, what = timers[0]
+            if type(what) is int:
+                p = pending.get(what)  # type: ignore[arg-type]
+                if p is not None and when == (
+                    p.deadline if p.soft_deadline is None else p.soft_deadline
+                ):
+                    break
+            elif what.armed_at == when and what.op_id in self._active:  # type: ignore[union-attr]
+                break
+            heappop(timers)
+        best = timers[0][0] if timers else float("inf")
         if self.serves:
             d = self.table.next_refresh_at()
             if d is not None and d < best:

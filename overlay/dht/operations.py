@@ -48,10 +48,11 @@ _STORE_BATCH_BYTES = MAX_MESSAGE_BYTES // 2
 class Operation:
     """Base: `step` issues requests, `on_response` / `on_failure` take results in."""
 
-    __slots__ = ("done", "internal", "op_id", "requests", "result")
+    __slots__ = ("armed_at", "done", "internal", "op_id", "requests", "result")
 
     def __init__(self, op_id: int, internal: bool):
         self.op_id = op_id
+        self.armed_at: float | None = None  # the deadline the node's timer heap holds for us
         self.internal = internal  # started by the node itself: no OperationDone effect
         self.done = False
         self.result: object = None

@@ -23,6 +23,8 @@ from overlay.dht.messages import (
     decode_response,
     encode_request,
     encode_response,
+    request_size,
+    response_size,
 )
 from overlay.dht.records import Record
 from overlay.identity import PeerId
@@ -60,6 +62,44 @@ def response_for(request, data):
             out.append(FoundValue(recs, tuple(data.draw(st.lists(contacts, max_size=3)))))
         return FindValueResponse(tuple(out))
     return StoreResponse(tuple(data.draw(st.booleans()) for _ in request.records))
+
+
+# Sizes across every msgpack header width: strings past 31 and 255 bytes (and non-ASCII),
+# binaries past 255, lists past 15 entries.
+wide_text = st.text(min_size=1, max_size=300)
+wide_addrs = st.lists(wide_text, max_size=3).map(tuple)
+wide_contacts = st.builds(Contact, peer_ids, wide_addrs)
+wide_records = st.builds(Record, st.binary(min_size=1, max_size=300), st.none() | wide_text,
+                         st.binary(max_size=70_000), expirations, sigs)
+wide_requests = st.one_of(
+    st.builds(Ping, wide_addrs, st.booleans()),
+    st.builds(FindNode, st.lists(ids, min_size=1, max_size=20).map(tuple), wide_addrs,
+              st.booleans()),
+    st.builds(FindValue, st.lists(st.binary(max_size=300), min_size=1, max_size=20).map(tuple),
+              wide_addrs, st.booleans()),
+    st.builds(Store, st.lists(wide_records, min_size=1, max_size=3).map(tuple), wide_addrs,
+              st.booleans()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(request=wide_requests, data=st.data())
+def test_sizes_equal_the_encoded_length(request, data):
+    assert request_size(request) == len(encode_request(request))
+    if isinstance(request, FindNode):
+        response = FindNodeResponse(tuple(
+            tuple(data.draw(st.lists(wide_contacts, max_size=20))) for _ in request.targets))
+    elif isinstance(request, FindValue):
+        response = FindValueResponse(tuple(
+            FoundValue(tuple(data.draw(st.lists(wide_records, max_size=2))),
+                       tuple(data.draw(st.lists(wide_contacts, max_size=17))))
+            for _ in request.keys))
+    elif isinstance(request, Store):
+        response = StoreResponse(tuple(data.draw(st.lists(st.booleans(), max_size=20))))
+    else:
+        response = PingResponse()
+    assert response_size(response) == len(encode_response(response))
+    assert response_size(response) == len(encode_response(response))  # cached sizes too
 
 
 def same_contacts(a, b):
