@@ -33,7 +33,7 @@ from overlay.dht.effects import FindResult, GetResult, OperationDone, StoreResul
 from overlay.dht.node import DHTNode
 from sim.churn import ChurnConfig, ChurnModel
 from sim.dht_net import DriverConfig, SimDHT, SimPeer
-from sim.engine import ProgressFn, Simulator
+from sim.engine import ProgressFn, Simulator, quiet_gc
 from sim.metrics import RunResult, TimeSeries, mean, percentile, ratio, summarize
 from sim.network import NetworkConfig, NetworkModel
 
@@ -253,6 +253,10 @@ class DHTScenario:
     # -- the run ------------------------------------------------------------------------------
 
     def run(self, progress: ProgressFn | None = None) -> RunResult:
+        with quiet_gc():  # building the tables allocates millions of long-lived objects
+            return self._run(progress)
+
+    def _run(self, progress: ProgressFn | None) -> RunResult:
         c, sim = self.config, self.sim
         start_at = self._join_phase()
         self.horizon = start_at + c.duration

@@ -28,10 +28,10 @@ Pure: no I/O, no clock, no randomness.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
+from operator import attrgetter
 
 from overlay.dht.contact import Contact
 
@@ -70,8 +70,7 @@ class _Candidate:
         self.deadline = 0.0
 
 
-def _distance(candidate: _Candidate) -> int:
-    return candidate.distance
+_distance = attrgetter("distance")
 
 
 class ClosestPeersLookup:
@@ -81,7 +80,6 @@ class ClosestPeersLookup:
         "_best",
         "_by_id",
         "_candidates",
-        "_distances",
         "_finished",
         "_hedge_at",
         "_hedge_delay",
@@ -122,7 +120,6 @@ class ClosestPeersLookup:
         self.max_peers_per_response = max_peers_per_response
         self.max_candidates = 8 * k if max_candidates is None else max(k, max_candidates)
         self._candidates: list[_Candidate] = []  # nearest first
-        self._distances: list[int] = []  # parallel to _candidates, for bisect
         self._by_id: dict[int, _Candidate] = {}
         self._in_flight = 0
         self._min_deadline = float("inf")  # <= every WAITING deadline (may be stale-early)
@@ -140,8 +137,7 @@ class ClosestPeersLookup:
         for dropped in ordered[self.max_candidates:]:
             del by_id[dropped.contact.node_id]
         self._candidates = ordered[: self.max_candidates]
-        self._distances = [c.distance for c in self._candidates]
-        self._best = self._distances[0] if self._distances else None
+        self._best = self._candidates[0].distance if self._candidates else None
 
     @property
     def finished(self) -> bool:
@@ -151,37 +147,28 @@ class ClosestPeersLookup:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def _insert(self, contact: Contact, depth: int) -> bool:
-        node_id = contact.node_id
-        if node_id == self.self_id:
-            return False
-        known = self._by_id.get(node_id)
-        if known is not None:
-            if depth < known.depth:
-                known.depth = depth
-            return False
-        dist = node_id ^ self.target
-        index = bisect_left(self._distances, dist)
-        if index >= self.max_candidates:
-            return False
-        candidate = _Candidate(contact, dist, depth)
-        self._candidates.insert(index, candidate)
-        self._distances.insert(index, dist)
-        self._by_id[node_id] = candidate
-        while len(self._candidates) > self.max_candidates:
-            if self._candidates[-1].state != NOT_CONTACTED:
-                break
-            dropped = self._candidates.pop()
-            self._distances.pop()
-            del self._by_id[dropped.contact.node_id]
-        return True
-
     def next(self, now: float) -> Contact | Waiting | _Finished:
         """What to do now: ask this contact, wait, or stop (rules 1-3 of the module doc)."""
+        contacts, after = self._scan(now, None, 1)
+        return contacts[0] if contacts else after
+
+    def next_batch(
+        self, now: float, skip: Callable[[int], bool] | None = None
+    ) -> tuple[list[Contact], Waiting | _Finished]:
+        """Every contact to ask now, and what comes after them (Waiting or FINISHED).
+
+        The same as calling `next` until it stops returning contacts, in one walk over the
+        candidates. A candidate whose node id satisfies `skip` (e.g. backed off) is treated
+        as failed on the spot, as `on_failure` would, and the walk goes on.
+        """
+        return self._scan(now, skip, None)
+
+    def _scan(
+        self, now: float, skip: Callable[[int], bool] | None, limit: int | None
+    ) -> tuple[list[Contact], Waiting | _Finished]:
         if self._finished:
-            return FINISHED
+            return [], FINISHED
         candidates = self._candidates
-        earliest: float | None = None
         if self._in_flight and now >= self._min_deadline:
             # rule 2 first, over every waiting request; skipped while none can have expired
             minimum = float("inf")
@@ -193,14 +180,9 @@ class ClosestPeersLookup:
                     elif c.deadline < minimum:
                         minimum = c.deadline
             self._min_deadline = minimum
-        if self._in_flight:
-            earliest = self._min_deadline
-        hedge_at = self._hedge_at
-        if hedge_at is not None:
-            if now >= hedge_at:
-                self._widen()
-            elif earliest is None or hedge_at < earliest:
-                earliest = hedge_at
+        if self._hedge_at is not None and now >= self._hedge_at:
+            self._widen()
+        out: list[Contact] = []
         answered = 0
         live = 0  # rank among candidates still in consideration
         closer_pending = False
@@ -213,14 +195,20 @@ class ClosestPeersLookup:
                     answered += 1
                     if answered >= k:
                         self._finished = True
-                        return FINISHED
+                        return [], FINISHED
             elif state == WAITING:
                 live += 1
                 closer_pending = True
             elif state == NOT_CONTACTED:
                 live += 1
                 if self._in_flight >= self._parallelism or live > k:
-                    return Waiting(earliest)
+                    break
+                if skip is not None and skip(c.contact.node_id):
+                    c.state = FAILED  # as on_failure: out of consideration, widens a hedge
+                    live -= 1
+                    if self._hedge_delay is not None:
+                        self._widen()
+                    continue
                 c.state = WAITING
                 c.deadline = deadline = now + self.timeout_for(c.contact)
                 if deadline < self._min_deadline:
@@ -229,11 +217,18 @@ class ClosestPeersLookup:
                 self.requests_sent += 1
                 if self._hedge_delay is not None and self._hedge_at is None:
                     self._hedge_at = now + self._hedge_delay
-                return c.contact
+                out.append(c.contact)
+                closer_pending = True
+                if limit is not None and len(out) >= limit:
+                    break
         if self._in_flight:
-            return Waiting(earliest)
+            earliest = self._min_deadline
+            hedge_at = self._hedge_at
+            if hedge_at is not None and hedge_at < earliest:
+                earliest = hedge_at
+            return out, Waiting(earliest)
         self._finished = True
-        return FINISHED
+        return [], FINISHED
 
     def _widen(self) -> None:
         self._hedge_delay = None
@@ -254,10 +249,36 @@ class ClosestPeersLookup:
         if self._finished:
             return
         depth = candidate.depth + 1
+        by_id = self._by_id
+        target = self.target
+        fresh: list[_Candidate] = []
         for contact in islice(closer, self.max_peers_per_response):
-            if contact.node_id != node_id:
-                self._insert(contact, depth)
-        best = self._distances[0] if self._distances else None
+            other = contact.node_id
+            if other == node_id or other == self.self_id:
+                continue
+            known = by_id.get(other)
+            if known is not None:
+                if depth < known.depth:
+                    known.depth = depth
+                continue
+            known = by_id[other] = _Candidate(contact, other ^ target, depth)
+            fresh.append(known)
+        if fresh:
+            # Two sorted runs (the candidates, the newcomers): timsort merges them in O(n).
+            fresh.sort(key=_distance)
+            candidates = self._candidates
+            candidates.extend(fresh)
+            candidates.sort(key=_distance)
+            cap = self.max_candidates
+            if len(candidates) > cap:  # rule 5: the farthest uncontacted ones are dropped
+                kept = candidates[:cap]
+                for c in candidates[cap:]:
+                    if c.state == NOT_CONTACTED:
+                        del by_id[c.contact.node_id]
+                    else:
+                        kept.append(c)
+                self._candidates = kept
+        best = self._candidates[0].distance if self._candidates else None
         if self._best is None or (best is not None and best < self._best):
             self._best = best
             self._no_progress = 0

@@ -21,7 +21,7 @@ from overlay.dht.effects import (
     StoreResult,
 )
 from overlay.dht.ids import key_id_of
-from overlay.dht.lookup import FINISHED, ClosestPeersLookup, Waiting
+from overlay.dht.lookup import ClosestPeersLookup, Waiting
 from overlay.dht.messages import (
     MAX_BATCH,
     MAX_MESSAGE_BYTES,
@@ -122,24 +122,23 @@ class LookupOperation(Operation):
         batches: dict[int, tuple[Contact, list[int]]] = {}
         deadline: float | None = None
         health = node.health
+
+        def backed_off(node_id: int) -> bool:  # failed recently: ask others (sec. 4.1)
+            return health.is_backed_off(node_id, now)
+
         for i, lookup in enumerate(self.lookups):
-            while not lookup.finished:
-                action = lookup.next(now)
-                if action is FINISHED:
-                    break
-                if isinstance(action, Waiting):
-                    if action.deadline is not None and (
-                        deadline is None or action.deadline < deadline
-                    ):
-                        deadline = action.deadline
-                    break
-                assert isinstance(action, Contact)
-                if self.skip_backed_off[i] and health.is_backed_off(action.node_id, now):
-                    lookup.on_failure(action.node_id, now)  # failed recently: ask others
-                    continue
-                batch = batches.get(action.node_id)
+            if lookup.finished:
+                continue
+            contacts, after = lookup.next_batch(
+                now, backed_off if self.skip_backed_off[i] else None)
+            if isinstance(after, Waiting) and after.deadline is not None and (
+                deadline is None or after.deadline < deadline
+            ):
+                deadline = after.deadline
+            for contact in contacts:
+                batch = batches.get(contact.node_id)
                 if batch is None:
-                    batches[action.node_id] = (action, [i])
+                    batches[contact.node_id] = (contact, [i])
                 else:
                     batch[1].append(i)
         self._deadline = deadline

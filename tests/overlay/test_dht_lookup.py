@@ -242,3 +242,66 @@ def test_hedged_lookup_starts_with_one_request_and_widens():
     lookup.on_failure(1, 0.0001)
     assert [c.node_id for c in (lookup.next(0.0001), lookup.next(0.0001), lookup.next(0.0001))] \
         == [2, 3, 4]
+
+
+def _trace(lookup: ClosestPeersLookup, answer, rng: random.Random, silent, skip,
+           batched: bool) -> list:
+    """Drive `lookup` like `drive`, skipped peers failing on the spot; returns what it sent
+    and saw, step by step."""
+    now = 0.0
+    in_flight: list[Contact] = []
+    trace: list = []
+    for _ in range(100_000):
+        if batched:
+            contacts, after = lookup.next_batch(now, lambda node_id: node_id in skip)
+        else:
+            contacts = []
+            while isinstance(action := lookup.next(now), Contact):
+                if action.node_id in skip:
+                    lookup.on_failure(action.node_id, now)
+                else:
+                    contacts.append(action)
+            after = action
+        trace.append(([c.node_id for c in contacts], after))
+        in_flight.extend(contacts)
+        if after is FINISHED:
+            return trace
+        answerable = [c for c in in_flight if c.node_id not in silent]
+        if answerable:
+            peer = rng.choice(answerable)
+            in_flight.remove(peer)
+            now += 0.001
+            lookup.on_success(
+                peer.node_id, answer(peer.node_id, lookup.target, lookup.self_id), now)
+        elif after.deadline is not None:
+            now = max(now, after.deadline)
+        else:
+            peer = in_flight.pop(0)
+            now += 1.0
+            lookup.on_failure(peer.node_id, now)
+    raise AssertionError("lookup did not finish")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32), n=st.integers(2, 120), k=st.integers(1, 12),
+       alpha=st.integers(1, 4), hedged=st.booleans())
+def test_next_batch_is_repeated_next(seed, n, k, alpha, hedged):
+    """`next_batch` hands out exactly what repeated `next` calls would, skipped peers
+    included, with slow (soft-timed-out) and silent peers in play."""
+    rng = random.Random(seed)
+    node_ids = list({rng.getrandbits(ID_BITS) for _ in range(n)})
+    net = OracleNetwork(node_ids, k, rng)
+    origin = rng.choice(node_ids)
+    others = [i for i in node_ids if i != origin]
+    silent = frozenset(rng.sample(others, len(others) // 5))
+    skip = frozenset(rng.sample(others, len(others) // 5))
+    target = rng.getrandbits(ID_BITS)
+    traces = []
+    for batched in (False, True):
+        lookup = ClosestPeersLookup(
+            target, net.tables[origin].closest(target, 2 * k), k=k, alpha=alpha,
+            timeout_for=lambda c: TIMEOUT, self_id=origin,
+            hedge_delay=0.002 if hedged else None)
+        traces.append((_trace(lookup, net.answer, random.Random(seed), silent, skip, batched),
+                       [c.node_id for c in lookup.closest_answered()]))
+    assert traces[0] == traces[1]
