@@ -303,7 +303,11 @@ class DHTNode:
         if sender == self.peer_id:
             raise DHTProtocolError("request from ourselves")
         if request.serves and request.addrs:
-            self._saw(Contact(sender, request.addrs), now)
+            # A PING's sender is recorded but never makes us ping in turn: it is checking
+            # its own table, and if it could, every PING would introduce its sender to
+            # another full bucket whose least recent contact then gets pinged: a chain
+            # across the network.
+            self._saw(Contact(sender, request.addrs), now, may_ping=type(request) is not Ping)
         k = self.config.k
         if isinstance(request, Ping):
             return PingResponse()
@@ -344,8 +348,8 @@ class DHTNode:
             return StoreResponse(tuple(stored))
         raise DHTProtocolError(f"unsupported request {type(request).__name__}")
 
-    def _saw(self, contact: Contact, now: float) -> None:
-        outcome = self.table.add_or_update(contact, now)
+    def _saw(self, contact: Contact, now: float, may_ping: bool = True) -> None:
+        outcome = self.table.add_or_update(contact, now, may_ping=may_ping)
         if isinstance(outcome, PingLeastRecent):
             self._run(PingOperation(self, self._new_op_id(), outcome.contact, now), now)
 

@@ -138,8 +138,13 @@ class RoutingTable:
 
     # -- updates -------------------------------------------------------------------------
 
-    def add_or_update(self, contact: Contact, now: float) -> AddOutcome | PingLeastRecent:
-        """Record that `contact` was just seen alive (it answered us or asked us something)."""
+    def add_or_update(
+        self, contact: Contact, now: float, *, may_ping: bool = True
+    ) -> AddOutcome | PingLeastRecent:
+        """Record that `contact` was just seen alive (it answered us or asked us something).
+
+        With `may_ping=False` a newcomer to a full bucket is only cached, never the cause of
+        a ping (the node uses it for PINGs it receives: see node.py)."""
         node_id = contact.node_id
         index = (self.self_id ^ node_id).bit_length() - 1
         if index < 0:
@@ -165,7 +170,7 @@ class RoutingTable:
             self._insert(bucket, contact, now)
             return AddOutcome.ADDED
         self._cache_replacement(bucket, contact, now)
-        if bucket.pending_ping is not None:
+        if bucket.pending_ping is not None or not may_ping:
             return AddOutcome.CACHED
         least_recent = next(iter(contacts))
         if now - bucket.seen[least_recent] < self._config.questionable_after:

@@ -229,7 +229,11 @@ def test_full_bucket_pings_least_recent_and_replaces_a_dead_one():
     hub.handle_request(c.peer_id, Ping(c.addrs, True), net.now)
     assert hub.take_effects() == []
     later = net.now + config.questionable_after + 1.0
+    # nor a PING from it once a is questionable: a PING never makes its receiver ping
     hub.handle_request(c.peer_id, Ping(c.addrs, True), later)
+    assert hub.take_effects() == []
+    # a FIND_NODE from it does
+    hub.handle_request(c.peer_id, FindNode((c.node_id,), c.addrs, True), later)
     effects = hub.take_effects()
     assert len(effects) == 1 and isinstance(effects[0], SendRequest)
     assert effects[0].contact.node_id == a.node_id and isinstance(effects[0].request, Ping)
