@@ -10,6 +10,7 @@ Pure: no I/O, no clock, no randomness except the node's injected source.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from overlay.dht.contact import Contact
@@ -74,7 +75,7 @@ class Operation:
 class LookupOperation(Operation):
     """Closest-peers lookups for several targets at once (FIND_NODE)."""
 
-    __slots__ = ("_deadline", "lookups", "skip_backed_off", "targets")
+    __slots__ = ("_deadline", "_dirty", "_waits", "lookups", "skip_backed_off", "targets")
 
     def __init__(
         self,
@@ -88,6 +89,11 @@ class LookupOperation(Operation):
     ):
         super().__init__(op_id, internal)
         self._deadline: float | None = None
+        # Lookups to advance at the next step: those that got an answer or a failure since
+        # (None: all of them). A lookup past its own deadline is advanced too; the others
+        # cannot have anything new to send, so one answer does not rescan every lookup.
+        self._dirty: set[int] | None = None
+        self._waits: list[float | None] = []  # per lookup: when it must be advanced anyway
         self.targets: list[int] = []
         self.lookups: list[ClosestPeersLookup] = []
         self.skip_backed_off: list[bool] = []
@@ -99,6 +105,8 @@ class LookupOperation(Operation):
         self.targets = targets
         self.lookups = []
         self.skip_backed_off = []
+        self._dirty = None
+        self._waits = [None] * len(targets)
         hedged = isinstance(self, GetOperation)
         for target in targets:
             lookup, skip = node.new_lookup(target, now, seeds, hedged=hedged)
@@ -118,29 +126,41 @@ class LookupOperation(Operation):
         if all(lookup.finished for lookup in self.lookups):
             self._lookups_finished(node, now)
 
+    def _touch(self, indices: list[int]) -> None:
+        if self._dirty is not None:
+            self._dirty.update(indices)
+
     def _advance(self, node: DHTNode, now: float) -> None:
         batches: dict[int, tuple[Contact, list[int]]] = {}
-        deadline: float | None = None
         health = node.health
+        lookups = self.lookups
+        waits = self._waits
+        dirty = self._dirty
+        if dirty is None:
+            indices: Iterable[int] = range(len(lookups))
+        else:
+            due = [i for i, w in enumerate(waits) if w is not None and w <= now]
+            indices = sorted(dirty.union(due)) if due else sorted(dirty)
+        self._dirty = set()
 
         def backed_off(node_id: int) -> bool:  # failed recently: ask others (sec. 4.1)
             return health.is_backed_off(node_id, now)
 
-        for i, lookup in enumerate(self.lookups):
+        for i in indices:
+            lookup = lookups[i]
             if lookup.finished:
+                waits[i] = None
                 continue
             contacts, after = lookup.next_batch(
                 now, backed_off if self.skip_backed_off[i] else None)
-            if isinstance(after, Waiting) and after.deadline is not None and (
-                deadline is None or after.deadline < deadline
-            ):
-                deadline = after.deadline
+            waits[i] = after.deadline if isinstance(after, Waiting) else None
             for contact in contacts:
                 batch = batches.get(contact.node_id)
                 if batch is None:
                     batches[contact.node_id] = (contact, [i])
                 else:
                     batch[1].append(i)
+        deadline = min((w for w in waits if w is not None), default=None)
         self._deadline = deadline
         for contact, indices in batches.values():
             for start in range(0, len(indices), MAX_BATCH):
@@ -152,6 +172,7 @@ class LookupOperation(Operation):
         if kind != "find" or not isinstance(response, FindNodeResponse):
             return
         peer = pending.contact.node_id
+        self._touch(indices)
         for peers, i in zip(response.peers, indices):
             self.lookups[i].on_success(peer, peers, now)
 
@@ -159,6 +180,7 @@ class LookupOperation(Operation):
         kind, indices = pending.tag
         if kind != "find":
             return
+        self._touch(indices)
         for i in indices:
             self.lookups[i].on_failure(pending.contact.node_id, now)
 
@@ -216,6 +238,7 @@ class GetOperation(LookupOperation):
         kind, indices = pending.tag
         if kind != "find" or not isinstance(response, FindValueResponse):
             return
+        self._touch(indices)
         peer = pending.contact
         for item, i in zip(response.results, indices):
             lookup = self.lookups[i]
