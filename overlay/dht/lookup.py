@@ -28,6 +28,7 @@ Pure: no I/O, no clock, no randomness.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -80,6 +81,7 @@ class ClosestPeersLookup:
         "_best",
         "_by_id",
         "_candidates",
+        "_distances",
         "_finished",
         "_hedge_at",
         "_hedge_delay",
@@ -120,6 +122,7 @@ class ClosestPeersLookup:
         self.max_peers_per_response = max_peers_per_response
         self.max_candidates = 8 * k if max_candidates is None else max(k, max_candidates)
         self._candidates: list[_Candidate] = []  # nearest first
+        self._distances: list[int] = []  # parallel to _candidates, for bisect
         self._by_id: dict[int, _Candidate] = {}
         self._in_flight = 0
         self._min_deadline = float("inf")  # <= every WAITING deadline (may be stale-early)
@@ -137,7 +140,8 @@ class ClosestPeersLookup:
         for dropped in ordered[self.max_candidates:]:
             del by_id[dropped.contact.node_id]
         self._candidates = ordered[: self.max_candidates]
-        self._best = self._candidates[0].distance if self._candidates else None
+        self._distances = [c.distance for c in self._candidates]
+        self._best = self._distances[0] if self._distances else None
 
     @property
     def finished(self) -> bool:
@@ -146,6 +150,31 @@ class ClosestPeersLookup:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def _insert(self, contact: Contact, depth: int) -> bool:
+        node_id = contact.node_id
+        if node_id == self.self_id:
+            return False
+        known = self._by_id.get(node_id)
+        if known is not None:
+            if depth < known.depth:
+                known.depth = depth
+            return False
+        dist = node_id ^ self.target
+        index = bisect_left(self._distances, dist)
+        if index >= self.max_candidates:
+            return False
+        candidate = _Candidate(contact, dist, depth)
+        self._candidates.insert(index, candidate)
+        self._distances.insert(index, dist)
+        self._by_id[node_id] = candidate
+        while len(self._candidates) > self.max_candidates:
+            if self._candidates[-1].state != NOT_CONTACTED:
+                break
+            dropped = self._candidates.pop()
+            self._distances.pop()
+            del self._by_id[dropped.contact.node_id]
+        return True
 
     def next(self, now: float) -> Contact | Waiting | _Finished:
         """What to do now: ask this contact, wait, or stop (rules 1-3 of the module doc)."""
@@ -249,36 +278,10 @@ class ClosestPeersLookup:
         if self._finished:
             return
         depth = candidate.depth + 1
-        by_id = self._by_id
-        target = self.target
-        fresh: list[_Candidate] = []
         for contact in islice(closer, self.max_peers_per_response):
-            other = contact.node_id
-            if other == node_id or other == self.self_id:
-                continue
-            known = by_id.get(other)
-            if known is not None:
-                if depth < known.depth:
-                    known.depth = depth
-                continue
-            known = by_id[other] = _Candidate(contact, other ^ target, depth)
-            fresh.append(known)
-        if fresh:
-            # Two sorted runs (the candidates, the newcomers): timsort merges them in O(n).
-            fresh.sort(key=_distance)
-            candidates = self._candidates
-            candidates.extend(fresh)
-            candidates.sort(key=_distance)
-            cap = self.max_candidates
-            if len(candidates) > cap:  # rule 5: the farthest uncontacted ones are dropped
-                kept = candidates[:cap]
-                for c in candidates[cap:]:
-                    if c.state == NOT_CONTACTED:
-                        del by_id[c.contact.node_id]
-                    else:
-                        kept.append(c)
-                self._candidates = kept
-        best = self._candidates[0].distance if self._candidates else None
+            if contact.node_id != node_id:
+                self._insert(contact, depth)
+        best = self._distances[0] if self._distances else None
         if self._best is None or (best is not None and best < self._best):
             self._best = best
             self._no_progress = 0

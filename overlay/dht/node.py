@@ -312,13 +312,10 @@ class DHTNode:
         if isinstance(request, Ping):
             return PingResponse()
         sender_id = node_id_of(sender.raw)
-
-        def not_sender(c: Contact) -> bool:
-            return c.node_id == sender_id
-
+        closest = self.table.closest_except
         if isinstance(request, FindNode):
             return FindNodeResponse(
-                tuple(tuple(self.table.closest(t, k, not_sender)) for t in request.targets)
+                tuple(tuple(closest(t, k, sender_id)) for t in request.targets)
             )
         if isinstance(request, FindValue):
             budget = (MAX_MESSAGE_BYTES - _PEERS_ALLOWANCE) // len(request.keys)
@@ -332,7 +329,7 @@ class DHTNode:
                         break
                     records.append(record)
                 # Kademlia 2.3: a node that holds the value "just returns the stored value".
-                peers = () if records else tuple(self.table.closest(key_id_of(key), k, not_sender))
+                peers = () if records else tuple(closest(key_id_of(key), k, sender_id))
                 results.append(FoundValue(tuple(records), peers))
             return FindValueResponse(tuple(results))
         if isinstance(request, Store):

@@ -268,31 +268,51 @@ class RoutingTable:
         Buckets are visited in order of distance to `target` (no full sort): with d = self ^
         target, every contact of bucket i agrees with d above bit i and differs from it at
         bit i, so buckets where d has a 1 come first (highest bit first), then the others
-        (lowest bit first). Only the buckets needed to reach `n` contacts are sorted, by
-        node id with the C-level key `target.__xor__`.
+        (lowest bit first). Only the buckets needed to reach `n` contacts are merged and
+        sorted, once, by node id with the C-level key `target.__xor__`.
         """
         if n <= 0 or not self._size:
             return []
-        d = self.self_id ^ target
+        return self._merged_closest(target, n, None, exclude)
+
+    def _merged_closest(
+        self, target: int, n: int, skip: int | None,
+        exclude: Callable[[Contact], bool] | None = None,
+    ) -> list[Contact]:
+        # Every contact of a bucket visited earlier is nearer than every contact of one
+        # visited later, so the buckets needed can be merged and sorted once.
         buckets = self._buckets
-        indices = self._indices
-        key = target.__xor__
-        found: list[Contact] = []
+        merged: dict[int, Contact] = {}
+        for i in self._visit_order(self.self_id ^ target, self._indices):
+            contacts = buckets[i].contacts
+            if not contacts:
+                continue
+            if exclude is None:
+                merged.update(contacts)
+            else:
+                for x, c in contacts.items():
+                    if not exclude(c):
+                        merged[x] = c
+            if len(merged) >= n and (skip is None or len(merged) > n or skip not in merged):
+                break
+        if skip is not None:
+            merged.pop(skip, None)
+        return [merged[x] for x in sorted(merged, key=target.__xor__)[:n]]
+
+    @staticmethod
+    def _visit_order(d: int, indices: list[int]) -> Iterator[int]:
         for i in reversed(indices):
             if (d >> i) & 1:
-                contacts = buckets[i].contacts
-                if contacts:
-                    _extend(found, contacts, key, exclude)
-                    if len(found) >= n:
-                        return found[:n]
+                yield i
         for i in indices:
             if not (d >> i) & 1:
-                contacts = buckets[i].contacts
-                if contacts:
-                    _extend(found, contacts, key, exclude)
-                    if len(found) >= n:
-                        return found[:n]
-        return found
+                yield i
+
+    def closest_except(self, target: int, n: int, node_id: int) -> list[Contact]:
+        """`closest(target, n)` without the contact `node_id` (e.g. the one asking)."""
+        if n <= 0 or not self._size:
+            return []
+        return self._merged_closest(target, n, node_id)
 
     # -- bucket refresh (section 2.3) ---------------------------------------------------
 
@@ -331,16 +351,3 @@ class RoutingTable:
         """An id at distance [2**index, 2**(index+1)) from us: a refresh target for bucket i."""
         return self.self_id ^ ((1 << index) | (random_bits(index) if index else 0))
 
-
-def _extend(
-    found: list[Contact],
-    contacts: dict[int, Contact],
-    key: Callable[[int], int],
-    exclude: Callable[[Contact], bool] | None,
-) -> None:
-    """Append one bucket's contacts to `found`, nearest first (by `key`), minus excluded."""
-    if exclude is None:
-        found.extend([contacts[x] for x in sorted(contacts, key=key)])
-    else:
-        found.extend([c for c in map(contacts.__getitem__, sorted(contacts, key=key))
-                      if not exclude(c)])

@@ -191,3 +191,16 @@ def test_node_id_is_sha256_of_peer_id():
     c = contact(1)
     assert c.node_id == int.from_bytes(hashlib.sha256(c.peer.raw).digest(), "big")
     assert node_id_of(c.peer.raw) == c.node_id
+
+
+@settings(max_examples=40, deadline=None)
+@given(self_id=ids, others=st.lists(ids, min_size=0, max_size=80, unique=True),
+       target=ids, n=st.integers(0, 25), pick=st.integers(0, 200))
+def test_closest_except_drops_exactly_that_node(self_id, others, target, n, pick):
+    table = RoutingTable(self_id, DHTConfig(k=4))
+    for node_id in others:
+        table.add_or_update(fake(node_id), 0.0)
+    members = list(table)
+    skip = members[pick % len(members)].node_id if members and pick < 150 else pick
+    want = [c.node_id for c in table.closest(target, n, exclude=lambda c: c.node_id == skip)]
+    assert [c.node_id for c in table.closest_except(target, n, skip)] == want
