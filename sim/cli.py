@@ -5,9 +5,10 @@
                     [--churn none|exp|weibull|mass] [--seed S] [--out DIR] [--set KEY=VALUE]...
     overlay-sim sweep SCENARIO --param KEY --values V1,V2,... [--metrics M1,M2] [run options]
 
-A run writes metrics.json, timeseries.csv, config.json and PNG plots into --out. Progress goes
-to standard error; the path of the results to standard output. This module is the only part
-of the simulator that reads the wall clock (to report wall_s and the progress bar).
+A run writes metrics.json (byte-identical for the same seed), timing.json (wall and CPU time
+on this machine), timeseries.csv, config.json and PNG plots into --out. Progress goes to
+standard error; the path of the results to standard output. This module is the only part of
+the simulator that reads the wall clock (for timing.json and the progress bar).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from sim.churn import KINDS
-from sim.metrics import RunResult, clean, write_metrics, write_series
+from sim.metrics import RunResult, clean, write_metrics, write_series, write_timing
 from sim.scenarios import SCENARIOS, ConfigError, Scenario, describe, set_option
 
 
@@ -102,19 +105,29 @@ def build_config(spec: Scenario, args: argparse.Namespace) -> Any:
 
 def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
             timing: bool = True, label: str | None = None) -> RunResult:
-    """Run, time and write one scenario into `out`."""
+    """Run, time and write one scenario into `out` (timing.json unless `timing` is False)."""
     out.mkdir(parents=True, exist_ok=True)
     instance = spec.runner(spec.name, config)
     bar = ProgressBar(sys.stderr, label or spec.name, lambda: instance.horizon,
                       enabled=not quiet)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result: RunResult = instance.run(bar)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     bar.close()
-    result.metrics["wall_s"] = wall
     events = result.metrics.get("events")
-    result.metrics["events_per_s"] = events / wall if isinstance(events, int) and wall else None
-    write_metrics(out / "metrics.json", result.metrics, timing=timing)
+    result.timing = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "events": events,
+        "events_per_s": events / wall if isinstance(events, int) and wall else None,
+        "events_per_cpu_s": events / cpu if isinstance(events, int) and cpu else None,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    write_metrics(out / "metrics.json", result.metrics)
+    if timing:
+        write_timing(out / "timing.json", result.timing)
     write_series(out / "timeseries.csv", result.series)
     described = {k: clean(v) if not isinstance(v, str) else v
                  for k, v in describe(config).items()}
@@ -141,7 +154,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_one(spec, config, out, quiet=args.quiet, plots=not args.no_plots,
                      timing=not args.no_timing)
     if not args.quiet:
-        for key in ("events", "wall_s", "events_per_s", *spec.sweep_metrics):
+        for key in ("wall_s", "cpu_s", "events_per_s"):
+            print(f"  {key} = {clean(result.timing.get(key))}", file=sys.stderr)
+        for key in ("events", *spec.sweep_metrics):
             print(f"  {key} = {clean(result.metrics.get(key))}", file=sys.stderr)
     print(out)
     return 0
@@ -207,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--quiet", action="store_true", help="no progress on stderr")
         q.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         q.add_argument("--no-timing", action="store_true",
-                       help="write wall_s and events_per_s as null (byte-identical reruns)")
+                       help="do not write timing.json (metrics.json never holds timings)")
 
     run = sub.add_parser("run", help="run one scenario")
     run_options(run)

@@ -1,9 +1,9 @@
 """Run results: flat metrics, a time series, and writing them (metrics.json, timeseries.csv).
 
-metrics.json is a flat JSON object with sorted keys, so two runs with the same seed write
-the same bytes. The two keys that measure this machine rather than the simulated system,
-`wall_s` and `events_per_s`, are the only exception; `write_metrics(timing=False)` writes
-them as null so that runs compare byte for byte.
+metrics.json is a flat JSON object with sorted keys and nothing in it depends on the
+machine, so two runs with the same seed write the same bytes. What measures the machine
+rather than the simulated system (wall and CPU seconds, events per second) goes to a
+separate timing.json (`write_timing`), which naturally differs between runs.
 
 Pure: no clock (wall time is measured by the caller and passed in).
 """
@@ -16,8 +16,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-TIMING_KEYS = ("wall_s", "events_per_s")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -77,15 +75,17 @@ class RunResult:
     metrics: dict[str, object]
     series: TimeSeries
     extra: dict[str, list] = field(default_factory=dict)  # raw samples for the plots
+    timing: dict[str, object] = field(default_factory=dict)  # filled by the CLI: timing.json
 
 
-def write_metrics(path: Path, metrics: dict[str, object], *, timing: bool = True) -> None:
+def write_metrics(path: Path, metrics: dict[str, object]) -> None:
     body = {key: clean(value) for key, value in metrics.items()}
-    if not timing:
-        for key in TIMING_KEYS:
-            if key in body:
-                body[key] = None
     path.write_text(json.dumps(body, sort_keys=True, indent=2) + "\n")
+
+
+def write_timing(path: Path, timing: dict[str, object]) -> None:
+    """timing.json: how long the run took on this machine (never part of metrics.json)."""
+    write_metrics(path, timing)
 
 
 def write_series(path: Path, series: TimeSeries) -> None:
