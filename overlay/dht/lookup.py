@@ -278,9 +278,16 @@ class ClosestPeersLookup:
         if self._finished:
             return
         depth = candidate.depth + 1
+        by_id = self._by_id
         for contact in islice(closer, self.max_peers_per_response):
-            if contact.node_id != node_id:
+            other = contact.node_id
+            if other == node_id:
+                continue
+            known = by_id.get(other)
+            if known is None:
                 self._insert(contact, depth)
+            elif depth < known.depth:
+                known.depth = depth
         best = self._distances[0] if self._distances else None
         if self._best is None or (best is not None and best < self._best):
             self._best = best

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -205,8 +206,15 @@ def _contact_size(contact: Contact) -> int:
     return size
 
 
+_cached_size = attrgetter("wire_size")
+
+
 def _peer_list_size(peers: tuple[Contact, ...]) -> int:
-    return _array_header(len(peers)) + sum(map(_contact_size, peers))
+    try:
+        total = sum(map(_cached_size, peers))  # C-level when every size is cached
+    except TypeError:  # some size not computed yet (None)
+        total = sum(map(_contact_size, peers))
+    return _array_header(len(peers)) + total
 
 
 def _optional_size(value: str | bytes | None) -> int:
