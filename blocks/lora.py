@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blocks.lora_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY, tensors_digest
 from blocks.protocol import LoraPutRequest, lora_scaling
 from blocks.span import BlockSpan
+from model_parts.lora_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY, tensors_digest
 
 
 class AdapterError(ValueError):

@@ -7,13 +7,9 @@ travel as tensor_wire messages whose metadata maps are checked by the functions 
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-
-import msgpack
 
 PROTOCOL_VERSION = 1
 
@@ -229,17 +225,3 @@ def parse_lora_put(meta: Any, model_id: str, served: tuple[int, int],
                                       f"{blocks.end - blocks.start} blocks has "
                                       f"{request.tensor_count} tensors, got {tensor_count}")
     return request
-
-
-def lora_digest(start: int, end: int, rank: int, alpha: float, rslora: bool,
-                modules: Iterable[str],
-                tensors: Iterable[tuple[str, tuple[int, ...], bytes | memoryview]]) -> str:
-    """SHA-256 naming an uploaded LoRA: its layout and every tensor's dtype, shape and bytes
-    (in the order of LoraPutRequest). Client and server compute it alike, so the server can
-    check an upload is what its name says before other requests refer to it."""
-    h = hashlib.sha256(msgpack.packb(
-        ["lora/1", start, end, rank, float(alpha), rslora, list(modules)]))
-    for dtype, shape, data in tensors:
-        h.update(msgpack.packb([dtype, list(shape)]))
-        h.update(data)
-    return h.hexdigest()

@@ -5,7 +5,7 @@ matrices: A [rank, in_features] (initialised like PEFT: Kaiming-uniform) and B
 [out_features, rank] (zeros, so training starts from the frozen model). The client's
 optimizer updates them; the servers apply them (blocks/tuning.py) and return their gradients.
 `LoraSnapshot` is their value at one forward pass, as the servers receive it: per span, the
-tensors in wire order and their content digest (blocks.protocol.lora_digest).
+tensors in wire order and their content digest (model_parts.lora_format.lora_digest).
 
 Saved and loaded in PEFT's LoRA format (adapter_config.json + adapter_model.safetensors, keys
 `base_model.model.<layers path>.<i>.<module>.lora_{A,B}.weight`), so a trained adapter can be
@@ -26,8 +26,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from blocks.lora_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY, peft_key, tensors_digest
 from blocks.protocol import MAX_LORA_RANK, lora_scaling
+from model_parts.lora_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_KEY,
+    peft_key,
+    tensors_digest,
+)
 from model_parts.skeleton import build_skeleton, find_layer_list
 
 # PEFT `LoraConfig` defaults: r=8, lora_alpha=8 (we use 16, the common choice of 2 x r).

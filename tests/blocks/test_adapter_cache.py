@@ -7,6 +7,7 @@ import pytest
 from blocks import protocol
 from blocks.adapter_cache import AdapterCache, AdapterCacheFullError
 from blocks.protocol import RequestError
+from model_parts.lora_format import lora_digest
 
 D1, D2, D3 = "1" * 64, "2" * 64, "3" * 64
 
@@ -111,16 +112,16 @@ def test_bad_lora_put(changes, count, code):
 
 
 def test_digest_covers_layout_and_bytes():
-    base = protocol.lora_digest(0, 2, 4, 8.0, False, ["q"], [("float32", (4, 8), b"\0" * 128)])
-    assert base == protocol.lora_digest(0, 2, 4, 8.0, False, ["q"],
+    base = lora_digest(0, 2, 4, 8.0, False, ["q"], [("float32", (4, 8), b"\0" * 128)])
+    assert base == lora_digest(0, 2, 4, 8.0, False, ["q"],
                                         [("float32", (4, 8), b"\0" * 128)])
     others = [
-        protocol.lora_digest(0, 2, 4, 8.0, False, ["q"],
+        lora_digest(0, 2, 4, 8.0, False, ["q"],
                              [("float32", (4, 8), b"\1" + b"\0" * 127)]),
-        protocol.lora_digest(0, 2, 4, 8.0, False, ["q"], [("float32", (8, 4), b"\0" * 128)]),
-        protocol.lora_digest(0, 2, 4, 8.0, False, ["q"], [("bfloat16", (4, 16), b"\0" * 128)]),
-        protocol.lora_digest(0, 2, 4, 16.0, False, ["q"], [("float32", (4, 8), b"\0" * 128)]),
-        protocol.lora_digest(1, 3, 4, 8.0, False, ["q"], [("float32", (4, 8), b"\0" * 128)]),
-        protocol.lora_digest(0, 2, 4, 8.0, True, ["q"], [("float32", (4, 8), b"\0" * 128)]),
+        lora_digest(0, 2, 4, 8.0, False, ["q"], [("float32", (8, 4), b"\0" * 128)]),
+        lora_digest(0, 2, 4, 8.0, False, ["q"], [("bfloat16", (4, 16), b"\0" * 128)]),
+        lora_digest(0, 2, 4, 16.0, False, ["q"], [("float32", (4, 8), b"\0" * 128)]),
+        lora_digest(1, 3, 4, 8.0, False, ["q"], [("float32", (4, 8), b"\0" * 128)]),
+        lora_digest(0, 2, 4, 8.0, True, ["q"], [("float32", (4, 8), b"\0" * 128)]),
     ]
     assert len({base, *others}) == 1 + len(others)

@@ -16,9 +16,9 @@ from transformers.masking_utils import create_causal_mask
 import tensor_wire
 from blocks import protocol
 from blocks.lora import AdapterError, load_hosted_adapters, load_peft_lora
-from blocks.lora_format import tensors_digest
 from blocks.server import BlockServer, ServingConfig
 from blocks.span import BlockSpan
+from model_parts.lora_format import tensors_digest
 from overlay.host import Host, RemoteError
 from tests.model_factory import HIDDEN_SIZE, build_model, save_model
 
