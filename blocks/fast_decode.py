@@ -37,6 +37,7 @@ This module never touches the network.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 if TYPE_CHECKING:
+    from blocks.compiled_decode import CompiledStep
     from blocks.span import BlockSpan
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ PROBE_PREFIX = 3
 MAX_PROBED_WINDOW = 4096
 # Eager runs before a CUDA graph capture (cuBLAS workspaces, lazy allocations, autotuning).
 GRAPH_WARMUP_RUNS = 2
+# Replays timed after a capture, for the log.
+TIMED_REPLAYS = 5
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,14 @@ class DecodeOptions:
     """Which fast paths a span may use for single-token steps (each is still checked first).
 
     ``static_cache=None``: static caches (and CUDA graphs over them) on CUDA, dynamic on the CPU.
+    ``compile=None``: the static-cache step compiled by torch.compile where CUDA graphs replay it.
     """
 
     direct_layers: bool = True
     static_cache: bool | None = None
     cuda_graphs: bool = True
+    # torch.compile of the static-cache step (blocks/compiled_decode.py); None: on CUDA only.
+    compile: bool | None = None
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -380,12 +387,13 @@ def _agrees(
     span: BlockSpan,
     new_cache: Callable[[int, int], Any],
     step: Callable[[torch.Tensor, Any, int], torch.Tensor],
+    batches: Sequence[int] = PROBE_BATCHES,
 ) -> str | None:
     """Run the plain path (dynamic cache) and ``step`` (on ``new_cache(batch, max_len)``) from
     the same prefix on random inputs; None if every output agrees, else what differed (or what
     failed: a model that cannot run the other way is a model without that fast path)."""
     try:
-        return _compare(span, new_cache, step)
+        return _compare(span, new_cache, step, batches)
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
         return f"{type(exc).__name__}: {exc}"
 
@@ -394,10 +402,11 @@ def _compare(
     span: BlockSpan,
     new_cache: Callable[[int, int], Any],
     step: Callable[[torch.Tensor, Any, int], torch.Tensor],
+    batches: Sequence[int],
 ) -> str | None:
     generator = torch.Generator().manual_seed(0)
     for prefix in _probe_prefixes(span):
-        for batch in PROBE_BATCHES:
+        for batch in batches:
             plain_cache = DynamicCache(config=span._config)
             fast_cache = new_cache(batch, prefix + PROBE_STEPS)
             first = _random_hidden(span, generator, batch, prefix)
@@ -496,38 +505,101 @@ class SessionGraph:
 
 
 def capture_step(
-    span: BlockSpan, cache: StaticCache, hidden: torch.Tensor
+    span: BlockSpan, cache: StaticCache, hidden: torch.Tensor, compiled: CompiledStep | None = None
 ) -> tuple[SessionGraph | None, torch.Tensor]:
     """Capture the span's single-token step over ``cache`` and run it once for ``hidden``.
 
     Each graph has its own memory pool (a decode step's intermediates are small): graphs sharing
     one pool broke PyTorch 2.11's allocator (an internal assert) once one of them was freed.
+    ``compiled`` (blocks/compiled_decode.py): capture the compiled step instead of the eager one;
+    its replay must match an eager step of the same input, and where compiling fails or the
+    results differ, the eager step is captured instead (the reason is logged).
 
     Returns the graph (None if the capture failed or its result differs from an eager run of the
     same step) and the step's output; either way the cache has advanced by this one step.
     """
+    from blocks.compiled_decode import CompileFailed
+
+    device = hidden.device
     static_in = hidden.clone()
-    side = torch.cuda.Stream(device=hidden.device)
-    side.wait_stream(torch.cuda.current_stream(hidden.device))
-    with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP_RUNS):
-            eager = span._run(static_in, cache, None)
-            cache.crop(-1)
-    torch.cuda.current_stream(hidden.device).wait_stream(side)
+    reference = None
+    if compiled is not None:
+        # The eager step first: what the compiled one must give (it also allocates the buffers
+        # of a cache still empty, which the compiled step must find in place).
+        reference = span._run(static_in, cache, None)
+        cache.crop(-1)
+        key = compiled.shape(static_in, cache)
+
+        def run() -> torch.Tensor:
+            return span._run_compiled(compiled, static_in, cache)
+    else:
+
+        def run() -> torch.Tensor:
+            return span._run(static_in, cache, None)
+
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_RUNS):
+                eager = run()
+                cache.crop(-1)
+    except CompileFailed:  # logged; nothing ran
+        torch.cuda.current_stream(device).wait_stream(side)
+        return capture_step(span, cache, hidden)
+    torch.cuda.current_stream(device).wait_stream(side)
+    if compiled is not None and not compiled.usable(key):  # it ran, but uncompiled
+        return capture_step(span, cache, hidden)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_out = span._run(static_in, cache, None)
+            static_out = run()
     except Exception as exc:  # a model the capture cannot handle: keep the eager path
         log.warning("CUDA graph capture failed (%s: %s); eager steps", type(exc).__name__, exc)
-        torch.cuda.synchronize(hidden.device)
+        torch.cuda.synchronize(device)
+        if compiled is not None:
+            compiled.failed[key] = f"its CUDA graph capture failed ({type(exc).__name__})"
+            return capture_step(span, cache, hidden)
         return None, span._run(static_in, cache, None)
     graph.replay()
-    if not _close(static_out, eager):
-        diff = float((static_out.float() - eager.float()).abs().max())
+    want = eager if reference is None else reference
+    if not _close(static_out, want):
+        diff = float((static_out.float() - want.float()).abs().max())
+        if compiled is not None:
+            compiled.failed[key] = f"its CUDA graph differs from the eager step ({diff:.3g})"
+            log.warning("blocks [%d, %d): the compiled step %s; eager CUDA graphs",
+                        span.start, span.end, compiled.failed[key])
+            cache.crop(-1)
+            return capture_step(span, cache, hidden)
         log.warning("CUDA graph replay differs from the eager step (%.3g); eager steps", diff)
         return None, eager
-    return SessionGraph(graph, static_in, static_out), static_out.clone()
+    output = static_out.clone()
+    milliseconds = _time_replays(graph, cache)
+    if milliseconds is not None:
+        log.info(
+            "blocks [%d, %d): CUDA graph of the %s step, batch %d, cache length %d: %.2f ms "
+            "per step on the GPU", span.start, span.end,
+            "eager" if compiled is None else "compiled", static_in.shape[0],
+            cache.layers[0].get_max_length(), milliseconds,
+        )
+    return SessionGraph(graph, static_in, static_out), output
+
+
+def _time_replays(graph: Any, cache: StaticCache) -> float | None:
+    """Milliseconds per replay of ``graph`` (the median of a few), for the log; the cache is
+    moved back afterwards. None where the cache has no room for the extra steps."""
+    position = int(cache.get_seq_length())
+    if position + TIMED_REPLAYS > cache.layers[0].get_max_length():
+        return None
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_REPLAYS + 1)]
+    events[0].record()
+    for event in events[1:]:
+        graph.replay()
+        event.record()
+    events[-1].synchronize()
+    cache.crop(-TIMED_REPLAYS)
+    times = sorted(a.elapsed_time(b) for a, b in itertools.pairwise(events))
+    return times[len(times) // 2]
 
 
 @dataclass

@@ -202,7 +202,12 @@ class BlockServer:
         except RequestError as e:
             raise RemoteError(e.code, str(e)) from None
         blocks = request.blocks
-        cost = request.batch_size * request.max_length * (blocks.end - blocks.start)
+        # A compiled span rounds its static caches up (blocks/span.py), where the budget allows.
+        length = view.session_cache_length(request.max_length)
+        cost = request.batch_size * length * (blocks.end - blocks.start)
+        if cost > self.budget.capacity:
+            length = request.max_length
+            cost = request.batch_size * length * (blocks.end - blocks.start)
         budget = self.budget
         try:
             await budget.acquire(cost, request.wait_timeout)
@@ -214,7 +219,7 @@ class BlockServer:
             if budget is not self.budget:  # moved to another span while this one waited
                 raise RemoteError(protocol.BAD_RANGE, f"this server now serves blocks "
                                                       f"[{self.span.start}, {self.span.end})")
-            session = view.new_session(request.batch_size, request.max_length)
+            session = view.new_session(request.batch_size, request.max_length, length)
             entry = _Session(next(self._ids), session, blocks, cost, stream, budget, tuned, lora)
             entry.inbox = self.push.open(stream, meta)
             self._sessions[entry.session_id] = entry

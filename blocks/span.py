@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from blocks import fast_decode
+from blocks import compiled_decode, fast_decode
+from blocks.compiled_decode import CompiledStep, CompileFailed
 from blocks.fast_decode import DecodeOptions, DirectDecoder, IdleGraph, NoFastPath
 from blocks.quantization import quantize_linears
 from model_parts.dummy import DummyModelFiles
@@ -243,6 +245,7 @@ class BlockSpan:
         self._direct: DirectDecoder | None = None
         self._direct_checked = False
         self._static = False
+        self._compiled: CompiledStep | None = None
         self.fast_path_notes: dict[str, str] = {}  # why a fast path is off, by path
         self.quant = "none"
 
@@ -353,6 +356,17 @@ class BlockSpan:
             if problem is not None:
                 self.fast_path_notes["static_cache"] = problem
                 log.info("blocks [%d, %d): no static cache: %s", self.start, self.end, problem)
+        compile_ = options.compile
+        if compile_ is None:
+            compile_ = self.device.type == "cuda" and options.cuda_graphs
+        if compile_ and self._static and lazy_direct:
+            self.fast_path_notes["compiled"] = "a sub-span is not compiled (eager CUDA graphs)"
+        elif compile_ and self._static:
+            try:
+                self._compiled = compiled_decode.build_compiled_step(self)
+            except NoFastPath as exc:
+                self.fast_path_notes["compiled"] = str(exc)
+                log.warning("blocks [%d, %d): no compiled steps: %s", self.start, self.end, exc)
         if not lazy_direct and not self._static:
             self._direct_decoder()
 
@@ -379,7 +393,16 @@ class BlockSpan:
             "direct_layers": not self._static and self._direct_decoder() is not None,
             "static_cache": self._static,
             "cuda_graphs": self.uses_cuda_graphs,
+            "compiled": self._compiled is not None,
         }
+
+    def session_cache_length(self, max_length: int) -> int:
+        """Positions a session of ``max_length`` tokens holds in its cache: compiled spans round
+        static caches up (blocks/compiled_decode.py ``cache_length``), so that few shapes
+        compile; the server's cache budget counts this."""
+        if self._compiled is not None:
+            return compiled_decode.cache_length(max_length)
+        return max_length
 
     def _stand_in(self, hidden: torch.Tensor) -> torch.Tensor:
         """What goes in as "inputs_embeds" (ignored: the first layer gets ``hidden``)."""
@@ -394,6 +417,23 @@ class BlockSpan:
         with self._loaded.lock, torch.inference_mode():
             self._loaded.set_slots(self._lo)
             return decoder.run(hidden, cache, position)
+
+    def _run_compiled(
+        self, step: CompiledStep, hidden: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        with self._loaded.lock, torch.inference_mode():
+            self._loaded.set_slots(self._lo)
+            return step.run(hidden, cache)
+
+    def _step_compiled(self, hidden: torch.Tensor, cache: Any) -> torch.Tensor:
+        """A single-token step, compiled where that shape compiles (no CUDA graphs: CPU)."""
+        step = self._compiled
+        if step is not None and step.usable(step.shape(hidden, cache)):
+            try:
+                return self._run_compiled(step, hidden, cache)
+            except CompileFailed:
+                pass  # logged; nothing ran
+        return self._run(hidden, cache, None)
 
     def _run(
         self,
@@ -483,34 +523,41 @@ class BlockSpan:
             attention_mask = attention_mask.to(self.device)
         return self._run(hidden, None, attention_mask, tuning=tuning)
 
-    def new_session(self, batch_size: int, max_length: int) -> SpanSession:
-        """Open an inference session for ``batch_size`` sequences of up to ``max_length`` tokens."""
+    def new_session(
+        self, batch_size: int, max_length: int, cache_length: int | None = None
+    ) -> SpanSession:
+        """Open an inference session for ``batch_size`` sequences of up to ``max_length`` tokens.
+
+        ``cache_length``: positions a static cache holds (at least ``max_length``; default
+        ``session_cache_length(max_length)``)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise SpanInputError(f"batch size must be a positive integer, got {batch_size!r}")
         if not isinstance(max_length, int) or max_length < 1:
             raise SpanInputError(f"max length must be a positive integer, got {max_length!r}")
-        return SpanSession(self, batch_size, max_length)
+        if cache_length is None:
+            cache_length = self.session_cache_length(max_length)
+        return SpanSession(self, batch_size, max_length, max(cache_length, max_length))
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self._config)
 
-    def _new_session_cache(self, batch_size: int, max_length: int) -> tuple[Any, Any]:
-        """A session's cache and CUDA graph: static (an idle session's, with its graph, if it
-        had this shape) or dynamic."""
+    def _new_session_cache(self, batch_size: int, length: int) -> tuple[Any, Any]:
+        """A session's cache and CUDA graph: static (``length`` positions; an idle session's,
+        with its graph, if it had this shape) or dynamic."""
         if not self._static:
             return self._new_cache(), None
-        key = (self._lo, self._hi, batch_size, max_length)
+        key = (self._lo, self._hi, batch_size, length)
         idle, self._loaded.idle_graph = self._loaded.idle_graph, None
         if idle is not None and idle.key == key:
             with torch.inference_mode():
                 idle.cache.reset()
             return idle.cache, idle.graph
         del idle  # another shape: free its memory before allocating this session's
-        return fast_decode.new_static_cache(self, batch_size, max_length), None
+        return fast_decode.new_static_cache(self, batch_size, length), None
 
-    def _keep_idle(self, cache: Any, graph: Any, batch_size: int, max_length: int) -> None:
+    def _keep_idle(self, cache: Any, graph: Any, batch_size: int, length: int) -> None:
         if self._static:
-            key = (self._lo, self._hi, batch_size, max_length)
+            key = (self._lo, self._hi, batch_size, length)
             self._loaded.idle_graph = IdleGraph(key, cache, graph)
 
     def _step_graph(self, session: SpanSession, hidden: torch.Tensor) -> torch.Tensor:
@@ -518,11 +565,15 @@ class BlockSpan:
         if session._graph is not None:
             with self._loaded.lock, torch.inference_mode():
                 return session._graph.replay(hidden)
+        compiled = self._compiled
+        if compiled is not None and not compiled.usable(
+            (hidden.shape[0], session._cache.layers[0].get_max_length())
+        ):
+            compiled = None
         with torch.inference_mode():
-            graph, output = fast_decode.capture_step(self, session._cache, hidden)
+            graph, output = fast_decode.capture_step(self, session._cache, hidden, compiled)
         if graph is None:
-            options = self._decode_options
-            self._decode_options = DecodeOptions(options.direct_layers, options.static_cache, False)
+            self._decode_options = dataclasses.replace(self._decode_options, cuda_graphs=False)
             self.fast_path_notes["cuda_graphs"] = "capture failed or differed; see the log"
         session._graph = graph
         return output
@@ -582,12 +633,15 @@ class SpanSession:
     that fails inside the model (out of memory, say) closes the session; bad input does not.
     """
 
-    def __init__(self, span: BlockSpan, batch_size: int, max_length: int) -> None:
+    def __init__(
+        self, span: BlockSpan, batch_size: int, max_length: int, cache_length: int
+    ) -> None:
         self.span = span
         self.batch_size = batch_size
         self.max_length = max_length
+        self._cache_length = cache_length
         self._cache: Any | None
-        self._cache, self._graph = span._new_session_cache(batch_size, max_length)
+        self._cache, self._graph = span._new_session_cache(batch_size, cache_length)
         self._position = 0
         self._failed = False
 
@@ -630,6 +684,8 @@ class SpanSession:
             elif span._static:
                 if span.uses_cuda_graphs:
                     output = span._step_graph(self, hidden)
+                elif span._compiled is not None:
+                    output = span._step_compiled(hidden, cache)
                 else:
                     output = span._run(hidden, cache, None)
             else:
@@ -678,7 +734,7 @@ class SpanSession:
         """Free the cache (a static one may be kept for the next session). Idempotent."""
         cache, graph, self._cache, self._graph = self._cache, self._graph, None, None
         if cache is not None and not self._failed:
-            self.span._keep_idle(cache, graph, self.batch_size, self.max_length)
+            self.span._keep_idle(cache, graph, self.batch_size, self._cache_length)
 
     def __enter__(self) -> SpanSession:
         return self

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from blocks import compiled_decode
 from blocks.fast_decode import DecodeOptions
 from blocks.span import BlockSpan, SpanSession
 from client.local_head import LocalHead
@@ -59,7 +60,7 @@ def _assert_fast_equals_plain(directory: Path, decode: DecodeOptions, batch: int
     fast = BlockSpan.load(directory, 1, 3, decode=decode)
     plain = BlockSpan.load(directory, 1, 3, decode=PLAIN)
     assert plain.decode_paths == {
-        "direct_layers": False, "static_cache": False, "cuda_graphs": False,
+        "direct_layers": False, "static_cache": False, "cuda_graphs": False, "compiled": False,
     }
     max_length = 5 + STEPS
     with fast.new_session(batch, max_length) as a, plain.new_session(batch, max_length) as b:
@@ -142,21 +143,77 @@ def test_a_failed_step_does_not_offer_its_cache_to_the_next_session(tmp_path: Pa
     assert span._loaded.idle_graph is None
 
 
+# ------------------------------------------------------------------ torch.compile (CPU too)
+def test_compiled_steps_equal_the_plain_path(tmp_path: Path) -> None:
+    """Compiled at load (batch 1), a new batch size compiled at its first step, a second session
+    of a shape reusing the compiled step; every output equal to the plain path's."""
+    directory = save_model("llama", tmp_path / "llama")
+    span = BlockSpan.load(directory, 1, 3, decode=DecodeOptions(static_cache=True, compile=True))
+    plain = BlockSpan.load(directory, 1, 3, decode=PLAIN)
+    assert span.decode_paths["compiled"], span.fast_path_notes
+    compiled = span._compiled
+    assert list(compiled.compile_seconds) == [(1, compiled_decode.MIN_CACHE_LENGTH)]
+    for batch in (1, 3, 1):
+        with span.new_session(batch, 45) as a, plain.new_session(batch, 45) as b:
+            assert a._cache_length == compiled_decode.MIN_CACHE_LENGTH
+            got, want = _run_steps(a, span, batch), _run_steps(b, plain, batch)
+            scale = max(1.0, max(float(w.abs().max()) for w in want))
+            assert _max_difference(got, want) <= CPU_TOLERANCE * scale
+    assert set(compiled.compile_seconds) == {(1, 256), (3, 256)} and not compiled.failed
+
+
+def test_a_failed_compile_leaves_the_uncompiled_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_compile(fn: object, **kwargs: object) -> object:
+        def run(*args: object) -> None:
+            raise RuntimeError("backend compiler failed (simulated)")
+
+        return run
+
+    monkeypatch.setattr(compiled_decode.torch, "compile", failing_compile)
+    directory = save_model("llama", tmp_path / "llama")
+    span = BlockSpan.load(directory, 0, 2, decode=DecodeOptions(static_cache=True, compile=True))
+    assert not span.decode_paths["compiled"] and span.decode_paths["static_cache"]
+    assert "simulated" in span.fast_path_notes["compiled"]
+    plain = BlockSpan.load(directory, 0, 2, decode=PLAIN)
+    with span.new_session(1, 45) as a, plain.new_session(1, 45) as b:
+        assert a._cache_length == 45  # no rounding without compiled steps
+        assert _max_difference(_run_steps(a, span, 1), _run_steps(b, plain, 1)) <= CPU_TOLERANCE
+
+
+def test_cache_lengths_of_compiled_spans() -> None:
+    assert [compiled_decode.cache_length(n) for n in (1, 256, 257, 600, 8192)] == [
+        256, 256, 512, 1024, 8192,
+    ]
+
+
 # --------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graphs_equal_the_plain_path_and_local_generate(tmp_path: Path, dtype: str) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "decode"), [("float32", "fast"), ("bfloat16", "fast"), ("bfloat16", "compiled")]
+)
+def test_cuda_graphs_equal_the_plain_path_and_local_generate(
+    tmp_path: Path, dtype: str, decode: str
+) -> None:
     directory = save_model("llama", tmp_path / "llama")
     options = DeviceOptions(device="cuda", dtype=dtype)
-    spans = [BlockSpan.load(directory, 0, 2, options), BlockSpan.load(directory, 2, 4, options)]
+    fast = DecodeOptions(compile=decode == "compiled")
+    spans = [
+        BlockSpan.load(directory, 0, 2, options, decode=fast),
+        BlockSpan.load(directory, 2, 4, options, decode=fast),
+    ]
     plain = [
         BlockSpan.load(directory, 0, 2, options, decode=PLAIN),
         BlockSpan.load(directory, 2, 4, options, decode=PLAIN),
     ]
     assert all(span.decode_paths["cuda_graphs"] for span in spans), spans[0].fast_path_notes
+    assert all(span.decode_paths["compiled"] == (decode == "compiled") for span in spans), (
+        spans[0].fast_path_notes
+    )
     tolerance = CPU_TOLERANCE if dtype == "float32" else 3e-2
     for batch in (1, 3):
         sessions = [span.new_session(batch, 5 + STEPS) for span in spans]
@@ -168,6 +225,10 @@ def test_cuda_graphs_equal_the_plain_path_and_local_generate(tmp_path: Path, dty
         assert all(session._graph is not None for session in sessions)
         for session in sessions + references:
             session.close()
+    if decode == "compiled":
+        for span in spans:
+            assert set(span._compiled.compile_seconds) == {(1, 256), (3, 256)}
+            assert not span._compiled.failed
     head = LocalHead.load(directory, options)
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
     reference = reference.cuda().eval()

@@ -1,0 +1,169 @@
+"""A span's single-token step compiled by torch.compile (inductor), for ``serve --decode compiled``.
+
+Why: the CUDA graph of blocks/fast_decode.py replays transformers' layers exactly as they run
+eagerly: for a Llama about 40 kernels per layer (norms, rotary, SiLU * mul, residual adds, cache
+writes, seven matrix products), 1300 per step of a 32-block span, most of them tiny, so an 8B
+span's step took twice the time its weights take to read. Inductor fuses the elementwise work
+between the matrix products into a few generated kernels per layer. This is transformers' own
+documented fast path (a ``StaticCache`` plus ``torch.compile`` of the forward); the compiled
+function is then captured as one CUDA graph per session shape, as the eager one was.
+
+What is compiled: the span's whole base-model forward for one new token, with the hooks that
+hand it our hidden states and capture the last layer's output, as one graph (``fullgraph``):
+the layers are different module objects, so compiling them one by one would recompile per
+layer. ``dynamic=False``: every shape is fixed, so each (batch size, cache length) is its own
+compile (transformers' mask code reads the static cache's length as a Python int). To keep the
+number of shapes small, the static caches of a compiled span are allocated at a rounded-up
+length (``cache_length``: the next power of two from 256), so a session of 144 tokens and one
+of 200 share one compiled step; the server's cache budget counts that length.
+
+When: at load, batch 1 at the smallest length is compiled and checked against the plain path
+(dynamic cache, eager forward) within ``fast_decode.tolerance``; any other shape compiles at the
+first single-token step of the first session that has it, and that step waits for it (the log
+says so, with the time taken). Each capture of a compiled step is compared with an eager step of
+the same input before it is used. A compile that fails or differs is logged with its reason,
+and the span (or that shape) keeps the eager graph path (``--decode fast``). Sub-spans (slices a
+client asks for) are not compiled: each would be a compile of its own.
+
+This module never touches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from blocks import fast_decode
+from blocks.fast_decode import NoFastPath
+
+if TYPE_CHECKING:
+    from blocks.span import BlockSpan
+
+log = logging.getLogger(__name__)
+
+# Ours: static caches of compiled spans hold a power of two of positions, at least this many,
+# so that a few compiled shapes cover every session length (six lengths up to 8192).
+MIN_CACHE_LENGTH = 256
+# Ours: compiled shapes per span; a session of another shape uses the eager CUDA graph.
+MAX_COMPILED_SHAPES = 8
+# torch._dynamo keeps this many compiled variants per function (default 8); every span's step
+# is one function, so a process with several spans needs more than the default.
+DYNAMO_RECOMPILE_LIMIT = 64
+
+
+def cache_length(max_length: int) -> int:
+    """The length of a compiled span's static cache for a session of ``max_length`` tokens."""
+    length = MIN_CACHE_LENGTH
+    while length < max_length:
+        length *= 2
+    return length
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not compile a step (the reason is the message)."""
+
+
+def _compiled_graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < DYNAMO_RECOMPILE_LIMIT:
+        setattr(config, name, DYNAMO_RECOMPILE_LIMIT)
+
+
+class CompiledStep:
+    """The compiled single-token step of one span, one compiled variant per shape."""
+
+    def __init__(self, span: BlockSpan) -> None:
+        _raise_recompile_limit()
+        self._span = span
+        self._fn = torch.compile(self._forward, dynamic=False, fullgraph=True)
+        self.compile_seconds: dict[tuple[int, int], float] = {}  # by (batch size, cache length)
+        self.failed: dict[tuple[int, int], str] = {}  # shapes that stay eager, with the reason
+
+    def _forward(self, hidden: torch.Tensor, cache: Any) -> torch.Tensor:
+        """What dynamo traces: the span's eager single-token step (``BlockSpan._run``, unlocked)."""
+        span = self._span
+        return span._loaded.run(
+            span._model,
+            span._lo,
+            span._hi,
+            hidden,
+            inputs_embeds=span._stand_in(hidden),
+            attention_mask=None,
+            past_key_values=cache,
+            use_cache=True,
+        )
+
+    @staticmethod
+    def shape(hidden: torch.Tensor, cache: Any) -> tuple[int, int]:
+        return hidden.shape[0], cache.layers[0].get_max_length()
+
+    def usable(self, key: tuple[int, int]) -> bool:
+        """Whether a step of shape ``key`` runs compiled (or may be compiled now)."""
+        if key in self.failed:
+            return False
+        return key in self.compile_seconds or len(self.compile_seconds) < MAX_COMPILED_SHAPES
+
+    def run(self, hidden: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One compiled step (compiling its shape first if new). The caller holds the span's lock
+        and has entered inference mode. Raises CompileFailed if compilation failed (nothing ran:
+        the cache is as it was); a step that ran uncompiled (dynamo gave up silently) returns its
+        result, and its shape is marked as failed."""
+        key = self.shape(hidden, cache)
+        if key in self.compile_seconds:
+            return self._fn(hidden, cache)
+        span = self._span
+        log.info(
+            "blocks [%d, %d): compiling the single-token step for batch %d, cache length %d "
+            "(torch.compile, once per shape; this step waits for it)",
+            span.start, span.end, *key,
+        )
+        graphs = _compiled_graph_count()
+        began = time.perf_counter()
+        try:
+            output = self._fn(hidden, cache)
+        except Exception as exc:  # dynamo, inductor or Triton: every failure means "stay eager"
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            self.failed[key] = reason
+            log.warning("blocks [%d, %d): torch.compile failed (%s); eager CUDA graphs",
+                        span.start, span.end, reason)
+            raise CompileFailed(reason) from None
+        seconds = time.perf_counter() - began
+        if _compiled_graph_count() == graphs:
+            self.failed[key] = "torch.compile ran the step without compiling it"
+            log.warning("blocks [%d, %d): %s; eager CUDA graphs", span.start, span.end,
+                        self.failed[key])
+            return output
+        self.compile_seconds[key] = seconds
+        log.info("blocks [%d, %d): compiled the step for batch %d, cache length %d in %.1f s",
+                 span.start, span.end, *key, seconds)
+        return output
+
+
+def build_compiled_step(span: BlockSpan) -> CompiledStep:
+    """Compile the span's step for batch 1 at the smallest cache length and check it against the
+    plain path; raises NoFastPath with the reason if it fails or differs."""
+    step = CompiledStep(span)
+
+    def compiled(hidden: torch.Tensor, cache: Any, position: int) -> torch.Tensor:
+        return span._run_compiled(step, hidden, cache)
+
+    def new_cache(batch: int, length: int) -> Any:
+        return fast_decode.new_static_cache(span, batch, cache_length(length))
+
+    difference = fast_decode._agrees(span, new_cache, compiled, batches=(1,))
+    if not step.compile_seconds:
+        reason = next(iter(step.failed.values()), difference or "no shape was compiled")
+        raise NoFastPath(f"torch.compile did not compile the step ({reason})")
+    if difference is not None:
+        raise NoFastPath(f"compiled steps differ from the plain path ({difference})")
+    return step
