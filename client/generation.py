@@ -138,6 +138,20 @@ def choose_tokens(scores: torch.Tensor, params: GenerationParams,
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+def next_tokens(logits: torch.Tensor, tokens: torch.Tensor, params: GenerationParams,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each sequence [batch], on the device of `tokens`, from the last
+    position's `logits` [batch, vocab] wherever the head computed them (a GPU, say).
+
+    Greedy without a repetition penalty takes the argmax where the logits are, so only the
+    chosen ids are read back; every other rule reads the logits back first and applies
+    transformers' rules there (the random source of sampling is `tokens`' device's)."""
+    if not params.do_sample and params.repetition_penalty == 1.0:
+        return torch.argmax(logits, dim=-1).to(tokens.device)
+    scores = next_token_scores(logits.to(tokens.device), tokens, params)
+    return choose_tokens(scores, params, generator)
+
+
 async def generate(model: RemoteModel, input_ids: torch.Tensor, params: GenerationParams, *,
                    session: ModelSession | None = None,
                    on_tokens: Callable[[torch.Tensor], Any] | None = None,
@@ -169,8 +183,7 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
         new = tokens[:, session.position:]
         for _ in range(params.max_new_tokens):
             logits = await session.step(new, last_only=True)
-            scores = next_token_scores(logits[:, -1], tokens, params)
-            chosen = choose_tokens(scores, params, generator)
+            chosen = next_tokens(logits[:, -1], tokens, params, generator)
             if eos is not None:
                 chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
             tokens = torch.cat([tokens, chosen[:, None]], dim=1)
@@ -190,4 +203,4 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
 
 
 __all__ = ["DEFAULT_TOP_K", "GenerationParams", "choose_tokens", "generate",
-           "next_token_scores"]
+           "next_token_scores", "next_tokens"]

@@ -161,28 +161,32 @@ class LocalHead:
             raise ModelInputError("input ids must be a non-empty [batch, length] tensor")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ModelInputError(f"input ids must be integers, not {input_ids.dtype}")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
+        # One read-back for both bounds (each is a wait for the device when ids live on a GPU).
+        low, high = torch.stack((input_ids.min(), input_ids.max())).tolist()
+        if low < 0 or high >= self.vocab_size:
             raise ModelInputError(f"input ids must lie in [0, {self.vocab_size})")
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+        ):
+            raise ModelInputError("attention mask must have the shape of the input ids")
+        if not isinstance(position_ids, int | None) and (
+            not isinstance(position_ids, torch.Tensor) or position_ids.shape != input_ids.shape
+        ):
+            raise ModelInputError("position ids must have the shape of the input ids")
         input_ids = input_ids.to(self.device)
+        if self._embed_chain is not None:  # checked at load to ignore positions and masks
+            with self._lock, torch.inference_mode():
+                return _run_chain(self._embed_chain, input_ids)
         kwargs: dict[str, Any] = {}
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or (
-                attention_mask.shape != input_ids.shape
-            ):
-                raise ModelInputError("attention mask must have the shape of the input ids")
             kwargs["attention_mask"] = attention_mask.to(self.device)
         if isinstance(position_ids, int):
             length = input_ids.shape[1]
             positions = torch.arange(position_ids, position_ids + length, device=self.device)
             position_ids = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
-        if position_ids is not None:
-            if not isinstance(position_ids, torch.Tensor) or position_ids.shape != input_ids.shape:
-                raise ModelInputError("position ids must have the shape of the input ids")
-            if self._takes_position_ids:
-                kwargs["position_ids"] = position_ids.to(self.device)
+        if position_ids is not None and self._takes_position_ids:
+            kwargs["position_ids"] = position_ids.to(self.device)
         with self._lock, torch.inference_mode():
-            if self._embed_chain is not None:
-                return _run_chain(self._embed_chain, input_ids)
             return self._embed_by_forward(input_ids, kwargs)
 
     def _embed_by_forward(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

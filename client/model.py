@@ -186,7 +186,8 @@ class RemoteModel:
     async def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for hidden states leaving the last block."""
         macs = hidden.shape[0] * hidden.shape[1] * self.head.hidden_size * self.head.vocab_size
-        if macs > HEAD_INLINE_MACS:
+        # On a GPU the call only queues kernels: a thread hop would cost more than it saves.
+        if macs > HEAD_INLINE_MACS and self.head.device.type == "cpu":
             return await asyncio.to_thread(self.head.logits, hidden)
         return self.head.logits(hidden)
 

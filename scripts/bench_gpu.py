@@ -14,7 +14,14 @@ disk), in bf16, on the GPU(s) of this machine. In one run:
     of 128- and 2048-token sequences (a prefill of the rest first).
 (c) (a) with the server's weights in int8 (LLM.int8()) and nf4 (QLoRA) through bitsandbytes.
 
-    python scripts/bench_gpu.py [--parts a,b,c] [--tokens 128] [--log-dir DIR]
+(a) runs once per server decode mode of ``--decode`` (default ``compiled,fast``: torch.compile
+then CUDA graphs, against CUDA graphs of the eager step), side by side in the same run; for each
+it also reports where a token's time goes: the server's own step (its CUDA graph replay, timed
+on the GPU and logged by the server), the client's head (logits, argmax, the token read back),
+its embedding, and the rest of the step's round trip (serialization, encryption, RPC, copies).
+
+    python scripts/bench_gpu.py [--parts a,b,c] [--tokens 128] [--decode compiled,fast]
+                                [--log-dir DIR]
 
 The last line is JSON.
 """
@@ -27,6 +34,7 @@ import datetime
 import gc
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -118,8 +126,9 @@ def local_generate(model_dir: Path, tokens: int) -> tuple[float, list[int], int]
 
 
 async def swarm_generate(model_dir: Path, bootstrap: str, tokens: int,
-                         head: LocalHead) -> tuple[float, list[int]]:
-    """Greedy decoding through one inference session; the head runs here, on the GPU."""
+                         head: LocalHead) -> tuple[float, list[int], dict[str, float]]:
+    """Greedy decoding through one inference session; the head runs here, on the GPU.
+    Returns ms/token, the tokens, and the mean ms/token of each part of the client's loop."""
     num_blocks = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
     client = await SwarmClient.connect([bootstrap])
     try:
@@ -130,19 +139,28 @@ async def swarm_generate(model_dir: Path, bootstrap: str, tokens: int,
             await session.step(head.embed(prompt[:, 2:3], position_ids=2))
             session.rollback(0)
             _sync()
-            began = time.perf_counter()
+            clock = time.perf_counter
+            parts = {"head": 0.0, "embed": 0.0, "step": 0.0}
+            began = clock()
             hidden = await session.step(head.embed(prompt))
             new: list[int] = []
             for _ in range(tokens):
+                t0 = clock()
                 token = head.logits(hidden[:, -1:]).argmax(-1)
-                new.append(int(token))
+                new.append(int(token))  # the token read back: waits for the head
+                t1 = clock()
+                parts["head"] += t1 - t0
                 if len(new) == tokens:
                     break
-                hidden = await session.step(head.embed(token, position_ids=session.position))
-            elapsed = time.perf_counter() - began
+                embedded = head.embed(token, position_ids=session.position)
+                t2 = clock()
+                hidden = await session.step(embedded)
+                parts["embed"] += t2 - t1
+                parts["step"] += clock() - t2
+            elapsed = clock() - began
     finally:
         await client.close()
-    return elapsed * 1000 / tokens, new
+    return elapsed * 1000 / tokens, new, {k: v * 1000 / tokens for k, v in parts.items()}
 
 
 async def swarm_steps(model_dir: Path, bootstrap: str, length: int, steps: int,
@@ -171,27 +189,60 @@ async def swarm_steps(model_dir: Path, bootstrap: str, length: int, steps: int,
     return steps / elapsed
 
 
-def run_a_or_c(model_dir: Path, quant: str, tokens: int, local: dict, log_dir: Path) -> dict:
+def server_log_figures(log_dir: Path) -> dict:
+    """What the server logged: load time, compile times, its CUDA graph's step time."""
+    text = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("server-*.log")))
+    figures: dict = {}
+    loaded = re.search(r"loaded \d+ blocks in ([\d.]+) s", text)
+    if loaded:
+        figures["server_load_s"] = float(loaded.group(1))
+    compiled = re.findall(r"compiled the step for batch (\d+), cache length (\d+) in ([\d.]+) s",
+                          text)
+    figures["compile_s"] = {f"{b}x{n}": float(s) for b, n, s in compiled}
+    graphs = re.findall(r"CUDA graph of the (\w+) step, batch 1, cache length \d+: ([\d.]+) ms",
+                        text)
+    if graphs:
+        figures["server_graph"] = graphs[-1][0]
+        figures["server_step_ms"] = float(graphs[-1][1])
+    failures = re.findall(r"(no compiled steps: .*|torch.compile failed .*|the compiled step .*)",
+                          text)
+    if failures:
+        figures["compile_problems"] = [f[:300] for f in failures[:3]]
+    return figures
+
+
+def run_a_or_c(model_dir: Path, quant: str, tokens: int, local: dict, log_dir: Path,
+               decode: str = "compiled") -> dict:
     extra = ["--device", DEVICE, "--dtype", "bfloat16", "--load-format", "dummy",
-             "--quant", quant, "--max-length", "4096", "--cache-tokens", "4096"]
+             "--quant", quant, "--max-length", "4096", "--cache-tokens", "4096",
+             "--decode", decode]
     files = DummyModelFiles(model_dir)
     head = LocalHead.load(files, DeviceOptions(device=DEVICE, dtype="bfloat16"))
     blocks = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
+    began = time.perf_counter()
+    server_logs = log_dir / f"a-{quant}-{decode}"
     with (LocalSwarm(model_dir, [(0, blocks)], extra_serve_args=extra, start_timeout=600,
-                     log_dir=log_dir / f"a-{quant}") as swarm,
+                     log_dir=server_logs) as swarm,
           asyncio.Runner(loop_factory=new_event_loop) as runner):
+        started = time.perf_counter() - began
         runs = [runner.run(swarm_generate(model_dir, swarm.bootstrap, tokens, head))
                 for _ in range(2)]
     del head
     gc.collect()
     torch.cuda.empty_cache()
-    ms, new = min(runs)
+    ms, new, parts = min(runs, key=lambda run: run[0])
     same = sum(a == b for a, b in zip(new, local["tokens"]))
     first_diff = next((i for i, (a, b) in enumerate(zip(new, local["tokens"])) if a != b), None)
-    return {"swarm_ms_per_token": round(ms, 3), "local_ms_per_token": local["ms"],
-            "speedup_vs_local": round(local["ms"] / ms, 2),
-            "tokens_equal_to_local": same, "tokens": tokens, "first_difference_at": first_diff,
-            "runs_ms_per_token": [round(r[0], 3) for r in runs]}
+    result = {"decode": decode, "swarm_ms_per_token": round(ms, 3),
+              "local_ms_per_token": local["ms"], "speedup_vs_local": round(local["ms"] / ms, 2),
+              "tokens_equal_to_local": same, "tokens": tokens, "first_difference_at": first_diff,
+              "runs_ms_per_token": [round(r[0], 3) for r in runs],
+              "client_parts_ms_per_token": {k: round(v, 3) for k, v in parts.items()},
+              "swarm_start_s": round(started, 1), **server_log_figures(server_logs)}
+    if "server_step_ms" in result:
+        result["step_round_trip_minus_server_ms"] = round(
+            parts["step"] - result["server_step_ms"], 3)
+    return result
 
 
 def run_b(model_dir: Path, log_dir: Path) -> dict:
@@ -221,6 +272,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="a,b,c")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--decode", default="compiled,fast",
+                        help="server decode modes for (a), side by side (serve --decode)")
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -248,12 +301,18 @@ def main() -> int:
             floor_ms = weight_bytes / (results["copy_bandwidth_gb_s"] * 1e9) * 1000
             results["a_weight_bytes_per_token"] = weight_bytes
             results["a_floor_ms_per_token"] = round(floor_ms, 3)
-            for quant, part in (("none", "a"), ("int8", "c"), ("nf4", "c")):
+            modes = args.decode.split(",")
+            runs = [("none", "a", mode) for mode in modes]
+            runs += [("int8", "c", modes[0]), ("nf4", "c", modes[0])]
+            for quant, part, mode in runs:
                 if part not in parts:
                     continue
                 key = "a" if quant == "none" else f"c_{quant}"
+                if mode != modes[0]:
+                    key += f"_{mode}"
                 try:
-                    results[key] = run_a_or_c(model_dir, quant, args.tokens, local, log_dir)
+                    results[key] = run_a_or_c(model_dir, quant, args.tokens, local, log_dir,
+                                              mode)
                 except Exception as exc:
                     traceback.print_exc()
                     results[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -270,12 +329,24 @@ def main() -> int:
           f"torch={torch.__version__} python={platform.python_version()}")
     print("command: python scripts/bench_gpu.py " + " ".join(sys.argv[1:]))
     print(f"copy bandwidth (read + write): {results['copy_bandwidth_gb_s']} GB/s")
-    if "a" in results and "swarm_ms_per_token" in results["a"]:
-        a = results["a"]
-        print(f"(a) 8B bf16: swarm {a['swarm_ms_per_token']:.2f} ms/token, transformers "
-              f"{a['local_ms_per_token']:.2f}, floor {results['a_floor_ms_per_token']:.2f}; "
-              f"target <= {TARGET_MS_PER_TOKEN}: "
+    for key in [k for k in results if k == "a" or k.startswith("a_")]:
+        a = results[key]
+        if not isinstance(a, dict) or "swarm_ms_per_token" not in a:
+            continue
+        parts_ms = a["client_parts_ms_per_token"]
+        print(f"(a) 8B bf16, serve --decode {a['decode']}: swarm {a['swarm_ms_per_token']:.2f} "
+              f"ms/token, transformers {a['local_ms_per_token']:.2f}, floor "
+              f"{results['a_floor_ms_per_token']:.2f}; server step "
+              f"{a.get('server_step_ms', float('nan')):.2f} ms ({a.get('server_graph', '?')} "
+              f"graph), client head {parts_ms['head']:.2f}, embed {parts_ms['embed']:.2f}, step "
+              f"round trip {parts_ms['step']:.2f}; target <= {TARGET_MS_PER_TOKEN}: "
               f"{'met' if a['swarm_ms_per_token'] <= TARGET_MS_PER_TOKEN else 'MISSED'}")
+    first = results.get("a", {})
+    for key, other in results.items():
+        if key.startswith("a_") and isinstance(other, dict) and "swarm_ms_per_token" in other \
+                and "swarm_ms_per_token" in first:
+            print(f"(a) swarm ms/token, --decode {other['decode']} / --decode {first['decode']}: "
+                  f"{other['swarm_ms_per_token'] / first['swarm_ms_per_token']:.3f}")
     for quant in ("int8", "nf4"):
         c = results.get(f"c_{quant}", {})
         if "swarm_ms_per_token" in c:

@@ -21,6 +21,7 @@ from client.generation import (
     GenerationParams,
     choose_tokens,
     next_token_scores,
+    next_tokens,
 )
 from client.model import ModelOptions
 
@@ -74,6 +75,26 @@ def test_choice_is_argmax_or_the_multinomial_draw():
     assert torch.equal(drawn, torch.multinomial(scores.softmax(-1), 1).squeeze(1))
     ours = choose_tokens(scores, sampling, torch.Generator().manual_seed(3))
     assert torch.equal(ours, choose_tokens(scores, sampling, torch.Generator().manual_seed(3)))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params", [
+    GenerationParams(), GenerationParams(repetition_penalty=1.3),
+    GenerationParams(do_sample=True, top_k=5, temperature=0.7),
+])
+def test_next_tokens_from_logits_on_any_device(device: str, params: GenerationParams):
+    """The tokens come back where `tokens` lives (the CPU), equal to the rules applied to the
+    logits read back, whether the head ran on the CPU or a GPU (bf16 logits, as served)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 200, generator=generator) * 4).to(torch.bfloat16)
+    tokens = torch.randint(0, 200, (3, 6), generator=generator)
+    want = choose_tokens(next_token_scores(logits, tokens, params), params,
+                         torch.Generator().manual_seed(9))
+    got = next_tokens(logits.to(device), tokens, params, torch.Generator().manual_seed(9))
+    assert got.device == tokens.device and torch.equal(got, want)
 
 
 def test_masked_tokens_are_never_drawn():
