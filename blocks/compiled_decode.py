@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 MIN_CACHE_LENGTH = 256
 # Ours: compiled shapes per span; a session of another shape uses the eager CUDA graph.
 MAX_COMPILED_SHAPES = 8
-# torch._dynamo keeps this many compiled variants per function (default 8); every span's step
-# is one function, so a process with several spans needs more than the default.
+# torch._dynamo keeps this many compiled variants per function (default 8; past it, it runs
+# the function uncompiled): every span's step is one function, one variant per shape.
 DYNAMO_RECOMPILE_LIMIT = 64
 
 
@@ -64,12 +64,6 @@ def cache_length(max_length: int) -> int:
 
 class CompileFailed(RuntimeError):
     """torch.compile could not compile a step (the reason is the message)."""
-
-
-def _compiled_graph_count() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def _raise_recompile_limit() -> None:
@@ -116,8 +110,11 @@ class CompiledStep:
     def run(self, hidden: torch.Tensor, cache: Any) -> torch.Tensor:
         """One compiled step (compiling its shape first if new). The caller holds the span's lock
         and has entered inference mode. Raises CompileFailed if compilation failed (nothing ran:
-        the cache is as it was); a step that ran uncompiled (dynamo gave up silently) returns its
-        result, and its shape is marked as failed."""
+        the cache is as it was).
+
+        Spans of the same structure share compiled code: dynamo's guards do not pin module
+        objects (their parameters are inputs), so a second span of a shape reuses the first's
+        compiled step, and its "compile" takes a fraction of a second."""
         key = self.shape(hidden, cache)
         if key in self.compile_seconds:
             return self._fn(hidden, cache)
@@ -127,7 +124,6 @@ class CompiledStep:
             "(torch.compile, once per shape; this step waits for it)",
             span.start, span.end, *key,
         )
-        graphs = _compiled_graph_count()
         began = time.perf_counter()
         try:
             output = self._fn(hidden, cache)
@@ -138,11 +134,6 @@ class CompiledStep:
                         span.start, span.end, reason)
             raise CompileFailed(reason) from None
         seconds = time.perf_counter() - began
-        if _compiled_graph_count() == graphs:
-            self.failed[key] = "torch.compile ran the step without compiling it"
-            log.warning("blocks [%d, %d): %s; eager CUDA graphs", span.start, span.end,
-                        self.failed[key])
-            return output
         self.compile_seconds[key] = seconds
         log.info("blocks [%d, %d): compiled the step for batch %d, cache length %d in %.1f s",
                  span.start, span.end, *key, seconds)

@@ -160,6 +160,15 @@ def test_compiled_steps_equal_the_plain_path(tmp_path: Path) -> None:
             scale = max(1.0, max(float(w.abs().max()) for w in want))
             assert _max_difference(got, want) <= CPU_TOLERANCE * scale
     assert set(compiled.compile_seconds) == {(1, 256), (3, 256)} and not compiled.failed
+    # Another span of the same structure reuses the compiled code (found so on a GPU: dynamo's
+    # guards do not pin the modules), and computes with its own layers.
+    other = BlockSpan.load(directory, 2, 4, decode=DecodeOptions(static_cache=True, compile=True))
+    other_plain = BlockSpan.load(directory, 2, 4, decode=PLAIN)
+    assert other.decode_paths["compiled"], other.fast_path_notes
+    with other.new_session(1, 45) as a, other_plain.new_session(1, 45) as b:
+        got, want = _run_steps(a, other, 1), _run_steps(b, other_plain, 1)
+        scale = max(1.0, max(float(w.abs().max()) for w in want))
+        assert _max_difference(got, want) <= CPU_TOLERANCE * scale
 
 
 def test_a_failed_compile_leaves_the_uncompiled_path(
