@@ -41,11 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "outlier threshold 6.0) or nf4 (QLoRA, double quantization)")
     serve.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                        help="dummy: random weights from config.json alone, for benchmarks")
-    serve.add_argument("--decode", default="compiled", choices=["compiled", "fast", "plain"],
+    serve.add_argument("--decode", default="fast", choices=["compiled", "fast", "plain"],
                        help="single-token steps: compiled (on CUDA, the fast path's static-cache "
                             "step compiled by torch.compile, then CUDA graphs; compiled at load "
                             "and checked, else fast), fast (direct layer calls, static caches and "
-                            "CUDA graphs where checked equal) or plain (default compiled)")
+                            "CUDA graphs where checked equal) or plain (default fast)")
     serve.add_argument("--model-id", help="swarm-wide name of the model (default: derived from "
                                           "the directory name and its config)")
     serve.add_argument("--cache-tokens", type=int, default=8192,
@@ -232,9 +232,9 @@ def _decode_options(mode: str):
     if mode == "plain":
         return DecodeOptions(direct_layers=False, static_cache=False, cuda_graphs=False,
                              compile=False)
-    if mode == "fast":
-        return DecodeOptions(compile=False)
-    return DecodeOptions()  # compiled where it is checked to work (CUDA), else fast
+    if mode == "compiled":
+        return DecodeOptions(compile=None)  # compiled where it is checked to work (CUDA)
+    return DecodeOptions()
 
 
 if __name__ == "__main__":  # pragma: no cover

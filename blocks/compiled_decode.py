@@ -25,6 +25,11 @@ the same input before it is used. A compile that fails or differs is logged with
 and the span (or that shape) keeps the eager graph path (``--decode fast``). Sub-spans (slices a
 client asks for) are not compiled: each would be a compile of its own.
 
+Status (2026-12-02, H200, torch 2.11): an 8B span's step compiles in 31 s, but the load-time
+check rejects it (compiled vs plain bf16 differ by more than the tolerance made for replays of
+the same kernels; on the CPU the compiled step is the closer of the two to a float32 run:
+scripts/compiled_precision.py). So ``--decode compiled`` is opt-in, not the default.
+
 This module never touches the network.
 """
 

@@ -71,14 +71,16 @@ class DecodeOptions:
     """Which fast paths a span may use for single-token steps (each is still checked first).
 
     ``static_cache=None``: static caches (and CUDA graphs over them) on CUDA, dynamic on the CPU.
-    ``compile=None``: the static-cache step compiled by torch.compile where CUDA graphs replay it.
+    ``compile=None``: the static-cache step compiled by torch.compile where CUDA graphs replay it
+    (``serve --decode compiled``).
     """
 
     direct_layers: bool = True
     static_cache: bool | None = None
     cuda_graphs: bool = True
     # torch.compile of the static-cache step (blocks/compiled_decode.py); None: on CUDA only.
-    compile: bool | None = None
+    # Off by default: on an H200 the 8B step compiled (31 s) but failed its check (see there).
+    compile: bool | None = False
 
 
 def tolerance(dtype: torch.dtype) -> float:
