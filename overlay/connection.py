@@ -29,11 +29,14 @@ from overlay.mux import (
     MuxConfig,
     MuxConnection,
     MuxError,
+    OneShotStream,
     PongReceived,
     StreamEnded,
     StreamOpened,
     StreamReset,
 )
+from overlay.mux.connection import MAX_FRAME_PAYLOAD
+from overlay.mux.frames import HEADER_SIZE
 from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
 from overlay.secure_handshake import HandshakeError, SecureHandshake
@@ -53,6 +56,9 @@ WRITE_LOW_WATER = 128 << 10
 # enough that a small request queued behind it waits little.
 WRITE_BATCH = 1 << 20
 HANDSHAKE_READ = 4096
+# A message split into parts is joined into one buffer when it must be queued and is at most
+# this size (one frame instead of one per part); larger parts are never copied to be joined.
+JOIN_LIMIT = 16 << 10
 _per_thread = threading.local()
 
 
@@ -81,7 +87,11 @@ class Connection(asyncio.BufferedProtocol):
         on_ready: Callable[[Connection], None],
         on_stream: Callable[[Stream], None],
         on_closed: Callable[[Connection], None],
+        on_request: Callable[[Connection, int, memoryview], None] | None = None,
     ):
+        """`on_request(conn, stream_id, data)` receives streams that arrive whole in one
+        frame (opened, one message, half-closed: a small unary request) without a Stream
+        object; it must answer or reset that stream id. Without it they become Streams."""
         self.loop = asyncio.get_running_loop()
         self.initiator = initiator
         self.remote_peer: PeerId | None = None
@@ -95,6 +105,12 @@ class Connection(asyncio.BufferedProtocol):
         self._on_ready = on_ready
         self._on_stream = on_stream
         self._on_closed = on_closed
+        self._on_request = on_request
+        # Small messages are framed straight into this plaintext (mux.frame_message); while
+        # received records are processed (`_corked`) their answers accumulate here and leave
+        # as one record and one write, when the processing is over.
+        self._out = bytearray()
+        self._corked = False
         self._transport: asyncio.Transport | None = None
         self._handshake: SecureHandshake | None = None
         self._writer: RecordWriter | None = None
@@ -175,9 +191,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def _records_received(self, plaintexts: list[bytes]) -> None:
         receive = self._mux.receive_data
-        for plaintext in plaintexts:
-            receive(plaintext)
-        self._process_events()
+        self._corked = True
+        try:
+            for plaintext in plaintexts:
+                receive(plaintext)
+            self._process_events()
+        finally:
+            self._corked = False
         self._flush()
 
     def eof_received(self) -> bool:
@@ -255,32 +275,77 @@ class Connection(asyncio.BufferedProtocol):
         self._streams[stream_id] = stream
         return stream
 
+    def stream_from_whole(self, stream_id: int, data) -> Stream:
+        """The Stream of a stream that arrived whole (OneShotStream): its one message waits
+        to be read, and it is ended."""
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        stream._on_data(data, True)
+        stream._on_end()
+        return stream
+
     def start_call(self, parts, future: asyncio.Future) -> PendingCall:
         """Open a stream and send one request message (`parts`) with FIN; the answer goes to
         `future` (overlay/unary.py)."""
         if self.closed or self._mux is None:
             raise ConnectionLost(f"connection to {self.remote_peer} is closed")
-        mux = self._mux
         try:
-            stream_id = mux.open_stream()
-            last = len(parts) - 1
-            for i, part in enumerate(parts):
-                mux.send(stream_id, part, end=i == last, fin=i == last)
+            stream_id = self._mux.open_stream()
         except MuxError as e:
             raise ConnectionLost(str(e)) from None
         call = PendingCall(self, stream_id, future)
         self._streams[stream_id] = call
-        self._flush()
+        try:
+            self.mux_send_parts(stream_id, parts, True)
+        except MuxError as e:
+            self._streams.pop(stream_id, None)
+            raise ConnectionLost(str(e)) from None
         return call
 
     def mux_send_parts(self, stream_id: int, parts, fin: bool, flush: bool = True) -> None:
-        """One message from `parts`: every part but the last is a fragment (END unset)."""
+        """One message from `parts` (buffers of bytes). A message that fits one frame, on a
+        stream with nothing queued, is framed at once into the outgoing plaintext; otherwise
+        it is queued in the multiplexer, every part but the last as a fragment (END unset).
+        Raises MuxError when the stream is not open for sending."""
+        size = 0
+        for part in parts:
+            size += part.nbytes if type(part) is memoryview else len(part)
+        if size <= MAX_FRAME_PAYLOAD and not (self._paused or self.closed):
+            out = self._out
+            if len(out) + HEADER_SIZE + size > MAX_RECORD_PLAINTEXT and out:
+                self._write_out()  # whole frames per record
+            if self._mux.frame_message(stream_id, parts, size, out, fin=fin):
+                if flush and not self._corked:
+                    self._write_out()
+                return
+        if len(parts) > 1 and size <= JOIN_LIMIT:
+            parts = (b"".join(parts),)
         send = self._mux.send
         last = len(parts) - 1
         for i, part in enumerate(parts):
             send(stream_id, part, end=i == last, fin=fin and i == last)
         if flush:
             self._flush()
+
+    def answer(self, stream_id: int, parts) -> None:
+        """Send the one answer message of a unary call and half-close; dropped quietly when
+        the caller reset the stream meanwhile or the connection is gone."""
+        if not self.closed:
+            try:
+                self.mux_send_parts(stream_id, parts, True)
+            except MuxError:
+                pass
+
+    def _write_out(self) -> None:
+        """Seal the framed plaintext into one record and write it."""
+        out = self._out
+        try:
+            record = self._writer.seal(out)
+            self._transport.write(record)
+        except Exception as e:  # nonce exhaustion, or a transport already closing
+            self.abort(f"cannot send: {e}")
+        finally:
+            out.clear()
 
     def end_stream(self, stream_id: int) -> None:
         if not self.closed:
@@ -334,12 +399,18 @@ class Connection(asyncio.BufferedProtocol):
     def _process_events(self) -> None:
         mux = self._mux
         streams = self._streams
-        while True:
-            event = mux.next_event()
-            if event is None:
-                return
+        events = mux.events
+        while events:
+            event = events.popleft()
             kind = type(event)
-            if kind is DataReceived:
+            if kind is OneShotStream:
+                if self._on_request is not None:
+                    self._on_request(self, event.stream_id, event.data)
+                    if self.closed:
+                        return
+                else:
+                    self._on_stream(self.stream_from_whole(event.stream_id, event.data))
+            elif kind is DataReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._on_data(event.data, event.end)
@@ -372,7 +443,13 @@ class Connection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         mux = self._mux
         transport = self._transport
-        if mux is None or transport is None or self._paused:
+        if mux is None or transport is None:
+            return
+        if self._out:  # framed before anything the multiplexer holds now: write it first
+            self._write_out()
+            if self.closed:
+                return
+        if self._paused:
             return
         if not (mux.has_data_to_send() or self._drain_waiters):
             return  # the common case after receiving an answer: nothing to do

@@ -12,9 +12,12 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import NamedTuple
 
 from overlay.connection import Connection
+from overlay.deadlines import Deadlines
+from overlay.eager import resume
 from overlay.identity import Identity, PeerId
 from overlay.link_delay import delay_from_env
 from overlay.multiaddr import Multiaddr
@@ -87,6 +90,7 @@ class Host:
         self._streaming: dict[str, StreamHandler] = {}
         self._disconnect_callbacks: list[Callable[[PeerId], None]] = []
         self._tasks: set[asyncio.Task] = set()
+        self._deadlines: Deadlines | None = None  # of calls and handlers; made on first use
         self._closing = False
         self._frozen = False
         self._link_delay = delay_from_env()  # TEST-ONLY (overlay/link_delay.py); 0 normally
@@ -221,6 +225,7 @@ class Host:
             on_ready=self._on_ready,
             on_stream=self._on_stream,
             on_closed=self._on_closed,
+            on_request=self._on_request,
         )
         if self._link_delay:
             conn.link_delay = self._link_delay
@@ -275,20 +280,20 @@ class Host:
                                  f"{timeout:g} s") from None
         future = loop.create_future()
         try:
-            call = conn.start_call(_one_message(encode_request(method, KIND_UNARY, timeout),
-                                                payload), future)
+            call = conn.start_call((encode_request(method, KIND_UNARY, timeout), payload), future)
         except ConnectionLost as e:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
-        # One timer per call (cheaper than asyncio.timeout on this hot path): at the deadline
-        # the stream is reset and the future fails with the timeout error.
-        timer = loop.call_at(deadline, _expire_call, call, method, peer, timeout)
+        # At the deadline the stream is reset and the future fails with the timeout error
+        # (one shared timer for all calls: overlay/deadlines.py).
+        deadlines = self._deadlines_on(loop)
+        entry = deadlines.add(deadline, _expire_call, (call, method, peer, timeout))
         try:
             answer = await future
         except asyncio.CancelledError:
             call.fail("cancelled: the caller gave up", ConnectionLost("cancelled"))
             raise
         finally:
-            timer.cancel()
+            deadlines.cancel(entry)
         if answer is None:
             raise ConnectionLost(f"{method} on {_name(peer)}: the peer closed the stream early")
         try:
@@ -305,7 +310,84 @@ class Host:
         stream.send_nowait(encode_request(method, KIND_STREAM, timeout))
         return stream
 
+    def _deadlines_on(self, loop: asyncio.AbstractEventLoop) -> Deadlines:
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(loop)
+        return deadlines
+
     # ------------------------------------------------------------------ serving
+    def _on_request(self, conn: Connection, stream_id: int, data: memoryview) -> None:
+        """A stream that came whole in one frame (a small unary request), served with no
+        Stream object. The handler's coroutine runs at once, here; only if it has to wait
+        does a task take it over (overlay/eager.py): most handlers never wait."""
+        try:
+            header, offset = decode_request(data)
+        except RpcProtocolError as e:
+            conn.reset_stream(stream_id, reset_reason("bad_request", str(e)))
+            return
+        if header.kind != KIND_UNARY:  # a streaming call that ended in its first frame
+            self._on_stream(conn.stream_from_whole(stream_id, data))
+            return
+        handler = self._unary.get(header.method)
+        if handler is None:
+            conn.reset_stream(stream_id, reset_reason("unknown_method",
+                                                      f"no method {header.method!r}"))
+            return
+        loop = conn.loop
+        deadline = None if header.timeout is None else loop.time() + header.timeout
+        ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
+        try:
+            coro = handler(ctx, bytes(data[offset:]))
+            if type(coro) is not CoroutineType:
+                coro = _awaiting(coro)
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            parts = _answer_parts(ctx, stop.value)
+        except asyncio.CancelledError:  # raised by the handler itself before it waited
+            conn.reset_stream(stream_id, reset_reason("internal", f"{header.method} failed"))
+            return
+        except Exception as e:
+            parts = _error_parts(ctx, e)
+            if parts is None:
+                return
+        else:
+            self._serve_later(ctx, stream_id, coro, yielded)
+            return
+        conn.answer(stream_id, parts)
+
+    def _serve_later(self, ctx: RpcContext, stream_id: int, coro, yielded) -> None:
+        """The handler waits: a task runs the rest of it, cancelled at the deadline."""
+        loop = ctx.connection.loop
+        expired: list[bool] = []
+        task = loop.create_task(self._finish_unary(ctx, stream_id, coro, yielded, expired))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if ctx.deadline is not None:
+            deadlines = self._deadlines_on(loop)
+            entry = deadlines.add(ctx.deadline, _expire_task, (task, expired))
+            task.add_done_callback(lambda _task: deadlines.cancel(entry))
+
+    async def _finish_unary(self, ctx: RpcContext, stream_id: int, coro, yielded,
+                            expired: list[bool]) -> None:
+        conn = ctx.connection
+        try:
+            result = await resume(coro, yielded)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            asyncio.current_task().uncancel()
+            conn.reset_stream(stream_id, reset_reason("deadline_exceeded",
+                                                      f"{ctx.method} ran out of time"))
+            return
+        except Exception as e:
+            parts = _error_parts(ctx, e)
+            if parts is None:
+                return
+        else:
+            parts = _answer_parts(ctx, result)
+        conn.answer(stream_id, parts)
+
     def _on_stream(self, stream: Stream) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(stream))
         self._tasks.add(task)
@@ -334,11 +416,12 @@ class Host:
             stream.reset(reset_reason("unknown_method", f"no method {header.method!r}"))
             return
         payload = request[offset:]
-        # The deadline is one timer cancelling this task (cheaper than asyncio.timeout_at on
+        # The deadline cancels this task (a shared timer, cheaper than asyncio.timeout_at on
         # the path of every call); `expired` tells its cancellation from a host shutdown.
         expired: list[bool] = []
-        timer = None if deadline is None else loop.call_at(
-            deadline, _expire_task, asyncio.current_task(), expired)
+        deadlines = self._deadlines_on(loop)
+        timer = None if deadline is None else deadlines.add(
+            deadline, _expire_task, (asyncio.current_task(), expired))
         try:
             result = await handler(ctx, payload)
         except RemoteError as e:
@@ -354,14 +437,14 @@ class Host:
             log.exception("handler %s failed for %s", header.method, ctx.peer)
             self._answer(stream, encode_error("internal", f"{header.method} failed"))
         else:
-            if not isinstance(result, bytes | bytearray | memoryview):
+            if not isinstance(result, _BUFFERS):
                 log.error("handler %s returned %s, not bytes", header.method, type(result))
                 self._answer(stream, encode_error("internal", "handler returned no bytes"))
             else:
-                self._answer(stream, *_one_message(STATUS_OK, result))
+                self._answer(stream, STATUS_OK, result)
         finally:
             if timer is not None:
-                timer.cancel()
+                deadlines.cancel(timer)
 
     @staticmethod
     def _answer(stream: Stream, *parts) -> None:
@@ -432,22 +515,40 @@ class Host:
         await self.close()
 
 
-# Below this size a header and its payload are joined into one buffer (one frame); above it
-# they go as two fragments of one message, so a large payload is never copied to prepend a
-# few bytes.
-_JOIN_LIMIT = 16 << 10
+_BUFFERS = (bytes, bytearray, memoryview)
 
 
-def _one_message(head: bytes, body) -> tuple:
-    return (head + body,) if len(body) <= _JOIN_LIMIT else (head, body)
+def _answer_parts(ctx: RpcContext, result) -> tuple:
+    """The answer message of a handler that returned `result`."""
+    if isinstance(result, _BUFFERS):
+        return (STATUS_OK, result)
+    log.error("handler %s returned %s, not bytes", ctx.method, type(result))
+    return (encode_error("internal", "handler returned no bytes"),)
 
 
-def _expire_task(task: asyncio.Task, expired: list[bool]) -> None:
+def _error_parts(ctx: RpcContext, error: Exception) -> tuple | None:
+    """The answer message of a handler that raised `error`; None: no answer (the stream or
+    the connection it would go on is gone)."""
+    if isinstance(error, RemoteError):
+        return (encode_error(error.code, error.message),)
+    if isinstance(error, ConnectionLost | StreamClosed):
+        return None
+    log.error("handler %s failed for %s", ctx.method, ctx.peer, exc_info=error)
+    return (encode_error("internal", f"{ctx.method} failed"),)
+
+
+async def _awaiting(awaitable):
+    return await awaitable
+
+
+def _expire_task(arg: tuple[asyncio.Task, list[bool]]) -> None:
+    task, expired = arg
     expired.append(True)
     task.cancel()
 
 
-def _expire_call(call: PendingCall, method: str, peer, timeout: float) -> None:
+def _expire_call(arg: tuple[PendingCall, str, object, float]) -> None:
+    call, method, peer, timeout = arg
     call.fail("deadline_exceeded: the caller gave up",
               RpcTimeout(f"{method} on {_name(peer)}: no answer within {timeout:g} s"))
 

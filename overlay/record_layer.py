@@ -34,9 +34,15 @@ class RecordError(Exception):
 
 
 class Cipher(Protocol):
+    """What the record layer needs of a Noise TransportState."""
+
     def encrypt_into(self, plaintext: bytes | memoryview, out: memoryview) -> int: ...
 
-    def decrypt(self, ciphertext: bytes | memoryview) -> bytes: ...
+    def seal_record_into(self, plaintext: bytes | memoryview, out: memoryview) -> None:
+        """encrypt_into for an `out` of exactly len(plaintext) + TAG_SIZE bytes."""
+
+    def open_record(self, ciphertext: bytes | memoryview) -> bytes:
+        """decrypt, for a ciphertext of at most 65535 bytes."""
 
 
 def seal_records(cipher: Cipher, plaintexts: Sequence[bytes]) -> bytearray:
@@ -71,7 +77,7 @@ class RecordWriter:
     above glibc's mmap threshold, a page fault per page.
     """
 
-    __slots__ = ("_cipher", "_idle_flushes", "_in_flight", "_plain", "_spare")
+    __slots__ = ("_cipher", "_encrypt_into", "_idle_flushes", "_in_flight", "_plain", "_spare")
 
     # A spare send buffer unused for this many small flushes is given back (idle connections
     # should not hold a bulk-sized buffer each).
@@ -81,6 +87,7 @@ class RecordWriter:
         """`scratch`: MAX_RECORD_PLAINTEXT bytes where plaintexts are assembled; the driver may
         share one between all the writers of a thread (each record is sealed at once)."""
         self._cipher = cipher
+        self._encrypt_into = cipher.seal_record_into
         self._plain = memoryview(bytearray(MAX_RECORD_PLAINTEXT)) if scratch is None else scratch
         self._spare: bytearray | None = None  # free for reuse
         self._in_flight: bytearray | None = None  # the last large buffer handed out
@@ -126,11 +133,20 @@ class RecordWriter:
                 break
         return view[:pos]
 
+    def seal(self, plaintext: bytes | bytearray) -> bytearray:
+        """One record of `plaintext` (at most MAX_RECORD_PLAINTEXT bytes), in a fresh buffer:
+        the path of small messages, which the driver frames itself."""
+        size = len(plaintext) + TAG_SIZE
+        out = bytearray(size + LENGTH_SIZE)
+        _LENGTH.pack_into(out, 0, size)
+        self._encrypt_into(plaintext, memoryview(out)[LENGTH_SIZE:])
+        return out
+
     def _seal_one(self, plaintext: memoryview, view: memoryview, pos: int) -> int:
         size = len(plaintext) + TAG_SIZE
         _LENGTH.pack_into(view, pos, size)
         pos += LENGTH_SIZE
-        self._cipher.encrypt_into(plaintext, view[pos:pos + size])
+        self._encrypt_into(plaintext, view[pos:pos + size])
         return pos + size
 
 
@@ -190,7 +206,7 @@ class RecordReader:
         self._end = end
         view = self._view
         pos = self._start
-        decrypt = self._cipher.decrypt
+        decrypt = self._cipher.open_record
         unpack_from = _LENGTH.unpack_from
         out = []
         while end - pos >= LENGTH_SIZE:

@@ -4,6 +4,7 @@ from overlay.mux.connection import MuxConfig, MuxConnection, MuxError
 from overlay.mux.events import (
     ConnectionTerminated,
     DataReceived,
+    OneShotStream,
     PongReceived,
     StreamEnded,
     StreamOpened,
@@ -16,6 +17,7 @@ __all__ = [
     "MuxConfig",
     "MuxConnection",
     "MuxError",
+    "OneShotStream",
     "PongReceived",
     "StreamEnded",
     "StreamOpened",

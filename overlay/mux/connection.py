@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from overlay.mux.events import (
     ConnectionTerminated,
     DataReceived,
+    OneShotStream,
     PongReceived,
     StreamEnded,
     StreamOpened,
@@ -39,7 +40,6 @@ from overlay.mux.frames import (
     SYN,
     WINDOW_UPDATE,
     GoAwayCode,
-    has_payload,
 )
 
 # A frame and the Noise record it travels in: 65535 bytes of ciphertext minus the 16-byte tag.
@@ -51,6 +51,9 @@ INITIAL_WINDOW = 1 << 20
 MAX_WINDOW = (1 << 31) - 1
 MAX_RESET_REASON = 1024
 PROTOCOL_ERROR = int(GoAwayCode.PROTOCOL_ERROR)
+_END_FIN = END | FIN
+_WHOLE_STREAM = SYN | END | FIN
+_HAS_PAYLOAD = (DATA, RESET)
 
 
 class MuxError(Exception):
@@ -119,7 +122,9 @@ class MuxConnection:
         self._local_open = 0
         self._ready: deque[int] = deque()  # streams with data (or a FIN) they may send now
         self._control: deque[bytes] = deque()
-        self._events: deque = deque()
+        # What happened, oldest first: `next_event` pops it; a driver may also pop straight
+        # from this deque (one method call less per event on the hot path).
+        self.events: deque = deque()
         self._inbuf = bytearray()
         self._closed = False  # no more input is processed
         self._going_away = False  # no new streams
@@ -142,7 +147,7 @@ class MuxConnection:
         return bool(self._control or self._ready)
 
     def next_event(self):
-        return self._events.popleft() if self._events else None
+        return self.events.popleft() if self.events else None
 
     # ------------------------------------------------------------------ local actions
     def open_stream(self) -> int:
@@ -173,6 +178,31 @@ class MuxConnection:
         stream.fin_queued = fin
         if was_idle and (stream.send_window > 0 or len(view) == 0):
             self._ready.append(stream_id)
+
+    def frame_message(self, stream_id: int, parts, size: int, out: bytearray, *,
+                      fin: bool) -> bool:
+        """Append one whole message (the buffers `parts`, `size` bytes in all, as ONE DATA
+        frame) to `out` when it may go now: the stream is open for sending with nothing queued
+        ahead of it, and the message fits one frame and the stream's send window. Returns
+        False, writing nothing, otherwise: then the caller `send`s it. The small-message path
+        of the driver: no queue entry, and the payload is copied once, into `out`."""
+        stream = self._streams.get(stream_id)
+        if (stream is None or stream.queue or stream.fin_queued or self._closed
+                or size > MAX_FRAME_PAYLOAD or size > stream.send_window):
+            return False
+        flags = _END_FIN if fin else END
+        if stream.syn_pending:
+            flags |= SYN
+            stream.syn_pending = False
+        out += HEADER.pack(DATA, flags, stream_id, size)
+        for part in parts:
+            out += part
+        stream.send_window -= size
+        if fin:
+            stream.fin_queued = stream.fin_sent = True
+            if stream.fin_received:
+                self._remove(stream)
+        return True
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: a FIN with no data."""
@@ -292,7 +322,7 @@ class MuxConnection:
                 return self._protocol_error(f"unknown frame type {frame_type}")
             if flags & ~allowed:
                 return self._protocol_error(f"flags {flags:#x} not allowed on type {frame_type}")
-            if has_payload(frame_type):
+            if frame_type in _HAS_PAYLOAD:
                 if length > MAX_FRAME_PAYLOAD:
                     return self._protocol_error(f"frame payload of {length} bytes exceeds limit")
                 if total - pos < HEADER_SIZE + length:
@@ -311,7 +341,7 @@ class MuxConnection:
             elif frame_type == GO_AWAY:
                 self._closed = True
                 reason = f"peer closed the connection (code {length})"
-                self._events.append(ConnectionTerminated(reason, True, length))
+                self.events.append(ConnectionTerminated(reason, True, length))
             else:
                 self._on_reset(stream_id, payload)
         if pos < total and not self._closed:
@@ -332,7 +362,14 @@ class MuxConnection:
             stream = _Stream(stream_id, local=False)
             self._streams[stream_id] = stream
             self._remote_open += 1
-            self._events.append(StreamOpened(stream_id))
+            if flags & _WHOLE_STREAM == _WHOLE_STREAM and (
+                    len(payload) <= self.config.max_message_size):
+                # Opened, one whole message, half-closed: one event for all three.
+                stream.recv_credit -= len(payload)
+                stream.fin_received = True
+                self.events.append(OneShotStream(stream_id, payload))
+                return
+            self.events.append(StreamOpened(stream_id))
         elif stream is None:
             if self._is_known_id(stream_id):
                 return  # a stream we already closed or reset: frames still in flight
@@ -347,16 +384,16 @@ class MuxConnection:
         if stream.message_bytes > self.config.max_message_size:
             reason = f"message larger than {self.config.max_message_size} bytes"
             self.reset_stream(stream_id, reason)
-            self._events.append(StreamReset(stream_id, reason, local=True))
+            self.events.append(StreamReset(stream_id, reason, local=True))
             return
         end = bool(flags & END)
         if end:
             stream.message_bytes = 0
         if size or end:
-            self._events.append(DataReceived(stream_id, payload, end))
+            self.events.append(DataReceived(stream_id, payload, end))
         if flags & FIN:
             stream.fin_received = True
-            self._events.append(StreamEnded(stream_id))
+            self.events.append(StreamEnded(stream_id))
             if stream.fin_sent:
                 self._remove(stream)
 
@@ -373,7 +410,7 @@ class MuxConnection:
 
     def _on_ping(self, flags: int, opaque: int) -> None:
         if flags & ACK:
-            self._events.append(PongReceived(opaque))
+            self.events.append(PongReceived(opaque))
         else:
             self._control.append(HEADER.pack(PING, ACK, 0, opaque))
 
@@ -383,7 +420,7 @@ class MuxConnection:
             return
         self._remove(stream)
         reason = bytes(payload).decode("utf-8", "replace") or "reset by peer"
-        self._events.append(StreamReset(stream_id, reason))
+        self.events.append(StreamReset(stream_id, reason))
 
     # ------------------------------------------------------------------ helpers
     def _grant(self, stream: _Stream) -> None:
@@ -421,7 +458,7 @@ class MuxConnection:
     def _protocol_error(self, reason: str) -> None:
         self._closed = True
         self._control.append(HEADER.pack(GO_AWAY, 0, 0, PROTOCOL_ERROR))
-        self._events.append(ConnectionTerminated(reason, by_peer=False,
+        self.events.append(ConnectionTerminated(reason, by_peer=False,
                                                  code=PROTOCOL_ERROR))
 
 

@@ -27,6 +27,15 @@ class DataReceived(NamedTuple):
     end: bool
 
 
+class OneShotStream(NamedTuple):
+    """The peer opened a stream, sent one whole message on it and half-closed it, all in one
+    frame (what a small unary request is). Stands for StreamOpened, DataReceived(end=True)
+    and StreamEnded, in one event; no credit needs returning (nothing more will come)."""
+
+    stream_id: int
+    data: bytes | memoryview
+
+
 class StreamEnded(NamedTuple):
     """The peer half-closed the stream: no more data will come from it."""
 

@@ -131,6 +131,28 @@ class CipherState:
         self._n = n + 1
         return size
 
+    def encrypt_record_into(self, plaintext: bytes | bytearray | memoryview,
+                            out: memoryview) -> None:
+        """EncryptWithAd with empty AD into `out` of exactly len(plaintext)+16 bytes: the
+        record layer's path (it sizes its buffers itself; one Python call per record)."""
+        n = self._n
+        if n >= MAX_NONCE:
+            raise NoiseError("nonce exhausted: this key may not encrypt again (spec 5.1)")
+        self._aead.encrypt_into(_pack_nonce(n), plaintext, None, out)
+        self._n = n + 1
+
+    def decrypt_record(self, ciphertext: bytes | memoryview) -> bytes:
+        """DecryptWithAd with empty AD (the record layer's path); NoiseError if forged."""
+        n = self._n
+        if n >= MAX_NONCE:
+            raise NoiseError("nonce exhausted: this key may not decrypt again (spec 5.1)")
+        try:
+            plaintext = self._aead.decrypt(_pack_nonce(n), ciphertext, None)
+        except InvalidTag:
+            raise NoiseError(_DECRYPT_FAILED) from None
+        self._n = n + 1
+        return plaintext
+
     def rekey(self) -> None:
         """Rekey(): k = REKEY(k) = first 32 bytes of ENCRYPT(k, 2**64-1, "", zeros) (spec 4.2).
 

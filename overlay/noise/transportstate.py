@@ -17,7 +17,8 @@ MAX_PLAINTEXT_LEN = MAX_MESSAGE_LEN - TAGLEN  # 65519 bytes of payload per recor
 class TransportState:
     """Encrypts outgoing and decrypts incoming transport messages, each with its own nonce."""
 
-    __slots__ = ("_recv", "_send", "handshake_hash", "remote_static")
+    __slots__ = ("_recv", "_send", "handshake_hash", "open_record", "remote_static",
+                 "seal_record_into")
 
     def __init__(
         self,
@@ -31,6 +32,10 @@ class TransportState:
             raise NoiseError("a transport state needs two keyed cipher states")
         self._send = send
         self._recv = recv
+        # The record layer's per-record calls, bound once: it bounds record sizes itself
+        # (2-byte lengths), so they skip the length checks of encrypt_into / decrypt.
+        self.seal_record_into = send.encrypt_record_into
+        self.open_record = recv.decrypt_record
         self.handshake_hash = handshake_hash
         self.remote_static = remote_static
 

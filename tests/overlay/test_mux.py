@@ -14,6 +14,7 @@ from overlay.mux import (
     MuxConfig,
     MuxConnection,
     MuxError,
+    OneShotStream,
     PongReceived,
     StreamEnded,
     StreamOpened,
@@ -46,7 +47,9 @@ def pump(a: MuxConnection, b: MuxConnection, rounds: int = 1000) -> None:
 def messages(evts: list, stream_id: int) -> list[bytes]:
     out, partial = [], b""
     for e in evts:
-        if isinstance(e, DataReceived) and e.stream_id == stream_id:
+        if isinstance(e, OneShotStream) and e.stream_id == stream_id:
+            out.append(bytes(e.data))
+        elif isinstance(e, DataReceived) and e.stream_id == stream_id:
             partial += bytes(e.data)
             if e.end:
                 out.append(partial)
@@ -341,5 +344,69 @@ def test_mutated_frames_never_raise(data):
     b.receive_data(bytes(wire[cut:]))
     for event in events(b):
         assert isinstance(event, StreamOpened | DataReceived | StreamEnded | StreamReset
-                          | PongReceived | ConnectionTerminated)
+                          | PongReceived | ConnectionTerminated | OneShotStream)
     b.data_to_send()
+
+
+# ---------------------------------------------------------------- the small-message paths
+def test_a_stream_sent_whole_in_one_frame_is_one_event():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    a.send(sid, b"request", fin=True)
+    pump(a, b)
+    got = events(b)
+    assert got == [OneShotStream(sid, b"request")]
+    b.send(sid, b"answer", fin=True)  # the answer closes the stream on both sides
+    pump(a, b)
+    got = events(a)
+    assert messages(got, sid) == [b"answer"] and isinstance(got[-1], StreamEnded)
+    assert a.stream_ids() == [] and b.stream_ids() == []
+
+
+def test_a_one_frame_stream_over_the_message_limit_is_reset():
+    a, b = MuxConnection(True), MuxConnection(False, MuxConfig(max_message_size=4))
+    sid = a.open_stream()
+    a.send(sid, b"too long", fin=True)
+    pump(a, b)
+    got = events(b)
+    assert [type(e) for e in got] == [StreamOpened, StreamReset]
+    assert not b.is_closed
+
+
+def test_frame_message_writes_one_frame_that_the_peer_reads_as_sent():
+    a, b = MuxConnection(True), MuxConnection(False)
+    sid = a.open_stream()
+    out = bytearray()
+    assert a.frame_message(sid, (b"head", memoryview(b"-body")), 9, out, fin=True)
+    assert not a.has_data_to_send()  # nothing was queued
+    b.receive_data(bytes(out))
+    assert events(b) == [OneShotStream(sid, b"head-body")]
+    out.clear()
+    assert b.frame_message(sid, (b"ok",), 2, out, fin=False)
+    assert b.frame_message(sid, (b"done",), 4, out, fin=True)
+    a.receive_data(bytes(out))
+    got = events(a)
+    assert messages(got, sid) == [b"ok", b"done"] and isinstance(got[-1], StreamEnded)
+    assert a.stream_ids() == [] and b.stream_ids() == []
+    with pytest.raises(MuxError):  # a closed stream: refused, and `send` says why
+        assert not a.frame_message(sid, (b"x",), 1, out, fin=False)
+        a.send(sid, b"x")
+
+
+def test_frame_message_refuses_what_must_wait_and_writes_nothing():
+    a = MuxConnection(True)
+    sid = a.open_stream()
+    out = bytearray()
+    big = MAX_FRAME_PAYLOAD + 1
+    assert not a.frame_message(sid, (b"x" * big,), big, out, fin=False)  # over one frame
+    a.send(sid, b"queued first")
+    assert not a.frame_message(sid, (b"later",), 5, out, fin=False)  # order within a stream
+    a.data_to_send()
+    assert a.frame_message(sid, (b"now",), 3, out, fin=False)
+    s2 = a.open_stream()
+    a.send(s2, b"y" * INITIAL_WINDOW)
+    a.data_to_send(INITIAL_WINDOW + 100)  # the window of s2 is used up
+    assert not a.frame_message(s2, (b"z",), 1, out, fin=False)
+    a.send(sid, b"", fin=True)
+    assert not a.frame_message(sid, (b"after fin",), 9, out, fin=False)
+    assert len(out) == HEADER.size + 3
