@@ -26,6 +26,7 @@ from overlay.link_delay import DelayedTransport
 from overlay.mux import (
     ConnectionTerminated,
     DataReceived,
+    LastMessage,
     MuxConfig,
     MuxConnection,
     MuxError,
@@ -187,7 +188,16 @@ class Connection(asyncio.BufferedProtocol):
         except RecordError as e:
             self.abort(str(e))
             return
-        self._records_received(plaintexts)
+        # _records_received, inlined: this runs for every read.
+        receive = self._mux.receive_data
+        self._corked = True
+        try:
+            for plaintext in plaintexts:
+                receive(plaintext)
+            self._process_events()
+        finally:
+            self._corked = False
+        self._flush()
 
     def _records_received(self, plaintexts: list[bytes]) -> None:
         receive = self._mux.receive_data
@@ -416,6 +426,10 @@ class Connection(asyncio.BufferedProtocol):
                     stream._on_data(event.data, event.end)
                 else:  # nobody will read it: give the credit back at once
                     mux.acknowledge(event.stream_id, len(event.data))
+            elif kind is LastMessage:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_last(event.data)
             elif kind is StreamOpened:
                 stream = Stream(self, event.stream_id)
                 streams[event.stream_id] = stream

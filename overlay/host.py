@@ -285,7 +285,7 @@ class Host:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
         # At the deadline the stream is reset and the future fails with the timeout error
         # (one shared timer for all calls: overlay/deadlines.py).
-        deadlines = self._deadlines_on(loop)
+        deadlines = self._deadlines or self._deadlines_on(loop)
         entry = deadlines.add(deadline, _expire_call, (call, method, peer, timeout))
         try:
             answer = await future

@@ -120,10 +120,10 @@ def encode_error(code: str, message: str) -> bytes:
     return _STATUS_ERROR + msgpack.packb({"code": code[:64], "msg": message[:MAX_ERROR_MESSAGE]})
 
 
-def decode_answer(data: bytes) -> bytes:
+def decode_answer(data: bytes | memoryview) -> bytes:
     """The payload of a unary answer; raises the RemoteError it carries instead."""
     if data[:1] == STATUS_OK:
-        return data[1:]
+        return bytes(data[1:])
     if data[:1] != _STATUS_ERROR:
         raise RpcProtocolError("malformed answer status")
     status = _unpack_map(data[1:], "error status")

@@ -111,6 +111,11 @@ class Stream:
         self._partial_size = self._acked_partial = 0
         self._wake_reader()
 
+    def _on_last(self, data) -> None:
+        """The last fragment of a message, and the end of the stream (mux LastMessage)."""
+        self._on_data(data, True)
+        self._on_end()
+
     def _on_end(self) -> None:
         self._ended = True
         self._wake_reader()

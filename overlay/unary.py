@@ -47,6 +47,20 @@ class PendingCall:
         if not future.done():
             future.set_result(answer)
 
+    def _on_last(self, data) -> None:
+        """The answer's last fragment and the end of the stream (mux LastMessage)."""
+        parts = self._parts
+        if parts is None:
+            answer = data  # a view of the record's plaintext (immutable bytes): no copy here
+        else:
+            parts.append(data)
+            answer = b"".join(parts)
+            self._parts = None
+        future = self.future
+        if not future.done():
+            future.set_result(answer)
+        self._conn.release_stream(self.stream_id)
+
     def _on_end(self) -> None:
         future = self.future
         if not future.done():

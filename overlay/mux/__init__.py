@@ -4,6 +4,7 @@ from overlay.mux.connection import MuxConfig, MuxConnection, MuxError
 from overlay.mux.events import (
     ConnectionTerminated,
     DataReceived,
+    LastMessage,
     OneShotStream,
     PongReceived,
     StreamEnded,
@@ -14,6 +15,7 @@ from overlay.mux.events import (
 __all__ = [
     "ConnectionTerminated",
     "DataReceived",
+    "LastMessage",
     "MuxConfig",
     "MuxConnection",
     "MuxError",

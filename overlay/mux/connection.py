@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from overlay.mux.events import (
     ConnectionTerminated,
     DataReceived,
+    LastMessage,
     OneShotStream,
     PongReceived,
     StreamEnded,
@@ -389,6 +390,12 @@ class MuxConnection:
         end = bool(flags & END)
         if end:
             stream.message_bytes = 0
+            if flags & FIN:  # the last message and the end of the stream: one event
+                stream.fin_received = True
+                self.events.append(LastMessage(stream_id, payload))
+                if stream.fin_sent:
+                    self._remove(stream)
+                return
         if size or end:
             self.events.append(DataReceived(stream_id, payload, end))
         if flags & FIN:

@@ -36,6 +36,14 @@ class OneShotStream(NamedTuple):
     data: bytes | memoryview
 
 
+class LastMessage(NamedTuple):
+    """The last fragment of a message, and the peer half-closed the stream in the same frame
+    (what a small unary answer is). Stands for DataReceived(end=True) and StreamEnded."""
+
+    stream_id: int
+    data: bytes | memoryview
+
+
 class StreamEnded(NamedTuple):
     """The peer half-closed the stream: no more data will come from it."""
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from overlay.mux import (
     ConnectionTerminated,
     DataReceived,
+    LastMessage,
     MuxConfig,
     MuxConnection,
     MuxError,
@@ -47,8 +48,9 @@ def pump(a: MuxConnection, b: MuxConnection, rounds: int = 1000) -> None:
 def messages(evts: list, stream_id: int) -> list[bytes]:
     out, partial = [], b""
     for e in evts:
-        if isinstance(e, OneShotStream) and e.stream_id == stream_id:
-            out.append(bytes(e.data))
+        if isinstance(e, OneShotStream | LastMessage) and e.stream_id == stream_id:
+            out.append(partial + bytes(e.data))
+            partial = b""
         elif isinstance(e, DataReceived) and e.stream_id == stream_id:
             partial += bytes(e.data)
             if e.end:
@@ -71,12 +73,12 @@ def test_open_send_receive_and_close_both_ways():
     got = events(b)
     assert isinstance(got[0], StreamOpened) and got[0].stream_id == sid
     assert messages(got, sid) == [b"header", b"payload"]
-    assert isinstance(got[-1], StreamEnded)
+    assert isinstance(got[-1], StreamEnded | LastMessage)
     b.send(sid, b"answer", fin=True)
     pump(a, b)
     got = events(a)
     assert messages(got, sid) == [b"answer"]
-    assert isinstance(got[-1], StreamEnded)
+    assert isinstance(got[-1], StreamEnded | LastMessage)
     assert a.stream_ids() == [] and b.stream_ids() == []
 
 
@@ -344,7 +346,7 @@ def test_mutated_frames_never_raise(data):
     b.receive_data(bytes(wire[cut:]))
     for event in events(b):
         assert isinstance(event, StreamOpened | DataReceived | StreamEnded | StreamReset
-                          | PongReceived | ConnectionTerminated | OneShotStream)
+                          | PongReceived | ConnectionTerminated | OneShotStream | LastMessage)
     b.data_to_send()
 
 
@@ -358,8 +360,7 @@ def test_a_stream_sent_whole_in_one_frame_is_one_event():
     assert got == [OneShotStream(sid, b"request")]
     b.send(sid, b"answer", fin=True)  # the answer closes the stream on both sides
     pump(a, b)
-    got = events(a)
-    assert messages(got, sid) == [b"answer"] and isinstance(got[-1], StreamEnded)
+    assert events(a) == [LastMessage(sid, b"answer")]
     assert a.stream_ids() == [] and b.stream_ids() == []
 
 
@@ -386,7 +387,7 @@ def test_frame_message_writes_one_frame_that_the_peer_reads_as_sent():
     assert b.frame_message(sid, (b"done",), 4, out, fin=True)
     a.receive_data(bytes(out))
     got = events(a)
-    assert messages(got, sid) == [b"ok", b"done"] and isinstance(got[-1], StreamEnded)
+    assert messages(got, sid) == [b"ok", b"done"] and isinstance(got[-1], StreamEnded | LastMessage)
     assert a.stream_ids() == [] and b.stream_ids() == []
     with pytest.raises(MuxError):  # a closed stream: refused, and `send` says why
         assert not a.frame_message(sid, (b"x",), 1, out, fin=False)
