@@ -267,11 +267,15 @@ class Host:
     async def call(self, peer: PeerId | Multiaddr | str, method: str, payload: bytes, *,
                    timeout: float | None = None) -> bytes:
         """Unary RPC: send `payload` to `method` on `peer` and return the answer's payload."""
-        timeout = self.config.default_call_timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        conn = self.connection_to(peer) if isinstance(peer, PeerId) else None
-        if conn is None:
+        if timeout is None:
+            timeout = self.config.default_call_timeout
+        conn = self._connections.get(peer) if type(peer) is PeerId else None
+        if conn is not None and not conn.closed:
+            loop = conn.loop  # (asyncio.get_running_loop() costs a getpid() system call)
+            deadline = loop.time() + timeout
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
             try:
                 async with asyncio.timeout_at(deadline):
                     conn = await self._connection(peer, timeout)
