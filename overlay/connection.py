@@ -36,8 +36,6 @@ from overlay.mux import (
     StreamOpened,
     StreamReset,
 )
-from overlay.mux.connection import MAX_FRAME_PAYLOAD
-from overlay.mux.frames import HEADER_SIZE
 from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
 from overlay.secure_handshake import HandshakeError, SecureHandshake
@@ -313,22 +311,17 @@ class Connection(asyncio.BufferedProtocol):
         return call
 
     def mux_send_parts(self, stream_id: int, parts, fin: bool, flush: bool = True) -> None:
-        """One message from `parts` (buffers of bytes). A message that fits one frame, on a
+        """One message from `parts` (buffers whose len() is their size: streams.byte_views).
+        A message that fits one frame, on a
         stream with nothing queued, is framed at once into the outgoing plaintext; otherwise
         it is queued in the multiplexer, every part but the last as a fragment (END unset).
         Raises MuxError when the stream is not open for sending."""
-        size = 0
-        for part in parts:
-            size += part.nbytes if type(part) is memoryview else len(part)
-        if size <= MAX_FRAME_PAYLOAD and not (self._paused or self.closed):
-            out = self._out
-            if len(out) + HEADER_SIZE + size > MAX_RECORD_PLAINTEXT and out:
-                self._write_out()  # whole frames per record
-            if self._mux.frame_message(stream_id, parts, size, out, fin=fin):
-                if flush and not self._corked:
-                    self._write_out()
-                return
-        if len(parts) > 1 and size <= JOIN_LIMIT:
+        if not (self._paused or self.closed) and self._mux.frame_message(
+                stream_id, parts, self._out, fin=fin):
+            if flush and not self._corked:
+                self._write_out()
+            return
+        if len(parts) > 1 and sum(memoryview(p).nbytes for p in parts) <= JOIN_LIMIT:
             parts = (b"".join(parts),)
         send = self._mux.send
         last = len(parts) - 1

@@ -284,6 +284,8 @@ class Host:
                                  f"{timeout:g} s") from None
         future = loop.create_future()
         try:
+            if type(payload) is not bytes:
+                payload = memoryview(payload).cast("B")
             call = conn.start_call((encode_request(method, KIND_UNARY, timeout), payload), future)
         except ConnectionLost as e:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
@@ -441,11 +443,7 @@ class Host:
             log.exception("handler %s failed for %s", header.method, ctx.peer)
             self._answer(stream, encode_error("internal", f"{header.method} failed"))
         else:
-            if not isinstance(result, _BUFFERS):
-                log.error("handler %s returned %s, not bytes", header.method, type(result))
-                self._answer(stream, encode_error("internal", "handler returned no bytes"))
-            else:
-                self._answer(stream, STATUS_OK, result)
+            self._answer(stream, *_answer_parts(ctx, result))
         finally:
             if timer is not None:
                 deadlines.cancel(timer)
@@ -524,8 +522,10 @@ _BUFFERS = (bytes, bytearray, memoryview)
 
 def _answer_parts(ctx: RpcContext, result) -> tuple:
     """The answer message of a handler that returned `result`."""
-    if isinstance(result, _BUFFERS):
+    if type(result) is bytes:
         return (STATUS_OK, result)
+    if isinstance(result, _BUFFERS):
+        return (STATUS_OK, memoryview(result).cast("B"))
     log.error("handler %s returned %s, not bytes", ctx.method, type(result))
     return (encode_error("internal", "handler returned no bytes"),)
 

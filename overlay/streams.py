@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 SEND_HIGH_WATER = 1 << 20
 
 
+def byte_views(parts) -> tuple:
+    """`parts` as buffers whose len() is their size in bytes (what Connection.mux_send_parts
+    takes): bytes as they are, anything else as a flat memoryview of bytes (no copy)."""
+    return tuple(p if type(p) is bytes else memoryview(p).cast("B") for p in parts)
+
+
 class ConnectionLost(ConnectionError):
     """The peer vanished, could not be reached, or the connection was closed."""
 
@@ -155,6 +161,8 @@ class Stream:
             raise StreamClosed(f"stream was reset: {self._error}")
         if self._send_closed:
             raise StreamClosed("stream is closed for sending")
+        if len(parts) != 1 or type(parts[0]) is not bytes:
+            parts = byte_views(parts)
         try:
             self._conn.mux_send_parts(self.stream_id, parts, end_stream, flush)
         except MuxError as e:

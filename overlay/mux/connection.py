@@ -55,6 +55,7 @@ PROTOCOL_ERROR = int(GoAwayCode.PROTOCOL_ERROR)
 _END_FIN = END | FIN
 _WHOLE_STREAM = SYN | END | FIN
 _HAS_PAYLOAD = (DATA, RESET)
+_DATA_FLAGS = ALLOWED_FLAGS[DATA]
 
 
 class MuxError(Exception):
@@ -184,16 +185,19 @@ class MuxConnection:
         if was_idle and (stream.send_window > 0 or len(view) == 0):
             self._ready.append(stream_id)
 
-    def frame_message(self, stream_id: int, parts, size: int, out: bytearray, *,
-                      fin: bool) -> bool:
-        """Append one whole message (the buffers `parts`, `size` bytes in all, as ONE DATA
-        frame) to `out` when it may go now: the stream is open for sending with nothing queued
-        ahead of it, and the message fits one frame and the stream's send window. Returns
-        False, writing nothing, otherwise: then the caller `send`s it. The small-message path
-        of the driver: no queue entry, and the payload is copied once, into `out`."""
+    def frame_message(self, stream_id: int, parts, out: bytearray, *, fin: bool) -> bool:
+        """Append one whole message (`parts`: buffers of bytes, whose len() is their size:
+        bytes, bytearray, memoryviews of format "B"; as ONE DATA frame) to `out` when
+        it may go now: the stream is open for sending with nothing queued ahead of it, and
+        the message fits the stream's send window and, with what `out` holds already, one
+        record. Returns False, writing nothing, otherwise: then the caller `send`s it. The
+        small-message path of the driver: no queue entry, and the payload is copied once,
+        into `out` (which the driver seals as one record)."""
         stream = self._streams.get(stream_id)
-        if (stream is None or stream.queue or stream.fin_queued or self._closed
-                or size > MAX_FRAME_PAYLOAD or size > stream.send_window):
+        if stream is None or stream.queue or stream.fin_queued or self._closed:
+            return False
+        size = sum(map(len, parts))
+        if size > stream.send_window or len(out) + HEADER_SIZE + size > MAX_RECORD_PLAINTEXT:
             return False
         flags = _END_FIN if fin else END
         if stream.syn_pending:
@@ -311,6 +315,13 @@ class MuxConnection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             return
+        if not self._inbuf and type(data) is bytes and len(data) >= HEADER_SIZE:
+            # The common case of small messages: the record holds exactly one DATA frame.
+            frame_type, flags, stream_id, length = HEADER.unpack_from(data)
+            if (frame_type == DATA and length == len(data) - HEADER_SIZE
+                    and length <= MAX_FRAME_PAYLOAD and not flags & ~_DATA_FLAGS):
+                self._on_data(flags, stream_id, memoryview(data)[HEADER_SIZE:])
+                return
         if self._inbuf:
             self._inbuf += data
             buf = bytes(self._inbuf)

@@ -378,19 +378,19 @@ def test_frame_message_writes_one_frame_that_the_peer_reads_as_sent():
     a, b = MuxConnection(True), MuxConnection(False)
     sid = a.open_stream()
     out = bytearray()
-    assert a.frame_message(sid, (b"head", memoryview(b"-body")), 9, out, fin=True)
+    assert a.frame_message(sid, (b"head", memoryview(b"-body")), out, fin=True)
     assert not a.has_data_to_send()  # nothing was queued
     b.receive_data(bytes(out))
     assert events(b) == [OneShotStream(sid, b"head-body")]
     out.clear()
-    assert b.frame_message(sid, (b"ok",), 2, out, fin=False)
-    assert b.frame_message(sid, (b"done",), 4, out, fin=True)
+    assert b.frame_message(sid, (b"ok",), out, fin=False)
+    assert b.frame_message(sid, (b"done",), out, fin=True)
     a.receive_data(bytes(out))
     got = events(a)
     assert messages(got, sid) == [b"ok", b"done"] and isinstance(got[-1], StreamEnded | LastMessage)
     assert a.stream_ids() == [] and b.stream_ids() == []
     with pytest.raises(MuxError):  # a closed stream: refused, and `send` says why
-        assert not a.frame_message(sid, (b"x",), 1, out, fin=False)
+        assert not a.frame_message(sid, (b"x",), out, fin=False)
         a.send(sid, b"x")
 
 
@@ -399,15 +399,18 @@ def test_frame_message_refuses_what_must_wait_and_writes_nothing():
     sid = a.open_stream()
     out = bytearray()
     big = MAX_FRAME_PAYLOAD + 1
-    assert not a.frame_message(sid, (b"x" * big,), big, out, fin=False)  # over one frame
+    assert not a.frame_message(sid, (b"x" * big,), out, fin=False)  # over one frame
+    full = bytearray(MAX_FRAME_PAYLOAD)  # `out` holds nearly a record already
+    assert not a.frame_message(sid, (b"x",), full, fin=False)
+    assert len(full) == MAX_FRAME_PAYLOAD
     a.send(sid, b"queued first")
-    assert not a.frame_message(sid, (b"later",), 5, out, fin=False)  # order within a stream
+    assert not a.frame_message(sid, (b"later",), out, fin=False)  # order within a stream
     a.data_to_send()
-    assert a.frame_message(sid, (b"now",), 3, out, fin=False)
+    assert a.frame_message(sid, (b"now",), out, fin=False)
     s2 = a.open_stream()
     a.send(s2, b"y" * INITIAL_WINDOW)
     a.data_to_send(INITIAL_WINDOW + 100)  # the window of s2 is used up
-    assert not a.frame_message(s2, (b"z",), 1, out, fin=False)
+    assert not a.frame_message(s2, (b"z",), out, fin=False)
     a.send(sid, b"", fin=True)
-    assert not a.frame_message(sid, (b"after fin",), 9, out, fin=False)
+    assert not a.frame_message(sid, (b"after fin",), out, fin=False)
     assert len(out) == HEADER.size + 3
