@@ -64,6 +64,20 @@ class PushRequest:
         return meta
 
 
+# Every step of a session names the same next hops: peer ids and addresses already found
+# valid are not parsed again (base58 and multiaddr parsing cost more than the rest of a step's
+# metadata). Bounded: cleared when full.
+_VALID_CACHE_SIZE = 4096
+_valid_peers: set[str] = set()
+_valid_addrs: set[str] = set()
+
+
+def _remember(cache: set[str], value: str) -> None:
+    if len(cache) >= _VALID_CACHE_SIZE:
+        cache.clear()
+    cache.add(value)
+
+
 def chain_to_wire(chain: tuple[PushHop, ...] | list[PushHop]) -> list[dict[str, Any]]:
     return [hop.to_wire() for hop in chain]
 
@@ -91,12 +105,15 @@ def _step_id(value: Any) -> int:
 def _peer(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 64:
         raise RequestError(BAD_INPUT, "a push hop's peer must be a peer id")
+    if value in _valid_peers:
+        return value
     try:
         canonical = str(PeerId.from_string(value))
     except IdentityError as e:
         raise RequestError(BAD_INPUT, f"bad push hop peer id: {e}") from None
     if canonical != value:
         raise RequestError(BAD_INPUT, "a push hop's peer id must be canonical")
+    _remember(_valid_peers, value)
     return value
 
 
@@ -104,6 +121,8 @@ def _addrs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_HOP_ADDRS:
         raise RequestError(BAD_INPUT, f"a push hop has a list of at most {MAX_HOP_ADDRS} "
                                       "addresses")
+    if all(type(addr) is str and addr in _valid_addrs for addr in value):
+        return tuple(value)
     for addr in value:
         if not isinstance(addr, str) or len(addr) > 256:
             raise RequestError(BAD_INPUT, "a push hop address must be a multiaddr")
@@ -111,6 +130,7 @@ def _addrs(value: Any) -> tuple[str, ...]:
             Multiaddr.parse(addr)
         except MultiaddrError as e:
             raise RequestError(BAD_INPUT, f"bad push hop address: {e}") from None
+        _remember(_valid_addrs, addr)
     return tuple(value)
 
 

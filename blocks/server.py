@@ -33,10 +33,12 @@ from overlay.streams import ConnectionLost, Stream, StreamClosed
 
 log = logging.getLogger(__name__)
 
-# Work expected to take less than this runs on the event loop itself: a thread hop costs
-# ~50-100 us, more than a decode step of a small span; longer work goes to the worker thread so
-# pings, the DHT and other sessions are not held up.
-INLINE_COMPUTE_LIMIT = 0.001
+# Work expected to take less than this (thread CPU time) runs on the event loop itself: a
+# thread hop costs ~50-100 us and GIL hand-offs, more than a decode step of a small span;
+# longer work goes to the worker thread so pings, the DHT and other sessions are not held up.
+# 2 ms: a small span's step measures 0.3-1.1 ms on a loaded 2-core machine, and must not
+# flip between the two; 2 ms is well under the 5 ms GIL switch interval the worker costs.
+INLINE_COMPUTE_LIMIT = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,13 +298,15 @@ class BlockServer:
         elapsed: list[float] = []
 
         def timed():
-            # Timed where it runs: the thread hop and GIL hand-offs (up to the 5 ms switch
-            # interval) must not count, or the estimate would never fall under the limit.
-            began = time.perf_counter()
+            # The CPU time of the thread that runs it: neither the thread hop nor waits for the
+            # GIL (torch drops it in every op; taking it back may wait the 5 ms switch interval
+            # while the loop runs Python) nor preemption on a loaded machine may count, or work
+            # once sent to the worker would be timed too slow to ever come back inline.
+            began = time.thread_time()
             try:
                 return fn(*args)
             finally:
-                elapsed.append(time.perf_counter() - began)
+                elapsed.append(time.thread_time() - began)
 
         try:
             # Inline only while the worker thread is idle: it may hold the span's lock.

@@ -268,7 +268,8 @@ class SpanSession:
 
     def commit(self, hidden: torch.Tensor, position: int) -> None:
         """The server has run `hidden` from `position` on: keep it for replay."""
-        _trim(self.inputs, position)
+        if position != self.position:  # `inputs` hold exactly [0, self.position): moved back
+            _trim(self.inputs, position)
         self.inputs.append(hidden)
         self.position = position + hidden.shape[1]
 
