@@ -131,22 +131,28 @@ def main() -> int:
                             return 1
                 swarm_ms, local_ms = statistics.median(ours), statistics.median(local)
                 prefix = "" if mode == "fast" else f"{mode}_"
+                # Also the best run of each: on a loaded machine the median of a few runs
+                # still moves with the load; the best runs are the least disturbed of both.
                 entry.update({f"{prefix}swarm_ms_per_token": round(swarm_ms, 3),
                               f"{prefix}local_ms_per_token": round(local_ms, 3),
-                              f"{prefix}overhead_ms_per_token": round(swarm_ms - local_ms, 3)})
+                              f"{prefix}overhead_ms_per_token": round(swarm_ms - local_ms, 3),
+                              f"{prefix}best_overhead_ms_per_token":
+                                  round(min(ours) - min(local), 3)})
             entry["tokens_identical"] = True
             results[name] = entry
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
           f"python={platform.python_version()}")
     print("command: OMP_NUM_THREADS=1 python scripts/bench_inference.py " + " ".join(sys.argv[1:]))
+    print(f"load average: {os.getloadavg()[0]:.1f} (other work on the machine)")
     print(f"{'model':<12}{'decode':>7}{'swarm ms/tok':>14}{'local ms/tok':>14}{'overhead':>10}"
-          f"{'ratio':>8}")
+          f"{'ratio':>8}{'best-run overhead':>19}")
     for name, r in results.items():
         for mode in args.decode.split(","):
             p = "" if mode == "fast" else f"{mode}_"
             swarm, local = r[f"{p}swarm_ms_per_token"], r[f"{p}local_ms_per_token"]
             print(f"{name:<12}{mode:>7}{swarm:>14.2f}{local:>14.2f}"
-                  f"{r[f'{p}overhead_ms_per_token']:>10.2f}{swarm / local:>8.2f}")
+                  f"{r[f'{p}overhead_ms_per_token']:>10.2f}{swarm / local:>8.2f}"
+                  f"{r[f'{p}best_overhead_ms_per_token']:>19.2f}")
     met = all(r.get("overhead_ms_per_token", 1e9) <= 1.0 for r in results.values())
     print(f"target: overhead <= 1.0 ms/token with a 2-span chain: {'met' if met else 'MISSED'}")
     print(json.dumps(results))
