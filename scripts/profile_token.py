@@ -1,0 +1,103 @@
+"""Per-token profile (issue 5): one token end to end, client + two servers in ONE process over
+real sockets (blocks [0,2) and [2,4) of the small 4x64 test model, push on): CPU per token and
+the Python profile (cProfile sees the loop thread only). Prints the client sends per step
+(1.0: push is used) and the servers' step-time estimates (under 2 ms: steps run inline).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/profile_token.py TOKENS (n | p [SORT])
+"""
+
+import asyncio
+import cProfile
+import os
+import pstats
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
+from bench_inference import write_model  # noqa: E402
+
+from blocks.server import BlockServer, ServingConfig  # noqa: E402
+from blocks.span import BlockSpan  # noqa: E402
+from client.inference import InferenceSession, SessionConfig  # noqa: E402
+from client.local_head import LocalHead  # noqa: E402
+from model_parts.files import default_model_id  # noqa: E402
+from overlay.host import Host  # noqa: E402
+from overlay.runtime import new_event_loop  # noqa: E402
+
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def main(model_dir, tokens, profile):
+    model_id = default_model_id(model_dir)
+    servers = []
+    for start, end in ((0, 2), (2, 4)):
+        host = Host()
+        [addr] = await host.listen("/ip4/127.0.0.1/tcp/0")
+        span = BlockSpan.load(model_dir, start, end)
+        server = BlockServer(span, ServingConfig(model_id=model_id))
+        server.attach(host)
+        servers.append((host, addr, server))
+    client = Host()
+    route = []
+    for (_host, addr, _server), (s, e) in zip(servers, ((0, 2), (2, 4))):
+        client.add_peer_addrs(addr.peer_id, [addr])
+        route.append((addr.peer_id, s, e))
+    head = LocalHead.load(model_dir)
+    prompt = torch.tensor([[1, 17, 42, 99, 7, 256, 311, 5]])
+    async with InferenceSession(client, model_id, route, SessionConfig(max_length=4096)) as session:
+        hidden = await session.step(head.embed(prompt))
+
+        def one():
+            token = head.logits(hidden[:, -1:]).argmax(-1)
+            return head.embed(token, position_ids=session.position)
+
+        for _ in range(20):
+            hidden = await session.step(one())
+        sends0 = session.client_sends
+        best = []
+        for _ in range(5):
+            t = cpu()
+            w = time.perf_counter()
+            for _ in range(tokens):
+                hidden = await session.step(one())
+            best.append(((cpu() - t) / tokens * 1e3, (time.perf_counter() - w) / tokens * 1e3))
+        print("client sends per step:", (session.client_sends - sends0) / (5 * tokens))
+        best.sort()
+        print(
+            f"CPU ms/token (client+2 servers, one process): min {best[0][0]:.3f} "
+            f"median {best[2][0]:.3f}; wall min {min(b[1] for b in best):.3f}"
+        )
+        if profile:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(200):
+                hidden = await session.step(one())
+            pr.disable()
+            st = pstats.Stats(pr)
+            print("python calls per token:", st.total_calls / 200)
+            st.sort_stats(sys.argv[3] if len(sys.argv) > 3 else "tottime").print_stats(45)
+    print(
+        "server step estimates (ms):",
+        [round(srv._seconds_per_token * 1e3, 3) for _, _, srv in servers],
+    )
+    await client.close()
+    for host, _addr, server in servers:
+        await server.close()
+        await host.close()
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    model_dir = write_model("small-4x64", Path(tmp))
+    with asyncio.Runner(loop_factory=new_event_loop) as r:
+        r.run(main(model_dir, int(sys.argv[1]), sys.argv[2] == "p"))
