@@ -48,6 +48,8 @@ from torch import nn
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
+from blocks.reference_check import ProbeCase
+
 if TYPE_CHECKING:
     from blocks.compiled_decode import CompiledStep
     from blocks.span import BlockSpan
@@ -400,27 +402,37 @@ def _agrees(
         return f"{type(exc).__name__}: {exc}"
 
 
+def probe_cases(span: BlockSpan, batches: Sequence[int] = PROBE_BATCHES) -> list[ProbeCase]:
+    """The random probe sequences the checks run: for each probed prefix length and batch size,
+    a prefix and ``PROBE_STEPS`` single-token steps (fixed seed)."""
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for prefix in _probe_prefixes(span):
+        for batch in batches:
+            first = _random_hidden(span, generator, batch, prefix)
+            steps = tuple(_random_hidden(span, generator, batch, 1) for _ in range(PROBE_STEPS))
+            cases.append(ProbeCase(first, steps))
+    return cases
+
+
 def _compare(
     span: BlockSpan,
     new_cache: Callable[[int, int], Any],
     step: Callable[[torch.Tensor, Any, int], torch.Tensor],
     batches: Sequence[int],
 ) -> str | None:
-    generator = torch.Generator().manual_seed(0)
-    for prefix in _probe_prefixes(span):
-        for batch in batches:
-            plain_cache = DynamicCache(config=span._config)
-            fast_cache = new_cache(batch, prefix + PROBE_STEPS)
-            first = _random_hidden(span, generator, batch, prefix)
-            span._run(first, plain_cache, None)
-            span._run(first, fast_cache, None)
-            for index in range(PROBE_STEPS):
-                hidden = _random_hidden(span, generator, batch, 1)
-                want = span._run(hidden, plain_cache, None)
-                got = step(hidden, fast_cache, prefix + index)
-                if not _close(got, want):
-                    diff = float((got.float() - want.float()).abs().max())
-                    return f"batch {batch}, position {prefix + index}: max difference {diff:.3g}"
+    for case in probe_cases(span, batches):
+        batch, prefix = case.prefix.shape[:2]
+        plain_cache = DynamicCache(config=span._config)
+        fast_cache = new_cache(batch, prefix + len(case.steps))
+        span._run(case.prefix, plain_cache, None)
+        span._run(case.prefix, fast_cache, None)
+        for index, hidden in enumerate(case.steps):
+            want = span._run(hidden, plain_cache, None)
+            got = step(hidden, fast_cache, prefix + index)
+            if not _close(got, want):
+                diff = float((got.float() - want.float()).abs().max())
+                return f"batch {batch}, position {prefix + index}: max difference {diff:.3g}"
     return None
 
 
@@ -514,8 +526,8 @@ def capture_step(
     Each graph has its own memory pool (a decode step's intermediates are small): graphs sharing
     one pool broke PyTorch 2.11's allocator (an internal assert) once one of them was freed.
     ``compiled`` (blocks/compiled_decode.py): capture the compiled step instead of the eager one;
-    its replay must match an eager step of the same input, and where compiling fails or the
-    results differ, the eager step is captured instead (the reason is logged).
+    it must pass ``CompiledStep.capture_problem`` (against an eager step of the same input), and
+    where compiling fails or the check fails, the eager step is captured instead (logged).
 
     Returns the graph (None if the capture failed or its result differs from an eager run of the
     same step) and the step's output; either way the cache has advanced by this one step.
@@ -564,15 +576,16 @@ def capture_step(
             return capture_step(span, cache, hidden)
         return None, span._run(static_in, cache, None)
     graph.replay()
-    want = eager if reference is None else reference
-    if not _close(static_out, want):
-        diff = float((static_out.float() - want.float()).abs().max())
-        if compiled is not None:
-            compiled.failed[key] = f"its CUDA graph differs from the eager step ({diff:.3g})"
-            log.warning("blocks [%d, %d): the compiled step %s; eager CUDA graphs",
-                        span.start, span.end, compiled.failed[key])
+    if compiled is not None:
+        problem = compiled.capture_problem(static_out, eager, reference)
+        if problem is not None:
+            compiled.failed[key] = problem
+            log.warning("blocks [%d, %d): the compiled step: %s; eager CUDA graphs",
+                        span.start, span.end, problem)
             cache.crop(-1)
             return capture_step(span, cache, hidden)
+    elif not _close(static_out, eager):
+        diff = float((static_out.float() - eager.float()).abs().max())
         log.warning("CUDA graph replay differs from the eager step (%.3g); eager steps", diff)
         return None, eager
     output = static_out.clone()

@@ -57,6 +57,9 @@ from model_parts.skeleton import (
 
 log = logging.getLogger(__name__)
 
+# No single-token fast path at all (and no probes to set one up): the plain path only.
+PLAIN_DECODE = DecodeOptions(direct_layers=False, static_cache=False, compile=False)
+
 
 class SpanInputError(ModelInputError):
     """A request to a span or session is malformed (shape, dtype, length, position)."""
@@ -323,8 +326,9 @@ class BlockSpan:
         span._set_up_fast_paths(decode or DecodeOptions())
         return span
 
-    def subspan(self, start: int, end: int) -> BlockSpan:
-        """Blocks [start, end) of this span, sharing its weights (a client may run any slice)."""
+    def subspan(self, start: int, end: int, decode: DecodeOptions | None = None) -> BlockSpan:
+        """Blocks [start, end) of this span, sharing its weights (a client may run any slice).
+        ``decode``: its fast paths (default: this span's; ``PLAIN_DECODE``: none, no probes)."""
         if not (isinstance(start, int) and isinstance(end, int)) or not (
             self.start <= start < end <= self.end
         ):
@@ -341,7 +345,7 @@ class BlockSpan:
         view = BlockSpan(self._loaded, model, config, (start, end), (lo, hi), self._layers_path)
         view._cache_costs = self._cache_costs[start - self.start : end - self.start]
         view.quant = self.quant
-        view._set_up_fast_paths(self._decode_options, lazy_direct=True)
+        view._set_up_fast_paths(decode or self._decode_options, lazy_direct=True)
         return view
 
     # ------------------------------------------------------------ fast paths

@@ -181,9 +181,13 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
     unfinished = torch.ones(batch, dtype=torch.bool)
     try:
         new = tokens[:, session.position:]
+        greedy = not params.do_sample and params.repetition_penalty == 1.0
         for _ in range(params.max_new_tokens):
-            logits = await session.step(new, last_only=True)
-            chosen = next_tokens(logits[:, -1], tokens, params, generator)
+            if greedy:  # the argmax where the head is; only the ids come back
+                chosen = (await session.step_greedy(new)).to(tokens.device)
+            else:
+                logits = await session.step(new, last_only=True)
+                chosen = next_tokens(logits[:, -1], tokens, params, generator)
             if eos is not None:
                 chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
             tokens = torch.cat([tokens, chosen[:, None]], dim=1)

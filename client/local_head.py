@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from client.head_graph import GreedyHeadGraphs
 from model_parts.files import ModelFiles
 from model_parts.skeleton import (
     DeviceOptions,
@@ -109,6 +110,12 @@ class LocalHead:
         self._logits_chain: list[nn.Module] | None = None
         with torch.inference_mode():
             self._find_direct_paths()
+        self._greedy_graphs: GreedyHeadGraphs | None = None
+        if self.device.type == "cuda" and self._logits_chain is not None:
+            chain = self._logits_chain
+            self._greedy_graphs = GreedyHeadGraphs(
+                lambda hidden: _run_chain(chain, hidden), self.device, self.dtype
+            )
 
     @classmethod
     def load(
@@ -200,6 +207,30 @@ class LocalHead:
     def logits(self, hidden_states: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Logits [batch, length, vocab] for hidden states leaving the last block; with `grad`,
         under autograd (fine-tuning: gradients flow back to the hidden states)."""
+        self._check_hidden(hidden_states)
+        hidden = hidden_states.to(self.device)
+        with self._lock, torch.inference_mode(not grad):
+            return self._logits_of(hidden)
+
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The most likely next token of each sequence, [batch] int64 on the CPU, for hidden
+        states leaving the last block [batch, length, hidden] (the last position's).
+
+        The argmax runs where the head is and only the ids come back. On a GPU the final norm,
+        LM head and argmax replay as one CUDA graph per batch size (client/head_graph.py; equal
+        to the eager run, checked at capture), where the family's logits are a chain of modules.
+        """
+        self._check_hidden(hidden_states)
+        last = hidden_states[:, -1:]
+        with self._lock, torch.inference_mode():
+            if self._greedy_graphs is not None:
+                ids = self._greedy_graphs.tokens(last)
+                if ids is not None:
+                    return ids
+            logits = self._logits_of(last.to(self.device))
+            return logits[:, -1].argmax(-1).cpu()
+
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         if (
             not isinstance(hidden_states, torch.Tensor)
             or hidden_states.ndim != 3
@@ -210,11 +241,11 @@ class LocalHead:
             raise ModelInputError(f"hidden states must be [batch, length, {self.hidden_size}]")
         if hidden_states.dtype != self.dtype:
             raise ModelInputError(f"hidden states are {hidden_states.dtype}, head is {self.dtype}")
-        hidden = hidden_states.to(self.device)
-        with self._lock, torch.inference_mode(not grad):
-            if self._logits_chain is not None:
-                return _run_chain(self._logits_chain, hidden)
-            return self._logits_by_forward(hidden)
+
+    def _logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._logits_chain is not None:
+            return _run_chain(self._logits_chain, hidden)
+        return self._logits_by_forward(hidden)
 
     def _logits_by_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # What goes in as "embeddings" is ignored; only its shape must suit the model.

@@ -191,6 +191,14 @@ class RemoteModel:
             return await asyncio.to_thread(self.head.logits, hidden)
         return self.head.logits(hidden)
 
+    async def head_greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy next token [batch] (CPU) after hidden states leaving the last block: the
+        argmax runs where the head is, only the ids come back (see LocalHead.greedy_tokens)."""
+        macs = hidden.shape[0] * self.head.hidden_size * self.head.vocab_size
+        if macs > HEAD_INLINE_MACS and self.head.device.type == "cpu":
+            return await asyncio.to_thread(self.head.greedy_tokens, hidden)
+        return self.head.greedy_tokens(hidden)
+
     def _inputs_to_hidden(self, input_ids: torch.Tensor | None,
                           inputs_embeds: torch.Tensor | None, position: int | None,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -327,6 +335,15 @@ class ModelSession:
         if last_only:
             out = out[:, -1:]
         return await self.model.head_logits(out)
+
+    async def step_greedy(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The greedy next token [batch] (CPU int64) after new positions `input_ids`: the
+        argmax of the last position's logits, which never leave the head's device."""
+        if self.closed:
+            raise InferenceError("the inference session is closed")
+        hidden = self.model._inputs_to_hidden(input_ids, None, self.position)
+        out = await self.step_hidden(hidden)
+        return await self.model.head_greedy(out[:, -1:])
 
     def rollback(self, position: int) -> None:
         """Forget positions from `position` on (e.g. rejected draft tokens)."""

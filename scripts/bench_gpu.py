@@ -17,8 +17,9 @@ disk), in bf16, on the GPU(s) of this machine. In one run:
 (a) runs once per server decode mode of ``--decode`` (default ``compiled,fast``: torch.compile
 then CUDA graphs, against CUDA graphs of the eager step), side by side in the same run; for each
 it also reports where a token's time goes: the server's own step (its CUDA graph replay, timed
-on the GPU and logged by the server), the client's head (logits, argmax, the token read back),
-its embedding, and the rest of the step's round trip (serialization, encryption, RPC, copies).
+on the GPU and logged by the server), the client's head (final norm, logits and argmax as one
+CUDA graph, the token id read back), its embedding, and the rest of the step's round trip
+(serialization, encryption, RPC, copies).
 
     python scripts/bench_gpu.py [--parts a,b,c] [--tokens 128] [--decode compiled,fast]
                                 [--log-dir DIR]
@@ -146,13 +147,14 @@ async def swarm_generate(model_dir: Path, bootstrap: str, tokens: int,
             new: list[int] = []
             for _ in range(tokens):
                 t0 = clock()
-                token = head.logits(hidden[:, -1:]).argmax(-1)
-                new.append(int(token))  # the token read back: waits for the head
+                # The argmax on the GPU (one graph with the norm and head); the ids read back.
+                token = head.greedy_tokens(hidden[:, -1:])
+                new.append(int(token))
                 t1 = clock()
                 parts["head"] += t1 - t0
                 if len(new) == tokens:
                     break
-                embedded = head.embed(token, position_ids=session.position)
+                embedded = head.embed(token[:, None], position_ids=session.position)
                 t2 = clock()
                 hidden = await session.step(embedded)
                 parts["embed"] += t2 - t1
@@ -182,7 +184,7 @@ async def swarm_steps(model_dir: Path, bootstrap: str, length: int, steps: int,
             for index in range(prefix, length):
                 hidden = await session.step(head.embed(ids[:, index:index + 1],
                                                        position_ids=index))
-            head.logits(hidden[:, -1:]).argmax(-1).tolist()
+            head.greedy_tokens(hidden[:, -1:]).tolist()
             elapsed = time.perf_counter() - began
     finally:
         await client.close()
@@ -204,6 +206,9 @@ def server_log_figures(log_dir: Path) -> dict:
     if graphs:
         figures["server_graph"] = graphs[-1][0]
         figures["server_step_ms"] = float(graphs[-1][1])
+    accepted = re.search(r"accepted by the float32-reference rule: (.*)", text)
+    if accepted:
+        figures["compile_check"] = accepted.group(1)[:400]
     failures = re.findall(r"(no compiled steps: .*|torch.compile failed .*|the compiled step .*)",
                           text)
     if failures:

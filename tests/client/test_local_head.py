@@ -107,3 +107,27 @@ def test_direct_paths_are_found_where_they_exist(tmp_path: Path) -> None:
     gpt2 = LocalHead.load(save_model("gpt2", tmp_path / "gpt2"))
     assert gpt2._embed_chain is None  # position embeddings: the whole forward is needed
     assert gpt2._logits_chain is not None
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_are_the_argmax_of_the_logits(tmp_path: Path, device: str,
+                                                    dtype: str) -> None:
+    """Only the ids come back, on the CPU, equal to the argmax of the last position's logits;
+    on a GPU through one CUDA graph per batch size (captured once, then replayed)."""
+    head = LocalHead.load(save_model("llama", tmp_path / "llama"), DeviceOptions(device, dtype))
+    generator = torch.Generator().manual_seed(4)
+    for batch, length in ((1, 1), (3, 1), (1, 1), (2, 4)):
+        hidden = torch.randn(batch, length, head.hidden_size, generator=generator)
+        hidden = hidden.to(device, head.dtype)
+        ids = head.greedy_tokens(hidden)
+        assert ids.device.type == "cpu" and ids.shape == (batch,)
+        assert torch.equal(ids, head.logits(hidden)[:, -1].argmax(-1).cpu())
+    if device == "cuda":
+        assert set(head._greedy_graphs._graphs) == {1, 2, 3}
+        assert all(graph is not None for graph in head._greedy_graphs._graphs.values())
+    with pytest.raises(ModelInputError):
+        head.greedy_tokens(torch.zeros(1, 1, head.hidden_size + 1, dtype=head.dtype))
