@@ -32,6 +32,11 @@ give the plain path's results:
    is kept for the next session of the same shape, one per loaded span, so a client opening
    session after session does not pay the capture every time.
 
+These checks compare runs of the same kernels (a static cache changes only the attention's
+masking), so they ask for equality within ``tolerance(dtype)``, bf16 included. A torch.compile'd
+step (blocks/compiled_decode.py) rounds in other places: in bf16 and fp16 it is judged instead by
+its distance to a float32 run of the probe (blocks/reference_check.py).
+
 This module never touches the network.
 """
 

@@ -196,6 +196,17 @@ def float32_weights(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[Non
             tensor.data = tensor.data.to(dtype)
 
 
+@contextlib.contextmanager
+def _full_float32_matmuls() -> Iterator[None]:
+    """float32 products in float32 (not TF32, which someone may have allowed process-wide)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -228,7 +239,7 @@ def float32_reference(
     inputs = [[case.prefix.float(), *(s.float() for s in case.steps)] for case in cases]
     for first in range(span.start, span.end, chunk):
         view = span.subspan(first, min(first + chunk, span.end), decode=PLAIN_DECODE)
-        with float32_weights(view._model, span.dtype):
+        with float32_weights(view._model, span.dtype), _full_float32_matmuls():
             outputs = []
             for sequence in inputs:
                 cache = DynamicCache(config=view._config)

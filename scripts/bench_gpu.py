@@ -136,8 +136,9 @@ async def swarm_generate(model_dir: Path, bootstrap: str, tokens: int,
         remote = RemoteBlocks(client, default_model_id(model_dir), num_blocks)
         prompt = torch.tensor([PROMPT], device=DEVICE)
         async with await remote.inference_session(1, len(PROMPT) + tokens + 8) as session:
-            await session.step(head.embed(prompt[:, :2]))  # warm-up: route, graph capture
-            await session.step(head.embed(prompt[:, 2:3], position_ids=2))
+            await session.step(head.embed(prompt[:, :2]))  # warm-up: route, graph captures
+            hidden = await session.step(head.embed(prompt[:, 2:3], position_ids=2))
+            head.greedy_tokens(hidden)
             session.rollback(0)
             _sync()
             clock = time.perf_counter
