@@ -86,7 +86,7 @@ class DecodeOptions:
     static_cache: bool | None = None
     cuda_graphs: bool = True
     # torch.compile of the static-cache step (blocks/compiled_decode.py); None: on CUDA only.
-    # Off by default: on an H200 the 8B step compiled (31 s) but failed its check (see there).
+    # Off here (a compile costs ~35 s at load); ``serve`` asks for it by default (--decode).
     compile: bool | None = False
 
 

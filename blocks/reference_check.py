@@ -218,13 +218,25 @@ def _free_bytes(device: torch.device) -> int:
         return 1 << 62  # unknown: one chunk
 
 
+class NoReferenceMemory(RuntimeError):
+    """Not even one layer's float32 copy fits in the share of free memory the check may take."""
+
+
 def chunk_layers(span: BlockSpan) -> int:
-    """How many layers of the span are upcast at once (at least one)."""
+    """How many layers of the span are upcast at once; raises NoReferenceMemory where even one
+    layer would take more than ``REFERENCE_MEMORY_SHARE`` of the free memory (no out-of-memory
+    error half-way through an upcast)."""
     layers = span._loaded.layers[span._lo : span._hi]
     per_layer = max(
         sum(p.numel() * 4 for p in layer.parameters() if p.dtype == span.dtype) for layer in layers
     )
     budget = REFERENCE_MEMORY_SHARE * _free_bytes(span.device)
+    if per_layer > budget:
+        raise NoReferenceMemory(
+            f"a layer's float32 copy takes {per_layer / 2**30:.2f} GiB, more than "
+            f"{REFERENCE_MEMORY_SHARE:.0%} of the {budget / REFERENCE_MEMORY_SHARE / 2**30:.2f} "
+            f"GiB free on {span.device}"
+        )
     return max(1, min(span.num_blocks, int(budget // max(per_layer, 1))))
 
 

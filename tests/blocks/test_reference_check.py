@@ -123,3 +123,14 @@ def test_the_capture_check_of_a_compiled_step(bf16_span: BlockSpan) -> None:
     far = (eager.float() + 0.2 * eager.float().norm() / 8).bfloat16()
     assert "relative L2" in step.capture_problem(far, far, eager)
     assert "CUDA graph differs" in step.capture_problem(far, near, eager)
+
+
+def test_no_memory_for_the_reference_means_no_compiled_steps(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reference_check, "_free_bytes", lambda device: 1000)
+    span = BlockSpan.load(llama_dir, 0, 2, BF16,
+                          decode=DecodeOptions(static_cache=True, compile=True))
+    assert not span.decode_paths["compiled"] and span.decode_paths["static_cache"]
+    assert "no float32 reference" in span.fast_path_notes["compiled"]
+    assert "GiB free" in span.fast_path_notes["compiled"]
