@@ -14,7 +14,6 @@ import time
 from blocks.announcement import AnnouncementError, ServerInfo
 from blocks.next_hops import NextPingTable, choose_targets, next_hop_candidates
 from overlay.identity import IdentityError, PeerId
-from overlay.streams import ConnectionLost
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,4 @@ class NextHopPinger:
         return self.table.snapshot(now)
 
     async def _ping(self, peer_text: str) -> float | None:
-        try:
-            peer = PeerId.from_string(peer_text)
-            await self.host.connect(peer, timeout=PING_TIMEOUT)
-            conn = self.host.connection_to(peer)
-            return await conn.ping(timeout=PING_TIMEOUT) if conn is not None else None
-        except (ConnectionLost, TimeoutError, IdentityError, OSError) as e:
-            log.info("next server %s unreachable: %s", peer_text[-8:], e)
-            return None
+        return await self.host.round_trip(peer_text, PING_TIMEOUT)

@@ -20,7 +20,6 @@ from overlay.dht.config import DHTConfig
 from overlay.dht.driver import DHT
 from overlay.host import Host
 from overlay.identity import Identity, IdentityError, PeerId
-from overlay.streams import ConnectionLost
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +73,7 @@ class SwarmClient:
         return {p: self._rtts[p][0] for p in peers if p in self._rtts}
 
     async def _ping(self, peer_text: str) -> float | None:
-        try:
-            peer = PeerId.from_string(peer_text)
-            await self.host.connect(peer, timeout=PING_TIMEOUT)
-            conn = self.host.connection_to(peer)
-            return await conn.ping(timeout=PING_TIMEOUT) if conn is not None else None
-        except (ConnectionLost, TimeoutError, IdentityError, OSError) as e:
-            log.info("server %s unreachable: %s", peer_text[-8:], e)
-            return None
+        return await self.host.round_trip(peer_text, PING_TIMEOUT)
 
     def forget_rtt(self, peer: str) -> None:
         self._rtts.pop(peer, None)

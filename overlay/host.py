@@ -18,7 +18,7 @@ from typing import NamedTuple
 from overlay.connection import Connection
 from overlay.deadlines import Deadlines
 from overlay.eager import resume
-from overlay.identity import Identity, PeerId
+from overlay.identity import Identity, IdentityError, PeerId
 from overlay.link_delay import delay_from_env
 from overlay.multiaddr import Multiaddr
 from overlay.mux import MuxConfig
@@ -156,6 +156,19 @@ class Host:
         """Dial `target` (a multiaddr, or a peer id from the address book); returns its peer id."""
         conn = await self._connection(target, timeout)
         return conn.remote_peer
+
+    async def round_trip(self, peer: str, timeout: float) -> float | None:
+        """Seconds of one transport-level ping to `peer` (a peer id string, dialled from the
+        address book if need be), or None when it cannot be reached in `timeout`: what route
+        choice and server-to-server pings measure."""
+        try:
+            peer_id = PeerId.from_string(peer)
+            await self.connect(peer_id, timeout=timeout)
+            conn = self.connection_to(peer_id)
+            return await conn.ping(timeout=timeout) if conn is not None else None
+        except (ConnectionLost, TimeoutError, IdentityError, OSError) as e:
+            log.info("peer %s unreachable: %s", peer[-8:], e)
+            return None
 
     async def _connection(self, target: PeerId | Multiaddr | str,
                           timeout: float | None) -> Connection:
