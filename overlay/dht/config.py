@@ -22,6 +22,19 @@ STALE_AFTER_FAILURES = 5
 # Kademlia 2.3: "each node refreshes any bucket to which it has not performed a node lookup
 # in the past hour".
 BUCKET_REFRESH_INTERVAL = 3600.0
+# What keeps a bucket fresh. Kademlia 2.3: "buckets are generally kept fresh by the traffic
+# of requests traveling through nodes"; BEP 5 makes it a rule: "Each bucket should maintain a
+# 'last changed' property ... When a node in a bucket is pinged and it responds, or a node is
+# added to a bucket, or a node in a bucket is replaced with another node, the bucket's last
+# changed property should be updated. Buckets that have not been changed in 15 minutes
+# should be 'refreshed'." With this rule (the default) a bucket needs no refresh lookup while
+# answers come from its range (any answer to a request of ours: the traffic of our lookups
+# passing through it, pings, stores) or contacts are added to or replaced in it; and the
+# buckets below our k-th closest contact, which a lookup of our own id passes through
+# together, are refreshed by that one lookup. Off, the paper's letter: only a lookup whose
+# target falls into the bucket counts, and every bucket gets its own (research comparisons).
+# The interval stays the paper's hour, not BEP 5's 15 minutes.
+TRAFFIC_REFRESHES_BUCKETS = True
 # Kademlia 2.5: key-value pairs are republished once an hour.
 REPUBLISH_INTERVAL = 3600.0
 # BEP 5 ("DHT Protocol", BitTorrent): a node is "good" if it answered or sent us a request
@@ -69,6 +82,7 @@ class DHTConfig:
     questionable_after: float = QUESTIONABLE_AFTER
     replacement_cache_size: int = K_BUCKET_SIZE
     bucket_refresh_interval: float = BUCKET_REFRESH_INTERVAL
+    traffic_refreshes_buckets: bool = TRAFFIC_REFRESHES_BUCKETS
     republish_interval: float = REPUBLISH_INTERVAL
     # A republish is never scheduled sooner than this after the previous store.
     min_republish_interval: float = 30.0

@@ -362,6 +362,7 @@ class DHTNode:
             return
         self.health.on_success(pending.contact.node_id, now - pending.sent_at, now)
         self._saw(pending.contact, now)
+        self.table.mark_answered(pending.contact.node_id, now)
         op = pending.op
         if not op.done:
             op.on_response(self, pending, response, now)
@@ -418,17 +419,35 @@ class DHTNode:
                 op.armed_at = None  # re-armed by _drive if still waiting
                 self._drive(op, now)
         if self.serves:
-            due_buckets = self.table.refresh_due(now)
-            if due_buckets:
-                targets = [self.table.random_id_in_bucket(i, self.random_bits)
-                           for i in due_buckets]
-                for target in targets[_MAX_REFRESH_TARGETS:]:  # their turn comes next time
-                    self.table.mark_lookup(target, now)
-                op = LookupOperation(
-                    self, self._new_op_id(), targets[:_MAX_REFRESH_TARGETS], now, internal=True
-                )
-                self._run(op, now)
+            refresh_at = self.table.next_refresh_at()
+            if refresh_at is not None and refresh_at <= now:
+                self._refresh_buckets(now)
         self._republish_due(now)
+
+    def _refresh_buckets(self, now: float) -> None:
+        """Kademlia 2.3: a lookup of a random id in every bucket due for a refresh. With the
+        traffic rule, the due buckets below our k-th closest contact share one lookup of our
+        own id, which passes through all of them (`RoutingTable.neighbourhood_floor`)."""
+        table = self.table
+        due = table.refresh_due(now)
+        if not due:
+            return
+        targets = []
+        if self.config.traffic_refreshes_buckets:
+            floor = table.neighbourhood_floor()
+            if due[0] < floor:
+                for i in due:
+                    if i < floor:
+                        table.mark_bucket(i, now)
+                targets.append(self.node_id)
+                due = [i for i in due if i >= floor]
+        targets += [table.random_id_in_bucket(i, self.random_bits) for i in due]
+        for target in targets[_MAX_REFRESH_TARGETS:]:  # their turn comes next time
+            table.mark_lookup(target, now)
+        op = LookupOperation(
+            self, self._new_op_id(), targets[:_MAX_REFRESH_TARGETS], now, internal=True
+        )
+        self._run(op, now)
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` must next be called (None: only after new input)."""

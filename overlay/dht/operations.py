@@ -447,7 +447,13 @@ class PingOperation(Operation):
 class BootstrapOperation(LookupOperation):
     """Join (Kademlia 2.3): look ourselves up through the given peers, then refresh every
     bucket farther away than our closest neighbour (serving nodes only: a client just needs
-    a few contacts to start its lookups from)."""
+    a few contacts to start its lookups from).
+
+    With the traffic rule (`DHTConfig.traffic_refreshes_buckets`) the buckets below our k-th
+    closest contact are left out: the self-lookup has just asked every node they hold, so a
+    lookup there would find nobody new. The farther buckets are refreshed even when an
+    answer of the self-lookup came from them: one path answer does not fill a bucket, and
+    the refresh is what populates it (and announces us there)."""
 
     __slots__ = ("phase", "seed_ids", "total_hops", "total_requests")
 
@@ -459,8 +465,11 @@ class BootstrapOperation(LookupOperation):
     def _lookups_finished(self, node: DHTNode, now: float) -> None:
         if self.phase == "self" and node.serves:  # a client only needs a few contacts
             self.phase = "refresh"
-            targets = [node.table.random_id_in_bucket(i, node.random_bits)
-                       for i in node.table.refresh_indices()]
+            indices = node.table.refresh_indices()
+            if node.config.traffic_refreshes_buckets:
+                floor = node.table.neighbourhood_floor()
+                indices = range(max(indices.start, floor), indices.stop) if indices else indices
+            targets = [node.table.random_id_in_bucket(i, node.random_bits) for i in indices]
             self._start_lookups(node, targets, now)
             self.step(node, now)
             return

@@ -14,6 +14,13 @@ full bucket, a cascade). A contact that failed `stale_after_failures` requests i
 stale (section 4.1) and is replaced as soon as a replacement is waiting; with no replacement
 it is only flagged, so a node whose own link went down does not empty its table.
 
+Bucket refresh (Kademlia 2.3): a bucket not refreshed for `bucket_refresh_interval` is due
+for a lookup of a random id in its range. What refreshes it is the config's choice: by
+default (`traffic_refreshes_buckets`, BEP 5's "last changed" property) a lookup into it, an
+answer from any node in its range, or a contact added to or replaced in it; with the paper's
+letter only a lookup into it. Answers are frequent, so they only move the bucket's clock:
+the cached next refresh time is a lower bound, made exact again by `refresh_due`.
+
 Only nodes that serve DHT requests may be added; the caller checks that, since it knows the
 request flags.
 
@@ -65,13 +72,14 @@ class RoutingTable:
 
     __slots__ = (
         "_buckets",
+        "_changed_at",
         "_config",
         "_created_at",
         "_indices",
-        "_looked_up_at",
         "_lowest",
         "_refresh_at",
         "_size",
+        "_traffic",
         "self_id",
     )
 
@@ -82,9 +90,12 @@ class RoutingTable:
         self._indices: list[int] = []  # bucket indices created so far, ascending
         self._size = 0
         self._created_at = now
-        self._looked_up_at: dict[int, float] = {}  # bucket index -> time of the last lookup
+        # bucket index -> when it was last refreshed (looked up into; with the traffic rule
+        # also answered from or changed); a bucket never refreshed counts from `now`
+        self._changed_at: dict[int, float] = {}
+        self._traffic = config.traffic_refreshes_buckets
         self._lowest: int | None = -1  # lowest populated bucket (None: empty; -1: unknown)
-        self._refresh_at: float | None = None  # cache of next_refresh_at()
+        self._refresh_at: float | None = None  # next_refresh_at(): exact or a lower bound
         self._invalidate()
 
     def __len__(self) -> int:
@@ -130,7 +141,7 @@ class RoutingTable:
             self._refresh_at = None
         else:
             span = range(self._lowest, ID_BITS)
-            last = min(self._looked_up_at.get(i, self._created_at) for i in span)
+            last = min(self._changed_at.get(i, self._created_at) for i in span)
             self._refresh_at = last + self._config.bucket_refresh_interval
 
     def _index(self, node_id: int) -> int:
@@ -163,11 +174,15 @@ class RoutingTable:
             return AddOutcome.UPDATED
         if len(contacts) < self._config.k:
             self._insert(bucket, contact, now)
+            if self._traffic:
+                self._changed_at[index] = now  # BEP 5: "a node is added to a bucket"
             return AddOutcome.ADDED
         stale = self._stale_contact(bucket)
         if stale is not None:
             self._remove_from(bucket, stale)
             self._insert(bucket, contact, now)
+            if self._traffic:
+                self._changed_at[index] = now  # BEP 5: a node "is replaced"
             return AddOutcome.ADDED
         self._cache_replacement(bucket, contact, now)
         if bucket.pending_ping is not None or not may_ping:
@@ -178,10 +193,10 @@ class RoutingTable:
         bucket.pending_ping = least_recent
         return PingLeastRecent(contacts[least_recent], contact)
 
-    def _insert(self, bucket: _Bucket, contact: Contact, now: float) -> None:
+    def _insert(self, bucket: _Bucket, contact: Contact, seen: float) -> None:
         node_id = contact.node_id
         bucket.contacts[node_id] = contact
-        bucket.seen[node_id] = now
+        bucket.seen[node_id] = seen
         if bucket.replacements:
             bucket.replacements.pop(node_id, None)
         self._size += 1
@@ -190,7 +205,8 @@ class RoutingTable:
 
     def on_ping_result(self, node_id: int, alive: bool, now: float) -> Contact | None:
         """Resolve a `PingLeastRecent`; returns the replacement promoted when it was dead."""
-        bucket = self._buckets.get(self._index(node_id))
+        index = self._index(node_id)
+        bucket = self._buckets.get(index)
         if bucket is None:
             return None
         if bucket.pending_ping == node_id:
@@ -204,11 +220,12 @@ class RoutingTable:
             bucket.failures.pop(node_id, None)
             return None
         self._remove_from(bucket, node_id)
-        return self._promote_replacement(bucket, now)
+        return self._promote_replacement(bucket, index, now)
 
     def on_failure(self, node_id: int, now: float) -> Contact | None:
         """A request to `node_id` failed; returns the replacement promoted if it went stale."""
-        bucket = self._buckets.get(self._index(node_id))
+        index = self._index(node_id)
+        bucket = self._buckets.get(index)
         if bucket is None:
             return None
         if node_id not in bucket.contacts:
@@ -217,7 +234,7 @@ class RoutingTable:
         failures = bucket.failures[node_id] = bucket.failures.get(node_id, 0) + 1
         if failures >= self._config.stale_after_failures and bucket.replacements:
             self._remove_from(bucket, node_id)
-            return self._promote_replacement(bucket, now)
+            return self._promote_replacement(bucket, index, now)
         return None
 
     def remove(self, node_id: int) -> bool:
@@ -251,11 +268,13 @@ class RoutingTable:
         if not bucket.contacts:
             self._invalidate()
 
-    def _promote_replacement(self, bucket: _Bucket, now: float) -> Contact | None:
+    def _promote_replacement(self, bucket: _Bucket, index: int, now: float) -> Contact | None:
         if not bucket.replacements:
             return None
         _, (contact, seen) = bucket.replacements.popitem()  # the most recently seen
         self._insert(bucket, contact, seen)
+        if self._traffic:
+            self._changed_at[index] = now  # BEP 5: a node "is replaced with another node"
         return contact
 
     # -- queries -------------------------------------------------------------------------
@@ -318,10 +337,24 @@ class RoutingTable:
 
     def mark_lookup(self, target: int, now: float) -> None:
         """A lookup for `target` refreshes the bucket that `target` falls into."""
-        index = self._index(target)
+        self.mark_bucket(self._index(target), now)
+
+    def mark_bucket(self, index: int, now: float) -> None:
+        """Bucket `index` has just been refreshed (a lookup into it, or one through it)."""
         if index >= 0:
-            self._looked_up_at[index] = now
+            self._changed_at[index] = now
             self._lowest = -1
+
+    def mark_answered(self, node_id: int, now: float) -> None:
+        """`node_id` answered a request of ours: with the traffic rule, its bucket is fresh
+        (BEP 5: a node "pinged and it responds"; Kademlia 2.3: the traffic of lookups passing
+        through keeps buckets fresh), whether or not the node is one of its contacts.
+
+        Only the bucket's clock moves; `next_refresh_at` may then be early, never late."""
+        if self._traffic:
+            index = (self.self_id ^ node_id).bit_length() - 1
+            if index >= 0:
+                self._changed_at[index] = now
 
     def refresh_indices(self) -> range:
         """Buckets worth refreshing: from our closest neighbour's bucket outwards (sec. 2.3).
@@ -334,18 +367,43 @@ class RoutingTable:
         return range(0) if self._lowest is None else range(self._lowest, ID_BITS)
 
     def refresh_due(self, now: float) -> list[int]:
-        """Bucket indices with no lookup in the last `bucket_refresh_interval` seconds."""
+        """Bucket indices not refreshed in the last `bucket_refresh_interval` seconds.
+
+        Also makes `next_refresh_at` exact again (answers may have moved it later)."""
+        indices = self.refresh_indices()
+        if not indices:
+            return []
         interval = self._config.bucket_refresh_interval
-        return [
-            i
-            for i in self.refresh_indices()
-            if self._looked_up_at.get(i, self._created_at) + interval <= now
-        ]
+        changed, created = self._changed_at, self._created_at
+        due = []
+        soonest = float("inf")
+        for i in indices:
+            at = changed.get(i, created) + interval
+            if at <= now:
+                due.append(i)
+            if at < soonest:
+                soonest = at
+        self._refresh_at = soonest
+        return due
 
     def next_refresh_at(self) -> float | None:
+        """When a bucket next needs a refresh (None: nothing known). With the traffic rule
+        it may be earlier than that; `refresh_due` then finds nothing due and corrects it."""
         if self._lowest == -1:
             self._refresh_cache()
         return self._refresh_at
+
+    def neighbourhood_floor(self) -> int:
+        """The bucket of our k-th closest contact (ID_BITS with fewer than k contacts).
+
+        Every bucket below it holds, as far as we know, fewer than k contacts together with
+        the others below it, so a lookup of our own id asks all of them: one lookup passes
+        through, and refreshes, every one of them."""
+        k = self._config.k
+        if self._size < k:
+            return ID_BITS
+        kth = self._merged_closest(self.self_id, k, None)[-1]
+        return (self.self_id ^ kth.node_id).bit_length() - 1
 
     def random_id_in_bucket(self, index: int, random_bits: Callable[[int], int]) -> int:
         """An id at distance [2**index, 2**(index+1)) from us: a refresh target for bucket i."""

@@ -212,6 +212,49 @@ def test_periodic_bucket_refresh_issues_lookups():
     assert node.table.next_refresh_at() > first + 3000
 
 
+def _refresh_targets(traffic: bool, members: int) -> tuple[DHTNode, list[int]]:
+    """The FIND_NODE targets a node sends when its buckets come due, in a table of
+    `members` contacts spread over buckets 230..255 (k = 20)."""
+    config = DHTConfig(traffic_refreshes_buckets=traffic)
+    node = DHTNode(Identity.generate().peer_id, config, rng=random.Random(3), now=0.0)
+    rng = random.Random(4)
+    for j in range(members):
+        bit = 230 + j % 26
+        node_id = node.node_id ^ ((1 << bit) | rng.getrandbits(bit))
+        node.table.add_or_update(Contact(Identity.generate().peer_id, (), node_id), 0.0)
+    node.handle_timer(3600.0)
+    targets = [t for e in node.take_effects() if isinstance(e, SendRequest)
+               for t in e.request.targets]
+    return node, sorted(set(targets))
+
+
+def test_due_buckets_below_the_kth_closest_share_one_self_lookup():
+    node, strict = _refresh_targets(False, 10)
+    assert len(strict) == 26  # the paper's letter: one lookup per bucket
+    node, traffic = _refresh_targets(True, 10)
+    assert traffic == [node.node_id]  # fewer than k contacts: one lookup through all
+    node, traffic = _refresh_targets(True, 60)
+    floor = node.table.neighbourhood_floor()
+    assert 230 < floor < 256
+    assert node.node_id in traffic and len(traffic) == 1 + 256 - floor
+    assert node.table.refresh_due(3601.0) == []  # all of them count as refreshed
+
+
+def test_join_skips_the_buckets_its_self_lookup_asked_entirely():
+    counts = {}
+    for traffic in (False, True):
+        net = network(80, seed=12, config=DHTConfig(traffic_refreshes_buckets=traffic))
+        counts[traffic] = net.messages
+        nodes = list(net.nodes.values())
+        for node in nodes:  # the near buckets hold every node of their range all the same
+            floor = node.table.neighbourhood_floor()
+            for i in range(floor):
+                members = {n.node_id for n in nodes
+                           if n is not node and (n.node_id ^ node.node_id).bit_length() - 1 == i}
+                assert {c.node_id for c in node.table.bucket(i)} == members
+    assert counts[True] < 0.8 * counts[False], counts
+
+
 def test_full_bucket_pings_least_recent_and_replaces_a_dead_one():
     config = DHTConfig(k=2)
     net = MemoryNetwork(seed=11, config=config)

@@ -204,3 +204,57 @@ def test_closest_except_drops_exactly_that_node(self_id, others, target, n, pick
     skip = members[pick % len(members)].node_id if members and pick < 150 else pick
     want = [c.node_id for c in table.closest(target, n, exclude=lambda c: c.node_id == skip)]
     assert [c.node_id for c in table.closest_except(target, n, skip)] == want
+
+
+def test_traffic_keeps_a_bucket_fresh_and_the_paper_rule_does_not():
+    """BEP 5's "last changed": an answer from a node in a bucket's range, or a contact added
+    to it, postpones its refresh; the paper-strict switch counts only lookups into it."""
+    traffic = RoutingTable(0, DHTConfig(), now=0.0)
+    strict = RoutingTable(0, DHTConfig(traffic_refreshes_buckets=False), now=0.0)
+    for table in (traffic, strict):
+        table.add_or_update(fake(1 << 200), 0.0)  # buckets 200..255 to refresh from t=3600
+        table.mark_answered((1 << 255) | 7, 3000.0)  # not a contact: only its range counts
+        table.add_or_update(fake(1 << 230), 3100.0)  # a contact added to bucket 230
+    assert strict.refresh_due(3600.0) == list(range(200, 256))
+    due = traffic.refresh_due(3600.0)
+    assert due == [i for i in range(200, 256) if i not in (230, 255)]
+    for i in due:
+        traffic.mark_bucket(i, 3600.0)
+    # answers only move clocks later: the cached time may be early, refresh_due corrects it
+    assert traffic.next_refresh_at() == 3000.0 + 3600
+    assert traffic.refresh_due(6599.0) == []
+    assert traffic.refresh_due(6600.0) == [255]
+    assert traffic.next_refresh_at() == 6600.0
+    traffic.mark_answered((1 << 255) | 9, 6600.0)
+    assert traffic.refresh_due(6650.0) == [] and traffic.next_refresh_at() == 3100.0 + 7200 - 3600
+
+
+def test_replacing_a_dead_contact_counts_as_a_change():
+    table = RoutingTable(0, DHTConfig(k=1), now=0.0)
+    old, new = fake(1 << 100), fake((1 << 100) | 1)
+    table.add_or_update(old, 0.0)
+    ping = table.add_or_update(new, 1000.0)
+    assert isinstance(ping, PingLeastRecent)  # questionable after 15 min
+    assert table.refresh_due(3600.0) == list(range(100, 256))
+    assert table.on_ping_result(old.node_id, False, 3000.0) == new  # replaced at t=3000
+    assert table.refresh_due(3600.0) == list(range(101, 256))
+    for i in range(101, 256):
+        table.mark_bucket(i, 3600.0)
+    assert table.next_refresh_at() == 6600.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(self_id=ids, others=st.lists(ids, min_size=0, max_size=80, unique=True),
+       k=st.integers(1, 8))
+def test_neighbourhood_floor_is_the_bucket_of_the_kth_closest(self_id, others, k):
+    table = RoutingTable(self_id, DHTConfig(k=k))
+    for node_id in others:
+        table.add_or_update(fake(node_id), 0.0)
+    floor = table.neighbourhood_floor()
+    members = sorted((c.node_id for c in table), key=lambda x: x ^ self_id)
+    if len(members) < k:
+        assert floor == ID_BITS
+        return
+    assert floor == bucket_index(self_id, members[k - 1])
+    below = sum(len(table.bucket(i)) for i in range(floor))
+    assert below < k  # so a lookup of our own id asks every one of them
