@@ -21,11 +21,18 @@ from overlay.mux.connection import MAX_RECORD_PLAINTEXT
 TAG_SIZE = 16
 LENGTH_SIZE = 2
 MAX_RECORD = LENGTH_SIZE + MAX_RECORD_PLAINTEXT + TAG_SIZE  # 65537 bytes on the wire
-# The receive buffer starts small (an idle connection costs little) and grows to the large
-# size once a read fills it: bulk transfers then take one system call per ~1 MiB.
+# The receive buffer is small and grows to the large size once a read fills it: bulk
+# transfers then take one system call per ~1 MiB. A reader holds a small buffer only while
+# a record is incomplete: once a read leaves nothing pending the buffer goes back to a few
+# spares shared by all readers (`_SPARES`), so an idle connection holds none (a DHT node
+# keeps about a hundred mostly idle connections: 16 KiB each was most of its memory).
 SMALL_RECEIVE_BUFFER = 16 << 10
 LARGE_RECEIVE_BUFFER = 1 << 20
 MIN_READ = 2048  # get_buffer makes room when less than this is left
+_MAX_SPARES = 8
+# Drained small buffers (with their views). list.append / list.pop are atomic, so readers
+# of different threads never get the same one.
+_SPARES: list[memoryview] = []
 _LENGTH = struct.Struct(">H")
 
 
@@ -166,8 +173,8 @@ class RecordReader:
 
     def __init__(self, cipher: Cipher):
         self._cipher = cipher
-        self._buf = bytearray(SMALL_RECEIVE_BUFFER)
-        self._view = memoryview(self._buf)
+        self._buf: bytearray | None = None  # taken at the first read (get_buffer)
+        self._view = memoryview(b"")
         self._start = 0  # first byte not yet consumed
         self._end = 0  # end of the received bytes
         self._small_reads = 0
@@ -179,9 +186,22 @@ class RecordReader:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next read may write (at least MIN_READ bytes)."""
-        if len(self._buf) - self._end < MIN_READ:
+        if self._buf is None:
+            try:
+                self._view = _SPARES.pop()
+            except IndexError:
+                self._view = memoryview(bytearray(SMALL_RECEIVE_BUFFER))
+            self._buf = self._view.obj  # type: ignore[assignment]
+        elif len(self._buf) - self._end < MIN_READ:
             self._make_room()
         return self._view[self._end:]
+
+    def _drop_buffer(self) -> None:
+        """Nothing pending: let the buffer go (a small one to the spares)."""
+        if len(self._view) == SMALL_RECEIVE_BUFFER and len(_SPARES) < _MAX_SPARES:
+            _SPARES.append(self._view)
+        self._buf = None
+        self._view = memoryview(b"")
 
     def _make_room(self) -> None:
         pending = self._end - self._start
@@ -226,9 +246,10 @@ class RecordReader:
             if len(self._buf) > SMALL_RECEIVE_BUFFER:
                 self._small_reads = self._small_reads + 1 if nbytes < MAX_RECORD else 0
                 if self._small_reads >= self.SHRINK_AFTER:
-                    self._buf = bytearray(SMALL_RECEIVE_BUFFER)
-                    self._view = memoryview(self._buf)
+                    self._drop_buffer()
                     self._small_reads = 0
+            else:
+                self._drop_buffer()
         self._start = pos
         return out
 

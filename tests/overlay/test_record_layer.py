@@ -103,6 +103,38 @@ def test_receive_buffer_grows_for_bulk_and_shrinks_when_idle():
     assert len(reader.get_buffer()) == SMALL_RECEIVE_BUFFER
 
 
+def test_an_idle_reader_holds_no_buffer_and_readers_share_the_drained_ones():
+    """A reader keeps a receive buffer only while a record is incomplete (a DHT node keeps
+    ~100 mostly idle connections); the drained small buffers are reused by other readers,
+    and readers interleaving reads that leave records half-received never mix bytes."""
+    pairs = [transports() for _ in range(3)]
+    readers = [RecordReader(receiver) for _, receiver in pairs]
+    assert all(r._buf is None for r in readers)
+    rng = __import__("random").Random(5)
+    messages = [[os.urandom(rng.choice([5, 300, 5000, 20000])) for _ in range(30)]
+                for _ in pairs]
+    wires = [bytes(seal_records(sender, m)) for (sender, _), m in zip(pairs, messages)]
+    positions, got = [0, 0, 0], [[], [], []]
+    while any(p < len(w) for p, w in zip(positions, wires)):
+        i = rng.randrange(3)
+        if positions[i] >= len(wires[i]):
+            continue
+        room = readers[i].get_buffer()
+        take = min(len(room), rng.choice([1, 17, 700, 5000, 70000]), len(wires[i]) - positions[i])
+        room[:take] = wires[i][positions[i]:positions[i] + take]
+        positions[i] += take
+        got[i] += readers[i].buffer_updated(take)
+    assert got == messages
+    for reader in readers:
+        assert reader.buffered == 0
+        if reader._buf is not None:  # a large buffer from the 20000-byte records: kept
+            assert len(reader._buf) > SMALL_RECEIVE_BUFFER  # until SHRINK_AFTER small reads
+    sender, receiver = pairs[0]
+    reader = RecordReader(receiver)
+    assert reader.feed(bytes(seal_records(sender, [b"ping"]))) == [b"ping"]
+    assert reader._buf is None
+
+
 def test_forged_record_in_the_readers_buffer_is_an_error():
     sender, receiver = transports()
     wire = bytearray(seal_records(sender, [b"a" * 1000, b"b" * 1000]))
