@@ -205,8 +205,9 @@ class RecordReader:
 
     def _make_room(self) -> None:
         pending = self._end - self._start
-        if len(self._buf) < LARGE_RECEIVE_BUFFER:
-            # The small buffer filled up: a large record, or bulk traffic. Grow.
+        if len(self._buf) < LARGE_RECEIVE_BUFFER and not self._fits_small(pending):
+            # The small buffer cannot hold the record coming in: a large record, or bulk
+            # traffic (records of the maximum size). Grow.
             buf = bytearray(LARGE_RECEIVE_BUFFER)
             buf[:pending] = self._view[self._start:self._end]
             self._buf, self._view = buf, memoryview(buf)
@@ -217,6 +218,15 @@ class RecordReader:
                 chunk = bytes(chunk)
             self._view[:pending] = chunk
         self._start, self._end = 0, pending
+
+    def _fits_small(self, pending: int) -> bool:
+        """The record being received fits in the small buffer with a read's room to spare
+        (then a burst of small records is no reason to take a large buffer, which an idle
+        connection would keep)."""
+        if pending < LENGTH_SIZE:
+            return True
+        (length,) = _LENGTH.unpack_from(self._view, self._start)
+        return LENGTH_SIZE + length + MIN_READ <= SMALL_RECEIVE_BUFFER
 
     def buffer_updated(self, nbytes: int) -> list[bytes]:
         """`nbytes` were written at `get_buffer()`: the plaintexts of the records completed."""

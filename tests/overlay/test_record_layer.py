@@ -135,6 +135,21 @@ def test_an_idle_reader_holds_no_buffer_and_readers_share_the_drained_ones():
     assert reader._buf is None
 
 
+def test_a_burst_of_small_records_does_not_take_a_large_buffer():
+    """Reads of many small records that fill the small buffer only move the pending record
+    to the front; a record too large for it takes the large buffer."""
+    sender, receiver = transports()
+    reader = RecordReader(receiver)
+    small = [os.urandom(1500) for _ in range(40)]
+    assert read_like_a_socket(reader, bytes(seal_records(sender, small)), [1 << 20]) == small
+    assert reader._buf is None  # drained; it never grew
+    big = [os.urandom(30000)]
+    wire = bytes(seal_records(sender, big))
+    assert read_like_a_socket(reader, wire[:-1], [1 << 20]) == []
+    assert len(reader._buf) > SMALL_RECEIVE_BUFFER
+    assert reader.feed(wire[-1:]) == big
+
+
 def test_forged_record_in_the_readers_buffer_is_an_error():
     sender, receiver = transports()
     wire = bytearray(seal_records(sender, [b"a" * 1000, b"b" * 1000]))
