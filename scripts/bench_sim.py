@@ -1,6 +1,7 @@
 """Performance of the simulator: events per second per scenario, and the 10,000-node target.
 
-    python scripts/bench_sim.py          # engine, swarm, DHT scenarios, 10,000-node dht-churn
+    python scripts/bench_sim.py          # engine, swarm, the rebalancing rule against the
+                                         # plain loops, DHT scenarios, 10,000-node dht-churn
                                          # over 600 simulated s, extrapolated to an hour (~5 min)
     python scripts/bench_sim.py --big    # also: the full 10,000-node dht-churn hour and a
                                          # 100,000-node dht-static run, through the CLI (long)
@@ -71,6 +72,55 @@ def bench_swarm(servers: int, duration: float, churn: str, session_rate: float) 
     print(f"swarm: {servers} servers, {duration:.0f} s, churn {churn}, "
           f"{m['sessions_started']} sessions, {m['server_moves']} moves: {m['events']:,} "
           f"events in {cpu:.2f} s CPU / {wall:.2f} s wall = {_rates(m['events'], cpu, wall)}")
+
+
+def bench_rebalancing_rule(servers: int = 300, duration: float = 300.0) -> None:
+    """The rebalancing check against the plain loops it replaced (tests/blocks/
+    placement_reference.py), on the very checks a swarm run makes: each check's swarm and
+    random state are recorded, then both implementations decide them, alternating."""
+    import random
+
+    import blocks.placement as placement
+    import sim.swarm_servers as swarm_servers
+    from tests.blocks import placement_reference as reference
+
+    checks = []
+    live = swarm_servers.should_choose_other_blocks
+
+    def recording(peer, infos, num_blocks, *, rng, balance_quality):
+        checks.append((peer, dict(infos), num_blocks, rng.getstate(), balance_quality))
+        return live(peer, infos, num_blocks, rng=rng, balance_quality=balance_quality)
+
+    swarm_servers.should_choose_other_blocks = recording  # type: ignore[assignment]
+    try:
+        config = SwarmScenarioConfig(servers=servers, duration=duration, seed=0, session_rate=0.2)
+        SwarmScenario("swarm", replace(config, churn=replace(config.churn, kind="weibull"))).run()
+    finally:
+        swarm_servers.should_choose_other_blocks = live  # type: ignore[assignment]
+
+    def decide(module) -> tuple[float, list]:
+        out = []
+        cpu = time.process_time()
+        for peer, infos, num_blocks, state, quality in checks:
+            rng = random.Random()
+            rng.setstate(state)
+            out.append((module.should_choose_other_blocks(
+                peer, infos, num_blocks, rng=rng, balance_quality=quality), rng.getstate()))
+        return time.process_time() - cpu, out
+
+    times: dict[str, list[float]] = {"plain": [], "ours": []}
+    same = True
+    for _ in range(3):
+        t_plain, plain = decide(reference)
+        t_ours, ours = decide(placement)
+        times["plain"].append(t_plain)
+        times["ours"].append(t_ours)
+        same = same and plain == ours
+    best_plain, best_ours = min(times["plain"]), min(times["ours"])
+    print(f"rebalancing rule: {len(checks)} checks of a {servers}-server swarm ({duration:.0f} s, "
+          f"Weibull churn): plain loops {best_plain / len(checks) * 1e3:.2f} ms CPU per check, "
+          f"ours {best_ours / len(checks) * 1e3:.2f} ms: {best_plain / best_ours:.2f}x faster "
+          f"(best of 3, alternating); same decisions and random draws: {same}")
 
 
 def _count_requests(scenario: DHTScenario) -> collections.Counter:
@@ -153,6 +203,7 @@ def main() -> None:
     bench_engine()
     bench_swarm(30, 1800.0, "none", SwarmScenarioConfig().session_rate)
     bench_swarm(300, 300.0, "weibull", 0.2)
+    bench_rebalancing_rule()
     bench_dht(2000, 60.0, churn=False)
     bench_dht(2000, 60.0, churn=True)
     bench_10k_churn_extrapolated()
