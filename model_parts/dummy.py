@@ -18,14 +18,13 @@ This module may not download anything.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model_parts.files import CONFIG_FILE, ModelFiles, ModelFilesError
+from model_parts.files import ModelFiles, ModelFilesError, config_dtype, read_raw_config
 from model_parts.skeleton import build_skeleton, load_config
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -71,13 +70,7 @@ class DummyModelFiles:
 
     def __init__(self, model_dir: str | Path) -> None:
         self.directory = Path(model_dir)
-        path = self.directory / CONFIG_FILE
-        if not path.is_file():
-            raise ModelFilesError(f"model directory {self.directory} has no {CONFIG_FILE}")
-        try:
-            self.raw_config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFilesError(f"cannot read {path}: {exc}") from None
+        self.raw_config: dict[str, Any] = read_raw_config(self.directory)
         config = load_config(self)  # type: ignore[arg-type]
         self._std = float(getattr(config, "initializer_range", DEFAULT_INIT_STD))
         skeleton = build_skeleton(config, torch.float32)
@@ -91,11 +84,7 @@ class DummyModelFiles:
         return sorted(name for name in self._shapes if name.startswith(prefix))
 
     def stored_dtype(self) -> torch.dtype:
-        for key in ("dtype", "torch_dtype"):
-            value = self.raw_config.get(key)
-            if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-                return getattr(torch, value)
-        return torch.float32
+        return config_dtype(self.raw_config) or torch.float32
 
     def read_options(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """Generate where and as what the caller needs the tensors (no host copy)."""

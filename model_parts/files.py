@@ -62,6 +62,24 @@ def _check_directory(model_dir: Path) -> None:
         raise ModelFilesError(f"model directory {model_dir} has no {CONFIG_FILE}")
 
 
+def read_raw_config(model_dir: Path) -> dict[str, Any]:
+    """The directory's config.json as a dict, with a clear error for anything else."""
+    _check_directory(model_dir)
+    config = _read_json(model_dir / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise ModelFilesError(f"{model_dir / CONFIG_FILE} is not a JSON object")
+    return config
+
+
+def config_dtype(raw_config: dict[str, Any]) -> torch.dtype | None:
+    """The weights' dtype that config.json names (``dtype``, or the older ``torch_dtype``)."""
+    for key in ("dtype", "torch_dtype"):
+        value = raw_config.get(key)
+        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+            return getattr(torch, value)
+    return None
+
+
 def default_model_id(model_dir: str | Path) -> str:
     """A stable id such as ``"tiny-llama-3f2a9c1e"``: directory name + hash of config.json.
 
@@ -70,10 +88,7 @@ def default_model_id(model_dir: str | Path) -> str:
     version, the source path) are left out of the hash.
     """
     model_dir = Path(model_dir)
-    _check_directory(model_dir)
-    config = _read_json(model_dir / CONFIG_FILE)
-    if not isinstance(config, dict):
-        raise ModelFilesError(f"{model_dir / CONFIG_FILE} is not a JSON object")
+    config = read_raw_config(model_dir)
     stable = {key: value for key, value in config.items() if key not in _VOLATILE_CONFIG_KEYS}
     canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.sha256(canonical.encode("ascii")).hexdigest()[:MODEL_ID_HASH_CHARS]
@@ -89,11 +104,7 @@ class ModelFiles:
 
     def __init__(self, model_dir: str | Path) -> None:
         self.directory = Path(model_dir)
-        _check_directory(self.directory)
-        config = _read_json(self.directory / CONFIG_FILE)
-        if not isinstance(config, dict):
-            raise ModelFilesError(f"{self.directory / CONFIG_FILE} is not a JSON object")
-        self.raw_config: dict[str, Any] = config
+        self.raw_config: dict[str, Any] = read_raw_config(self.directory)
         self._weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -141,10 +152,9 @@ class ModelFiles:
 
         This is what ``dtype="auto"`` means. Only safetensors headers are read.
         """
-        for key in ("dtype", "torch_dtype"):
-            value = self.raw_config.get(key)
-            if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-                return getattr(torch, value)
+        named = config_dtype(self.raw_config)
+        if named is not None:
+            return named
         for name in self.tensor_names:
             path = self.directory / self._weight_map[name]
             try:
