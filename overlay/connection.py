@@ -186,16 +186,7 @@ class Connection(asyncio.BufferedProtocol):
         except RecordError as e:
             self.abort(str(e))
             return
-        # _records_received, inlined: this runs for every read.
-        receive = self._mux.receive_data
-        self._corked = True
-        try:
-            for plaintext in plaintexts:
-                receive(plaintext)
-            self._process_events()
-        finally:
-            self._corked = False
-        self._flush()
+        self._records_received(plaintexts)
 
     def _records_received(self, plaintexts: list[bytes]) -> None:
         receive = self._mux.receive_data
