@@ -19,7 +19,8 @@ from blocks.lora import AdapterError, load_hosted_adapters, load_peft_lora
 from blocks.server import BlockServer, ServingConfig
 from blocks.span import BlockSpan
 from model_parts.lora_format import tensors_digest
-from overlay.host import Host, RemoteError
+from overlay.host import RemoteError
+from tests.blocks.serving import served_in_process
 from tests.model_factory import HIDDEN_SIZE, build_model, save_model
 
 MODEL_ID = "tiny-llama-finetune"
@@ -61,14 +62,8 @@ async def served(span, peft_dir):
                            max_backward_tokens=64, max_adapter_bytes=64 << 10,
                            adapter_cache_bytes=256 << 10)
     server = BlockServer(span, config, load_hosted_adapters([f"tuned={peft_dir}"], span))
-    host, client = Host(), Host()
-    [addr] = await host.listen("/ip4/127.0.0.1/tcp/0")
-    server.attach(host)
-    client.add_peer_addrs(host.peer_id, [addr])
-    yield server, host, client
-    await client.close()
-    await server.close()
-    await host.close()
+    async with served_in_process(server) as (host, client):
+        yield server, host, client
 
 
 def random_lora(seed: int, start: int = 0, end: int = 4):

@@ -14,7 +14,8 @@ from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.server import BlockServer, ServingConfig
 from blocks.span import BlockSpan
 from client.inference import InferenceError, InferenceSession, SessionConfig
-from overlay.host import Host, RemoteError
+from overlay.host import RemoteError
+from tests.blocks.serving import served_in_process
 from tests.model_factory import build_model, save_model
 
 MODEL_ID = "tiny-llama-test"
@@ -35,14 +36,8 @@ async def served(spans):
     span = spans[0]
     server = BlockServer(span, ServingConfig(model_id=MODEL_ID, cache_tokens=64, max_length=32,
                                              session_idle_timeout=0.4))
-    host, client = Host(), Host()
-    [addr] = await host.listen("/ip4/127.0.0.1/tcp/0")
-    server.attach(host)
-    client.add_peer_addrs(host.peer_id, [addr])
-    yield server, host, client
-    await client.close()
-    await server.close()
-    await host.close()
+    async with served_in_process(server) as (host, client):
+        yield server, host, client
 
 
 def forward_request(hidden, **meta):
