@@ -14,7 +14,7 @@ import torch
 
 from client.local_swarm import LocalSwarm
 from model_parts.files import default_model_id
-from tests.model_factory import build_model, save_model
+from tests.model_factory import build_model
 
 CLI = [sys.executable, "-m", "overlay.cli.main"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -23,11 +23,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model("llama", tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from client.inference import BlocksUnavailableError, InferenceError, _trim
 from client.local_swarm import LocalSwarm
 from client.model import ModelSession, RemoteModel
 from client.remote_blocks import ClientConfig, RemoteBlocks
-from tests.model_factory import NUM_LAYERS, VOCAB_SIZE, build_model, save_model
+from tests.model_factory import NUM_LAYERS, VOCAB_SIZE
 
 LOW, HIGH = 3, VOCAB_SIZE  # prompt token ids clear of pad, bos and eos
 RECOVERY_LIMIT = 2.0  # seconds, on loopback (issue 6)
@@ -42,16 +42,6 @@ async def wait_until_visible(model: RemoteModel, count: int, timeout: float = 30
 
 def server_index(swarm: LocalSwarm, peer: str) -> int:
     return next(i for i, addr in enumerate(swarm.server_addrs) if addr.endswith(peer))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model("llama", tmp_path_factory.mktemp("model") / "llama")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return build_model("llama")
 
 
 # -- pure: what is replayed after a rollback ---------------------------------------------------

@@ -74,11 +74,6 @@ def open_model(swarm, **kwargs) -> DistributedModelForCausalLM:
                                                        **kwargs)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return build_model("llama")
-
-
 class PromptHooks:
     """Deep prompts on a local transformers model: entry i added to block i's input prefix."""
 

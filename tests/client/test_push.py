@@ -15,20 +15,10 @@ from client.inference import SessionConfig
 from client.local_swarm import LocalSwarm
 from client.model import ModelSession, RemoteModel
 from tests.client.test_fault_tolerance import prompt, server_index, wait_until_visible
-from tests.model_factory import NUM_LAYERS, build_model, save_model
+from tests.model_factory import NUM_LAYERS
 
 # Three spans in the chain; a spare [1, 3) so a killed middle server can be replaced.
 SPANS = [(0, 1), (1, 3), (3, NUM_LAYERS), (1, 3)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model("llama", tmp_path_factory.mktemp("model") / "llama")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return build_model("llama")
 
 
 @pytest.fixture(scope="module")
