@@ -28,6 +28,7 @@ from blocks.lora import LoraWeights
 from blocks.protocol import RequestError
 from blocks.push import Pushed, PushService
 from blocks.span import BlockSpan, SpanInputError
+from overlay import timeline
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 
@@ -243,6 +244,8 @@ class BlockServer:
         session = entry.session
         while True:
             message = await entry.inbox.next()  # the client's message, or a pushed step
+            if timeline.ENABLED:
+                timeline.mark("server_step_received")
             if message is None:
                 return
             if entry.session_id not in self._sessions:
@@ -273,8 +276,12 @@ class BlockServer:
                 await stream.send(tensor_wire.encode_message([], reply))
                 continue
             self.requests_served += 1
+            if timeline.ENABLED:
+                timeline.mark("server_step_computed")
             # to the client, and on to the next server when the step asks for push
             await self.push.answer(entry.inbox, step.step_id, output, meta, request.compression)
+            if timeline.ENABLED:
+                timeline.mark("server_step_answered")
             entry.last_active = time.monotonic()
 
     @staticmethod

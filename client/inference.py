@@ -39,6 +39,7 @@ from blocks import protocol
 from blocks.push_protocol import MAX_HOP_ADDRS, PUSH_VERSION, TOKEN_BYTES, PushHop
 from client.recovery import BanList, RetryPolicy
 from client.routing import MissingBlocksError
+from overlay import timeline
 from overlay.host import Host, RemoteError
 from overlay.identity import PeerId
 from overlay.streams import ConnectionLost, Stream, StreamClosed
@@ -418,11 +419,15 @@ class InferenceSession:
             raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
                                  f"session's max_length {self.config.max_length}")
         position = self.position
+        if timeline.ENABLED:
+            timeline.mark("client_step_sent")
         if any(span.push_token is not None for span in self.spans):
             from client.push_chain import push_step  # imports this module
 
             hidden = await push_step(self, hidden, position)
             self.position = position + hidden.shape[1]
+            if timeline.ENABLED:
+                timeline.mark("client_step_done")
             return hidden
         index = 0
         while index < len(self.spans):
@@ -439,6 +444,8 @@ class InferenceSession:
                 index += 1
             hidden = out
         self.position = position + hidden.shape[1]
+        if timeline.ENABLED:
+            timeline.mark("client_step_done")
         return hidden
 
     def rollback(self, position: int) -> None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from overlay import timeline
 from overlay.identity import PeerId
 from overlay.link_delay import DelayedTransport
 from overlay.mux import (
@@ -175,6 +176,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._handshake_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if timeline.ENABLED:
+            timeline.mark("read")
         if self.closed:
             return
         reader = self._reader
