@@ -7,7 +7,7 @@ Rules of the node (the side that is tested):
    its bulk data is read, so concurrent testers cannot stack up work.
 2. A transfer moves at most `MAX_TRANSFER_BYTES`, and all transfers together at most
    `budget_bytes` per `budget_period` seconds (a token bucket); beyond it: `rate_limited`.
-   A transfer that runs longer than `MAX_TRANSFER_SECONDS` is reset (a stalled reader).
+   A transfer that runs longer than `max_transfer_seconds` is reset (a stalled reader).
 3. A request that is not a well-formed map of known fields and in-range sizes is refused
    with code `bad_request`; the node goes on serving.
 
@@ -29,7 +29,7 @@ UPLOAD = "upload"  # the tester sends `bytes` bytes; the node answers how many i
 DOWNLOAD = "download"  # the node sends `bytes` bytes
 MAX_TRANSFER_BYTES = 16 << 20
 CHUNK_BYTES = 256 << 10  # bulk data travels as messages of at most this size
-MAX_TRANSFER_SECONDS = 10.0  # the node drops a transfer that runs longer (a stalled reader)
+MAX_TRANSFER_SECONDS = 10.0  # the node resets a transfer that runs longer (a stalled reader)
 
 # Error codes (RemoteError.code) of the bandwidth test, beyond the transport's own.
 BUSY = "busy"  # another transfer is running: ask again in a moment
@@ -103,6 +103,7 @@ def _unpack_map(data: bytes, what: str) -> dict:
 @dataclass(frozen=True, slots=True)
 class GateConfig:
     max_transfer_bytes: int = MAX_TRANSFER_BYTES
+    max_transfer_seconds: float = MAX_TRANSFER_SECONDS
     # 256 MiB a minute: about 36 Mbit/s on average at most spent on other peers' tests, yet
     # room for eight servers a minute each testing with 16 MiB per direction.
     budget_bytes: int = 256 << 20
