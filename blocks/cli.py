@@ -105,6 +105,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from model_parts.dummy import open_model_files
     from model_parts.files import ModelFilesError, default_model_id
     from model_parts.skeleton import DeviceOptions, load_config, resolve_device, resolve_dtype
+    from overlay.bandwidth_service import BandwidthTestService
     from overlay.cli.node import dialable, load_identity, parse_addrs
     from overlay.host import Host
 
@@ -157,17 +158,20 @@ async def run_serve(args: argparse.Namespace) -> int:
     server = dht = announcer = balancer = pinger = None
     try:
         addrs = await host.listen(listen)
+        BandwidthTestService().attach(host)  # other servers measure their link against us
         dht = await serve_placement.start_server_dht(host, [str(b) for b in bootstrap])
+        # before loading: a load on another thread would slow the transfers it times
+        bps, bps_source = await serve_placement.link_bps(args, host, bootstrap)
         hidden = text_config.hidden_size
         if isinstance(wanted, tuple):  # a fixed span: no placement, no rebalancing
             start, end = wanted
             span = await load_or_exit(start, end)
             adapters = load_adapters(span)
             rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
-                args, model_id, device, dtype, hidden, lambda: span))
+                args, model_id, device, dtype, hidden, lambda: span, bps, bps_source))
         else:
             rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
-                args, model_id, device, dtype, hidden, lambda: load(0, 1)))
+                args, model_id, device, dtype, hidden, lambda: load(0, 1), bps, bps_source))
             planner = serve_placement.make_planner(args, str(host.peer_id), total, wanted)
             dtype_name = str(dtype).removeprefix("torch.")
             start, end = await serve_placement.choose_span(

@@ -2,7 +2,7 @@
 the span from the DHT when no `--blocks` is given, and starting the rebalancing loop.
 
 Kept apart from blocks/cli.py so that the serve command's body stays a short sequence of
-calls: `add_arguments`, `resolve_rates`, `choose_span`, `start_balancer`.
+calls: `add_arguments`, `link_bps`, `resolve_rates`, `choose_span`, `start_balancer`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="tokens/s to announce: auto (measure one block once and cache it, "
                             "the default), eval (measure again, refresh the cache) or a number")
     serve.add_argument("--network-mbps", type=_positive, metavar="MBPS",
-                       help="the link's speed, capping the announced throughput (default: 100, "
-                            "not measured)")
+                       help="the link's speed, capping the announced throughput (default: "
+                            "measured at start against a known peer, about a second; 100 when "
+                            "no peer answers; not measured with --throughput X)")
     serve.add_argument("--balance-period", type=_positive, default=MEAN_BALANCE_CHECK_PERIOD,
                        metavar="SECONDS",
                        help="mean seconds between rebalancing checks, each after "
@@ -65,21 +66,49 @@ async def start_server_dht(host, bootstrap: list[str]):
         raise SystemExit(f"overlay-node: {e}") from None
 
 
+async def link_bps(args: argparse.Namespace, host, bootstrap) -> tuple[float, str]:
+    """The link's speed in bits/s and how it was found: `--network-mbps` as given; else
+    measured against the peers we know (the bootstrap peers first, then the other DHT
+    contacts), the slower of upload and download (overlay/bandwidth.py); else, when no peer
+    answers or `--throughput X` makes the figure moot, `DEFAULT_NETWORK_BPS`.
+
+    Not cached: the figure depends on the peer tested against and on the traffic of the
+    moment, a stale one misleads placement for as long as it is announced, and a fresh one
+    costs about a second (compute, which depends only on the hardware, is cached)."""
+    from blocks.throughput import DEFAULT_NETWORK_BPS
+    from overlay.bandwidth_service import measure_link
+
+    if args.network_mbps:
+        return args.network_mbps * 1e6, "given"
+    if isinstance(args.throughput, float):
+        return DEFAULT_NETWORK_BPS, "assumed"
+    first = [b.peer_id for b in bootstrap if b.peer_id is not None]
+    try:
+        measured, failures = await measure_link(host, first + host.connected_peers)
+    except Exception as e:  # a bug in the test must not keep the server from starting
+        log.warning("network speed test failed (%r); assuming %.0f Mbit/s", e,
+                    DEFAULT_NETWORK_BPS / 1e6, exc_info=True)
+        return DEFAULT_NETWORK_BPS, "assumed"
+    if measured is None:
+        log.warning("network speed not measured (%s); assuming %.0f Mbit/s",
+                    "; ".join(failures) or "no peer known", DEFAULT_NETWORK_BPS / 1e6)
+        return DEFAULT_NETWORK_BPS, "assumed"
+    log.info("network measured against %s: %.0f Mbit/s up, %.0f Mbit/s down (%.1f MiB in "
+             "%.2f s, round trip %.2f ms): %.0f Mbit/s", measured.peer[-8:],
+             measured.upload_bps / 1e6, measured.download_bps / 1e6,
+             measured.total_bytes / (1 << 20), measured.seconds, measured.rtt * 1e3,
+             measured.bps / 1e6)
+    return measured.bps, "measured"
+
+
 def resolve_rates(args: argparse.Namespace, model_id: str, device, dtype, hidden_size: int,
-                  load_block: Callable[[], object]):
+                  load_block: Callable[[], object], bps: float, bps_source: str = "assumed"):
     """The server's ComputeRates: `--throughput X` as given, else the cached measurement of
     one block (`load_block()` gives a span whose first block is timed; called only when the
-    cache has no figure). Runs torch work: call it on a worker thread."""
-    from blocks.throughput import (
-        DEFAULT_NETWORK_BPS,
-        ComputeRates,
-        cache_key,
-        cached_rates,
-        measure,
-        network_rps,
-    )
+    cache has no figure); the network cap from `bps` (`link_bps`). Runs torch work: call it
+    on a worker thread."""
+    from blocks.throughput import ComputeRates, cache_key, cached_rates, measure, network_rps
 
-    bps = args.network_mbps * 1e6 if args.network_mbps else DEFAULT_NETWORK_BPS
     network = network_rps(hidden_size, bps)
     if isinstance(args.throughput, float):
         return ComputeRates(None, None, network, override=args.throughput)
@@ -87,8 +116,9 @@ def resolve_rates(args: argparse.Namespace, model_id: str, device, dtype, hidden
     rates, measured = cached_rates(key, lambda: measure(load_block()),
                                    force=args.throughput == "eval")
     log.info("compute (%s): %.0f tokens/s per block in single-token steps, %.0f in forward "
-             "passes; network assumed %.0f Mbit/s", "measured" if measured else "cached",
-             rates.inference_rps, rates.forward_rps, bps / 1e6)
+             "passes; network %s %.0f Mbit/s (%.0f tokens/s)",
+             "measured" if measured else "cached", rates.inference_rps, rates.forward_rps,
+             bps_source, bps / 1e6, network)
     return ComputeRates(rates.inference_rps, rates.forward_rps, network)
 
 

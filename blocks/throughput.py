@@ -1,6 +1,6 @@
 """What a server announces as its throughput (units: blocks/announcement.py), and how it
 finds out: a short compute benchmark of one block on its device, cached on disk, and a
-network estimate.
+short network measurement against a peer, not cached.
 
 - Compute: `measure(span)` times one block of the loaded span (the first): single-token
   inference steps and a 128-token forward pass, best of a few repeats; a second or so on a
@@ -10,10 +10,12 @@ network estimate.
   started together on one machine measure one at a time and reuse each other's result. The
   file is `$OVERLAY_NODE_THROUGHPUT_CACHE` if set, else
   `${XDG_CACHE_HOME:-~/.cache}/overlay-node/throughput.json`.
-- Network: without a measured figure the server assumes `DEFAULT_NETWORK_BPS` (Petals'
-  fallback when its speed test fails), i.e. `network_rps = bps / (16 x hidden_size)` tokens/s
-  of 16-bit hidden states. We do not measure the link yet: a speed test needs a peer that
-  sinks bulk data, which the swarm does not offer; `--network-mbps` sets the figure.
+- Network: `network_rps = bps / (16 x hidden_size)` tokens/s of 16-bit hidden states. The
+  server measures bps at start against a peer it knows, through the bandwidth test every
+  node offers (overlay/bandwidth.py; blocks/serve_placement.py `link_bps`), the slower of
+  upload and download, and does not cache it (it depends on the peer and the moment, and
+  takes about a second); it assumes `DEFAULT_NETWORK_BPS` (Petals' fallback when its speed
+  test fails) when no peer answers; `--network-mbps` sets the figure.
 - Announced: `min(forward_rps / span length, network_rps)` (the server adds that many
   tokens/s to every block it holds), unless `--throughput X` overrides it;
   `--throughput eval` re-measures and overwrites the cached figure (as in Petals).
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FORWARD_TOKENS = 128  # a typical prompt chunk
 # Petals `measure_network_rps(default_speed=100e6)` (src/petals/server/throughput.py):
-# 100 Mbit/s, assumed when the link was not measured.
+# 100 Mbit/s, assumed when the link could not be measured.
 DEFAULT_NETWORK_BPS = 100e6
 BITS_PER_HIDDEN_VALUE = 16  # clients send 16-bit hidden states
 CACHE_ENV = "OVERLAY_NODE_THROUGHPUT_CACHE"

@@ -1,4 +1,6 @@
-"""`overlay-node join`, `ping` and `id`: a node on the overlay, and tools to check one."""
+"""`overlay-node join`, `ping` and `id`: a node on the overlay, and tools to check one.
+
+A joined node serves the DHT and the bandwidth test (overlay/bandwidth.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import sys
 import time
 
+from overlay.bandwidth_service import BandwidthTestService, measure_link
 from overlay.cli.dht import start_dht
 from overlay.host import ConnectionLost, Host
 from overlay.identity import Identity, IdentityError
@@ -36,6 +39,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ping.add_argument("--count", "-c", type=int, default=4, help="pings to send (default 4)")
     ping.add_argument("--interval", type=float, default=0.5, help="seconds between pings")
     ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    ping.add_argument("--bandwidth", action="store_true",
+                      help="then measure upload and download against the node (about a "
+                           "second, a few MiB; what `serve` announces as its link)")
     ping.set_defaults(func=run_ping)
 
     ident = sub.add_parser("id", help="print this node's peer id")
@@ -86,6 +92,7 @@ async def start_host(listen: str, identity_path: str | None) -> Host:
 async def run_join(args: argparse.Namespace) -> int:
     bootstrap = parse_addrs(args.bootstrap)
     host = await start_host(args.listen, args.identity)
+    BandwidthTestService().attach(host)  # servers measure their link against this node
     dht = None
     try:
         dht = await start_dht(host, [str(b) for b in bootstrap])
@@ -127,6 +134,15 @@ async def run_ping(args: argparse.Namespace) -> int:
         if times:
             print(f"{len(times)}/{args.count} answered, min/avg/max = {min(times):.3f}/"
                   f"{sum(times) / len(times):.3f}/{max(times):.3f} ms")
+        if args.bandwidth:
+            measured, errors = await measure_link(host, [peer])
+            if measured is None:
+                print(f"bandwidth not measured: {'; '.join(errors)}", flush=True)
+                return 1
+            print(f"bandwidth: {measured.upload_bps / 1e6:.1f} Mbit/s up, "
+                  f"{measured.download_bps / 1e6:.1f} Mbit/s down "
+                  f"({measured.total_bytes / (1 << 20):.1f} MiB in {measured.seconds:.2f} s)",
+                  flush=True)
         return 0 if not failures else 1
     finally:
         await host.close()

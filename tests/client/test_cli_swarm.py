@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import time
 import pytest
 import torch
 
+from blocks.throughput import DEFAULT_NETWORK_BPS, network_rps
 from client.local_swarm import LocalSwarm
+from client.swarm import SwarmClient
 from model_parts.files import default_model_id
 from tests.model_factory import build_model
 
@@ -26,9 +29,9 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def swarm(model_dir):
-    with LocalSwarm(model_dir, [(0, 2), (2, 4)], extra_serve_args=["--announce-period", "2"]) \
-            as started:
+def swarm(model_dir, tmp_path_factory):
+    with LocalSwarm(model_dir, [(0, 2), (2, 4)], extra_serve_args=["--announce-period", "2"],
+                    log_dir=tmp_path_factory.mktemp("swarm-logs")) as started:
         yield started
 
 
@@ -42,6 +45,32 @@ def test_status_shows_servers_and_coverage(swarm, model_dir):
     assert spans == [(0, 2, "online"), (2, 4, "online")]
     text = run_cli("status", "--bootstrap", swarm.bootstrap)
     assert "4/4 covered" in text.stdout
+
+
+MEASURED = re.compile(r"network measured against \S+: .* \(([\d.]+) MiB in ([\d.]+) s.*\): "
+                      r"(\d+) Mbit/s")
+
+
+async def test_servers_announce_the_network_rate_they_measured(swarm, model_dir):
+    """Started without --network-mbps, each server measured its link against the bootstrap
+    node (the log says so) and announces the tokens/s that figure carries, not the default."""
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    client = await SwarmClient.connect([swarm.bootstrap])
+    try:
+        view = await client.view(default_model_id(model_dir), 4)
+    finally:
+        await client.close()
+    servers = [p for p in swarm.processes if p.name.startswith("server")]
+    assert len(servers) == 2
+    for entry in servers:
+        match = MEASURED.search(entry.log_path.read_text())
+        assert match, entry.log_path.read_text()[-2000:]
+        mib, seconds, mbps = float(match[1]), float(match[2]), int(match[3])
+        assert 0 < mib <= 32 and seconds < 2.5  # bounded: a few MiB, about a second
+        info = view.servers[entry.addr.rsplit("/p2p/", 1)[1]]
+        assert info.network_rps == pytest.approx(network_rps(hidden, mbps * 1e6), abs=
+                                                 network_rps(hidden, 0.5e6))
+        assert info.network_rps != network_rps(hidden, DEFAULT_NETWORK_BPS)
 
 
 def test_generate_matches_local_greedy(swarm, model_dir):

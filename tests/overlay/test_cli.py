@@ -8,6 +8,7 @@ real socket, and is disconnected when its identity signature is wrong.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,6 +100,12 @@ def test_join_prints_its_address_first_and_answers_ping(tmp_path):
         assert ping.returncode == 0, ping.stderr
         assert f"connected to {expected}" in ping.stdout
         assert ping.stdout.count("time=") == 2
+        # a joined node offers the bandwidth test (overlay/bandwidth.py)
+        measured = run_cli("ping", str(node.addr), "--count", "1", "--bandwidth")
+        assert measured.returncode == 0, measured.stdout + measured.stderr
+        line = measured.stdout.strip().splitlines()[-1]
+        up, down = (float(w) for w in re.findall(r"([\d.]+) Mbit/s", line))
+        assert line.startswith("bandwidth: ") and up > 0 and down > 0
         wrong = node.addr.with_peer(Identity.generate().peer_id)
         refused = run_cli("ping", str(wrong), "--count", "1")
         assert refused.returncode == 1 and "expected peer" in refused.stderr

@@ -1,0 +1,196 @@
+"""The bandwidth test between real hosts on 127.0.0.1 (real sockets, real encryption): a
+measurement, and hostile or concurrent testers that get clear errors while the node serves on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from overlay.bandwidth import (
+    BAD_REQUEST,
+    BUSY,
+    CHUNK_BYTES,
+    DOWNLOAD,
+    MAX_TRANSFER_BYTES,
+    METHOD,
+    RATE_LIMITED,
+    UPLOAD,
+    GateConfig,
+    decode_received,
+    encode_request,
+)
+from overlay.bandwidth_service import BandwidthTestService, measure_link
+from overlay.host import Host, RemoteError
+from overlay.identity import Identity
+
+
+async def started(config: GateConfig | None = None):
+    node, tester = Host(), Host()
+    await node.listen("/ip4/127.0.0.1/tcp/0")
+    service = BandwidthTestService(config)
+    service.attach(node)
+    await tester.connect(node.addrs[0])
+    return node, tester, service
+
+
+@pytest.fixture
+async def pair():
+    node, tester, service = await started()
+    yield node, tester, service
+    await tester.close()
+    await node.close()
+
+
+async def answer_to(tester: Host, node: Host, first_message: bytes | None,
+                    then: bytes = b"") -> bytes | None:
+    """Open a bandwidth-test stream, send `first_message` (None: no message at all) and
+    `then`, half-close, and return the node's first message (or raise its error)."""
+    stream = await tester.open_stream(node.peer_id, METHOD, timeout=5)
+    if first_message is not None:
+        await stream.send(first_message)
+    if then:
+        await stream.send(then)
+    await stream.close()
+    async with asyncio.timeout(5):
+        return await stream.recv()
+
+
+async def wait_for(condition, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_two_hosts_measure_a_positive_bandwidth(pair):
+    node, tester, service = pair
+    measured, failures = await measure_link(tester, [node.peer_id])
+    assert failures == [] and measured is not None
+    assert measured.peer == str(node.peer_id)
+    assert measured.upload_bps > 0 and measured.download_bps > 0
+    assert measured.bps == min(measured.upload_bps, measured.download_bps)
+    assert 0 < measured.rtt < measured.seconds < 3
+    assert measured.total_bytes > 0 and service.transfers >= 2
+    assert not service.gate.active
+    print(f"loopback: {measured.upload_bps / 1e6:.0f} Mbit/s up, "
+          f"{measured.download_bps / 1e6:.0f} down, {measured.seconds:.2f} s")
+
+
+async def test_an_upload_is_counted_and_a_download_is_delivered(pair):
+    node, tester, _ = pair
+    assert decode_received(await answer_to(tester, node, encode_request(UPLOAD, 1000),
+                                           bytes(1000))) == 1000
+    stream = await tester.open_stream(node.peer_id, METHOD, timeout=5)
+    await stream.send(encode_request(DOWNLOAD, CHUNK_BYTES + 7), end_stream=True)
+    got = []
+    while (message := await stream.recv()) is not None:
+        got.append(len(message))
+    assert sum(got) == CHUNK_BYTES + 7 and max(got) <= CHUNK_BYTES
+
+
+@pytest.mark.parametrize("first, then", [
+    (encode_request(UPLOAD, MAX_TRANSFER_BYTES + 1), b""),  # oversized
+    (encode_request(DOWNLOAD, -1), b""),
+    (msgpack.packb({"v": 1, "op": "download", "bytes": "lots"}), b""),  # wrong types
+    (msgpack.packb({"v": 1, "op": ["upload"], "bytes": 10}), b""),
+    (msgpack.packb([1, 2, 3]), b""),
+    (b"\xc1 not msgpack", b""),
+    (None, b""),  # the stream ends before any request
+    (encode_request(UPLOAD, 100), bytes(101)),  # more than announced
+])
+async def test_bad_input_gets_bad_request_and_the_node_keeps_serving(pair, first, then):
+    node, tester, service = pair
+    with pytest.raises(RemoteError) as e:
+        await answer_to(tester, node, first, then)
+    assert e.value.code == BAD_REQUEST
+    assert not service.gate.active  # nothing left holding the slot
+    measured, _ = await measure_link(tester, [node.peer_id])
+    assert measured is not None and measured.bps > 0
+
+
+async def test_the_method_is_streaming_only(pair):
+    node, tester, _ = pair
+    with pytest.raises(RemoteError) as e:
+        await tester.call(node.peer_id, METHOD, encode_request(DOWNLOAD, 10), timeout=5)
+    assert e.value.code == "unknown_method"
+
+
+async def test_a_concurrent_test_is_told_busy_then_served(pair):
+    node, tester, service = pair
+    # tester 1 starts an upload of 16 MiB and stalls after one chunk: it holds the slot
+    holder = await tester.open_stream(node.peer_id, METHOD, timeout=5)
+    await holder.send(encode_request(UPLOAD, MAX_TRANSFER_BYTES))
+    await holder.send(bytes(CHUNK_BYTES))
+    await wait_for(lambda: service.gate.active)
+    other = Host()
+    try:
+        await other.connect(node.addrs[0])
+        with pytest.raises(RemoteError) as e:
+            await answer_to(other, node, encode_request(DOWNLOAD, 1000))
+        assert e.value.code == BUSY and "another bandwidth test" in e.value.message
+        with pytest.raises(RemoteError) as e:
+            await answer_to(other, node, encode_request(UPLOAD, 4 * CHUNK_BYTES),
+                            bytes(4 * CHUNK_BYTES))
+        assert e.value.code == BUSY
+        # a whole test asks again while busy, and succeeds once tester 1 gives up
+        measuring = asyncio.ensure_future(measure_link(other, [node.peer_id]))
+        await asyncio.sleep(0.1)
+        assert not measuring.done()
+        holder.reset("cancel: gave up")
+        measured, failures = await measuring
+        assert measured is not None and failures == []
+    finally:
+        await other.close()
+
+
+async def test_a_stalled_reader_is_cut_off_and_frees_the_slot():
+    node, tester, service = await started(GateConfig(max_transfer_seconds=0.3))
+    try:
+        stream = await tester.open_stream(node.peer_id, METHOD, timeout=5)
+        await stream.send(encode_request(DOWNLOAD, MAX_TRANSFER_BYTES), end_stream=True)
+        await wait_for(lambda: service.gate.active)
+        await wait_for(lambda: not service.gate.active)  # we never read: cut off in 0.3 s
+        with pytest.raises(RemoteError) as e:
+            while await stream.recv() is not None:
+                pass
+        assert e.value.code == "deadline_exceeded"
+        measured, _ = await measure_link(tester, [node.peer_id])
+        assert measured is not None
+    finally:
+        await tester.close()
+        await node.close()
+
+
+async def test_a_spent_budget_refuses_with_rate_limited():
+    node, tester, service = await started(GateConfig(budget_bytes=CHUNK_BYTES))
+    try:
+        measured, failures = await measure_link(tester, [node.peer_id])
+        assert measured is None and len(failures) == 1 and "budget is spent" in failures[0]
+        with pytest.raises(RemoteError) as e:
+            await answer_to(tester, node, encode_request(DOWNLOAD, 2 * CHUNK_BYTES))
+        assert e.value.code == RATE_LIMITED
+        assert decode_received(await answer_to(tester, node, encode_request(UPLOAD, 10),
+                                               bytes(10))) == 10  # small ones still fit
+    finally:
+        await tester.close()
+        await node.close()
+
+
+async def test_peers_that_cannot_answer_are_skipped_and_reported(pair):
+    node, tester, _ = pair
+    plain = Host()  # a node that does not offer the test
+    await plain.listen("/ip4/127.0.0.1/tcp/0")
+    try:
+        await tester.connect(plain.addrs[0])
+        stranger = Identity.generate().peer_id  # no known address
+        measured, failures = await measure_link(tester, [stranger, plain.peer_id, node.peer_id])
+        assert measured is not None and measured.peer == str(node.peer_id)
+        assert len(failures) == 2 and "unreachable" in failures[0]
+        assert "unknown_method" in failures[1]
+        measured, failures = await measure_link(tester, [plain.peer_id])
+        assert measured is None and len(failures) == 1
+        assert await measure_link(tester, []) == (None, [])
+        assert await measure_link(tester, [tester.peer_id]) == (None, [])  # never ourselves
+    finally:
+        await plain.close()
