@@ -114,6 +114,7 @@ class NetworkModel:
     """Latency, bandwidth and loss between node indices 0..n-1."""
 
     __slots__ = (
+        "_loss",
         "_region_one_way",
         "_salt",
         "_table",
@@ -152,6 +153,7 @@ class NetworkModel:
             jitter = LogNormal(1.0, c.region_jitter_sigma)
             self._table = [jitter.quantile(p) for p in levels]
         self._region_one_way = [[ms / 2000.0 for ms in row] for row in c.region_rtt_ms]
+        self._loss = c.loss
 
     def __len__(self) -> int:
         return len(self.region)
@@ -203,8 +205,10 @@ class NetworkModel:
         done = start + size / rate
         self.busy_until[src] = done
         arrival = done + self.one_way(src, dst)
-        loss = self.config.loss
-        if loss and self.rng.random() < loss:
+        loss = self._loss
+        if not loss:
+            return arrival
+        if self.rng.random() < loss:
             self.lost += 1
             if self.config.loss_mode == "drop":
                 return None
