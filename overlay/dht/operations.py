@@ -145,8 +145,13 @@ class LookupOperation(Operation):
         if dirty is None:
             indices: Iterable[int] = range(len(lookups))
         else:
-            due = [i for i, w in enumerate(waits) if w is not None and w <= now]
-            indices = sorted(dirty.union(due)) if due else sorted(dirty)
+            # self._deadline is the earliest of `waits`: none is due before it
+            soonest = self._deadline
+            if soonest is not None and soonest <= now:
+                due = [i for i, w in enumerate(waits) if w is not None and w <= now]
+                indices = sorted(dirty.union(due))
+            else:
+                indices = sorted(dirty)
         self._dirty = set()
 
         def backed_off(node_id: int) -> bool:  # failed recently: ask others (sec. 4.1)
@@ -166,8 +171,8 @@ class LookupOperation(Operation):
                     batches[contact.node_id] = (contact, [i])
                 else:
                     batch[1].append(i)
-        deadline = min((w for w in waits if w is not None), default=None)
-        self._deadline = deadline
+        armed = [w for w in waits if w is not None]
+        self._deadline = min(armed) if armed else None
         for contact, indices in batches.values():
             for start in range(0, len(indices), MAX_BATCH):
                 chunk = indices[start:start + MAX_BATCH]

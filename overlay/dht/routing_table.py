@@ -177,7 +177,7 @@ class RoutingTable:
             if self._traffic:
                 self._changed_at[index] = now  # BEP 5: "a node is added to a bucket"
             return AddOutcome.ADDED
-        stale = self._stale_contact(bucket)
+        stale = self._stale_contact(bucket) if bucket.failures else None
         if stale is not None:
             self._remove_from(bucket, stale)
             self._insert(bucket, contact, now)
