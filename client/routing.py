@@ -131,6 +131,7 @@ class RoutePlanner:
         eligible = self._eligible(start, end, banned, needs, inference=True)
         cfg = self.config
         overhead = cfg.hop_overhead
+        default_delay, max_delay, relay = cfg.default_delay, cfg.max_delay, cfg.relay
 
         # A node is (cost, span or None for the client, entry block, previous node).
         arrivals: dict[int, dict[int, tuple]] = {start: {0: (0.0, None, start, None)}}
@@ -147,11 +148,27 @@ class RoutePlanner:
                     for src in sources:
                         if src[0] + overhead >= best:
                             break  # sources are sorted by cost; hops cost >= overhead
+                        # _delay and _link, inlined (the innermost loop); min(half,
+                        # max_delay) written as min() decides, NaN included
                         prev = src[1]
                         if prev is None:
-                            link = _delay(client_rtts.get(peer), cfg)
-                        else:
+                            rtt = client_rtts.get(peer)
+                            if rtt is None:
+                                link = default_delay
+                            else:
+                                half = rtt / 2
+                                link = max_delay if max_delay < half else half
+                        elif prev.peer_id == peer:
+                            link = 0.0  # another span of the same server: no network
+                        elif relay:
                             link = _link(prev.peer_id, prev.info, peer, client_rtts, cfg)
+                        else:
+                            rtt = prev.info.next_pings.get(peer)
+                            if rtt is None:
+                                link = default_delay
+                            else:
+                                half = rtt / 2
+                                link = max_delay if max_delay < half else half
                         cost = src[0] + link + overhead
                         if cost < best:
                             best, best_src = cost, src

@@ -115,7 +115,9 @@ class NetworkModel:
 
     __slots__ = (
         "_loss",
+        "_one_way_min",
         "_region_one_way",
+        "_regions",
         "_salt",
         "_table",
         "busy_until",
@@ -154,6 +156,8 @@ class NetworkModel:
             self._table = [jitter.quantile(p) for p in levels]
         self._region_one_way = [[ms / 2000.0 for ms in row] for row in c.region_rtt_ms]
         self._loss = c.loss
+        self._regions = c.latency == "regions"  # else the table holds the delay itself
+        self._one_way_min = c.one_way_min
 
     def __len__(self) -> int:
         return len(self.region)
@@ -184,10 +188,10 @@ class NetworkModel:
         x = (x * 0x94D049BB133111EB) & _MASK64
         x ^= x >> 29
         level = self._table[x >> (64 - _TABLE_BITS)]
-        if self.config.latency != "regions":
+        if not self._regions:
             return level
         base = self._region_one_way[self.region[a]][self.region[b]]
-        return max(self.config.one_way_min, base * level)
+        return max(self._one_way_min, base * level)
 
     def rtt(self, a: int, b: int) -> float:
         return 2.0 * self.one_way(a, b)
