@@ -40,6 +40,10 @@ def quiet_gc() -> Iterator[None]:
     """Fewer, smaller cycle collections for the duration (see _RUN_GC_THRESHOLD); nests."""
     global _quiet_depth
     if _quiet_depth or not gc.isenabled():
+        if _quiet_depth and gc.isenabled():
+            # Nested (a scenario's measured run after building its tables): freeze what
+            # was built since, or each older-generation collection rescans all of it.
+            gc.freeze()
         _quiet_depth += 1
         try:
             yield
