@@ -25,7 +25,7 @@ import random
 from bisect import bisect_left, insort
 from collections.abc import Mapping, Sequence
 from itertools import accumulate, compress, islice
-from operator import ne
+from operator import attrgetter, ne
 
 from blocks.announcement import ServerInfo, ServerState
 
@@ -360,6 +360,7 @@ def optimal_bottleneck(
 # -- helpers -----------------------------------------------------------------------------------
 
 _Span = tuple[int, int, float]  # (start, length, throughput)
+_PLACEMENT_FIELDS = attrgetter("state", "start", "end", "throughput")
 
 
 def _spans(infos: Mapping[str, ServerInfo], num_blocks: int) -> dict[str, _Span]:
@@ -386,10 +387,10 @@ def _near_capacity(infos: Mapping[str, ServerInfo], num_blocks: int, threshold: 
     delta = [0.0] * (num_blocks + 1)
     weighted = total = 0.0
     count = 0
-    for info in infos.values():
-        if info.state == ServerState.OFFLINE:  # counts_for_placement, inlined
+    offline = ServerState.OFFLINE
+    for state, start, end, throughput in map(_PLACEMENT_FIELDS, infos.values()):
+        if state == offline:  # counts_for_placement, inlined
             continue
-        start, end, throughput = info.start, info.end, info.throughput
         if not (0 <= start < end <= num_blocks and 0.0 <= throughput < math.inf):
             return False
         delta[start] += throughput

@@ -140,9 +140,17 @@ class RoutePlanner:
             at_block = arrivals.pop(block, None)
             if at_block:
                 sources = sorted(at_block.values(), key=lambda node: node[0])
+                floor = sources[0][0] + overhead  # no entry costs less: links are >= 0
                 for span in self.view.covering(block):
                     if id(span) not in eligible:
                         continue
+                    stop = min(span.end, end)
+                    rps = span.info.inference_rps or cfg.default_inference_rps
+                    compute = (stop - block) / rps
+                    landing = arrivals.setdefault(stop, {})
+                    held = landing.get(id(span))
+                    if held is not None and floor + compute >= held[0]:
+                        continue  # entering here cannot beat entering this span earlier
                     peer = span.peer_id
                     best, best_src = math.inf, None
                     for src in sources:
@@ -172,11 +180,7 @@ class RoutePlanner:
                         cost = src[0] + link + overhead
                         if cost < best:
                             best, best_src = cost, src
-                    stop = min(span.end, end)
-                    rps = span.info.inference_rps or cfg.default_inference_rps
-                    cost = best + (stop - block) / rps
-                    landing = arrivals.setdefault(stop, {})
-                    held = landing.get(id(span))
+                    cost = best + compute
                     if held is None or cost < held[0]:
                         landing[id(span)] = (cost, span, block, best_src)
             block = min((b for b in arrivals if b < end), default=end)

@@ -145,6 +145,8 @@ class ServerFleet:
         self.moves = 0
         self.joins = 0
         self.departures = 0
+        # peer -> (the covering list its pings were measured against, the pings)
+        self._pings: dict[str, tuple[list[str], dict[str, float]]] = {}
 
     def add_servers(self) -> None:
         c, rng = self.config, self.sim.rng
@@ -272,12 +274,17 @@ class ServerFleet:
         to let clients chain servers)."""
         if server.end >= self.config.model.num_blocks:
             return {}
+        covering = self.directory.covering(server.end, self.sim.now)
+        known = self._pings.get(server.peer)
+        if known is not None and known[0] == covering:  # the same servers: the same pings
+            return known[1]
         pings: dict[str, float] = {}
-        for peer in sorted(self.directory.covering(server.end, self.sim.now)):
+        for peer in sorted(covering):
             if peer != server.peer and peer in self.by_peer:
                 pings[peer] = self.network.rtt(server.index, self.by_peer[peer].index)
                 if len(pings) >= MAX_NEXT_PINGS:
                     break
+        self._pings[server.peer] = (covering, pings)  # ServerInfo copies what it is given
         return pings
 
     # -- what the scenario measures ---------------------------------------------------------
