@@ -344,7 +344,7 @@ class RoutingTable:
         order = sorted(source, key=target.__xor__)
         if skip is not None and skip in source:
             order.remove(skip)
-        return [source[x] for x in order[:n]]
+        return list(map(source.__getitem__, order[:n]))
 
     def _merged_closest_excluding(
         self, target: int, n: int, exclude: Callable[[Contact], bool]
