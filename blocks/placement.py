@@ -24,8 +24,8 @@ import math
 import random
 from bisect import bisect_left, insort
 from collections.abc import Mapping, Sequence
-from itertools import compress, islice
-from operator import ne
+from itertools import accumulate, compress, islice
+from operator import attrgetter, ne
 
 from blocks.announcement import ServerInfo, ServerState
 
@@ -47,6 +47,10 @@ MIN_THROUGHPUT = 1e-3
 # Petals loops "until nobody moves" with no bound; greedy re-choosing can cycle, so we stop
 # after this many rounds (each round: every server re-chooses once).
 MAX_SETTLE_ROUNDS = 64
+# Relative slack of the capacity shortcut in `should_choose_other_blocks`: the float sums
+# behind the bottleneck and the bound differ from exact ones by far less than this (about
+# servers x blocks x 1e-16), so the shortcut never answers differently from the simulation.
+CAPACITY_MARGIN = 1e-9
 # Budget of search nodes for `optimal_bottleneck`; beyond it the instance is too large.
 OPTIMAL_MAX_NODES = 2_000_000
 
@@ -175,9 +179,19 @@ def should_choose_other_blocks(
     False when the local server is absent from `infos` (its announcement is not visible yet:
     nothing to judge), when it is the only server of some block of a connected swarm
     (moving would cut the chain), or when it already sits on its best window.
+
+    Also False, without simulating, when the bottleneck is already so close to the capacity
+    bound sum(throughput x span) / blocks (the mean block throughput, which no placement's
+    minimum can exceed) that no response of the others could make it grow past
+    1 / balance_quality. That answer is the simulation's own (CAPACITY_MARGIN covers float
+    rounding); it only saves the random draws the simulation would have made, so a caller
+    sharing its random source with other work (the simulator) sees later draws shift.
     """
     if balance_quality > 1.0:
         return True
+    _check_num_blocks(num_blocks)
+    if _near_capacity(infos, num_blocks, balance_quality - STAY_BIAS):
+        return False
     spans = _spans(infos, num_blocks)
     if local_peer not in spans:
         return False
@@ -346,6 +360,7 @@ def optimal_bottleneck(
 # -- helpers -----------------------------------------------------------------------------------
 
 _Span = tuple[int, int, float]  # (start, length, throughput)
+_PLACEMENT_FIELDS = attrgetter("state", "start", "end", "throughput")
 
 
 def _spans(infos: Mapping[str, ServerInfo], num_blocks: int) -> dict[str, _Span]:
@@ -359,6 +374,35 @@ def _spans(infos: Mapping[str, ServerInfo], num_blocks: int) -> dict[str, _Span]
             raise PlacementError(f"{peer} serves [{info.start}, {info.end}) of {num_blocks}")
         spans[peer] = (info.start, info.length, info.throughput)
     return spans
+
+
+def _near_capacity(infos: Mapping[str, ServerInfo], num_blocks: int, threshold: float) -> bool:
+    """True when the bottleneck is surely at least `threshold` x the capacity bound (then no
+    placement's bottleneck can exceed it by more than 1 / threshold).
+
+    A cheap, approximate pass (per-block sums from a difference array, in any order) whose
+    rounding error is bounded: about (servers + blocks) x 2.2e-16 x the summed throughput,
+    taken 4x over, plus CAPACITY_MARGIN on the bound. False (judge exactly) for anything
+    unusual: spans outside the model, negative or non-finite throughputs."""
+    delta = [0.0] * (num_blocks + 1)
+    weighted = total = 0.0
+    count = 0
+    offline = ServerState.OFFLINE
+    for state, start, end, throughput in map(_PLACEMENT_FIELDS, infos.values()):
+        if state == offline:  # counts_for_placement, inlined
+            continue
+        if not (0 <= start < end <= num_blocks and 0.0 <= throughput < math.inf):
+            return False
+        delta[start] += throughput
+        delta[end] -= throughput
+        weighted += throughput * (end - start)
+        total += throughput
+        count += 1
+    if not count:
+        return False
+    bottleneck = min(accumulate(islice(delta, num_blocks)))
+    error = 4 * (2 * count + num_blocks) * 2.2e-16 * total
+    return bottleneck - error >= threshold * weighted / num_blocks * (1.0 + CAPACITY_MARGIN)
 
 
 def _throughputs_of(spans: Mapping[str, _Span], num_blocks: int) -> list[float]:

@@ -131,6 +131,7 @@ class RoutePlanner:
         eligible = self._eligible(start, end, banned, needs, inference=True)
         cfg = self.config
         overhead = cfg.hop_overhead
+        default_delay, max_delay, relay = cfg.default_delay, cfg.max_delay, cfg.relay
 
         # A node is (cost, span or None for the client, entry block, previous node).
         arrivals: dict[int, dict[int, tuple]] = {start: {0: (0.0, None, start, None)}}
@@ -139,27 +140,47 @@ class RoutePlanner:
             at_block = arrivals.pop(block, None)
             if at_block:
                 sources = sorted(at_block.values(), key=lambda node: node[0])
+                floor = sources[0][0] + overhead  # no entry costs less: links are >= 0
                 for span in self.view.covering(block):
                     if id(span) not in eligible:
                         continue
+                    stop = min(span.end, end)
+                    rps = span.info.inference_rps or cfg.default_inference_rps
+                    compute = (stop - block) / rps
+                    landing = arrivals.setdefault(stop, {})
+                    held = landing.get(id(span))
+                    if held is not None and floor + compute >= held[0]:
+                        continue  # entering here cannot beat entering this span earlier
                     peer = span.peer_id
                     best, best_src = math.inf, None
                     for src in sources:
                         if src[0] + overhead >= best:
                             break  # sources are sorted by cost; hops cost >= overhead
+                        # _delay and _link, inlined (the innermost loop); min(half,
+                        # max_delay) written as min() decides, NaN included
                         prev = src[1]
                         if prev is None:
-                            link = _delay(client_rtts.get(peer), cfg)
-                        else:
+                            rtt = client_rtts.get(peer)
+                            if rtt is None:
+                                link = default_delay
+                            else:
+                                half = rtt / 2
+                                link = max_delay if max_delay < half else half
+                        elif prev.peer_id == peer:
+                            link = 0.0  # another span of the same server: no network
+                        elif relay:
                             link = _link(prev.peer_id, prev.info, peer, client_rtts, cfg)
+                        else:
+                            rtt = prev.info.next_pings.get(peer)
+                            if rtt is None:
+                                link = default_delay
+                            else:
+                                half = rtt / 2
+                                link = max_delay if max_delay < half else half
                         cost = src[0] + link + overhead
                         if cost < best:
                             best, best_src = cost, src
-                    stop = min(span.end, end)
-                    rps = span.info.inference_rps or cfg.default_inference_rps
-                    cost = best + (stop - block) / rps
-                    landing = arrivals.setdefault(stop, {})
-                    held = landing.get(id(span))
+                    cost = best + compute
                     if held is None or cost < held[0]:
                         landing[id(span)] = (cost, span, block, best_src)
             block = min((b for b in arrivals if b < end), default=end)

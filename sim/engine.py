@@ -24,20 +24,20 @@ from itertools import count
 
 ProgressFn = Callable[[float, int], None]
 
-# CPython's cycle collector rescans every tracked object at each full collection: with
-# thousands of routing tables alive that was a fifth to a quarter of a DHT run's CPU, for
-# garbage that reference counting frees anyway (the simulated cores make few cycles).
-# During `run`, what exists when it starts is frozen out of collection (gc.freeze) and
-# collections run this much less often; both are restored afterwards.
-_RUN_GC_THRESHOLD = (100_000, 50, 100)
-
+# CPython's cycle collector scans every young container object at least once (and again in
+# each older-generation collection): with thousands of routing tables alive that was a fifth
+# to a quarter of a DHT run's CPU at first, and still ~10% with gc.freeze and rare
+# collections, for garbage that reference counting frees anyway: the simulated cores and
+# the simulator make no reference cycles while a run goes on (tests/sim/test_engine.py
+# checks a DHT churn run and a swarm run leave none). So during `run` automatic collection
+# is off; it is restored afterwards (then collecting whatever the finished run left).
 
 _quiet_depth = 0
 
 
 @contextmanager
 def quiet_gc() -> Iterator[None]:
-    """Fewer, smaller cycle collections for the duration (see _RUN_GC_THRESHOLD); nests."""
+    """No automatic cycle collection for the duration (see above); nests."""
     global _quiet_depth
     if _quiet_depth or not gc.isenabled():
         _quiet_depth += 1
@@ -46,16 +46,13 @@ def quiet_gc() -> Iterator[None]:
         finally:
             _quiet_depth -= 1
         return
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(*_RUN_GC_THRESHOLD)
+    gc.disable()
     _quiet_depth += 1
     try:
         yield
     finally:
         _quiet_depth -= 1
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        gc.enable()
 
 
 class Simulator:

@@ -114,7 +114,10 @@ class NetworkModel:
     """Latency, bandwidth and loss between node indices 0..n-1."""
 
     __slots__ = (
+        "_loss",
+        "_one_way_min",
         "_region_one_way",
+        "_regions",
         "_salt",
         "_table",
         "busy_until",
@@ -152,6 +155,9 @@ class NetworkModel:
             jitter = LogNormal(1.0, c.region_jitter_sigma)
             self._table = [jitter.quantile(p) for p in levels]
         self._region_one_way = [[ms / 2000.0 for ms in row] for row in c.region_rtt_ms]
+        self._loss = c.loss
+        self._regions = c.latency == "regions"  # else the table holds the delay itself
+        self._one_way_min = c.one_way_min
 
     def __len__(self) -> int:
         return len(self.region)
@@ -182,10 +188,10 @@ class NetworkModel:
         x = (x * 0x94D049BB133111EB) & _MASK64
         x ^= x >> 29
         level = self._table[x >> (64 - _TABLE_BITS)]
-        if self.config.latency != "regions":
+        if not self._regions:
             return level
         base = self._region_one_way[self.region[a]][self.region[b]]
-        return max(self.config.one_way_min, base * level)
+        return max(self._one_way_min, base * level)
 
     def rtt(self, a: int, b: int) -> float:
         return 2.0 * self.one_way(a, b)
@@ -203,8 +209,10 @@ class NetworkModel:
         done = start + size / rate
         self.busy_until[src] = done
         arrival = done + self.one_way(src, dst)
-        loss = self.config.loss
-        if loss and self.rng.random() < loss:
+        loss = self._loss
+        if not loss:
+            return arrival
+        if self.rng.random() < loss:
             self.lost += 1
             if self.config.loss_mode == "drop":
                 return None

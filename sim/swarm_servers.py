@@ -45,7 +45,8 @@ class Directory:
     or expires; a re-announcement of an unchanged, unexpired record only extends its life.
     """
 
-    __slots__ = ("_infos", "_records", "_version", "_view", "announce_bytes", "num_blocks")
+    __slots__ = ("_covering", "_infos", "_records", "_version", "_view", "announce_bytes",
+                 "num_blocks")
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
@@ -54,6 +55,7 @@ class Directory:
         # (version, earliest expiry among them, live records) and (version, view)
         self._infos: tuple[int, float, dict[str, ServerInfo]] | None = None
         self._view: tuple[int, SwarmView] | None = None
+        self._covering: tuple[object, dict[int, list[str]]] = (None, {})  # (live dict, ...)
         self.announce_bytes = 0  # value bytes stored: one record per block of the span
 
     def announce(self, peer: str, info: ServerInfo, now: float) -> None:
@@ -87,8 +89,16 @@ class Directory:
         return cached[1]
 
     def covering(self, block: int, now: float) -> list[str]:
-        """Peers whose live record holds `block`, in announcement order."""
-        return [p for p, i in self.infos(now).items() if i.start <= block < i.end]
+        """Peers whose live record holds `block`, in announcement order (kept per block
+        until the live records change: every re-announcement asks)."""
+        live = self.infos(now)
+        cached = self._covering
+        if cached[0] is not live:
+            cached = self._covering = (live, {})
+        peers = cached[1].get(block)
+        if peers is None:
+            peers = cached[1][block] = [p for p, i in live.items() if i.start <= block < i.end]
+        return peers
 
 
 class SimServer:
@@ -135,6 +145,8 @@ class ServerFleet:
         self.moves = 0
         self.joins = 0
         self.departures = 0
+        # peer -> (the covering list its pings were measured against, the pings)
+        self._pings: dict[str, tuple[list[str], dict[str, float]]] = {}
 
     def add_servers(self) -> None:
         c, rng = self.config, self.sim.rng
@@ -262,12 +274,17 @@ class ServerFleet:
         to let clients chain servers)."""
         if server.end >= self.config.model.num_blocks:
             return {}
+        covering = self.directory.covering(server.end, self.sim.now)
+        known = self._pings.get(server.peer)
+        if known is not None and known[0] == covering:  # the same servers: the same pings
+            return known[1]
         pings: dict[str, float] = {}
-        for peer in sorted(self.directory.covering(server.end, self.sim.now)):
+        for peer in sorted(covering):
             if peer != server.peer and peer in self.by_peer:
                 pings[peer] = self.network.rtt(server.index, self.by_peer[peer].index)
                 if len(pings) >= MAX_NEXT_PINGS:
                     break
+        self._pings[server.peer] = (covering, pings)  # ServerInfo copies what it is given
         return pings
 
     # -- what the scenario measures ---------------------------------------------------------

@@ -115,10 +115,12 @@ class SessionRunner:
         if force or s.view is None or now - s.view_at >= self.config.view_refresh:
             view = self.directory.view(now)
             if view is not s.view:
-                s.rtts = {
-                    peer: self.network.rtt(s.client, self.fleet.by_peer[peer].index)
-                    for peer in view.servers
-                }
+                # The client's round trips to the servers it can see (a pair's latency is
+                # fixed for the run: each is measured once; peers out of view are never asked).
+                rtts = s.rtts
+                for peer in view.servers:
+                    if peer not in rtts:
+                        rtts[peer] = self.network.rtt(s.client, self.fleet.by_peer[peer].index)
             s.view, s.view_at = view, now
         cached = self._planner
         if cached is None or cached[0] is not s.view:
@@ -228,8 +230,9 @@ class SessionRunner:
 
     def _send(self, s: Session, j: int, src: int, at: float) -> None:
         """Ship the input of span j from node `src`, leaving at time `at`."""
-        server = self._server(s.route[j])
-        arrival = self.network.transfer(src, server.index, self._size(self._hop_tokens(s, j)), at)
+        server = self.fleet.by_peer[s.route[j].peer_id]  # _server and _hop_tokens, inlined
+        tokens = s.step_tokens + (s.position if s.history[j] else 0)
+        arrival = self.network.transfer(src, server.index, self._size(tokens), at)
         if arrival is None:  # dropped: the client notices when the step times out
             self._fail(s, j, at + self.config.step_timeout, "lost")
             return
@@ -241,7 +244,7 @@ class SessionRunner:
             return
         now = self.sim.now
         span = s.route[j]
-        server = self._server(span)
+        server = self.fleet.by_peer[span.peer_id]
         if server.epoch != s.epochs[j]:
             if not server.up and server.silent:
                 self._fail(s, j, now + self.config.step_timeout, "down")
@@ -253,10 +256,10 @@ class SessionRunner:
         if p and self.sim.rng.random() < p:
             self._fail(s, j, now + self.network.one_way(server.index, s.client), "injected")
             return
-        tokens = self._hop_tokens(s, j)
+        tokens = s.step_tokens + (s.position if s.history[j] else 0)
         rate = server.cls.inference_rps if tokens == 1 else server.cls.forward_rps
         start = server.busy_until if server.busy_until > now else now
-        done = start + span.length * tokens / rate
+        done = start + (span.end - span.start) * tokens / rate
         server.busy_until = done
         if s.history[j]:
             s.history[j] = False

@@ -278,16 +278,38 @@ class ClosestPeersLookup:
         if self._finished:
             return
         depth = candidate.depth + 1
+        # _insert, inlined (this loop runs for every peer of every answer). The responder
+        # is a known candidate whose depth is below `depth`, so it needs no test of its own;
+        # ourselves are never a candidate, so only a new id can be us.
         by_id = self._by_id
+        target = self.target
+        self_id = self.self_id
+        candidates = self._candidates
+        distances = self._distances
+        limit = self.max_candidates
         for contact in islice(closer, self.max_peers_per_response):
             other = contact.node_id
-            if other == node_id:
-                continue
             known = by_id.get(other)
-            if known is None:
-                self._insert(contact, depth)
-            elif depth < known.depth:
-                known.depth = depth
+            if known is not None:
+                if depth < known.depth:
+                    known.depth = depth
+                continue
+            if other == self_id:
+                continue
+            dist = other ^ target
+            index = bisect_left(distances, dist)
+            if index >= limit:
+                continue
+            new = _Candidate(contact, dist, depth)
+            candidates.insert(index, new)
+            distances.insert(index, dist)
+            by_id[other] = new
+            while len(candidates) > limit:
+                if candidates[-1].state != NOT_CONTACTED:
+                    break
+                dropped = candidates.pop()
+                distances.pop()
+                del by_id[dropped.contact.node_id]
         best = self._distances[0] if self._distances else None
         if self._best is None or (best is not None and best < self._best):
             self._best = best

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from operator import attrgetter
 from typing import Any
 
@@ -198,6 +199,10 @@ def _addrs_size(addrs: tuple[str, ...]) -> int:
     return _array_header(len(addrs)) + sum(map(_str_size, addrs))
 
 
+# Every request carries its sender's addresses, the same tuple each time.
+_request_addrs_size = lru_cache(maxsize=4096)(_addrs_size)
+
+
 def _contact_size(contact: Contact) -> int:
     size = contact.wire_size
     if size is None:  # [peer id bytes, [addr, ...]], cached on the (immutable) contact
@@ -231,7 +236,9 @@ _OP_SIZES = {kind: _HEADER + _str_size(name) for kind, name in _OP_NAMES.items()
 
 def request_size(request: Request) -> int:
     """len(encode_request(request)), computed without encoding."""
-    size = _OP_SIZES[type(request)] + 6 + _addrs_size(request.addrs) + 4 + 1  # addrs, srv
+    addrs = request.addrs
+    size = _OP_SIZES[type(request)] + 6 + 4 + 1 + (  # "addrs", "srv" and its value
+        _request_addrs_size(addrs) if type(addrs) is tuple else _addrs_size(addrs))
     if isinstance(request, FindNode):
         size += 4 + _array_header(len(request.targets)) + _bin_size(ID_BYTES) * len(
             request.targets)

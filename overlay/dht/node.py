@@ -68,6 +68,8 @@ _RESPONSE_TYPES = {
     FindValue: FindValueResponse,
     Store: StoreResponse,
 }
+# PingResponse has no fields: one instance answers every PING.
+_PING_RESPONSE = PingResponse()
 # Room kept for the closer-peer lists when filling a FIND_VALUE answer with records.
 _PEERS_ALLOWANCE = 64 * 1024
 # At most this many buckets are refreshed by one periodic refresh.
@@ -302,21 +304,23 @@ class DHTNode:
         """Answer `request` from the authenticated peer `sender`."""
         if sender == self.peer_id:
             raise DHTProtocolError("request from ourselves")
+        sender_id = node_id_of(sender.raw)
+        kind = type(request)
         if request.serves and request.addrs:
             # A PING's sender is recorded but never makes us ping in turn: it is checking
             # its own table, and if it could, every PING would introduce its sender to
             # another full bucket whose least recent contact then gets pinged: a chain
             # across the network.
-            self._saw(Contact(sender, request.addrs), now, may_ping=type(request) is not Ping)
+            self._saw(Contact(sender, request.addrs, sender_id), now, may_ping=kind is not Ping)
+        if kind is Ping:
+            return _PING_RESPONSE
         k = self.config.k
-        if isinstance(request, Ping):
-            return PingResponse()
-        sender_id = node_id_of(sender.raw)
         closest = self.table.closest_except
-        if isinstance(request, FindNode):
-            return FindNodeResponse(
-                tuple(tuple(closest(t, k, sender_id)) for t in request.targets)
-            )
+        if kind is FindNode:
+            targets = request.targets  # type: ignore[union-attr]
+            if len(targets) == 1:  # the common case, without the generator
+                return FindNodeResponse((tuple(closest(targets[0], k, sender_id)),))
+            return FindNodeResponse(tuple(tuple(closest(t, k, sender_id)) for t in targets))
         if isinstance(request, FindValue):
             budget = (MAX_MESSAGE_BYTES - _PEERS_ALLOWANCE) // len(request.keys)
             results = []

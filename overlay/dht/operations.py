@@ -122,8 +122,14 @@ class LookupOperation(Operation):
     def step(self, node: DHTNode, now: float) -> None:
         if self.done:
             return
+        lookups = self.lookups
+        if len(lookups) == 1:
+            self._advance_one(node, now)
+            if lookups[0].finished:
+                self._lookups_finished(node, now)
+            return
         self._advance(node, now)
-        if all(lookup.finished for lookup in self.lookups):
+        if all(lookup.finished for lookup in lookups):
             self._lookups_finished(node, now)
 
     def _touch(self, indices: list[int]) -> None:
@@ -139,8 +145,13 @@ class LookupOperation(Operation):
         if dirty is None:
             indices: Iterable[int] = range(len(lookups))
         else:
-            due = [i for i, w in enumerate(waits) if w is not None and w <= now]
-            indices = sorted(dirty.union(due)) if due else sorted(dirty)
+            # self._deadline is the earliest of `waits`: none is due before it
+            soonest = self._deadline
+            if soonest is not None and soonest <= now:
+                due = [i for i, w in enumerate(waits) if w is not None and w <= now]
+                indices = sorted(dirty.union(due))
+            else:
+                indices = sorted(dirty)
         self._dirty = set()
 
         def backed_off(node_id: int) -> bool:  # failed recently: ask others (sec. 4.1)
@@ -160,12 +171,43 @@ class LookupOperation(Operation):
                     batches[contact.node_id] = (contact, [i])
                 else:
                     batch[1].append(i)
-        deadline = min((w for w in waits if w is not None), default=None)
-        self._deadline = deadline
+        armed = [w for w in waits if w is not None]
+        self._deadline = min(armed) if armed else None
         for contact, indices in batches.values():
             for start in range(0, len(indices), MAX_BATCH):
                 chunk = indices[start:start + MAX_BATCH]
                 node.send_for(self, contact, self._request(node, chunk), now, ("find", chunk))
+
+    def _advance_one(self, node: DHTNode, now: float) -> None:
+        """`_advance` for an operation of a single lookup (most are): the same steps, without
+        the bookkeeping of batches shared by several lookups."""
+        lookup = self.lookups[0]
+        waits = self._waits
+        dirty = self._dirty
+        if dirty is None:
+            self._dirty = set()
+        else:
+            if not dirty:
+                wait = waits[0]
+                if wait is None or wait > now:  # no answer and no deadline since: nothing new
+                    self._deadline = wait
+                    return
+            dirty.clear()
+        if lookup.finished:
+            waits[0] = self._deadline = None
+            return
+        skip = None
+        if self.skip_backed_off[0]:
+            health = node.health
+
+            def skip(node_id: int) -> bool:  # failed recently: ask others (sec. 4.1)
+                return health.is_backed_off(node_id, now)
+
+        contacts, after = lookup.next_batch(now, skip)
+        waits[0] = self._deadline = after.deadline if type(after) is Waiting else None
+        for contact in contacts:
+            chunk = [0]
+            node.send_for(self, contact, self._request(node, chunk), now, ("find", chunk))
 
     def on_response(self, node: DHTNode, pending: Pending, response: object, now: float) -> None:
         kind, indices = pending.tag

@@ -177,7 +177,7 @@ class RoutingTable:
             if self._traffic:
                 self._changed_at[index] = now  # BEP 5: "a node is added to a bucket"
             return AddOutcome.ADDED
-        stale = self._stale_contact(bucket)
+        stale = self._stale_contact(bucket) if bucket.failures else None
         if stale is not None:
             self._remove_from(bucket, stale)
             self._insert(bucket, contact, now)
@@ -299,23 +299,64 @@ class RoutingTable:
         exclude: Callable[[Contact], bool] | None = None,
     ) -> list[Contact]:
         # Every contact of a bucket visited earlier is nearer than every contact of one
-        # visited later, so the buckets needed can be merged and sorted once.
+        # visited later, so the buckets needed can be merged and sorted once. The visit
+        # order (see `closest`) is written out as two loops: this runs once per answer.
+        if exclude is not None:
+            return self._merged_closest_excluding(target, n, exclude)
+        buckets = self._buckets
+        indices = self._indices
+        d = self.self_id ^ target
+        source: dict[int, Contact] | None = None  # the one bucket needed, or a merge
+        merged: dict[int, Contact] | None = None
+        enough = False
+        for i in reversed(indices):
+            if (d >> i) & 1:
+                contacts = buckets[i].contacts
+                if not contacts:
+                    continue
+                if source is None:
+                    source = contacts
+                else:
+                    if merged is None:
+                        source = merged = dict(source)
+                    merged.update(contacts)
+                size = len(source)
+                if size >= n and (skip is None or size > n or skip not in source):
+                    enough = True
+                    break
+        if not enough:
+            for i in indices:
+                if not (d >> i) & 1:
+                    contacts = buckets[i].contacts
+                    if not contacts:
+                        continue
+                    if source is None:
+                        source = contacts
+                    else:
+                        if merged is None:
+                            source = merged = dict(source)
+                        merged.update(contacts)
+                    size = len(source)
+                    if size >= n and (skip is None or size > n or skip not in source):
+                        break
+        if source is None:
+            return []
+        order = sorted(source, key=target.__xor__)
+        if skip is not None and skip in source:
+            order.remove(skip)
+        return list(map(source.__getitem__, order[:n]))
+
+    def _merged_closest_excluding(
+        self, target: int, n: int, exclude: Callable[[Contact], bool]
+    ) -> list[Contact]:
         buckets = self._buckets
         merged: dict[int, Contact] = {}
         for i in self._visit_order(self.self_id ^ target, self._indices):
-            contacts = buckets[i].contacts
-            if not contacts:
-                continue
-            if exclude is None:
-                merged.update(contacts)
-            else:
-                for x, c in contacts.items():
-                    if not exclude(c):
-                        merged[x] = c
-            if len(merged) >= n and (skip is None or len(merged) > n or skip not in merged):
+            for x, c in buckets[i].contacts.items():
+                if not exclude(c):
+                    merged[x] = c
+            if len(merged) >= n:
                 break
-        if skip is not None:
-            merged.pop(skip, None)
         return [merged[x] for x in sorted(merged, key=target.__xor__)[:n]]
 
     @staticmethod

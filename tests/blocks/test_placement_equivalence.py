@@ -1,7 +1,8 @@
 """The faster rebalancing code decides exactly as the plain loops did (placement_reference.py):
-the same answer, the same random draws, on many random swarms and throughput arrays,
-including the shapes the rules meet in practice (servers of a few hardware classes stacked
-on aligned windows: piecewise-constant throughputs, many identical spans)."""
+the same answer, the same random draws (or none, when the capacity bound answers alone), on
+many random swarms and throughput arrays, including the shapes the rules meet in practice
+(servers of a few hardware classes stacked on aligned windows: piecewise-constant
+throughputs, many identical spans)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,33 @@ def test_rebalancing_decides_as_the_plain_loops(swarm):
     want = reference.should_choose_other_blocks(local, infos, num_blocks, rng=theirs,
                                                 balance_quality=quality)
     assert got == want
-    assert ours.getstate() == theirs.getstate()  # the same draws: a simulation stays the same
+    # The same draws, or none at all when the capacity bound settled the answer (False)
+    # without simulating the others' response.
+    if ours.getstate() != theirs.getstate():
+        assert ours.getstate() == random.Random(seed).getstate() and not got
+
+
+@settings(max_examples=300, deadline=None)
+@given(swarms())
+def test_capacity_shortcut_only_skips_checks_that_cannot_move(swarm):
+    """Whenever the cheap capacity test says "no move", the full simulation says so too,
+    on random swarms (an answer it gives is the simulation's own)."""
+    num_blocks, infos, local, quality, seed = swarm
+    threshold = quality - placement.STAY_BIAS
+    if placement._near_capacity(infos, num_blocks, threshold):
+        assert not reference.should_choose_other_blocks(
+            local, infos, num_blocks, rng=random.Random(seed), balance_quality=quality)
+
+
+def test_capacity_shortcut_fires_on_a_balanced_swarm_and_not_on_a_lopsided_one():
+    balanced = {f"s{i}": ServerInfo(ServerState.ONLINE, 4 * (i % 2), 4 * (i % 2) + 4, 1.0)
+                for i in range(4)}
+    assert placement._near_capacity(balanced, 8, 0.75 - placement.STAY_BIAS)
+    lopsided = {"a": ServerInfo(ServerState.ONLINE, 0, 4, 1.0),
+                "b": ServerInfo(ServerState.ONLINE, 0, 8, 1.0),
+                "c": ServerInfo(ServerState.ONLINE, 0, 4, 1.0)}
+    assert not placement._near_capacity(lopsided, 8, 0.75 - placement.STAY_BIAS)
+    assert placement.should_choose_other_blocks("c", lopsided, 8, rng=random.Random(0))
 
 
 def test_settle_ends_in_the_same_placement_on_large_random_swarms():

@@ -1,5 +1,6 @@
 """The event engine, the duration distributions and the churn models."""
 
+import gc
 import math
 import random
 import statistics
@@ -141,3 +142,58 @@ def test_bad_churn_config():
         ChurnConfig("sometimes")
     with pytest.raises(ValueError):
         Weibull(0.0, 1.0)
+
+
+def _cyclic_garbage_of(run) -> list:
+    """Objects that only the cycle collector could free, left by `run()` (kept alive)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        keep = run()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
+    del keep
+    return garbage
+
+
+def _ours(garbage: list) -> list:
+    return [o for o in garbage
+            if type(o).__module__.split(".")[0] in ("sim", "overlay", "blocks", "client")]
+
+
+def test_run_switches_automatic_collection_off_and_back_on():
+    sim = Simulator(0)
+    states = []
+    sim.at(1.0, lambda: states.append(gc.isenabled()))
+    assert gc.isenabled()
+    sim.run(2.0)
+    assert states == [False] and gc.isenabled()
+
+
+def test_dht_and_swarm_runs_make_no_reference_cycles():
+    """What lets `run` switch the cycle collector off: a churning DHT and a swarm with
+    churn, sessions and recoveries leave no object of ours that only it could free."""
+    from sim.dht_scenario import DHTScenario, dht_churn_config
+    from sim.swarm_config import SwarmScenarioConfig
+    from sim.swarm_scenario import SwarmScenario
+
+    def dht():
+        scenario = DHTScenario("dht", dht_churn_config(nodes=300, duration=300.0, seed=1))
+        return scenario, scenario.run()
+
+    def swarm():
+        config = SwarmScenarioConfig(servers=30, duration=900.0, seed=1, session_rate=0.05,
+                                     step_failure_prob=0.01,
+                                     churn=ChurnConfig("weibull", scale=300.0, down_scale=100.0))
+        scenario = SwarmScenario("swarm", config)
+        return scenario, scenario.run()
+
+    for run in (dht, swarm):
+        assert _ours(_cyclic_garbage_of(run)) == []
