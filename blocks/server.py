@@ -34,12 +34,16 @@ from overlay.streams import ConnectionLost, Stream, StreamClosed
 
 log = logging.getLogger(__name__)
 
-# Work expected to take less than this (thread CPU time) runs on the event loop itself: a
-# thread hop costs ~50-100 us and GIL hand-offs, more than a decode step of a small span;
-# longer work goes to the worker thread so pings, the DHT and other sessions are not held up.
-# 2 ms: a small span's step measures 0.3-1.1 ms on a loaded 2-core machine, and must not
-# flip between the two; 2 ms is well under the 5 ms GIL switch interval the worker costs.
-INLINE_COMPUTE_LIMIT = 0.002
+# Work expected to take less than this (thread CPU time) runs on the event loop itself;
+# longer work goes to the worker thread so pings, the DHT and other sessions are not held up
+# for long. A step on the worker costs far more than the hop (~50-100 us): while torch drops
+# and retakes the GIL in every op, the loop's own work for the chain (decrypting, encoding,
+# the push) waits for GIL hand-offs (the switch interval is 5 ms). Measured on the 8-layer x
+# 512 CPU model (scripts/trace_token.py, 2 spans of 3.7 ms each in a hot loop): 13.7 ms/token
+# with the steps on the worker, 11.2 inline (2026-12-02). 10 ms of a blocked loop is far below
+# every timeout of the DHT, pings and sessions (seconds), and steps that long are prefills
+# or big spans on a CPU, where the worker's cost no longer matters.
+INLINE_COMPUTE_LIMIT = 0.010
 
 
 @dataclass(frozen=True, slots=True)
