@@ -51,6 +51,9 @@ class Cipher(Protocol):
     def open_record(self, ciphertext: bytes | memoryview) -> bytes:
         """decrypt, for a ciphertext of at most 65535 bytes."""
 
+    def open_record_into(self, ciphertext: bytes | memoryview, out: memoryview) -> None:
+        """open_record into `out` of exactly len(ciphertext) - TAG_SIZE bytes."""
+
 
 def seal_records(cipher: Cipher, plaintexts: Sequence[bytes]) -> bytearray:
     """Encrypt each plaintext (at most MAX_RECORD_PLAINTEXT bytes) into one framed record."""
@@ -165,7 +168,7 @@ class RecordReader:
     across two reads is moved only when the buffer is nearly full.
     """
 
-    __slots__ = ("_buf", "_cipher", "_end", "_small_reads", "_start", "_view")
+    __slots__ = ("_buf", "_cipher", "_end", "_last_read", "_small_reads", "_start", "_view")
 
     # The large buffer goes back after this many consecutive small reads that left nothing
     # pending (the bulk transfer is over).
@@ -178,6 +181,7 @@ class RecordReader:
         self._start = 0  # first byte not yet consumed
         self._end = 0  # end of the received bytes
         self._small_reads = 0
+        self._last_read = 0
 
     @property
     def buffered(self) -> int:
@@ -230,38 +234,65 @@ class RecordReader:
 
     def buffer_updated(self, nbytes: int) -> list[bytes]:
         """`nbytes` were written at `get_buffer()`: the plaintexts of the records completed."""
+        self.received(nbytes)
+        out = []
+        next_record = self.next_record
+        while (plaintext := next_record()) is not None:
+            out.append(plaintext)
+        return out
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` were written at `get_buffer()`; `next_record` then returns their records."""
         end = self._end + nbytes
         if end > len(self._buf):
             raise ValueError("buffer_updated beyond the buffer it was given")
         self._end = end
-        view = self._view
+        self._last_read = nbytes
+
+    def next_record(self, place: Callable[[int], memoryview | None] | None = None,
+                    ) -> bytes | memoryview | None:
+        """The plaintext of the next complete record received, or None when there is none.
+
+        `place(n)`, when given, may return a writable view of exactly n bytes (the record's
+        plaintext size) where the record is decrypted instead of into a fresh bytes object:
+        then that view is returned (the driver decrypts bulk data straight into the message
+        it belongs to; overlay/connection.py). Records are decrypted one call at a time, so the
+        driver can handle each before choosing where the next one goes."""
         pos = self._start
-        decrypt = self._cipher.open_record
-        unpack_from = _LENGTH.unpack_from
-        out = []
-        while end - pos >= LENGTH_SIZE:
-            (length,) = unpack_from(view, pos)
+        end = self._end
+        if end - pos >= LENGTH_SIZE:
+            view = self._view
+            (length,) = _LENGTH.unpack_from(view, pos)
             if length < TAG_SIZE:
                 raise RecordError(f"record of {length} bytes is shorter than its tag")
             stop = pos + LENGTH_SIZE + length
-            if stop > end:
-                break
-            try:
-                out.append(decrypt(view[pos + LENGTH_SIZE:stop]))
-            except Exception as e:  # the cipher's own authentication failure type
-                raise RecordError(f"record failed authentication: {type(e).__name__}") from None
-            pos = stop
-        if pos == end:
-            pos = self._end = 0
-            if len(self._buf) > SMALL_RECEIVE_BUFFER:
-                self._small_reads = self._small_reads + 1 if nbytes < MAX_RECORD else 0
-                if self._small_reads >= self.SHRINK_AFTER:
-                    self._drop_buffer()
-                    self._small_reads = 0
-            else:
+            if stop <= end:
+                target = None if place is None else place(length - TAG_SIZE)
+                try:
+                    if target is None:
+                        plaintext = self._cipher.open_record(view[pos + LENGTH_SIZE:stop])
+                    else:
+                        self._cipher.open_record_into(view[pos + LENGTH_SIZE:stop], target)
+                        plaintext = target
+                except Exception as e:  # the cipher's own authentication failure type
+                    raise RecordError(
+                        f"record failed authentication: {type(e).__name__}") from None
+                self._start = stop
+                if stop == end:
+                    self._drained()
+                return plaintext
+        return None
+
+    def _drained(self) -> None:
+        """Every received byte is consumed: reuse the buffer from its start, or let it go."""
+        self._start = self._end = 0
+        if len(self._buf) > SMALL_RECEIVE_BUFFER:
+            self._small_reads = self._small_reads + 1 if self._last_read < MAX_RECORD else 0
+            if self._small_reads >= self.SHRINK_AFTER:
                 self._drop_buffer()
-        self._start = pos
-        return out
+                self._small_reads = 0
+        else:
+            self._drop_buffer()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Plaintexts of the records completed by `data` (bytes read by someone else)."""
