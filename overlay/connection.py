@@ -188,6 +188,19 @@ class Connection(asyncio.BufferedProtocol):
         if reader is None:
             self._handshake_data(bytes(self._handshake_buffer[:nbytes]))
             return
+        if self._assembling is None:  # the common case: records decrypted as they come
+            try:
+                plaintexts = reader.buffer_updated(nbytes)
+            except RecordError as e:
+                self.abort(str(e))
+                return
+            self._records_received(plaintexts)
+        else:
+            self._records_in_place(reader, nbytes)
+
+    def _records_in_place(self, reader: RecordReader, nbytes: int) -> None:
+        """A stream assembles a message in place: records are decrypted one at a time, each
+        where `_place` guesses it belongs, and handled before the next one."""
         reader.received(nbytes)
         next_record = reader.next_record
         place = self._place
