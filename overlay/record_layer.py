@@ -141,9 +141,15 @@ class RecordWriter:
         self._in_flight = buf
         view = memoryview(buf)
         limit = len(buf) - MAX_RECORD
+        pack_into = _LENGTH.pack_into
+        seal = self._encrypt_into
         pos = 0
-        while True:
-            pos = self._seal_one(plain[:size], view, pos)
+        while True:  # (_seal_one, inline: this loop runs once per bulk record)
+            sealed = size + TAG_SIZE
+            pack_into(view, pos, sealed)
+            pos += LENGTH_SIZE
+            seal(plain[:size], view[pos:pos + sealed])
+            pos += sealed
             if pos > limit:
                 break
             size = fill(plain)
