@@ -306,6 +306,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of every thread of a process so far, from the scheduler's
+    nanosecond counters (Linux)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+async def measured(transfer, server_pid: int, total: int, cpu: dict, name: str) -> float:
+    """Runs one transfer (a coroutine or a plain call); keeps each side's CPU seconds per GiB
+    (the least over the rounds) in `cpu`."""
+    sender, receiver = cpu_seconds(os.getpid()), cpu_seconds(server_pid)
+    result = transfer()
+    if asyncio.iscoroutine(result):
+        result = await result
+    gib = total / 2**30
+    for side, start, pid in (("sender", sender, os.getpid()), ("receiver", receiver, server_pid)):
+        key = f"{name}_{side}_cpu_s_per_gib"
+        cpu[key] = round(min(cpu.get(key, 1e9), (cpu_seconds(pid) - start) / gib), 3)
+    return result
+
+
 async def client(args: argparse.Namespace) -> dict:
     flags = ["--glibc-defaults"] if args.glibc_defaults else []
     server = subprocess.Popen([sys.executable, __file__, "--serve", *flags], stdin=subprocess.PIPE,
@@ -324,11 +348,15 @@ async def client(args: argparse.Namespace) -> dict:
         # ceiling is measured in each round too, between the transfers (the machine is shared:
         # a ceiling measured at another moment than the transfer would skew the ratio).
         enc, raw, aead, floor, rpc, echo = [], [], [], [], [], []
+        cpu: dict = {}
         for _ in range(args.repeat):
-            enc.append(await ours_throughput(host, addr, total))
+            enc.append(await measured(lambda: ours_throughput(host, addr, total), server.pid,
+                                      total, cpu, "encrypted"))
             aead.append(aead_throughput(0.3))
-            raw.append(await raw_throughput(sink_port, total))
-            floor.append(floor_throughput(floor_port, total))
+            raw.append(await measured(lambda: raw_throughput(sink_port, total), server.pid,
+                                      total, cpu, "raw_tcp"))
+            floor.append(await measured(lambda: floor_throughput(floor_port, total), server.pid,
+                                        total, cpu, "floor"))
             rpc.extend(await ours_latency(host, addr, args.calls // args.repeat))
             echo.extend(await raw_latency(port, args.calls // args.repeat))
         await host.close()
@@ -344,6 +372,7 @@ async def client(args: argparse.Namespace) -> dict:
         "rpc_p99_us": round(percentile(rpc, 0.99) * 1e6, 1),
         "raw_echo_p50_us": round(statistics.median(echo) * 1e6, 1),
         "raw_echo_p99_us": round(percentile(echo, 0.99) * 1e6, 1),
+        **cpu,
     }
 
 
@@ -384,6 +413,11 @@ def main() -> int:
     ]
     for name, ours, base in rows:
         print(f"{name:<34}{ours:>12.1f}{base:>12.1f}{ours / base:>8.2f}")
+    print("CPU per GiB moved (s, least of the rounds; every thread of each process):")
+    for name in ("encrypted", "raw_tcp", "floor"):
+        print(f"  {name:<10} sender {result[f'{name}_sender_cpu_s_per_gib']:.3f}  "
+              f"receiver {result[f'{name}_receiver_cpu_s_per_gib']:.3f}")
+    print(f"  AEAD alone, 64 KiB records: {2**10 / result['aead_mib_s']:.3f}")
     ok_tput = result["encrypted_mib_s"] >= 0.5 * result["aead_mib_s"]
     ok_rpc = result["rpc_p50_us"] <= 3 * result["raw_echo_p50_us"]
     print(f"targets: encrypted >= 0.5 x AEAD: {'met' if ok_tput else 'MISSED'}; "
