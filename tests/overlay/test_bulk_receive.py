@@ -20,11 +20,12 @@ from overlay.host import Host
 from overlay.identity import Identity
 from overlay.mux import ConnectionTerminated, DataReceived, MuxConnection, MuxError
 from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD
-from overlay.mux.frames import DATA, END, HEADER, HEADER_SIZE, SYN
+from overlay.mux.frames import DATA, END, FIN, HEADER, HEADER_SIZE, SYN
 from overlay.record_layer import RecordError, RecordReader, seal_records
 from overlay.secure_handshake import SecureHandshake
 
 F = MAX_FRAME_PAYLOAD  # payload bytes of one full record
+RECORD = MAX_FRAME_PAYLOAD + HEADER_SIZE  # plaintext bytes of one full record
 
 
 def digest(data) -> bytes:
@@ -128,6 +129,69 @@ def test_random_message_sizes_survive_in_place_assembly(sizes, hold):
     messages = [os.urandom(n) for n in sizes]
     [answers] = asyncio.run(_transfer(messages, hold=hold))
     assert [a[0] for a in answers] == [digest(m) for m in messages]
+
+
+async def _inject(streams_messages: list[list[bytes]], rng) -> list[list[bytes]]:
+    """An authenticated peer that frames and cuts into records as it likes (as another
+    implementation may): frames of random sizes, the two streams interleaved, records cut at
+    frame boundaries or anywhere. Returns the digests the server saw, per stream."""
+    server, client = Host(), Host()
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+
+    async def sink(ctx, stream):
+        seen = []
+        while (message := await stream.recv_buffer()) is not None:
+            seen.append(digest(message))
+            message.release()
+        await stream.send(repr(seen).encode())
+
+    server.add_stream_handler("sink", sink)
+    try:
+        streams = [await client.open_stream(addr, "sink") for _ in streams_messages]
+        queues = []
+        for stream, messages in zip(streams, streams_messages, strict=True):
+            frames = []
+            for message in messages:
+                pos = 0
+                while True:
+                    size = min(len(message) - pos, rng.choice([F, F, rng.randint(1, F)]))
+                    last = pos + size == len(message)
+                    frames.append(HEADER.pack(DATA, END if last else 0, stream.stream_id, size)
+                                  + message[pos:pos + size])
+                    pos += size
+                    if last:
+                        break
+            frames.append(HEADER.pack(DATA, FIN, stream.stream_id, 0))
+            queues.append(frames)
+        wire = bytearray()
+        bounds = []  # frame ends in `wire`
+        while any(queues):
+            queue = rng.choice([q for q in queues if q])
+            wire += queue.pop(0)
+            bounds.append(len(wire))
+        conn = client.connection_to(server.peer_id)
+        pos = 0
+        while pos < len(wire):
+            ends = [b for b in bounds if pos < b <= pos + RECORD]
+            cut = rng.choice(ends) if ends and rng.random() < 0.8 else pos + rng.randint(1, RECORD)
+            cut = min(cut, len(wire))
+            conn._transport.write(conn._writer.seal(wire[pos:cut]))
+            pos = cut
+        return [literal_eval((await stream.recv()).decode()) for stream in streams]
+    finally:
+        await client.close()
+        await server.close()
+
+
+@settings(max_examples=20, deadline=None)
+@given(sizes=st.lists(st.lists(st.one_of(st.sampled_from([3 * F + 1, 3 * F + 1, 2 * F + 9]),
+                                         st.integers(0, 3 * F)), min_size=1, max_size=4),
+                      min_size=1, max_size=2),
+       rng=st.randoms(use_true_random=False))
+def test_any_legal_framing_and_record_cutting_arrives_intact(sizes, rng):
+    messages = [[os.urandom(n) for n in stream_sizes] for stream_sizes in sizes]
+    seen = asyncio.run(_inject(messages, rng))
+    assert seen == [[digest(m) for m in stream_messages] for stream_messages in messages]
 
 
 # ------------------------------------------------------------------------ sans-IO pieces
