@@ -7,7 +7,10 @@ Any protocol violation closes this connection only, with the reason logged.
 
 It is a BufferedProtocol: the socket reads straight into the record reader's buffer, and the
 multiplexer writes frames straight into the buffer the records are sealed from (RecordWriter),
-so a payload is copied once on each side besides the encryption itself.
+so a payload is copied once on the sending side besides the encryption itself. On the
+receiving side, bulk records are decrypted straight into the buffer of the message they belong
+to (`_records_in_place`; Stream.recv_buffer hands it over): no copy besides the decryption;
+other records are decrypted into bytes, and their payloads copied once into their message.
 """
 
 from __future__ import annotations
