@@ -86,8 +86,9 @@ class BandwidthTestService:
     @staticmethod
     async def _sink(stream: Stream, nbytes: int) -> int:
         received = 0
-        while (message := await stream.recv()) is not None:
+        while (message := await stream.recv_buffer()) is not None:  # (no bytes copy)
             received += len(message)
+            message.release()  # its buffer may serve the next chunk
             if received > nbytes:
                 raise RemoteError(BAD_REQUEST, f"more than the {nbytes} bytes announced")
         return received
@@ -187,8 +188,9 @@ async def _download(host: Host, peer: PeerId, nbytes: int) -> float:
     try:
         await stream.send(encode_request(DOWNLOAD, nbytes), end_stream=True)
         received = 0
-        while received < nbytes and (message := await stream.recv()) is not None:
+        while received < nbytes and (message := await stream.recv_buffer()) is not None:
             received += len(message)
+            message.release()  # its buffer may serve the next chunk
         elapsed = time.perf_counter() - began
         if received != nbytes:
             raise BandwidthTestError(BAD_REQUEST, f"the node sent {received} of {nbytes} bytes")

@@ -7,7 +7,10 @@ Any protocol violation closes this connection only, with the reason logged.
 
 It is a BufferedProtocol: the socket reads straight into the record reader's buffer, and the
 multiplexer writes frames straight into the buffer the records are sealed from (RecordWriter),
-so a payload is copied once on each side besides the encryption itself.
+so a payload is copied once on the sending side besides the encryption itself. On the
+receiving side, bulk records are decrypted straight into the buffer of the message they belong
+to (`_records_in_place`; Stream.recv_buffer hands it over): no copy besides the decryption;
+other records are decrypted into bytes, and their payloads copied once into their message.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from overlay.mux import (
     StreamOpened,
     StreamReset,
 )
+from overlay.mux.frames import DATA, HEADER, HEADER_SIZE, SYN
 from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
 from overlay.secure_handshake import HandshakeError, SecureHandshake
@@ -127,6 +131,9 @@ class Connection(asyncio.BufferedProtocol):
         self._close_reason = "closed"
         self._refused: str | None = None
         self._reading_paused = False
+        # The stream whose message is being assembled in place (Stream._place): the record
+        # after one of its fragments is decrypted straight into that message's buffer.
+        self._assembling: Stream | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
     def pause_reading(self) -> None:
@@ -184,12 +191,76 @@ class Connection(asyncio.BufferedProtocol):
         if reader is None:
             self._handshake_data(bytes(self._handshake_buffer[:nbytes]))
             return
+        if self._assembling is None:  # the common case: records decrypted as they come
+            try:
+                plaintexts = reader.buffer_updated(nbytes)
+            except RecordError as e:
+                self.abort(str(e))
+                return
+            self._records_received(plaintexts)
+        else:
+            self._records_in_place(reader, nbytes)
+
+    def _records_in_place(self, reader: RecordReader, nbytes: int) -> None:
+        """A stream assembles a message in place: records are decrypted one at a time, each
+        where `_place` guesses it belongs, and handled before the next one."""
+        reader.received(nbytes)
+        next_record = reader.next_record
+        place = self._place
+        receive = self._mux.receive_data
+        self._corked = True
         try:
-            plaintexts = reader.buffer_updated(nbytes)
-        except RecordError as e:
-            self.abort(str(e))
-            return
-        self._records_received(plaintexts)
+            while True:
+                try:
+                    plaintext = next_record(place)
+                except RecordError as e:
+                    self.abort(str(e))
+                    return
+                if plaintext is None:
+                    break
+                if type(plaintext) is memoryview:
+                    self._placed_record(plaintext)
+                else:
+                    receive(plaintext)
+                self._process_events()
+                if self.closed:
+                    return
+        finally:
+            self._corked = False
+        self._flush()
+
+    def _place(self, size: int) -> memoryview | None:
+        """RecordReader's `place`: while a stream assembles a message in place, the next
+        record (of `size` plaintext bytes) is decrypted into that message's buffer, on the
+        guess that it is one DATA frame of that message (_placed_record checks it)."""
+        stream = self._assembling
+        if stream is None or size <= HEADER_SIZE or self._mux.frame_pending:
+            return None
+        return stream._place(size)
+
+    def _placed_record(self, plaintext: memoryview) -> None:
+        """A record decrypted in place: if it is the assembling stream's next DATA frame, its
+        payload is already where it belongs; otherwise it is an ordinary record (copied out)."""
+        stream = self._assembling
+        try:
+            frame_type, flags, stream_id, length = HEADER.unpack_from(plaintext)
+            if (frame_type == DATA and stream_id == stream.stream_id and not flags & SYN
+                    and length == len(plaintext) - HEADER_SIZE):
+                payload = stream._placed = plaintext[HEADER_SIZE:]
+                self._mux.receive_data_frame(flags, stream_id, payload)
+                return
+            data = bytes(plaintext)
+        finally:
+            stream._unplace()
+        self._mux.receive_data(data)
+
+    def assembling(self, stream: Stream) -> None:
+        """`stream` assembles a message in place (see _place)."""
+        self._assembling = stream
+
+    def not_assembling(self, stream: Stream) -> None:
+        if self._assembling is stream:
+            self._assembling = None
 
     def _records_received(self, plaintexts: list[bytes]) -> None:
         receive = self._mux.receive_data

@@ -4,6 +4,14 @@ A `Stream` belongs to one `Connection` (overlay/connection.py). Received fragmen
 into messages; credit goes back to the sender only as the application reads, so a slow reader
 holds at most one flow-control window plus the message being received (bounded by the
 connection's max_message_size).
+
+Bulk data is not joined: a message that starts on a stream whose previous message had several
+fragments gets a buffer of that size at its first fragment, and the connection decrypts the
+records that follow straight into it (`_place`). `recv_buffer()` hands that buffer over as is
+(`recv()` copies it into bytes). Such buffers are at most PREALLOCATE_LIMIT bytes; a stream
+holds the one of the message arriving and keeps the last two it handed over, to reuse one
+once the application has released its message (dropped when messages of another kind come,
+and when the stream ends).
 """
 
 from __future__ import annotations
@@ -13,18 +21,35 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from overlay.mux import MuxError
+from overlay.mux.frames import HEADER_SIZE
 
 if TYPE_CHECKING:
     from overlay.connection import Connection
 
 # A sender waits once this much of its data is queued and not yet written to the socket.
 SEND_HIGH_WATER = 1 << 20
+# A message buffer sized from the previous message is taken only up to this size; larger
+# messages are joined from their fragments (what a peer can make us allocate before sending
+# is bounded by this, per stream, and only after it sent a message of that size).
+PREALLOCATE_LIMIT = 16 << 20
 
 
 def byte_views(parts) -> tuple:
     """`parts` as buffers whose len() is their size in bytes (what Connection.mux_send_parts
     takes): bytes as they are, anything else as a flat memoryview of bytes (no copy)."""
     return tuple(p if type(p) is bytes else memoryview(p).cast("B") for p in parts)
+
+
+def _released(buf) -> bool:
+    """No view of `buf` is alive (no memoryview, no tensor or array made from one): nobody
+    can read it any more. CPython refuses to resize a bytearray while a buffer of it is
+    exported; shrinking by one byte and growing back never reallocates."""
+    try:
+        buf.pop()
+    except BufferError:
+        return False
+    buf.append(0)
+    return True
 
 
 class ConnectionLost(ConnectionError):
@@ -40,23 +65,43 @@ class Stream:
 
     __slots__ = (
         "_acked_partial",
+        "_asm",
         "_conn",
         "_ended",
         "_error",
+        "_filled",
+        "_last_size",
         "_messages",
         "_partial",
         "_partial_size",
+        "_placed",
         "_recv_waiter",
+        "_saved",
+        "_saved_at",
         "_send_closed",
         "_send_waiter",
+        "_spare",
         "stream_id",
     )
 
     def __init__(self, conn: Connection, stream_id: int):
         self._conn = conn
         self.stream_id = stream_id
-        self._messages: deque[tuple[bytes, int]] = deque()  # (message, bytes not yet acked)
+        # (message, bytes not yet acked); a message is bytes, a view of its own buffer
+        # (assembled in place) or a list of fragments (joined by whichever recv takes it)
+        self._messages: deque[tuple] = deque()
         self._partial: list = []
+        # The message being assembled in place: HEADER_SIZE bytes of headroom (where the frame
+        # header of a record decrypted in place lands), then the message's bytes.
+        self._asm: memoryview | None = None
+        self._filled = 0  # message bytes in _asm
+        self._last_size = 0  # size of the previous message of several fragments
+        self._placed: memoryview | None = None  # payload of the record decrypted in place
+        self._saved = b""  # the bytes under that record's header, and where
+        self._saved_at = 0
+        # The buffers of the last two messages assembled in place: one is reused for a new
+        # message if the application has let go of its message by then (no view alive).
+        self._spare: list[bytearray] = []
         self._partial_size = 0
         self._acked_partial = 0
         self._ended = False
@@ -76,6 +121,24 @@ class Stream:
     # ------------------------------------------------------------------ receiving
     async def recv(self) -> bytes | None:
         """The next message, or None once the peer has half-closed the stream."""
+        message = await self._next_message()
+        if message is None or type(message) is bytes:
+            return message
+        return b"".join(message) if type(message) is list else bytes(message)
+
+    async def recv_buffer(self) -> memoryview | None:
+        """The next message as a writable memoryview of bytes that the caller owns, or None
+        once the peer has half-closed the stream. Bulk messages are handed over in the buffer
+        they were decrypted into (no join, no copy); others are copied into one. `release()`
+        the view when done with it: its buffer may then serve a later message of about the
+        same size (instead of a fresh, zero-filled one)."""
+        message = await self._next_message()
+        if message is None or type(message) is memoryview:
+            return message
+        return memoryview(bytearray().join(message) if type(message) is list
+                          else bytearray(message))
+
+    async def _next_message(self):
         while not self._messages:
             if self._error is not None:
                 raise self._error
@@ -103,19 +166,83 @@ class Stream:
 
     def _on_data(self, data, end: bool) -> None:
         size = len(data)
-        self._partial.append(data)
+        asm = self._asm
+        if asm is not None:
+            filled = self._filled
+            if data is self._placed:  # the connection decrypted it where it belongs
+                self._placed = None
+                self._filled = filled + size
+            elif filled + size <= len(asm) - HEADER_SIZE:
+                start = HEADER_SIZE + filled
+                asm[start:start + size] = data
+                self._filled = filled + size
+            else:  # larger than the buffer: the rest is joined from fragments
+                self._partial = [asm[HEADER_SIZE:HEADER_SIZE + filled], data]
+                self._drop_assembly()
+        elif (not end and not self._partial and size < self._last_size <= PREALLOCATE_LIMIT
+              and self._error is None):
+            # Likely a message as large as the previous one: assemble it in place.
+            need = HEADER_SIZE + self._last_size
+            for buf in self._spare:
+                if need <= len(buf) < 2 * need and _released(buf):
+                    self._spare.remove(buf)
+                    break
+            else:
+                buf = bytearray(need)
+            asm = self._asm = memoryview(buf)
+            asm[HEADER_SIZE:HEADER_SIZE + size] = data
+            self._filled = size
+            self._conn.assembling(self)
+        else:
+            self._partial.append(data)
         self._partial_size += size
         if not end:
             if not self._messages:
                 self._conn.acknowledge(self.stream_id, size)
                 self._acked_partial += size
             return
-        parts = self._partial
-        message = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        if asm is not None and self._asm is not None:
+            filled = self._filled
+            message = asm[HEADER_SIZE:HEADER_SIZE + filled]
+            if 2 * filled < len(asm):  # much smaller than its buffer: do not pin the rest
+                message = memoryview(bytearray(message))
+            self._spare = [*self._spare[-1:], asm.obj]
+            self._drop_assembly()
+        else:
+            self._spare = []  # (messages of other sizes now)
+            parts = self._partial
+            message = bytes(parts[0]) if len(parts) == 1 else parts
+            self._partial = []
+        if type(message) is not bytes:
+            self._last_size = self._partial_size
         self._messages.append((message, self._partial_size - self._acked_partial))
-        self._partial = []
         self._partial_size = self._acked_partial = 0
         self._wake_reader()
+
+    def _drop_assembly(self) -> None:
+        self._asm = self._placed = None
+        self._filled = 0
+        self._conn.not_assembling(self)
+
+    def _place(self, size: int) -> memoryview | None:
+        """Where the connection may decrypt a record of `size` plaintext bytes that should be
+        this message's next frame: its header lands on the HEADER_SIZE bytes before the
+        message's end (saved here, put back by `_unplace`), its payload right after them.
+        None when it would not fit."""
+        asm = self._asm
+        filled = self._filled
+        if asm is None or filled + size > len(asm):
+            return None
+        self._saved = bytes(asm[filled:filled + HEADER_SIZE])
+        self._saved_at = filled
+        return asm[filled:filled + size]
+
+    def _unplace(self) -> None:
+        """Put back the bytes the last placed record's header covered."""
+        asm = self._asm
+        if asm is not None:
+            at = self._saved_at
+            asm[at:at + HEADER_SIZE] = self._saved
 
     def _on_last(self, data) -> None:
         """The last fragment of a message, and the end of the stream (mux LastMessage)."""
@@ -124,6 +251,7 @@ class Stream:
 
     def _on_end(self) -> None:
         self._ended = True
+        self._spare = []
         self._wake_reader()
         self._maybe_release()
 
@@ -134,6 +262,9 @@ class Stream:
     def _on_error(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
+        if self._asm is not None:
+            self._drop_assembly()
+        self._spare = []
         self._send_closed = True
         self._wake_reader()
         self._wake_sender()

@@ -363,6 +363,26 @@ class MuxConnection:
         if pos < total and not self._closed:
             self._inbuf += view[pos:]
 
+    @property
+    def frame_pending(self) -> bool:
+        """Input ended inside a frame: the next bytes received continue it."""
+        return bool(self._inbuf)
+
+    def receive_data_frame(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        """One whole DATA frame whose header the driver has parsed (with no frame pending):
+        the same checks and events as that frame through `receive_data`, but the events hold
+        `payload` itself, so it must stay as it is until they are handled. The driver's path
+        for bulk data decrypted straight into the message it belongs to."""
+        if self._closed:
+            return
+        if self._inbuf:
+            raise MuxError("a whole frame given while a frame is pending")
+        if flags & ~_DATA_FLAGS:
+            return self._protocol_error(f"flags {flags:#x} not allowed on type {DATA}")
+        if len(payload) > MAX_FRAME_PAYLOAD:
+            return self._protocol_error(f"frame payload of {len(payload)} bytes exceeds limit")
+        self._on_data(flags, stream_id, payload)
+
     def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
         stream = self._streams.get(stream_id)
         if flags & SYN:

@@ -153,6 +153,19 @@ class CipherState:
         self._n = n + 1
         return plaintext
 
+    def decrypt_record_into(self, ciphertext: bytes | memoryview, out: memoryview) -> None:
+        """decrypt_record into `out` of exactly len(ciphertext)-16 bytes (the record layer
+        decrypts bulk data straight into the message it belongs to). On failure `out` may
+        hold garbage and n is not incremented."""
+        n = self._n
+        if n >= MAX_NONCE:
+            raise NoiseError("nonce exhausted: this key may not decrypt again (spec 5.1)")
+        try:
+            self._aead.decrypt_into(_pack_nonce(n), ciphertext, None, out)
+        except InvalidTag:
+            raise NoiseError(_DECRYPT_FAILED) from None
+        self._n = n + 1
+
     def rekey(self) -> None:
         """Rekey(): k = REKEY(k) = first 32 bytes of ENCRYPT(k, 2**64-1, "", zeros) (spec 4.2).
 

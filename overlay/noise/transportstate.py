@@ -17,8 +17,8 @@ MAX_PLAINTEXT_LEN = MAX_MESSAGE_LEN - TAGLEN  # 65519 bytes of payload per recor
 class TransportState:
     """Encrypts outgoing and decrypts incoming transport messages, each with its own nonce."""
 
-    __slots__ = ("_recv", "_send", "handshake_hash", "open_record", "remote_static",
-                 "seal_record_into")
+    __slots__ = ("_recv", "_send", "handshake_hash", "open_record", "open_record_into",
+                 "remote_static", "seal_record_into")
 
     def __init__(
         self,
@@ -36,6 +36,7 @@ class TransportState:
         # (2-byte lengths), so they skip the length checks of encrypt_into / decrypt.
         self.seal_record_into = send.encrypt_record_into
         self.open_record = recv.decrypt_record
+        self.open_record_into = recv.decrypt_record_into
         self.handshake_hash = handshake_hash
         self.remote_static = remote_static
 
