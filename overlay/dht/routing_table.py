@@ -299,46 +299,25 @@ class RoutingTable:
         exclude: Callable[[Contact], bool] | None = None,
     ) -> list[Contact]:
         # Every contact of a bucket visited earlier is nearer than every contact of one
-        # visited later, so the buckets needed can be merged and sorted once. The visit
-        # order (see `closest`) is written out as two loops: this runs once per answer.
+        # visited later, so the buckets needed can be merged and sorted once.
         if exclude is not None:
             return self._merged_closest_excluding(target, n, exclude)
         buckets = self._buckets
-        indices = self._indices
-        d = self.self_id ^ target
         source: dict[int, Contact] | None = None  # the one bucket needed, or a merge
         merged: dict[int, Contact] | None = None
-        enough = False
-        for i in reversed(indices):
-            if (d >> i) & 1:
-                contacts = buckets[i].contacts
-                if not contacts:
-                    continue
-                if source is None:
-                    source = contacts
-                else:
-                    if merged is None:
-                        source = merged = dict(source)
-                    merged.update(contacts)
-                size = len(source)
-                if size >= n and (skip is None or size > n or skip not in source):
-                    enough = True
-                    break
-        if not enough:
-            for i in indices:
-                if not (d >> i) & 1:
-                    contacts = buckets[i].contacts
-                    if not contacts:
-                        continue
-                    if source is None:
-                        source = contacts
-                    else:
-                        if merged is None:
-                            source = merged = dict(source)
-                        merged.update(contacts)
-                    size = len(source)
-                    if size >= n and (skip is None or size > n or skip not in source):
-                        break
+        for i in self._visit_order(self.self_id ^ target, self._indices):
+            contacts = buckets[i].contacts
+            if not contacts:
+                continue
+            if source is None:
+                source = contacts
+            else:
+                if merged is None:
+                    source = merged = dict(source)
+                merged.update(contacts)
+            size = len(source)
+            if size >= n and (skip is None or size > n or skip not in source):
+                break
         if source is None:
             return []
         order = sorted(source, key=target.__xor__)
