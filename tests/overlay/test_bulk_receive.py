@@ -17,12 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.host import Host
-from overlay.identity import Identity
 from overlay.mux import ConnectionTerminated, DataReceived, MuxConnection, MuxError
 from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD
 from overlay.mux.frames import DATA, END, FIN, HEADER, HEADER_SIZE, SYN
 from overlay.record_layer import RecordError, RecordReader, seal_records
-from overlay.secure_handshake import SecureHandshake
+from tests.overlay.test_record_layer import transports
 
 F = MAX_FRAME_PAYLOAD  # payload bytes of one full record
 RECORD = MAX_FRAME_PAYLOAD + HEADER_SIZE  # plaintext bytes of one full record
@@ -195,15 +194,6 @@ def test_any_legal_framing_and_record_cutting_arrives_intact(sizes, rng):
 
 
 # ------------------------------------------------------------------------ sans-IO pieces
-def _transports():
-    a = SecureHandshake(Identity.generate(), initiator=True, rng=os.urandom)
-    b = SecureHandshake(Identity.generate(), initiator=False, rng=os.urandom)
-    for _ in range(3):
-        b.receive_data(a.data_to_send()) if not b.is_complete else None
-        a.receive_data(b.data_to_send()) if not a.is_complete else None
-    return a.result().transport, b.result().transport
-
-
 def _read_all(reader: RecordReader, wire: bytes, place) -> list:
     room = reader.get_buffer()
     room[:len(wire)] = wire
@@ -215,7 +205,7 @@ def _read_all(reader: RecordReader, wire: bytes, place) -> list:
 
 
 def test_next_record_decrypts_into_the_place_it_is_given():
-    sender, receiver = _transports()
+    sender, receiver = transports()
     plaintexts = [os.urandom(n) for n in (100, 2000, 17)]
     target = memoryview(bytearray(4000))
     given = []
@@ -231,7 +221,7 @@ def test_next_record_decrypts_into_the_place_it_is_given():
 
 
 def test_a_forged_record_decrypted_in_place_is_an_error():
-    sender, receiver = _transports()
+    sender, receiver = transports()
     wire = bytearray(seal_records(sender, [b"y" * 300]))
     wire[50] ^= 1
     target = memoryview(bytearray(300))
