@@ -303,7 +303,7 @@ class BlockServer:
     # ------------------------------------------------------------------ helpers
     async def _compute(self, fn: Callable, *args):
         """Run torch work: on the worker thread, unless it is known to take less than
-        INLINE_COMPUTE_LIMIT (then the thread hop would cost more than the work itself)."""
+        INLINE_COMPUTE_LIMIT (see there: on the worker, the loop's own work waits for the GIL)."""
         tokens = _tokens(args[-1])
         estimate = None if self._seconds_per_token is None else self._seconds_per_token * tokens
         elapsed: list[float] = []
