@@ -115,7 +115,9 @@ class SessionInbox:
                 self._put(message)
                 if message is None:
                     return
-        except (ConnectionLost, StreamClosed, TimeoutError) as e:
+        except (ConnectionLost, StreamClosed, TimeoutError, RemoteError) as e:
+            # RemoteError: the client reset the stream (it crashed, or recovered elsewhere);
+            # the session must end now and return its cache, not at the idle timeout.
             self._error = e
             waiter = self._waiter
             if waiter is not None and not waiter.done():

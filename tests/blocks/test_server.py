@@ -221,3 +221,23 @@ async def test_cache_budget_is_fifo_and_exact():
         await budget.acquire(1, 0.01)
     budget.release(10)
     assert budget.free == 10
+
+
+@pytest.mark.parametrize("push", [True, False])
+async def test_a_reset_session_returns_its_cache_at_once(spans, push):
+    """A client that resets its session's stream (a crash, a recovery elsewhere) frees the
+    server's cache right away, not after the idle timeout; with push on too, where the
+    session reads its client stream through an inbox."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, cache_tokens=64,
+                                                 max_length=32, session_idle_timeout=60.0))
+    async with served_in_process(server) as (host, client):
+        remote = await session(client, host, push=push).open()
+        await remote.step(torch.randn(1, 3, 64))
+        assert server.num_sessions == 1 and server.cache_tokens_free < 64
+        remote.spans[0]._stream.reset("client vanished")
+        for _ in range(100):
+            if server.num_sessions == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.num_sessions == 0 and server.cache_tokens_free == 64
+        await remote.close()
