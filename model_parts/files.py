@@ -197,9 +197,11 @@ class ModelFiles:
             except Exception as exc:  # safetensors raises its own error types
                 raise ModelFilesError(f"cannot read {path}: {exc}") from None
         for name, tensor in tensors.items():
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            tensors[name] = tensor.to(device)
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            # Always a copy: a tensor from safe_open is a view of the memory-mapped file, and a
+            # server must not depend on the checkpoint staying as it was (a file rewritten or
+            # truncated under a mapping changes weights silently or kills it with SIGBUS).
+            tensors[name] = tensor.to(device=device, dtype=cast, copy=True)
         return tensors
 
     def read_prefix(

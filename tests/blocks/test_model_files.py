@@ -44,6 +44,18 @@ def test_read_casts_floats_and_stored_dtype(single: Path) -> None:
     assert tensors["model.norm.weight"].dtype == torch.bfloat16
 
 
+def test_tensors_read_do_not_depend_on_the_file_afterwards(tmp_path: Path, single: Path) -> None:
+    copy = shutil.copytree(single, tmp_path / "copy")
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors = ModelFiles(copy).read([name])
+    before = tensors[name].clone()
+    weights = copy / "model.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # rewritten in place: same inode
+    assert torch.equal(tensors[name], before)
+    weights.write_bytes(b"")  # truncated: a mapping's pages would now fault (SIGBUS)
+    assert torch.equal(tensors[name], before)
+
+
 def test_missing_pieces_raise_model_files_errors(tmp_path: Path, sharded: Path) -> None:
     with pytest.raises(ModelFilesError, match="does not exist"):
         ModelFiles(tmp_path / "nowhere")
