@@ -14,13 +14,15 @@ import sys
 
 from overlay.cli import node
 
-# Subcommands provided by other packages: name -> "module:function that adds the parser".
+# Subcommands provided by other packages: name -> ("module:function that adds the parser",
+# the one-line help that `overlay-node --help` lists without importing the module; a test
+# checks it is the module's own).
 _PLUGINS = {
-    "dht": "overlay.cli.dht:add_parser",
-    "serve": "blocks.cli:add_parser",
-    "generate": "client.cli:add_generate_parser",
-    "status": "client.cli:add_status_parser",
-    "demo": "client.demo:add_parser",
+    "dht": ("overlay.cli.dht:add_parser", "store or read a value in the DHT"),
+    "serve": ("blocks.cli:add_parser", "serve a span of a model's blocks"),
+    "generate": ("client.cli:add_generate_parser", "generate text through the swarm"),
+    "status": ("client.cli:add_status_parser", "the swarm: models, servers, spans, coverage"),
+    "demo": ("client.demo:add_parser", "run a local swarm and generate through it"),
 }
 
 
@@ -35,10 +37,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     node.add_parsers(sub)
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, target in _PLUGINS.items():
+    for name, (target, summary) in _PLUGINS.items():
         if wanted != name:
             # Listed in --help without importing their packages.
-            sub.add_parser(name, help=f"(see: overlay-node {name} --help)", add_help=False)
+            sub.add_parser(name, help=summary, add_help=False)
             continue
         module_name, _, function = target.partition(":")
         try:
