@@ -90,9 +90,13 @@ async def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from client.inference import InferenceError
     from client.model import RemoteModel
+    from client.routing import MissingBlocksError
     from model_parts.files import ModelFilesError
     from overlay.dht.driver import DHTError
+    from overlay.host import RemoteError
+    from overlay.streams import ConnectionLost
 
     tokenizer = None
     if args.prompt is not None:
@@ -129,6 +133,12 @@ async def run_generate(args: argparse.Namespace) -> int:
                                       on_tokens=show, **sampling)
         elapsed = time.perf_counter() - began
         route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
+    except (MissingBlocksError, InferenceError, RemoteError, ConnectionLost, TimeoutError,
+            ValueError) as e:
+        # The swarm cannot serve this request now (blocks missing, every server failed,
+        # a refusal): the reason, not a traceback. Tokens already shown stay shown.
+        print(f"\noverlay-node generate: {e}", file=sys.stderr)
+        return 1
     finally:
         with contextlib.suppress(Exception):
             await model.close()

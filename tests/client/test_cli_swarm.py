@@ -95,6 +95,16 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
     assert bad.returncode != 0 and "--input-ids" in bad.stderr
 
 
+def test_generate_without_servers_says_why(model_dir, swarm):
+    """Blocks nobody serves: the reason on standard error and exit 1, not a traceback."""
+    result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                     "--model-id", "nobody-serves-this", "--input-ids", "1,2",
+                     "--max-new-tokens", "2")
+    assert result.returncode == 1, result.stderr
+    assert "overlay-node generate:" in result.stderr and "blocks 0-3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_clean_exit_announces_offline(model_dir, swarm):
     extra = LocalSwarm(model_dir, [(0, 4)], extra_serve_args=["--announce-period", "2"])
     # reuse the running swarm's bootstrap node: start one more server by hand
