@@ -35,14 +35,13 @@ class Announcer:
     span being left (`leaving`, OFFLINE outside the new one) - per block, the latest wins."""
 
     def __init__(self, dht, host, server, rates: ComputeRates, num_blocks: int,
-                 period: float = ANNOUNCE_PERIOD, public_addrs: list[str] | None = None):
+                 period: float = ANNOUNCE_PERIOD):
         self.num_blocks = num_blocks  # of the whole model
         self.dht = dht
         self.host = host
         self.server = server
         self.rates = rates
         self.period = period
-        self.public_addrs = public_addrs
         self.joining: tuple[int, int] | None = None
         self.leaving: tuple[int, int] | None = None
         self.next_pings = None  # () -> {peer id: RTT seconds} (blocks/next_hop_pinger.py)
@@ -55,7 +54,7 @@ class Announcer:
         start, end = span or served
         cache_free = (server.cache_tokens_free if (start, end) == served
                       else server.config.cache_tokens)
-        info = server_info(self.host, self.rates, self.public_addrs, state, start, end,
+        info = server_info(self.host, self.rates, state, start, end,
                            cache_free, str(server.span.dtype).removeprefix("torch."),
                            None if server.span.quant == "none" else server.span.quant,
                            server.tuning.adapter_names)
@@ -119,11 +118,12 @@ class Announcer:
         await self.announce(ServerState.OFFLINE)
 
 
-def server_info(host, rates: ComputeRates, public_addrs: list[str] | None, state: ServerState,
-                start: int, end: int, cache_tokens_left: int, dtype: str,
-                quant: str | None = None, adapters: tuple[str, ...] = ()) -> ServerInfo:
-    """The record a server on `host` announces for blocks [start, end)."""
-    addrs = public_addrs or [str(a) for a in host.addrs]
+def server_info(host, rates: ComputeRates, state: ServerState, start: int, end: int,
+                cache_tokens_left: int, dtype: str, quant: str | None = None,
+                adapters: tuple[str, ...] = ()) -> ServerInfo:
+    """The record a server on `host` announces for blocks [start, end), with the addresses
+    the host gives out (never a wildcard: Host.public_addrs)."""
+    addrs = [str(a) for a in host.public_addrs]
     return ServerInfo(
         state=state,
         start=start,

@@ -33,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--bootstrap", action="append", default=[], metavar="MADDR",
                        help="a node of the swarm's DHT (repeatable)")
     serve.add_argument("--listen", default="/ip4/0.0.0.0/tcp/0", metavar="MADDR")
+    serve.add_argument("--announce-addr", action="append", default=[], metavar="MADDR",
+                       help="announce this address for clients to dial instead of the listen "
+                            "address (repeatable): a public address or forwarded port behind "
+                            "NAT. Default: the listen address, a wildcard host replaced by "
+                            "this machine's address on its default route")
     serve.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     serve.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "float16", "bfloat16"])
@@ -108,6 +113,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from overlay.bandwidth_service import BandwidthTestService
     from overlay.cli.node import dialable, load_identity, parse_addrs
     from overlay.host import Host
+    from overlay.multiaddr import MultiaddrError
 
     try:
         files = open_model_files(args.model_dir, args.load_format)
@@ -155,6 +161,10 @@ async def run_serve(args: argparse.Namespace) -> int:
         return adapters
 
     host = Host(load_identity(args.identity))
+    try:
+        host.set_public_addrs(parse_addrs(args.announce_addr) or None)
+    except MultiaddrError as e:
+        raise SystemExit(f"overlay-node serve: --announce-addr: {e}") from None
     server = dht = announcer = balancer = pinger = None
     try:
         addrs = await host.listen(listen)

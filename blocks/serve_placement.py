@@ -136,7 +136,7 @@ async def choose_span(args: argparse.Namespace, planner: SpanPlanner, dht, host,
     start, end = planner.choose(placement_infos(view))
     log.info("chose blocks [%d, %d) (throughput per block now: %s)", start, end,
              _throughputs(view, total))
-    info = server_info(host, rates, None, ServerState.JOINING, start, end, args.cache_tokens,
+    info = server_info(host, rates, ServerState.JOINING, start, end, args.cache_tokens,
                        dtype_name)
     await store_records(dht, host, model_id, total, dict.fromkeys(range(start, end), info),
                         ServerState.JOINING, args.announce_period)
@@ -149,7 +149,7 @@ async def withdraw_span(args: argparse.Namespace, dht, host, model_id: str, tota
     that no other server counts on us there."""
     from blocks.announcer import server_info, store_records
 
-    info = server_info(host, rates, None, ServerState.OFFLINE, *span, 0, dtype_name)
+    info = server_info(host, rates, ServerState.OFFLINE, *span, 0, dtype_name)
     try:
         await asyncio.wait_for(store_records(dht, host, model_id, total,
                                              dict.fromkeys(range(*span), info),

@@ -20,8 +20,9 @@ from overlay.deadlines import Deadlines
 from overlay.eager import resume
 from overlay.identity import Identity, IdentityError, PeerId
 from overlay.link_delay import delay_from_env
-from overlay.multiaddr import Multiaddr
+from overlay.multiaddr import Multiaddr, MultiaddrError
 from overlay.mux import MuxConfig
+from overlay.public_addrs import WILDCARD_HOSTS, expand_wildcards
 from overlay.rpc_codec import (
     KIND_STREAM,
     KIND_UNARY,
@@ -82,6 +83,7 @@ class Host:
         )
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_addrs: list[Multiaddr] = []
+        self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
         self._connections: dict[PeerId, Connection] = {}
         self._all: set[Connection] = set()
         self._dials: dict[object, asyncio.Future] = {}
@@ -99,6 +101,30 @@ class Host:
     @property
     def addrs(self) -> list[Multiaddr]:
         return [a.with_peer(self.peer_id) for a in self._listen_addrs]
+
+    @property
+    def public_addrs(self) -> list[Multiaddr]:
+        """What this host tells others to dial (a server's announcements): the addresses given
+        to `set_public_addrs`, else the listen addresses with a wildcard host (0.0.0.0, ::)
+        replaced by this machine's address on its default route (overlay/public_addrs.py)."""
+        addrs = self._public_addrs
+        if addrs is None:
+            addrs = expand_wildcards(self._listen_addrs)
+        return [a.with_peer(self.peer_id) for a in addrs]
+
+    def set_public_addrs(self, addrs: Iterable[Multiaddr | str] | None) -> None:
+        """Give out these addresses instead (a public address or port forwarded to this host
+        behind NAT); None goes back to the listen addresses."""
+        if addrs is None:
+            self._public_addrs = None
+            return
+        parsed = [Multiaddr.parse(a) for a in addrs]
+        for addr in parsed:
+            if addr.peer_id not in (None, self.peer_id):
+                raise MultiaddrError(f"{addr} names another peer than this host ({self.peer_id})")
+            if addr.host in WILDCARD_HOSTS.values():
+                raise MultiaddrError(f"{addr}: a wildcard host cannot be dialed by others")
+        self._public_addrs = [a.without_peer() for a in parsed]
 
     async def listen(self, address: str | Multiaddr = "/ip4/127.0.0.1/tcp/0") -> list[Multiaddr]:
         maddr = Multiaddr.parse(address)

@@ -105,17 +105,31 @@ def test_generate_without_servers_says_why(model_dir, swarm):
     assert "Traceback" not in result.stderr
 
 
-def test_clean_exit_announces_offline(model_dir, swarm):
+async def test_clean_exit_announces_offline(model_dir, swarm):
+    """Also: a server announces the addresses named by --announce-addr (a public address
+    behind NAT), and one listening on a wildcard never announces the wildcard."""
     extra = LocalSwarm(model_dir, [(0, 4)], extra_serve_args=["--announce-period", "2"])
     # reuse the running swarm's bootstrap node: start one more server by hand
     proc = subprocess.Popen(
-        [*CLI, "serve", str(model_dir), "--blocks", "0:4", "--listen", "/ip4/127.0.0.1/tcp/0",
-         "--bootstrap", swarm.bootstrap, "--announce-period", "2"],
+        [*CLI, "serve", str(model_dir), "--blocks", "0:4", "--listen", "/ip4/0.0.0.0/tcp/0",
+         "--announce-addr", "/ip4/203.0.113.7/tcp/4242", "--bootstrap", swarm.bootstrap,
+         "--announce-period", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, text=True)
     try:
-        assert proc.stdout.readline().startswith("/ip4/127.0.0.1/")
+        printed = proc.stdout.readline().strip()
+        assert printed.startswith("/ip4/127.0.0.1/")
         coverage = _coverage(swarm, model_dir)
         assert coverage == [2, 2, 2, 2]
+        client = await SwarmClient.connect([swarm.bootstrap])
+        try:
+            view = await client.view(default_model_id(model_dir), 4)
+        finally:
+            await client.close()
+        extra_peer = printed.rsplit("/p2p/", 1)[1]
+        assert view.servers[extra_peer].addrs == (f"/ip4/203.0.113.7/tcp/4242/p2p/{extra_peer}",)
+        for entry in swarm.processes:
+            if entry.name.startswith("server"):
+                assert view.servers[entry.addr.rsplit("/p2p/", 1)[1]].addrs == (entry.addr,)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert _coverage(swarm, model_dir) == [1, 1, 1, 1]  # offline at once, not after expiry
