@@ -205,8 +205,9 @@ async def run_serve(args: argparse.Namespace) -> int:
             balancer = serve_placement.start_balancer(planner, dht, announcer, server, load,
                                                       total)
         print(dialable(addrs[0]), flush=True)
-        log.info("serving %s blocks [%d, %d) as %s, announcing %.0f tokens/s", model_id,
-                 start, end, host.peer_id, rates.throughput(end - start))
+        log.info("serving %s blocks [%d, %d) as %s, announcing %.0f tokens/s at %s", model_id,
+                 start, end, host.peer_id, rates.throughput(end - start),
+                 " ".join(str(a.without_peer()) for a in host.public_addrs))
         await asyncio.Event().wait()
     finally:
         if pinger is not None:

@@ -107,11 +107,11 @@ def test_generate_without_servers_says_why(model_dir, swarm):
 
 async def test_clean_exit_announces_offline(model_dir, swarm):
     """Also: a server announces the addresses named by --announce-addr (a public address
-    behind NAT), and one listening on a wildcard never announces the wildcard."""
+    behind NAT) instead of its listen address."""
     extra = LocalSwarm(model_dir, [(0, 4)], extra_serve_args=["--announce-period", "2"])
     # reuse the running swarm's bootstrap node: start one more server by hand
     proc = subprocess.Popen(
-        [*CLI, "serve", str(model_dir), "--blocks", "0:4", "--listen", "/ip4/0.0.0.0/tcp/0",
+        [*CLI, "serve", str(model_dir), "--blocks", "0:4", "--listen", "/ip4/127.0.0.1/tcp/0",
          "--announce-addr", "/ip4/203.0.113.7/tcp/4242", "--bootstrap", swarm.bootstrap,
          "--announce-period", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, text=True)
