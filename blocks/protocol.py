@@ -34,6 +34,7 @@ TOO_LARGE = "too_large"  # over a size limit of this server (request tokens, ada
 COMPRESSIONS = ("none", "float16", "bfloat16", "int8_blockwise", "lz4")
 MAX_BATCH = 1024
 MAX_LENGTH = 1 << 20
+MAX_MASK_BYTES = 1 << 22  # a step's padding mask: one byte per new position and sequence
 MAX_LORA_RANK = 1024
 MAX_LORA_MODULES = 64  # target modules per layer
 MAX_ADAPTER_NAME = 128
@@ -69,6 +70,9 @@ class SessionRequest:
 class StepRequest:
     position: int  # the position this step starts at; lower than the session's: roll back
     step_id: int
+    # Padding of the new positions: batch x length bytes, row-major, 1 = token, 0 = padding
+    # (docs/block_protocol.md, "Padding"); None: every new position is a token.
+    mask: bytes | None = None
 
 
 def _int(meta: dict, key: str, low: int, high: int) -> int:
@@ -118,7 +122,18 @@ def parse_session_request(meta: Any, model_id: str, served: tuple[int, int],
 def parse_step_request(meta: Any) -> StepRequest:
     if not isinstance(meta, dict):
         raise RequestError(BAD_INPUT, "step metadata must be a map")
-    return StepRequest(_int(meta, "position", 0, MAX_LENGTH), _int(meta, "step", 0, 1 << 62))
+    return StepRequest(_int(meta, "position", 0, MAX_LENGTH), _int(meta, "step", 0, 1 << 62),
+                       parse_mask(meta.get("mask")))
+
+
+def parse_mask(value: Any) -> bytes | None:
+    """A step's padding mask as sent (its size is checked against the step's hidden states
+    where they are known: blocks/span.py)."""
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or not value or len(value) > MAX_MASK_BYTES:
+        raise RequestError(BAD_INPUT, f"'mask' must be 1 to {MAX_MASK_BYTES} bytes")
+    return value
 
 
 def response_compression(meta: Any) -> str:

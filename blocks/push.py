@@ -190,7 +190,8 @@ class PushService:
                 hops, problem = (), f"bad push chain: {e}"
             if hops:
                 payload = tensor_wire.encode_message(
-                    [output], push_meta(hops[0], meta["position"], hops[1:]), compression)
+                    [output], push_meta(hops[0], meta["position"], hops[1:], meta.get("mask")),
+                    compression)
                 loop = asyncio.get_running_loop()
                 push = self._push(inbox, step_id, hops[0], payload)
                 # On a live connection the push starts eagerly: its request is on the socket

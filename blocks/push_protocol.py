@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from blocks.protocol import BAD_INPUT, MAX_LENGTH, RequestError
+from blocks.protocol import BAD_INPUT, MAX_LENGTH, RequestError, parse_mask
 from overlay.identity import IdentityError, PeerId
 from overlay.multiaddr import Multiaddr, MultiaddrError
 
@@ -55,12 +55,15 @@ class PushRequest:
     step_id: int
     position: int
     chain: tuple[PushHop, ...]  # the hops after the receiver
+    mask: bytes | None = None  # the step's padding mask, as the client sent it
 
     def step_meta(self) -> dict[str, Any]:
         """The metadata a client step carrying this request would have."""
         meta: dict[str, Any] = {"position": self.position, "step": self.step_id}
         if self.chain:
             meta["next"] = chain_to_wire(self.chain)
+        if self.mask is not None:
+            meta["mask"] = self.mask
         return meta
 
 
@@ -157,14 +160,18 @@ def parse_push_request(meta: Any) -> PushRequest:
             not 0 <= position <= MAX_LENGTH:
         raise RequestError(BAD_INPUT, f"'position' must be an integer in [0, {MAX_LENGTH}]")
     return PushRequest(parse_token(meta.get("token")), _step_id(meta.get("step")), position,
-                       parse_chain(meta.get("next")))
+                       parse_chain(meta.get("next")), parse_mask(meta.get("mask")))
 
 
-def push_meta(hop: PushHop, position: int, rest: tuple[PushHop, ...]) -> dict[str, Any]:
-    """The metadata of the `blocks.push` call that sends a step on to `hop`."""
+def push_meta(hop: PushHop, position: int, rest: tuple[PushHop, ...],
+              mask: bytes | None = None) -> dict[str, Any]:
+    """The metadata of the `blocks.push` call that sends a step on to `hop` (with the step's
+    padding mask, which every span of the chain applies)."""
     meta: dict[str, Any] = {"token": hop.token, "step": hop.step_id, "position": position}
     if rest:
         meta["next"] = chain_to_wire(rest)
+    if mask is not None:
+        meta["mask"] = mask
     return meta
 
 

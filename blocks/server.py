@@ -273,7 +273,7 @@ class BlockServer:
                 tuning = self.tuning.tuning(protocol.TuningRequest(), session.span, prompts,
                                             entry.lora, _batch(hidden), step.position)
                 output = await self._compute(self._step, session, step.position, tuning,
-                                             hidden)
+                                             step.mask, hidden)
             except RequestError as e:
                 # A bad step is refused; the session and its cache stay as they were.
                 reply = {"step": _step_id(meta), "error": e.code, "message": str(e)}
@@ -289,7 +289,8 @@ class BlockServer:
             entry.last_active = time.monotonic()
 
     @staticmethod
-    def _step(session, position: int, tuning, hidden: torch.Tensor) -> torch.Tensor:
+    def _step(session, position: int, tuning, mask: bytes | None,
+              hidden: torch.Tensor) -> torch.Tensor:
         if position > session.position:
             raise RequestError(protocol.BAD_INPUT, f"step starts at position {position} but the "
                                                    f"session holds only {session.position}")
@@ -298,7 +299,7 @@ class BlockServer:
         if position + hidden.shape[1] > session.max_length:
             raise RequestError(protocol.TOO_LONG, f"{position + hidden.shape[1]} tokens exceed the "
                                                   f"session's max_length {session.max_length}")
-        return session.step(hidden, tuning)
+        return session.step(hidden, tuning, mask)
 
     # ------------------------------------------------------------------ helpers
     async def _compute(self, fn: Callable, *args):

@@ -11,7 +11,10 @@ the hooks discard. A sub-span (any slice a client asks for) reuses the loaded la
 
 ``SpanSession`` is one inference session: a transformers cache for this span only, fed with new
 positions only; the position is the number of cached tokens, so position ids and masks follow
-from the cache exactly as in transformers' own generation. Sessions can move back (speculative
+from the cache exactly as in transformers' own generation. A session may hold padding
+(left-padded prompts of a batch, given with the steps that add it): it then passes the family's
+forward the attention mask of all its positions and position ids that count tokens only, as
+transformers' generation derives them from its mask. Sessions can move back (speculative
 decoding) and report their exact cache size, for the server's cache budget.
 
 This module may not do I/O beyond reading the model directory, and never touches the network.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import threading
 from dataclasses import dataclass
@@ -242,6 +246,10 @@ class BlockSpan:
         self.device: torch.device = first_param.device
         embeddings = model.get_input_embeddings()
         self._embedding_dim = getattr(embeddings, "embedding_dim", self.hidden_size)
+        # Families that take position ids get them for padded sessions; the others (ALiBi:
+        # BLOOM) derive positions from the attention mask themselves.
+        forward = inspect.signature(model.forward).parameters
+        self._takes_position_ids = "position_ids" in forward
         loaded.hook(self._lo, self._hi)
         self._cache_costs: list[_CacheLayerCost] = []
         self._decode_options = DecodeOptions()
@@ -446,12 +454,15 @@ class BlockSpan:
         attention_mask: torch.Tensor | None,
         stand_in: torch.Tensor | None = None,
         tuning: RunTuning | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass of the base model's forward through this span's layers; ``tuning`` (deep
         prompts, LoRA: blocks/tuning.py) is applied for this run only, under autograd if it
-        is differentiable."""
+        is differentiable. ``position_ids`` [batch, length] only where the family takes them."""
         if stand_in is None:
             stand_in = self._stand_in(hidden)
+        extra = {} if position_ids is None or not self._takes_position_ids else {
+            "position_ids": position_ids}
         grad = tuning is not None and tuning.differentiable
         with (
             self._loaded.lock,
@@ -468,6 +479,7 @@ class BlockSpan:
                 attention_mask=attention_mask,
                 past_key_values=cache,
                 use_cache=cache is not None,
+                **extra,
             )
 
     # ------------------------------------------------------------ validation
@@ -648,6 +660,10 @@ class SpanSession:
         self._cache, self._graph = span._new_session_cache(batch_size, cache_length)
         self._position = 0
         self._failed = False
+        # Padding (left-padded prompts of a batch): [batch, max_length], 1 = token, made at the
+        # first padded step; and the first padded position below `position`, if any.
+        self._mask: torch.Tensor | None = None
+        self._first_pad: int | None = None
 
     @property
     def position(self) -> int:
@@ -663,8 +679,18 @@ class SpanSession:
             raise SessionClosedError("the inference session is closed")
         return self._cache
 
-    def step(self, hidden_new: torch.Tensor, tuning: RunTuning | None = None) -> torch.Tensor:
-        """Run new positions (one or several) through the span; returns their hidden states."""
+    def step(
+        self,
+        hidden_new: torch.Tensor,
+        tuning: RunTuning | None = None,
+        mask: bytes | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run new positions (one or several) through the span; returns their hidden states.
+
+        ``mask``: which new positions are padding ([batch, length] or its bytes row-major; 1 =
+        token, 0 = padding; None: all tokens). Once a session holds padding, every step runs
+        with the attention mask of all its positions and position ids counting tokens only, as
+        transformers' generation derives them from the mask: the plain path, no fast path."""
         cache = self._live_cache()
         hidden = self.span._check_hidden(hidden_new, self.batch_size)
         length = hidden.shape[1]
@@ -673,6 +699,9 @@ class SpanSession:
                 f"{length} new positions after {self._position} exceed the session's "
                 f"max length {self.max_length}"
             )
+        new_mask = _padding(mask, self.batch_size, length, hidden.device)
+        if new_mask is not None or self._first_pad is not None:
+            return self._step_padded(cache, hidden, new_mask, tuning)
         mask = None
         if length > 1 and self._position > 0:
             # Explicit: several queries on a non-empty cache must see every cached key.
@@ -706,6 +735,36 @@ class SpanSession:
         self._position += length
         return output
 
+    def _step_padded(
+        self,
+        cache: Any,
+        hidden: torch.Tensor,
+        new_mask: torch.Tensor | None,
+        tuning: RunTuning | None,
+    ) -> torch.Tensor:
+        position, length = self._position, hidden.shape[1]
+        if self._mask is None:
+            self._mask = torch.ones(
+                self.batch_size, self.max_length, dtype=torch.long, device=hidden.device
+            )
+        end = position + length
+        self._mask[:, position:end] = 1 if new_mask is None else new_mask
+        full = self._mask[:, :end]
+        # transformers' generation: positions count the tokens before; padding gets 0
+        positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)[:, position:]
+        try:
+            output = self.span._run(hidden, cache, full, tuning=tuning, position_ids=positions)
+        except BaseException:
+            self._failed = True
+            self.close()
+            raise
+        if new_mask is not None and self._first_pad is None:
+            padded_columns = (new_mask == 0).any(0).nonzero()
+            if len(padded_columns):
+                self._first_pad = position + int(padded_columns[0])
+        self._position = end
+        return output
+
     def rollback(self, position: int) -> None:
         """Move back to ``position`` (forget later positions), e.g. after rejected draft tokens."""
         cache = self._live_cache()
@@ -727,6 +786,8 @@ class SpanSession:
         with torch.inference_mode():
             cache.crop(-remove)
         self._position = position
+        if self._first_pad is not None and self._first_pad >= position:
+            self._first_pad = None  # the padding was all after `position`
 
     @property
     def cache_bytes(self) -> int:
@@ -745,3 +806,27 @@ class SpanSession:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _padding(
+    mask: bytes | torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor | None:
+    """A step's padding mask as a [batch, length] long tensor, or None when it has no padding;
+    SpanInputError unless it has exactly one 0/1 value per new position."""
+    if mask is None:
+        return None
+    if isinstance(mask, bytes | bytearray | memoryview):
+        if len(mask) != batch * length:
+            raise SpanInputError(
+                f"the mask has {len(mask)} bytes, the step has {batch} x {length} positions"
+            )
+        mask = torch.frombuffer(bytearray(mask), dtype=torch.uint8).view(batch, length)
+    elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length):
+        raise SpanInputError(f"the mask must have the step's shape ({batch}, {length})")
+    elif mask.is_floating_point() or mask.is_complex():
+        raise SpanInputError("the mask must hold integers or booleans (1 = token)")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise SpanInputError("the mask must hold only 0 (padding) and 1 (token)")
+    if bool(mask.all()):
+        return None
+    return mask.to(device=device, dtype=torch.long)

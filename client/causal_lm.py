@@ -24,9 +24,11 @@ stay frozen on the servers; full passes are differentiable (`labels` give transf
 loss) and `loss.backward()` runs the swarm's backward. `adapter="NAME"` uses an adapter the
 servers host. `save_adapter(DIR)` writes a trained LoRA in PEFT's format.
 
+Left-padded batches (prompts of different lengths, `attention_mask` with zeros) work in full
+passes and in `generate`: the session keeps the padding (client/padding.py).
+
 Not supported (a clear error says so): beam search and other strategies that reorder or copy
-caches, padding inside an inference session (left-padded batches work in full forward passes),
-`output_attentions` / `output_hidden_states`.
+caches, `output_attentions` / `output_hidden_states`.
 """
 
 from __future__ import annotations
@@ -136,9 +138,10 @@ class RemoteSessionCache(Cache):
             raise InferenceError("the inference session has not been started")
         return self._session
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """Embedded new positions [batch, new, hidden] through every block; opens the session
-        on the first call."""
+        on the first call. `attention_mask` [batch, new]: 0 marks padding."""
         if self._closed:
             raise InferenceError("the inference session is closed")
         model = self._model
@@ -151,9 +154,13 @@ class RemoteSessionCache(Cache):
                 batch, self.max_length + prefix, **model.tuning.session_kwargs()))
             self._prefix = prefix
         if prompts is not None:
-            out = model._run(self._session.step_hidden(torch.cat([prompts, hidden], dim=1)))
+            if attention_mask is not None:  # the tuned prompts are tokens
+                attention_mask = torch.cat([attention_mask.new_ones(
+                    attention_mask.shape[0], prompts.shape[1]), attention_mask], dim=1)
+            out = model._run(self._session.step_hidden(torch.cat([prompts, hidden], dim=1),
+                                                       attention_mask))
             return out[:, prompts.shape[1]:]
-        return model._run(self._session.step_hidden(hidden))
+        return model._run(self._session.step_hidden(hidden, attention_mask))
 
     def close(self) -> None:
         """Free the servers' caches. Idempotent."""
@@ -172,6 +179,24 @@ class RemoteSessionCache(Cache):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"position {self.get_seq_length()}"
         return f"RemoteSessionCache({state}, max_length={self.max_length})"
+
+
+def _session_positions(attention_mask: torch.Tensor | None, position: int, new: int
+                       ) -> tuple[int | torch.Tensor, torch.Tensor | None]:
+    """Position ids and the padding of `new` positions after `position` in a session, from
+    the attention mask transformers' generate passes (all positions so far: [batch, position +
+    new]): positions count the tokens before, as generate derives them, and padding gets 0."""
+    if attention_mask is None:
+        return position, None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or \
+            attention_mask.shape[1] != position + new:
+        raise ModelInputError(f"in a session the attention mask covers every position so far: "
+                              f"[batch, {position + new}]")
+    if bool(attention_mask.all()):
+        return position, None
+    mask = attention_mask.to(torch.long)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, position:]
+    return positions, mask[:, position:]
 
 
 def _close_remote(loop: BackgroundLoop, remote: RemoteModel) -> None:
@@ -326,13 +351,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 hidden = self.forward_blocks(hidden, attention_mask=attention_mask)
         else:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise NotImplementedError("padding is not supported inside inference sessions; "
-                                          "use equal-length prompts, or full forward passes")
             position = past_key_values.get_seq_length()
-            hidden = (head.embed(input_ids, position) if inputs_embeds is None
+            new = input_ids if inputs_embeds is None else inputs_embeds
+            positions, step_mask = _session_positions(attention_mask, position, new.shape[1])
+            hidden = (head.embed(input_ids, positions) if inputs_embeds is None
                       else inputs_embeds.to(head.device, head.dtype))
-            hidden = past_key_values.step(hidden)
+            hidden = past_key_values.step(hidden, step_mask)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = head.logits(hidden, grad=grad)

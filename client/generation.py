@@ -155,8 +155,12 @@ def next_tokens(logits: torch.Tensor, tokens: torch.Tensor, params: GenerationPa
 async def generate(model: RemoteModel, input_ids: torch.Tensor, params: GenerationParams, *,
                    session: ModelSession | None = None,
                    on_tokens: Callable[[torch.Tensor], Any] | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`input_ids` [batch, length] followed by up to `params.max_new_tokens` new tokens.
+
+    `attention_mask` [batch, length] (1 = token, 0 = padding) allows left-padded prompts of
+    different lengths in one batch, as transformers' generate takes them.
 
     With `session`, continues it: the session must hold a prefix of `input_ids` (the tokens of
     an earlier call), and only the rest is sent. `on_tokens(new [batch])` is called (and awaited
@@ -167,6 +171,10 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
         raise ModelInputError("input_ids must be a non-empty [batch, length] tensor")
     tokens = input_ids.to(torch.long)
     batch, length = tokens.shape
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or tuple(attention_mask.shape) != (batch, length)):
+        raise ModelInputError(f"attention_mask must have the shape of input_ids, "
+                              f"{(batch, length)}")
     if params.max_new_tokens == 0:
         return tokens
     own_session = session is None
@@ -181,12 +189,13 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
     unfinished = torch.ones(batch, dtype=torch.bool)
     try:
         new = tokens[:, session.position:]
+        mask = None if attention_mask is None else attention_mask[:, session.position:]
         greedy = not params.do_sample and params.repetition_penalty == 1.0
         for _ in range(params.max_new_tokens):
             if greedy:  # the argmax where the head is; only the ids come back
-                chosen = (await session.step_greedy(new)).to(tokens.device)
+                chosen = (await session.step_greedy(new, mask)).to(tokens.device)
             else:
-                logits = await session.step(new, last_only=True)
+                logits = await session.step(new, attention_mask=mask, last_only=True)
                 chosen = next_tokens(logits[:, -1], tokens, params, generator)
             if eos is not None:
                 chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
@@ -199,7 +208,7 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
                 unfinished &= ~torch.isin(chosen, eos)
                 if not unfinished.any():
                     break
-            new = chosen[:, None]
+            new, mask = chosen[:, None], None  # new tokens are never padding
     finally:
         if own_session:
             await session.close()

@@ -37,6 +37,7 @@ import torch
 import tensor_wire
 from blocks import protocol
 from blocks.push_protocol import MAX_HOP_ADDRS, PUSH_VERSION, TOKEN_BYTES, PushHop
+from client.padding import PaddingMask
 from client.recovery import BanList, RetryPolicy
 from client.routing import MissingBlocksError
 from overlay import timeline
@@ -152,8 +153,9 @@ class SpanSession:
 
     def __init__(self, host: Host, peer: PeerId, model_id: str, start: int, end: int,
                  config: SessionConfig, mailbox: Mailbox | None = None,
-                 tuning: SessionTuning | None = None):
+                 tuning: SessionTuning | None = None, padding: PaddingMask | None = None):
         self.host = host
+        self.padding = padding  # the session's, shared by its spans
         self.opening = None if tuning is None else tuning.opening
         prompts = None if tuning is None else tuning.prompts
         self.prompts = None if prompts is None else prompts[start:end].contiguous()
@@ -234,6 +236,10 @@ class SpanSession:
         tensors, meta = [hidden], {"position": position, "step": step_id}
         if chain:
             meta["next"] = [hop.to_wire() for hop in chain]
+        if self.padding is not None and self.padding.any:
+            mask = self.padding.wire(position, position + hidden.shape[1])
+            if mask is not None:
+                meta["mask"] = mask
         if self.prompts is not None and position < self.prompts.shape[2]:
             tensors.append(self.prompts)  # deep prompts: the server adds them at the prefix
             meta["prompts"] = True
@@ -370,6 +376,7 @@ class InferenceSession:
         self._tuning = tuning
         self.config = config or SessionConfig()
         self.mailbox = Mailbox()
+        self.padding = PaddingMask(self.config.batch_size, self.config.max_length)
         self.client_sends = 0  # hidden states the client sent to a span (relay: one per span)
         self.spans = [self._span(peer, start, end) for peer, start, end in route]
         self.position = 0
@@ -382,7 +389,7 @@ class InferenceSession:
 
     def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
         return SpanSession(self.host, peer, self.model_id, start, end, self.config,
-                           self.mailbox, self._tuning)
+                           self.mailbox, self._tuning, self.padding)
 
     async def open(self) -> InferenceSession:
         """Open every span; with a rerouter, spans whose server cannot be reached are replaced
@@ -411,14 +418,21 @@ class InferenceSession:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run `hidden` ([batch, new positions, hidden size]) through every span."""
+    async def step(self, hidden: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `hidden` ([batch, new positions, hidden size]) through every span.
+
+        `attention_mask` ([batch, new positions], 1 = token, 0 = padding): which new positions
+        are padding (left-padded prompts); every later step then attends only to tokens, and
+        position ids count tokens only (client/padding.py)."""
         if self._closed:
             raise InferenceError("the inference session is closed")
         if self.position + hidden.shape[1] > self.config.max_length:
             raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
                                  f"session's max_length {self.config.max_length}")
         position = self.position
+        mask = self.padding.check(attention_mask, hidden.shape[1])
+        self.padding.record(position, mask, hidden.shape[1])
         if timeline.ENABLED:
             timeline.mark("client_step_sent")
         if any(span.push_token is not None for span in self.spans):

@@ -265,13 +265,15 @@ class RemoteModel:
                        session: ModelSession | None = None,
                        on_tokens: Callable[[torch.Tensor], Any] | None = None,
                        generator: torch.Generator | None = None,
+                       attention_mask: torch.Tensor | None = None,
                        **param_kwargs: Any) -> torch.Tensor:
-        """Greedy or sampled generation (see client/generation.py), in one inference session."""
+        """Greedy or sampled generation (see client/generation.py), in one inference session;
+        `attention_mask` (0 = padding) for left-padded prompts of different lengths."""
         from client.generation import GenerationParams, generate
 
         params = GenerationParams.from_kwargs(params, self.config, **param_kwargs)
         return await generate(self, input_ids, params, session=session, on_tokens=on_tokens,
-                              generator=generator)
+                              generator=generator, attention_mask=attention_mask)
 
     # ------------------------------------------------------------------ lifetime
     def _check_open(self) -> None:
@@ -320,30 +322,47 @@ class ModelSession:
     def closed(self) -> bool:
         return self.blocks_session._closed
 
-    async def step_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Embedded new positions in, hidden states after the last block out."""
-        return await self.blocks_session.step(hidden)
+    async def step_hidden(self, hidden: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded new positions in, hidden states after the last block out.
+        `attention_mask` [batch, new]: 0 marks padding (InferenceSession.step)."""
+        return await self.blocks_session.step(hidden, attention_mask)
 
     async def step(self, input_ids: torch.Tensor | None = None, *,
                    inputs_embeds: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None,
                    last_only: bool = False) -> torch.Tensor:
-        """Logits [batch, new, vocab] of new positions (only the last one if `last_only`)."""
-        if self.closed:
-            raise InferenceError("the inference session is closed")
-        hidden = self.model._inputs_to_hidden(input_ids, inputs_embeds, self.position)
-        out = await self.step_hidden(hidden)
+        """Logits [batch, new, vocab] of new positions (only the last one if `last_only`).
+        `attention_mask` [batch, new]: 0 marks padding, e.g. of left-padded prompts."""
+        out = await self._step_to_hidden(input_ids, inputs_embeds, attention_mask)
         if last_only:
             out = out[:, -1:]
         return await self.model.head_logits(out)
 
-    async def step_greedy(self, input_ids: torch.Tensor) -> torch.Tensor:
+    async def step_greedy(self, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The greedy next token [batch] (CPU int64) after new positions `input_ids`: the
         argmax of the last position's logits, which never leave the head's device."""
+        out = await self._step_to_hidden(input_ids, None, attention_mask)
+        return await self.model.head_greedy(out[:, -1:])
+
+    async def _step_to_hidden(self, input_ids: torch.Tensor | None,
+                              inputs_embeds: torch.Tensor | None,
+                              attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.closed:
             raise InferenceError("the inference session is closed")
-        hidden = self.model._inputs_to_hidden(input_ids, None, self.position)
-        out = await self.step_hidden(hidden)
-        return await self.model.head_greedy(out[:, -1:])
+        padding = self.blocks_session.padding
+        positions: int | torch.Tensor = self.position
+        mask = None
+        if attention_mask is not None or padding.any:
+            source = input_ids if input_ids is not None else inputs_embeds
+            if not isinstance(source, torch.Tensor) or source.ndim < 2:
+                raise ModelInputError("give input_ids [batch, length] or inputs_embeds "
+                                      "[batch, length, hidden]")
+            mask = padding.check(attention_mask, source.shape[1])
+            positions = padding.positions(self.position, mask, source.shape[1])
+        hidden = self.model._inputs_to_hidden(input_ids, inputs_embeds, positions)
+        return await self.step_hidden(hidden, mask)
 
     def rollback(self, position: int) -> None:
         """Forget positions from `position` on (e.g. rejected draft tokens)."""

@@ -42,6 +42,9 @@ def test_a_chain_round_trips_and_each_hop_passes_the_rest_on():
     assert request.step_meta() == {"position": 12, "step": 3, "next": chain_to_wire(chain[1:])}
     last = parse_push_request(push_meta(chain[2], 12, ()))
     assert last.chain == () and "next" not in last.step_meta()
+    # a step's padding mask travels with it to every span of the chain
+    padded = parse_push_request(push_meta(chain[0], 12, chain[1:], bytes([0, 1, 1])))
+    assert padded.mask == bytes([0, 1, 1]) and padded.step_meta()["mask"] == bytes([0, 1, 1])
 
 
 def test_push_is_asked_for_with_a_positive_version():
@@ -83,6 +86,8 @@ def test_malformed_chains_are_refused(chain):
     {"token": TOKEN, "step": 1, "position": 1 << 40},
     {"token": TOKEN, "step": "1", "position": 0},
     {"token": TOKEN, "step": 1, "position": 0, "next": {"peer": PEERS[0]}},
+    {"token": TOKEN, "step": 1, "position": 0, "mask": [0, 1]},
+    {"token": TOKEN, "step": 1, "position": 0, "mask": b""},
 ])
 def test_malformed_pushes_are_refused(meta):
     with pytest.raises(RequestError):

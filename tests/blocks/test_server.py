@@ -149,6 +149,25 @@ async def test_session_steps_rollback_and_errors(served, spans):
         await remote.step(torch.randn(2, 1, 64))
 
 
+async def test_padded_steps_match_the_span_and_bad_masks_are_refused(served, spans):
+    server, host, client = served
+    local = spans[0].new_session(2, 16)
+    prefix, mask = torch.randn(2, 4, 64), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    async with session(client, host, batch=2) as remote:
+        expected = local.step(prefix, mask=mask)
+        assert torch.allclose(await remote.step(prefix, mask), expected, atol=1e-5)
+        span = remote.spans[0]
+        for bad in (b"\x01", bytes([1, 2]), b"\x00" * 3, "0101"):
+            step_id = span.next_step_id()
+            await span._send(tensor_wire.encode_message(
+                [torch.randn(2, 1, 64)], {"position": 4, "step": step_id, "mask": bad}))
+            with pytest.raises(RemoteError) as info:
+                span.read(await span._receive(10), step_id)
+            assert info.value.code == "bad_input", bad
+        token = torch.randn(2, 1, 64)  # the session kept its padding through the refusals
+        assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
+
+
 async def test_cache_budget_waits_then_fails_clearly(served):
     server, host, client = served
     first = await session(client, host, max_length=32, batch=2).open()  # all 64 tokens

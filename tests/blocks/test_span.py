@@ -47,6 +47,23 @@ class Chain:
             hidden = span.forward(hidden, mask)
         return self.head.logits(hidden)
 
+    def greedy_padded(self, prompt: torch.Tensor, mask: torch.Tensor, new_tokens: int
+                      ) -> torch.Tensor:
+        """Greedy decoding of left-padded prompts: the padding goes with the prefill only."""
+        sessions = self.sessions(prompt.shape[0], prompt.shape[1] + new_tokens)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        hidden = self.head.embed(prompt, positions, attention_mask=mask)
+        sequence, seen = prompt, mask.sum(-1, keepdim=True)
+        step_mask: torch.Tensor | None = mask
+        for _ in range(new_tokens):
+            for session in sessions:
+                hidden = session.step(hidden, mask=step_mask)
+            token = self.head.logits(hidden)[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=1)
+            hidden = self.head.embed(token, seen)  # position = tokens before it, per row
+            seen, step_mask = seen + 1, None
+        return sequence
+
     def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         sessions = self.sessions(prompt.shape[0], prompt.shape[1] + new_tokens)
         sequence, fresh = prompt, prompt
@@ -126,6 +143,20 @@ def test_greedy_batch_of_three_equals_local_generate(chain: Chain) -> None:
     assert torch.equal(chain.greedy(prompt, 24), local)
 
 
+def test_left_padded_batch_greedy_equals_local_generate(chain: Chain) -> None:
+    """Prompts of different lengths, left-padded: the session takes the padding mask with the
+    prefill and keeps it; tokens equal transformers' generate with the same attention mask."""
+    prompt = _prompt(3, 7, seed=9)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)  # the pad token's id
+    new_tokens = 20
+    local = chain.reference.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(chain.greedy_padded(prompt, mask, new_tokens), local)
+
+
 def test_rollback_then_new_steps_equal_a_fresh_run(chain: Chain) -> None:
     # Short enough to stay inside the smallest sliding window of the test models (8).
     ids = _prompt(2, 11, seed=7)
@@ -192,6 +223,28 @@ def test_bad_hidden_states_raise_clear_errors(llama_span: BlockSpan) -> None:
     for batch, length in ((0, 4), (1, 0), (1.5, 4)):
         with pytest.raises(SpanInputError):
             llama_span.new_session(batch, length)  # type: ignore[arg-type]
+
+
+def test_bad_padding_masks_raise_and_leave_the_session_usable(llama_span: BlockSpan) -> None:
+    hidden = torch.randn(2, 3, llama_span.hidden_size)
+    session = llama_span.new_session(2, 16)
+    for mask, message in [
+        (bytes(5), "5 bytes"),
+        (bytes([1, 1, 2, 1, 1, 1]), "only 0"),
+        (torch.ones(2, 4, dtype=torch.long), "shape"),
+        (torch.ones(2, 3), "integers or booleans"),
+        ([1, 1, 1, 1, 1, 1], "shape"),
+    ]:
+        with pytest.raises(SpanInputError, match=message):
+            session.step(hidden, mask=mask)
+    assert session.position == 0
+    padded = session.step(hidden, mask=bytes([0, 1, 1, 1, 1, 1]))
+    assert session.position == 3 and padded.shape == hidden.shape
+    # Back before the padding: the session runs as one that never had any.
+    session.rollback(0)
+    plain = llama_span.new_session(2, 16)
+    assert torch.equal(session.step(hidden), plain.step(hidden))
+    assert session._first_pad is None
 
 
 def test_bad_load_arguments_raise(llama_dir: Path) -> None:
@@ -295,6 +348,13 @@ def test_cuda_chain_matches_local_cuda_model(llama_dir: Path, dtype: str) -> Non
         prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert torch.equal(chain.greedy(prompt, 32), local)
+    if dtype == "float32":  # padded sessions on CUDA: the plain path over a static cache
+        mask = torch.ones_like(ids[:, :7])
+        mask[0, :3] = 0
+        padded = ids[:, :7].masked_fill(mask == 0, 0)
+        local = reference.generate(padded, attention_mask=mask, max_new_tokens=16,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(chain.greedy_padded(padded, mask, 16), local)
 
 
 def test_subspans_share_weights_and_match_separately_loaded_spans(llama_dir: Path) -> None:

@@ -25,6 +25,7 @@ from client.causal_lm import DistributedModelForCausalLM, RemoteSessionCache
 from client.inference import BlocksUnavailableError, InferenceError
 from client.local_swarm import LocalSwarm
 from client.model import ModelUnavailableError, RemoteModel
+from model_parts.skeleton import ModelInputError
 from overlay.host import RemoteError
 from tests.model_factory import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE, build_model, save_model
 
@@ -190,6 +191,26 @@ class _Exactness(_Served):
         got = model(input_ids=ids, attention_mask=mask).logits
         real = mask.bool()
         assert max_diff(got[real], expected[real]) <= TOLERANCE
+
+    def test_left_padded_batch_generates_like_local(self, model, reference, swarm):
+        """Prompts of different lengths in one batch: the session keeps their padding; greedy
+        tokens equal transformers' generate given the same attention mask, through the
+        transformers-style model and through the asyncio API."""
+        ids = prompts(3, 7, seed=14)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        settings = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+        expected = reference.generate(ids, attention_mask=mask, **settings)
+        assert torch.equal(model.generate(ids, attention_mask=mask, **settings), expected)
+        model_dir, local_swarm = swarm
+
+        async def run():
+            async with await RemoteModel.open(model_dir, [local_swarm.bootstrap]) as remote:
+                return await remote.generate(ids, attention_mask=mask, **settings)
+
+        assert torch.equal(asyncio.run(run()), expected)
 
     def test_step_by_step_logits_match(self, model, reference):
         ids = prompts(1, 16, seed=5)
@@ -438,10 +459,10 @@ class TestBadInput(_Served):
             model(input_ids=prompts(1, 3, seed=25), past_key_values=DynamicCache())
         with pytest.raises(NotImplementedError, match="beam"):
             model.generate(prompts(1, 3, seed=25), num_beams=2, max_new_tokens=2)
-        with pytest.raises(NotImplementedError, match="padding"), \
+        with pytest.raises(ModelInputError, match="covers every position"), \
                 model.inference_session(max_length=8) as session:
             model(input_ids=prompts(1, 3, seed=25), past_key_values=session,
-                  attention_mask=torch.tensor([[0, 1, 1]]))
+                  attention_mask=torch.tensor([[1, 1]]))  # the new positions' part only
         assert isinstance(session, RemoteSessionCache)
 
     def test_closed_models(self, swarm):

@@ -103,6 +103,51 @@ async def test_failure_after_a_rollback_replays_exactly_what_the_session_holds(s
 
 
 @pytest.mark.slow
+async def test_a_replacement_gets_the_sessions_padding_with_the_replay(swarm, model_dir):
+    """A left-padded batch: the replayed positions carry their padding, so the replacement's
+    outputs equal those of a run without the failure."""
+    hidden = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+
+    async def run(fail: bool):
+        model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+        try:
+            await wait_until_visible(model, 4)
+            session = await model.blocks.inference_session(2, 16)
+            outs = [await session.step(hidden[:, :5], mask), await session.step(hidden[:, 5:6])]
+            if fail:
+                victim = next(s for s in session.spans if s.start <= 2 < s.end)
+                victim._stream.reset("test: injected failure")
+            outs.append(await session.step(hidden[:, 6:9]))
+            recoveries = list(session.recoveries)
+            await session.close()
+            return outs, recoveries
+        finally:
+            await model.close()
+
+    clean, _ = await run(fail=False)
+    failed, recoveries = await run(fail=True)
+    assert len(recoveries) == 1 and recoveries[0].replayed == 6
+    for a, b in zip(clean, failed):
+        assert (a - b).abs().max().item() <= 1e-4
+    # the padding mattered: the unpadded row differs from what padding the other gives
+    unpadded, _ = await run_unpadded(swarm, model_dir, hidden)
+    assert (unpadded[-1][1] - clean[-1][1]).abs().max().item() > 1e-3
+
+
+async def run_unpadded(swarm, model_dir, hidden):
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        session = await model.blocks.inference_session(2, 16)
+        outs = [await session.step(hidden[:, :6]), await session.step(hidden[:, 6:9])]
+        await session.close()
+        return outs, None
+    finally:
+        await model.close()
+
+
+@pytest.mark.slow
 async def test_server_killed_mid_generation_is_replaced(swarm, model_dir, reference):
     ids, new_tokens, kill_after = prompt(1), 48, 12
     expected = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
