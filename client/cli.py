@@ -13,7 +13,8 @@ log = logging.getLogger("client.cli")
 
 def add_status_parser(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="the swarm: models, servers, spans, coverage")
-    status.add_argument("--bootstrap", action="append", required=True, metavar="MADDR")
+    status.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
+                        type=_multiaddr)
     status.add_argument("--json", action="store_true", help="one JSON object on standard output")
     status.set_defaults(func=run_status)
 
@@ -23,7 +24,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                          description="Greedy (default) or sampled generation through the swarm; "
                                      "only the embeddings and the head run here.")
     gen.add_argument("model_dir", metavar="MODEL_DIR")
-    gen.add_argument("--bootstrap", action="append", required=True, metavar="MADDR")
+    gen.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
+                     type=_multiaddr)
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text (needs a tokenizer in MODEL_DIR)")
     what.add_argument("--input-ids", help="token ids, comma-separated: 1,2,3")
@@ -39,6 +41,17 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object as the last line (key new_tokens)")
     gen.set_defaults(func=run_generate)
+
+
+def _multiaddr(text: str) -> str:
+    """A --bootstrap value, refused at once (exit 2, with the reason) when malformed."""
+    from overlay.multiaddr import Multiaddr, MultiaddrError
+
+    try:
+        Multiaddr.parse(text)
+    except MultiaddrError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 async def run_status(args: argparse.Namespace) -> int:

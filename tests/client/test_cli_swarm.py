@@ -93,6 +93,9 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
     bad = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
                   "--input-ids", "1,x")
     assert bad.returncode != 0 and "--input-ids" in bad.stderr
+    for command in (["status"], ["generate", str(model_dir), "--input-ids", "1"]):
+        bad = run_cli(*command, "--bootstrap", "garbage")
+        assert bad.returncode == 2 and "--bootstrap: multiaddr must start with '/'" in bad.stderr
 
 
 def test_generate_without_servers_says_why(model_dir, swarm):
