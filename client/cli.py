@@ -27,8 +27,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
                      type=_multiaddr)
     what = gen.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="text (needs a tokenizer in MODEL_DIR)")
-    what.add_argument("--input-ids", help="token ids, comma-separated: 1,2,3")
+    what.add_argument("--prompt", action="append",
+                      help="text (needs a tokenizer in MODEL_DIR); repeat for a batch")
+    what.add_argument("--input-ids", action="append",
+                      help="token ids, comma-separated: 1,2,3; repeat for a batch")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--model-id", help="default: derived from MODEL_DIR like the servers do")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -39,7 +41,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--compression", default="none",
                      choices=["none", "float16", "bfloat16", "int8_blockwise"])
     gen.add_argument("--json", action="store_true",
-                     help="print one JSON object as the last line (key new_tokens)")
+                     help="print one JSON object as the last line (key new_tokens: a list of "
+                          "ids, or one list per prompt for a batch)")
     gen.set_defaults(func=run_generate)
 
 
@@ -114,13 +117,24 @@ async def run_generate(args: argparse.Namespace) -> int:
     tokenizer = None
     if args.prompt is not None:
         tokenizer = _load_tokenizer(args.model_dir)
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        rows = [tokenizer(text).input_ids for text in args.prompt]
     else:
         try:
-            input_ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+            rows = [[int(t) for t in ids.split(",")] for ids in args.input_ids]
         except ValueError:
             raise SystemExit("overlay-node generate: --input-ids must be integers, e.g. 1,2,3") \
                 from None
+    if not all(rows):
+        raise SystemExit("overlay-node generate: a prompt must hold at least one token")
+    pad = 0  # what fills the padding: masked out, so any id the model knows
+    if tokenizer is not None:
+        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None),
+                   0)
+    # Prompts of different lengths: left-padded, the padding marked in the attention mask.
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    batch = len(rows)
     try:
         model = await RemoteModel.open(args.model_dir, bootstrap=args.bootstrap,
                                        compression=args.compression, model_id=args.model_id)
@@ -135,15 +149,16 @@ async def run_generate(args: argparse.Namespace) -> int:
             sampling["top_k"] = args.top_k
 
     def show(new: torch.Tensor) -> None:
-        if not args.json:
+        if not args.json and batch == 1:  # a batch is printed row by row at the end
             token_ids = new.tolist()
             text = tokenizer.decode(token_ids) if tokenizer else ",".join(map(str, token_ids))
             print(text, end="" if tokenizer else ",", flush=True)
 
     try:
         began = time.perf_counter()
-        output = await model.generate(input_ids, max_new_tokens=args.max_new_tokens,
-                                      on_tokens=show, **sampling)
+        output = await model.generate(
+            input_ids, max_new_tokens=args.max_new_tokens, on_tokens=show,
+            attention_mask=None if bool(attention_mask.all()) else attention_mask, **sampling)
         elapsed = time.perf_counter() - began
         route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
     except (MissingBlocksError, InferenceError, RemoteError, ConnectionLost, TimeoutError,
@@ -155,13 +170,18 @@ async def run_generate(args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(Exception):
             await model.close()
-    new_tokens = output[0, input_ids.shape[1]:].tolist()
-    ms_per_token = elapsed * 1000 / max(len(new_tokens), 1)
+    new_rows = output[:, width:].tolist()
+    steps = output.shape[1] - width
+    ms_per_token = elapsed * 1000 / max(steps, 1)
     if args.json:
-        print(json.dumps({"new_tokens": new_tokens, "route": route,
+        print(json.dumps({"new_tokens": new_rows[0] if batch == 1 else new_rows, "route": route,
                           "ms_per_token": round(ms_per_token, 3)}))
     else:
-        print(f"\n{len(new_tokens)} tokens, {ms_per_token:.1f} ms/token, route "
+        if batch > 1:
+            for i, ids in enumerate(new_rows):
+                text = tokenizer.decode(ids) if tokenizer else ",".join(map(str, ids))
+                print(f"[{i}] {text}")
+        print(f"\n{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
               f"{' -> '.join(route)}", file=sys.stderr)
     return 0
 

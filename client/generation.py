@@ -63,14 +63,16 @@ class GenerationParams:
     @classmethod
     def from_kwargs(cls, base: GenerationParams | None, config: PretrainedConfig | None = None,
                     **kwargs: Any) -> GenerationParams:
-        """`base` (or defaults, with the end token taken from `config` as transformers takes
-        it) with the given fields replaced. `eos_token_id` may be an int, a list or None."""
+        """`base` (or defaults, with the end and pad tokens taken from `config` as transformers
+        takes them) with the given fields replaced. `eos_token_id` may be an int, a list or
+        None."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown generation parameters {unknown}; known: {sorted(known)}")
         if base is None:
-            base = cls(eos_token_id=_token_tuple(_config_eos(config)))
+            base = cls(eos_token_id=_token_tuple(_config_token(config, "eos_token_id")),
+                       pad_token_id=_config_token(config, "pad_token_id"))
         if "eos_token_id" in kwargs:
             kwargs["eos_token_id"] = _token_tuple(kwargs["eos_token_id"])
         return dataclasses.replace(base, **kwargs)
@@ -82,10 +84,10 @@ class GenerationParams:
         return self.eos_token_id[0] if self.eos_token_id else None
 
 
-def _config_eos(config: PretrainedConfig | None) -> Any:
+def _config_token(config: PretrainedConfig | None, name: str) -> Any:
     if config is None:
         return None
-    return getattr(config.get_text_config(), "eos_token_id", None)
+    return getattr(config.get_text_config(), name, None)
 
 
 def _token_tuple(value: Any) -> tuple[int, ...]:

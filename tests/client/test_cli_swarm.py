@@ -85,6 +85,26 @@ def test_generate_matches_local_greedy(swarm, model_dir):
     assert new_tokens == expected
 
 
+def test_generate_a_batch_of_prompts_of_different_lengths(swarm, model_dir):
+    """Several --input-ids: left-padded into one batch, each row as transformers generates it
+    given the padding mask; one list of new tokens per prompt."""
+    rows = [[5, 17, 99, 3, 42], [8, 9], [30, 31, 32]]
+    args = [arg for row in rows for arg in ("--input-ids", ",".join(map(str, row)))]
+    result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap, *args,
+                     "--max-new-tokens", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    new_tokens = json.loads(result.stdout.strip().splitlines()[-1])["new_tokens"]
+    ids = torch.tensor([[0] * (5 - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (5 - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        expected = build_model("llama").generate(ids, attention_mask=mask, max_new_tokens=10,
+                                                 do_sample=False)[:, 5:].tolist()
+    assert new_tokens == expected
+    text = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap, *args,
+                   "--max-new-tokens", "3")
+    assert text.returncode == 0 and text.stdout.startswith("[0] "), text.stderr
+
+
 def test_serve_refuses_bad_arguments(model_dir, swarm):
     bad = run_cli("serve", str(model_dir), "--blocks", "3:9", "--bootstrap", swarm.bootstrap)
     assert bad.returncode != 0 and "not a non-empty range" in bad.stderr

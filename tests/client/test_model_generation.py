@@ -114,6 +114,9 @@ def test_parameters_from_keywords_and_config():
     assert params.top_k == DEFAULT_TOP_K and params.max_new_tokens == 3
     assert GenerationParams.from_kwargs(params, eos_token_id=None).eos_token_id == ()
     assert GenerationParams.from_kwargs(params, eos_token_id=9, pad_token_id=0).pad_token == 0
+    # the config's pad token, as transformers' generation config takes it, before an eos
+    padded = LlamaConfig(eos_token_id=[2, 5], pad_token_id=7)
+    assert GenerationParams.from_kwargs(None, padded).pad_token == 7
     with pytest.raises(TypeError, match="max_tokens"):
         GenerationParams.from_kwargs(None, config, max_tokens=3)
 
