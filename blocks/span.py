@@ -743,13 +743,13 @@ class SpanSession:
         tuning: RunTuning | None,
     ) -> torch.Tensor:
         position, length = self._position, hidden.shape[1]
-        if self._mask is None:
+        if self._mask is None:  # one byte per position: small next to the cache it indexes
             self._mask = torch.ones(
-                self.batch_size, self.max_length, dtype=torch.long, device=hidden.device
+                self.batch_size, self.max_length, dtype=torch.uint8, device=hidden.device
             )
         end = position + length
         self._mask[:, position:end] = 1 if new_mask is None else new_mask
-        full = self._mask[:, :end]
+        full = self._mask[:, :end].long()  # as transformers' generate passes it
         # transformers' generation: positions count the tokens before; padding gets 0
         positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)[:, position:]
         try:

@@ -47,7 +47,7 @@ class PaddingMask:
         if self._mask is None:
             if mask is None or bool(mask.all()):
                 return
-            self._mask = torch.ones(self.batch_size, self.max_length, dtype=torch.long)
+            self._mask = torch.ones(self.batch_size, self.max_length, dtype=torch.uint8)
         self._mask[:, position:position + length] = 1 if mask is None else mask
 
     def positions(self, position: int, mask: torch.Tensor | None, length: int
@@ -56,7 +56,7 @@ class PaddingMask:
         `position` itself where no padding is involved, else [batch, length]."""
         if self._mask is None and (mask is None or bool(mask.all())):
             return position
-        before = (self._mask[:, :position] if self._mask is not None
+        before = (self._mask[:, :position].long() if self._mask is not None
                   else torch.ones(self.batch_size, position, dtype=torch.long))
         new = torch.ones(self.batch_size, length, dtype=torch.long) if mask is None else mask
         counted = before.sum(-1, keepdim=True) + new.cumsum(-1) - 1
@@ -70,4 +70,4 @@ class PaddingMask:
         part = self._mask[:, start:end]
         if bool(part.all()):
             return None
-        return part.to(torch.uint8).contiguous().numpy().tobytes()
+        return part.contiguous().numpy().tobytes()
