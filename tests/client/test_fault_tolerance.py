@@ -67,34 +67,42 @@ def swarm(model_dir, tmp_path_factory):
         yield local
 
 
+async def session_outputs(swarm, model_dir, batch: int, before, after: torch.Tensor,
+                          fail: bool):
+    """Outputs of an inference session that runs `before(session)` (a list of outputs), then,
+    if `fail`, loses the server holding block 2 (its stream reset: what the client sees of a
+    lost server), then steps `after`; and the recoveries made."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        session = await model.blocks.inference_session(batch, 16)
+        outs = await before(session)
+        if fail:
+            victim = next(s for s in session.spans if s.start <= 2 < s.end)
+            victim._stream.reset("test: injected failure")
+        outs.append(await session.step(after))
+        recoveries = list(session.recoveries)
+        await session.close()
+        return outs, recoveries
+    finally:
+        await model.close()
+
+
 @pytest.mark.slow
 async def test_failure_after_a_rollback_replays_exactly_what_the_session_holds(swarm, model_dir):
-    """A stream reset (a failure the client sees as a lost server) after moving back into the
-    middle of a multi-position step: the replacement must get positions [0, p) only."""
+    """A failure after moving back into the middle of a multi-position step: the replacement
+    must get positions [0, p) only."""
     hidden = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(5))
     cuts = [(0, 5), (5, 6), (6, 7)]  # then back to 3, and [3, 6), then [6, 8) after a failure
 
-    async def run(fail: bool):
-        model = await RemoteModel.open(model_dir, [swarm.bootstrap])
-        try:
-            await wait_until_visible(model, 4)
-            session = await model.blocks.inference_session(1, 16)
-            for lo, hi in cuts:
-                await session.step(hidden[:, lo:hi])
-            session.rollback(3)
-            outs = [await session.step(hidden[:, 3:6])]
-            if fail:
-                victim = next(s for s in session.spans if s.start <= 2 < s.end)
-                victim._stream.reset("test: injected failure")
-            outs.append(await session.step(hidden[:, 6:8]))
-            recoveries = list(session.recoveries)
-            await session.close()
-            return outs, recoveries
-        finally:
-            await model.close()
+    async def before(session):
+        for lo, hi in cuts:
+            await session.step(hidden[:, lo:hi])
+        session.rollback(3)
+        return [await session.step(hidden[:, 3:6])]
 
-    clean, none = await run(fail=False)
-    failed, recoveries = await run(fail=True)
+    clean, none = await session_outputs(swarm, model_dir, 1, before, hidden[:, 6:8], False)
+    failed, recoveries = await session_outputs(swarm, model_dir, 1, before, hidden[:, 6:8], True)
     assert none == []
     assert len(recoveries) == 1 and recoveries[0].replayed == 6
     assert recoveries[0].seconds < RECOVERY_LIMIT
@@ -110,41 +118,21 @@ async def test_a_replacement_gets_the_sessions_padding_with_the_replay(swarm, mo
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, :2] = 0
 
-    async def run(fail: bool):
-        model = await RemoteModel.open(model_dir, [swarm.bootstrap])
-        try:
-            await wait_until_visible(model, 4)
-            session = await model.blocks.inference_session(2, 16)
-            outs = [await session.step(hidden[:, :5], mask), await session.step(hidden[:, 5:6])]
-            if fail:
-                victim = next(s for s in session.spans if s.start <= 2 < s.end)
-                victim._stream.reset("test: injected failure")
-            outs.append(await session.step(hidden[:, 6:9]))
-            recoveries = list(session.recoveries)
-            await session.close()
-            return outs, recoveries
-        finally:
-            await model.close()
+    async def padded(session):
+        return [await session.step(hidden[:, :5], mask), await session.step(hidden[:, 5:6])]
 
-    clean, _ = await run(fail=False)
-    failed, recoveries = await run(fail=True)
+    async def unpadded(session):
+        return [await session.step(hidden[:, :6])]
+
+    after = hidden[:, 6:9]
+    clean, _ = await session_outputs(swarm, model_dir, 2, padded, after, False)
+    failed, recoveries = await session_outputs(swarm, model_dir, 2, padded, after, True)
     assert len(recoveries) == 1 and recoveries[0].replayed == 6
     for a, b in zip(clean, failed):
         assert (a - b).abs().max().item() <= 1e-4
-    # the padding mattered: the unpadded row differs from what padding the other gives
-    unpadded, _ = await run_unpadded(swarm, model_dir, hidden)
-    assert (unpadded[-1][1] - clean[-1][1]).abs().max().item() > 1e-3
-
-
-async def run_unpadded(swarm, model_dir, hidden):
-    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
-    try:
-        session = await model.blocks.inference_session(2, 16)
-        outs = [await session.step(hidden[:, :6]), await session.step(hidden[:, 6:9])]
-        await session.close()
-        return outs, None
-    finally:
-        await model.close()
+    # the padding mattered: without it the padded row comes out otherwise
+    plain, _ = await session_outputs(swarm, model_dir, 2, unpadded, after, False)
+    assert (plain[-1][1] - clean[-1][1]).abs().max().item() > 1e-3
 
 
 @pytest.mark.slow
