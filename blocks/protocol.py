@@ -73,6 +73,17 @@ class StepRequest:
     # Padding of the new positions: batch x length bytes, row-major, 1 = token, 0 = padding
     # (docs/block_protocol.md, "Padding"); None: every new position is a token.
     mask: bytes | None = None
+    reorder: Reorder | None = None  # beam search: the cache's rows first (see Reorder)
+
+
+@dataclass(frozen=True, slots=True)
+class Reorder:
+    """Beam search (docs/block_protocol.md, "Reordering"): before the step, row i of the
+    session's cache becomes row ids[i]. `version` numbers the session's reorders from 1, so
+    that a step sent again (after a failed push) does not apply its reorder twice."""
+
+    version: int
+    ids: tuple[int, ...]
 
 
 def _int(meta: dict, key: str, low: int, high: int) -> int:
@@ -123,7 +134,24 @@ def parse_step_request(meta: Any) -> StepRequest:
     if not isinstance(meta, dict):
         raise RequestError(BAD_INPUT, "step metadata must be a map")
     return StepRequest(_int(meta, "position", 0, MAX_LENGTH), _int(meta, "step", 0, 1 << 62),
-                       parse_mask(meta.get("mask")))
+                       parse_mask(meta.get("mask")), parse_reorder(meta.get("reorder")))
+
+
+def parse_reorder(value: Any) -> Reorder | None:
+    """`[version, [row ids]]` as sent (the ids' count and range are checked against the
+    session's batch where it is known: blocks/span.py)."""
+    if value is None:
+        return None
+    if not (isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[1], list)
+            and 0 < len(value[1]) <= MAX_BATCH):
+        raise RequestError(BAD_INPUT, "'reorder' must be [version, [row ids]]")
+    version, ids = value
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 < version < 1 << 62:
+        raise RequestError(BAD_INPUT, "a reorder's version must be a positive integer")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_BATCH
+               for i in ids):
+        raise RequestError(BAD_INPUT, f"reorder row ids must be integers in [0, {MAX_BATCH})")
+    return Reorder(version, tuple(ids))
 
 
 def parse_mask(value: Any) -> bytes | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from blocks.protocol import BAD_INPUT, MAX_LENGTH, RequestError, parse_mask
+from blocks.protocol import BAD_INPUT, MAX_LENGTH, Reorder, RequestError, parse_mask, parse_reorder
 from overlay.identity import IdentityError, PeerId
 from overlay.multiaddr import Multiaddr, MultiaddrError
 
@@ -39,12 +39,19 @@ class PushHop:
     token: bytes  # the session token that server issued to the client
     step_id: int  # the client's step id for that server's part of this step
     addrs: tuple[str, ...] = ()  # where to dial it, if the pushing server does not know
+    reorder: Reorder | None = None  # beam search: that session's reorder for this step
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"peer": self.peer, "token": self.token, "step": self.step_id}
         if self.addrs:
             wire["addrs"] = list(self.addrs)
+        if self.reorder is not None:
+            wire["reorder"] = reorder_to_wire(self.reorder)
         return wire
+
+
+def reorder_to_wire(reorder: Reorder) -> list[Any]:
+    return [reorder.version, list(reorder.ids)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,7 @@ class PushRequest:
     position: int
     chain: tuple[PushHop, ...]  # the hops after the receiver
     mask: bytes | None = None  # the step's padding mask, as the client sent it
+    reorder: Reorder | None = None  # the receiver's reorder for this step (beam search)
 
     def step_meta(self) -> dict[str, Any]:
         """The metadata a client step carrying this request would have."""
@@ -64,6 +72,8 @@ class PushRequest:
             meta["next"] = chain_to_wire(self.chain)
         if self.mask is not None:
             meta["mask"] = self.mask
+        if self.reorder is not None:
+            meta["reorder"] = reorder_to_wire(self.reorder)
         return meta
 
 
@@ -148,7 +158,8 @@ def parse_chain(value: Any) -> tuple[PushHop, ...]:
         if not isinstance(entry, dict):
             raise RequestError(BAD_INPUT, "a push hop must be a map")
         hops.append(PushHop(_peer(entry.get("peer")), parse_token(entry.get("token")),
-                            _step_id(entry.get("step")), _addrs(entry.get("addrs", []))))
+                            _step_id(entry.get("step")), _addrs(entry.get("addrs", [])),
+                            parse_reorder(entry.get("reorder"))))
     return tuple(hops)
 
 
@@ -160,7 +171,8 @@ def parse_push_request(meta: Any) -> PushRequest:
             not 0 <= position <= MAX_LENGTH:
         raise RequestError(BAD_INPUT, f"'position' must be an integer in [0, {MAX_LENGTH}]")
     return PushRequest(parse_token(meta.get("token")), _step_id(meta.get("step")), position,
-                       parse_chain(meta.get("next")), parse_mask(meta.get("mask")))
+                       parse_chain(meta.get("next")), parse_mask(meta.get("mask")),
+                       parse_reorder(meta.get("reorder")))
 
 
 def push_meta(hop: PushHop, position: int, rest: tuple[PushHop, ...],
@@ -172,6 +184,8 @@ def push_meta(hop: PushHop, position: int, rest: tuple[PushHop, ...],
         meta["next"] = chain_to_wire(rest)
     if mask is not None:
         meta["mask"] = mask
+    if hop.reorder is not None:  # each session has its own reorders
+        meta["reorder"] = reorder_to_wire(hop.reorder)
     return meta
 
 

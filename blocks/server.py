@@ -272,8 +272,7 @@ class BlockServer:
                 self._check_size(hidden)
                 tuning = self.tuning.tuning(protocol.TuningRequest(), session.span, prompts,
                                             entry.lora, _batch(hidden), step.position)
-                output = await self._compute(self._step, session, step.position, tuning,
-                                             step.mask, hidden)
+                output = await self._compute(self._step, session, step, tuning, hidden)
             except RequestError as e:
                 # A bad step is refused; the session and its cache stay as they were.
                 reply = {"step": _step_id(meta), "error": e.code, "message": str(e)}
@@ -289,8 +288,9 @@ class BlockServer:
             entry.last_active = time.monotonic()
 
     @staticmethod
-    def _step(session, position: int, tuning, mask: bytes | None,
-              hidden: torch.Tensor) -> torch.Tensor:
+    def _step(session, step: protocol.StepRequest, tuning, hidden: torch.Tensor
+              ) -> torch.Tensor:
+        position = step.position
         if position > session.position:
             raise RequestError(protocol.BAD_INPUT, f"step starts at position {position} but the "
                                                    f"session holds only {session.position}")
@@ -299,7 +299,9 @@ class BlockServer:
         if position + hidden.shape[1] > session.max_length:
             raise RequestError(protocol.TOO_LONG, f"{position + hidden.shape[1]} tokens exceed the "
                                                   f"session's max_length {session.max_length}")
-        return session.step(hidden, tuning, mask)
+        if step.reorder is not None:
+            session.reorder(step.reorder.version, step.reorder.ids)
+        return session.step(hidden, tuning, step.mask)
 
     # ------------------------------------------------------------------ helpers
     async def _compute(self, fn: Callable, *args):

@@ -28,6 +28,7 @@ import dataclasses
 import inspect
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -664,6 +665,7 @@ class SpanSession:
         # first padded step; and the first padded position below `position`, if any.
         self._mask: torch.Tensor | None = None
         self._first_pad: int | None = None
+        self._order_version = 0  # reorders applied (beam search)
 
     @property
     def position(self) -> int:
@@ -764,6 +766,32 @@ class SpanSession:
                 self._first_pad = position + int(padded_columns[0])
         self._position = end
         return output
+
+    def reorder(self, version: int, ids: Sequence[int]) -> None:
+        """Beam search: row i of the cache (and of the padding) becomes row ``ids[i]``.
+
+        ``version`` numbers the session's reorders from 1: one already applied (a step sent
+        again) is skipped, one that skips a version is refused."""
+        cache = self._live_cache()
+        if version <= self._order_version:
+            return
+        if version != self._order_version + 1:
+            raise SpanInputError(f"reorder {version} after {self._order_version}: one is missing")
+        if len(ids) != self.batch_size or not all(0 <= i < self.batch_size for i in ids):
+            raise SpanInputError(f"a reorder names one row in [0, {self.batch_size}) per row")
+        index = torch.tensor(ids, dtype=torch.long, device=self.span.device)
+        with torch.inference_mode():
+            if self.span._static:
+                # In place: a static cache's buffers are where its CUDA graph reads them.
+                for layer in cache.layers:
+                    for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                        if isinstance(tensor, torch.Tensor):
+                            tensor.copy_(tensor.index_select(0, index))
+            else:
+                cache.reorder_cache(index)  # transformers' own, for every kind of layer
+            if self._mask is not None:
+                self._mask.copy_(self._mask.index_select(0, index))
+        self._order_version = version
 
     def rollback(self, position: int) -> None:
         """Move back to ``position`` (forget later positions), e.g. after rejected draft tokens."""

@@ -27,8 +27,11 @@ servers host. `save_adapter(DIR)` writes a trained LoRA in PEFT's format.
 Left-padded batches (prompts of different lengths, `attention_mask` with zeros) work in full
 passes and in `generate`: the session keeps the padding (client/padding.py).
 
-Not supported (a clear error says so): beam search and other strategies that reorder or copy
-caches, `output_attentions` / `output_hidden_states`.
+Beam search works: transformers reorders the cache after each step, and the servers reorder
+their caches' rows with the next one (docs/block_protocol.md, "Reordering").
+
+Not supported (a clear error says so): strategies that copy or shrink caches (contrastive
+search, assisted decoding), `output_attentions` / `output_hidden_states`.
 """
 
 from __future__ import annotations
@@ -121,8 +124,8 @@ class RemoteSessionCache(Cache):
             self._live_session().rollback(max(keep, 0) + self._prefix)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported by distributed models: the "
-                                  "servers' caches cannot be reordered")
+        """Beam search: the servers reorder their caches' rows with the next step."""
+        self._live_session().reorder(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a remote session's batch cannot be expanded")
@@ -408,10 +411,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None or \
                 kwargs.get("use_cache") is False:
             return super().generate(inputs, generation_config, **kwargs)
-        if kwargs.get("num_beams", 1) not in (None, 1) or (
-            generation_config is not None and (generation_config.num_beams or 1) > 1
-        ):
-            raise NotImplementedError("beam search is not supported by distributed models")
         cache = RemoteSessionCache(self, self._planned_length(inputs, generation_config, kwargs))
         try:
             return super().generate(inputs, generation_config, **{_OUTPUT_CACHE_FIELD: cache},

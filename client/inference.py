@@ -36,7 +36,14 @@ import torch
 
 import tensor_wire
 from blocks import protocol
-from blocks.push_protocol import MAX_HOP_ADDRS, PUSH_VERSION, TOKEN_BYTES, PushHop
+from blocks.protocol import Reorder
+from blocks.push_protocol import (
+    MAX_HOP_ADDRS,
+    PUSH_VERSION,
+    TOKEN_BYTES,
+    PushHop,
+    reorder_to_wire,
+)
 from client.padding import PaddingMask
 from client.recovery import BanList, RetryPolicy
 from client.routing import MissingBlocksError
@@ -166,6 +173,10 @@ class SpanSession:
         self.config = config
         self.position = 0
         self.inputs: list[torch.Tensor] = []  # everything sent, for replay on another server
+        # Beam search: the reorders the server has applied, and the one its next step carries
+        # (several made between two steps compose into one).
+        self.order_version = 0
+        self.pending_order: torch.Tensor | None = None
         self.push_token: bytes | None = None  # the server accepts pushes into this session
         self._stream: Stream | None = None
         self._step_ids = 0
@@ -227,7 +238,19 @@ class SpanSession:
     def hop(self, step_id: int) -> PushHop:
         """How the previous server pushes this span's part of step `step_id` to it."""
         addrs = tuple(str(a) for a in self.host.peer_addrs(self.peer)[:MAX_HOP_ADDRS])
-        return PushHop(str(self.peer), self.push_token, step_id, addrs)
+        return PushHop(str(self.peer), self.push_token, step_id, addrs, self._reorder())
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i of this span's cache becomes row index[i] before the next step;
+        the inputs kept for replay are reordered now (a replacement gets them in the new
+        order, and no reorder)."""
+        self.pending_order = index if self.pending_order is None else self.pending_order[index]
+        self.inputs = [t.index_select(0, index.to(t.device)) for t in self.inputs]
+
+    def _reorder(self) -> Reorder | None:
+        if self.pending_order is None:
+            return None
+        return Reorder(self.order_version + 1, tuple(self.pending_order.tolist()))
 
     async def send_step(self, hidden: torch.Tensor, position: int, step_id: int,
                         chain: list[PushHop] | None = None) -> None:
@@ -240,6 +263,9 @@ class SpanSession:
             mask = self.padding.wire(position, position + hidden.shape[1])
             if mask is not None:
                 meta["mask"] = mask
+        reorder = self._reorder()
+        if reorder is not None:
+            meta["reorder"] = reorder_to_wire(reorder)
         if self.prompts is not None and position < self.prompts.shape[2]:
             tensors.append(self.prompts)  # deep prompts: the server adds them at the prefix
             meta["prompts"] = True
@@ -279,6 +305,9 @@ class SpanSession:
             _trim(self.inputs, position)
         self.inputs.append(hidden)
         self.position = position + hidden.shape[1]
+        if self.pending_order is not None:  # the server applied it with this step
+            self.order_version += 1
+            self.pending_order = None
 
     def arm_timeout(self, timeout: float) -> asyncio.TimerHandle:
         """At the deadline the stream is reset, which fails the wait with a timeout."""
@@ -468,6 +497,17 @@ class InferenceSession:
             raise ValueError(f"cannot move back to {position}: the session holds "
                              f"{self.position} positions")
         self.position = position
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: sequence i of the session continues sequence beam_idx[i] (its cache
+        rows on every server, its padding), from the next step on."""
+        batch = self.config.batch_size
+        index = torch.as_tensor(beam_idx).to("cpu", torch.long).reshape(-1)
+        if index.numel() != batch or bool(((index < 0) | (index >= batch)).any()):
+            raise ValueError(f"a reorder names one sequence in [0, {batch}) per sequence")
+        for span in self.spans:
+            span.reorder(index)
+        self.padding.reorder(index)
 
     async def close(self) -> None:
         self._closed = True

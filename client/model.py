@@ -368,6 +368,10 @@ class ModelSession:
         """Forget positions from `position` on (e.g. rejected draft tokens)."""
         self.blocks_session.rollback(position)
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: sequence i continues sequence beam_idx[i] from the next step on."""
+        self.blocks_session.reorder(beam_idx)
+
     async def close(self) -> None:
         self.model._sessions.discard(self)
         await self.blocks_session.close()

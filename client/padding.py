@@ -62,6 +62,11 @@ class PaddingMask:
         counted = before.sum(-1, keepdim=True) + new.cumsum(-1) - 1
         return counted.masked_fill(new == 0, 0)
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes the padding of row index[i] (beam search)."""
+        if self._mask is not None:
+            self._mask = self._mask.index_select(0, index)
+
     def wire(self, start: int, end: int) -> bytes | None:
         """The mask of positions [start, end) as a step sends it (row-major bytes), or None
         when they are all tokens (what a server assumes without a mask)."""

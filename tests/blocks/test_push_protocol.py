@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blocks.protocol import BAD_INPUT, RequestError
+from blocks.protocol import BAD_INPUT, Reorder, RequestError
 from blocks.push_protocol import (
     MAX_CHAIN,
     MAX_HOP_ADDRS,
@@ -45,6 +45,13 @@ def test_a_chain_round_trips_and_each_hop_passes_the_rest_on():
     # a step's padding mask travels with it to every span of the chain
     padded = parse_push_request(push_meta(chain[0], 12, chain[1:], bytes([0, 1, 1])))
     assert padded.mask == bytes([0, 1, 1]) and padded.step_meta()["mask"] == bytes([0, 1, 1])
+    # each hop's own reorder (beam search) reaches that hop's session
+    beams = (PushHop(PEERS[0], TOKEN, 3, (), Reorder(2, (1, 1, 0))), hop(1, 9))
+    assert parse_chain(chain_to_wire(beams)) == beams
+    pushed = parse_push_request(push_meta(beams[0], 12, beams[1:]))
+    assert pushed.reorder == Reorder(2, (1, 1, 0))
+    assert pushed.step_meta()["reorder"] == [2, [1, 1, 0]]
+    assert "reorder" not in parse_push_request(push_meta(beams[1], 12, ())).step_meta()
 
 
 def test_push_is_asked_for_with_a_positive_version():
@@ -88,6 +95,11 @@ def test_malformed_chains_are_refused(chain):
     {"token": TOKEN, "step": 1, "position": 0, "next": {"peer": PEERS[0]}},
     {"token": TOKEN, "step": 1, "position": 0, "mask": [0, 1]},
     {"token": TOKEN, "step": 1, "position": 0, "mask": b""},
+    {"token": TOKEN, "step": 1, "position": 0, "reorder": [0, [0]]},
+    {"token": TOKEN, "step": 1, "position": 0, "reorder": [1, [-1]]},
+    {"token": TOKEN, "step": 1, "position": 0, "reorder": [1, []]},
+    {"token": TOKEN, "step": 1, "position": 0, "reorder": [1, (0,)]},
+    {"token": TOKEN, "step": 1, "position": 0, "reorder": {"v": 1}},
 ])
 def test_malformed_pushes_are_refused(meta):
     with pytest.raises(RequestError):

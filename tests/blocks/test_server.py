@@ -168,6 +168,27 @@ async def test_padded_steps_match_the_span_and_bad_masks_are_refused(served, spa
         assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
 
 
+async def test_reordered_steps_match_the_span_and_bad_reorders_are_refused(served, spans):
+    server, host, client = served
+    local = spans[0].new_session(2, 16)
+    prefix = torch.randn(2, 4, 64)
+    async with session(client, host, batch=2) as remote:
+        local.step(prefix)
+        await remote.step(prefix)
+        span = remote.spans[0]
+        for bad in ([1, [0, 5]], [2, [0, 1]], [1, [0]], [1, "01"]):
+            step_id = span.next_step_id()
+            await span._send(tensor_wire.encode_message(
+                [torch.randn(2, 1, 64)], {"position": 4, "step": step_id, "reorder": bad}))
+            with pytest.raises(RemoteError) as info:
+                span.read(await span._receive(10), step_id)
+            assert info.value.code == "bad_input", bad
+        remote.reorder(torch.tensor([1, 0]))
+        local.reorder(1, [1, 0])
+        token = torch.randn(2, 1, 64)
+        assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
+
+
 async def test_cache_budget_waits_then_fails_clearly(served):
     server, host, client = served
     first = await session(client, host, max_length=32, batch=2).open()  # all 64 tokens

@@ -157,6 +157,26 @@ def test_left_padded_batch_greedy_equals_local_generate(chain: Chain) -> None:
     assert torch.equal(chain.greedy_padded(prompt, mask, new_tokens), local)
 
 
+def test_a_reordered_session_continues_the_chosen_rows(chain: Chain) -> None:
+    """Beam search: after a reorder, each row goes on from the row it names."""
+    ids, new = _prompt(3, 6, seed=11), _prompt(3, 2, seed=12)
+    sessions = chain.sessions(3, 16)
+    chain.step(sessions, ids)
+    for session in sessions:
+        session.reorder(1, [2, 2, 0])
+    got = chain.step(sessions, new)
+    expected = _local_logits(chain, torch.cat([ids[[2, 2, 0]], new], dim=1))[:, -2:]
+    assert (got - expected).abs().max() < TOLERANCE
+    session = sessions[0]
+    session.reorder(1, [1, 0, 2])  # version 1 again (a step sent twice): skipped
+    with pytest.raises(SpanInputError, match="missing"):
+        session.reorder(3, [0, 1, 2])
+    with pytest.raises(SpanInputError, match="one row"):
+        session.reorder(2, [0, 1])
+    with pytest.raises(SpanInputError, match="one row"):
+        session.reorder(2, [0, 1, 3])
+
+
 def test_rollback_then_new_steps_equal_a_fresh_run(chain: Chain) -> None:
     # Short enough to stay inside the smallest sliding window of the test models (8).
     ids = _prompt(2, 11, seed=7)
@@ -355,6 +375,15 @@ def test_cuda_chain_matches_local_cuda_model(llama_dir: Path, dtype: str) -> Non
         local = reference.generate(padded, attention_mask=mask, max_new_tokens=16,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)
         assert torch.equal(chain.greedy_padded(padded, mask, 16), local)
+    # beam search on CUDA: static caches reordered in place, single tokens through the graph
+    sessions = chain.sessions(3, 12)
+    chain.step(sessions, ids[:, :6])
+    chain.step(sessions, ids[:, 6:7])
+    for session in sessions:
+        session.reorder(1, [2, 0, 0])
+    got = torch.cat([chain.step(sessions, ids[:, i:i + 1]) for i in (7, 8)], dim=1)
+    expected = _local_logits(chain, torch.cat([ids[[2, 0, 0], :7], ids[:, 7:9]], dim=1))
+    assert (got - expected[:, 7:9]).abs().max() < tolerance
 
 
 def test_subspans_share_weights_and_match_separately_loaded_spans(llama_dir: Path) -> None:

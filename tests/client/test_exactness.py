@@ -212,6 +212,18 @@ class _Exactness(_Served):
 
         assert torch.equal(asyncio.run(run()), expected)
 
+    def test_beam_search_matches_local(self, model, reference):
+        """The servers reorder their caches' rows with each step as transformers reorders a
+        local cache; a batch of 2 prompts, 3 beams each, one of them left-padded."""
+        ids = prompts(2, 6, seed=15)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        settings = {"num_beams": 3, "max_new_tokens": 12, "do_sample": False,
+                    "pad_token_id": 0, "num_return_sequences": 2}
+        expected = reference.generate(ids, attention_mask=mask, **settings)
+        assert torch.equal(model.generate(ids, attention_mask=mask, **settings), expected)
+
     def test_step_by_step_logits_match(self, model, reference):
         ids = prompts(1, 16, seed=5)
         with torch.no_grad():
@@ -457,8 +469,13 @@ class TestBadInput(_Served):
             from transformers import DynamicCache
 
             model(input_ids=prompts(1, 3, seed=25), past_key_values=DynamicCache())
-        with pytest.raises(NotImplementedError, match="beam"):
-            model.generate(prompts(1, 3, seed=25), num_beams=2, max_new_tokens=2)
+        with pytest.raises(NotImplementedError, match="cannot be reduced"), \
+                model.inference_session(max_length=8) as session:
+            session.batch_select_indices(torch.tensor([0]))  # what assisted decoding needs
+        with model.inference_session(max_length=8) as session, \
+                pytest.raises(ValueError, match="one sequence"):
+            model(input_ids=prompts(1, 3, seed=25), past_key_values=session)
+            session.reorder_cache(torch.tensor([1]))  # a batch of 1 has no row 1
         with pytest.raises(ModelInputError, match="covers every position"), \
                 model.inference_session(max_length=8) as session:
             model(input_ids=prompts(1, 3, seed=25), past_key_values=session,

@@ -136,6 +136,27 @@ async def test_a_replacement_gets_the_sessions_padding_with_the_replay(swarm, mo
 
 
 @pytest.mark.slow
+async def test_a_replacement_gets_the_replay_in_the_reordered_rows(swarm, model_dir):
+    """Beam search: a reorder still pending when a server is lost; the replacement is built
+    from the kept inputs in the new row order, and its outputs are those of no failure."""
+    hidden = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(7))
+
+    async def reordered(session):
+        outs = [await session.step(hidden[:, :5])]
+        session.reorder(torch.tensor([1, 1]))
+        return outs
+
+    after = hidden[[1, 1], 5:8]  # the same new positions for both rows
+    clean, _ = await session_outputs(swarm, model_dir, 2, reordered, after, False)
+    failed, recoveries = await session_outputs(swarm, model_dir, 2, reordered, after, True)
+    assert len(recoveries) == 1 and recoveries[0].replayed == 5
+    for a, b in zip(clean, failed):
+        assert (a - b).abs().max().item() <= 1e-4
+    # both rows now continue row 1 (without the reorder they would differ)
+    assert (clean[-1][0] - clean[-1][1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
 async def test_server_killed_mid_generation_is_replaced(swarm, model_dir, reference):
     ids, new_tokens, kill_after = prompt(1), 48, 12
     expected = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
