@@ -149,6 +149,16 @@ async def test_session_steps_rollback_and_errors(served, spans):
         await remote.step(torch.randn(2, 1, 64))
 
 
+async def refusal(span, meta: dict) -> str:
+    """The error code a server answers a [2, 1] step with this meta (sent as is)."""
+    step_id = span.next_step_id()
+    await span._send(tensor_wire.encode_message([torch.randn(2, 1, 64)],
+                                                {"step": step_id, **meta}))
+    with pytest.raises(RemoteError) as info:
+        span.read(await span._receive(10), step_id)
+    return info.value.code
+
+
 async def test_padded_steps_match_the_span_and_bad_masks_are_refused(served, spans):
     server, host, client = served
     local = spans[0].new_session(2, 16)
@@ -156,14 +166,8 @@ async def test_padded_steps_match_the_span_and_bad_masks_are_refused(served, spa
     async with session(client, host, batch=2) as remote:
         expected = local.step(prefix, mask=mask)
         assert torch.allclose(await remote.step(prefix, mask), expected, atol=1e-5)
-        span = remote.spans[0]
         for bad in (b"\x01", bytes([1, 2]), b"\x00" * 3, "0101"):
-            step_id = span.next_step_id()
-            await span._send(tensor_wire.encode_message(
-                [torch.randn(2, 1, 64)], {"position": 4, "step": step_id, "mask": bad}))
-            with pytest.raises(RemoteError) as info:
-                span.read(await span._receive(10), step_id)
-            assert info.value.code == "bad_input", bad
+            assert await refusal(remote.spans[0], {"position": 4, "mask": bad}) == "bad_input"
         token = torch.randn(2, 1, 64)  # the session kept its padding through the refusals
         assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
 
@@ -175,14 +179,8 @@ async def test_reordered_steps_match_the_span_and_bad_reorders_are_refused(serve
     async with session(client, host, batch=2) as remote:
         local.step(prefix)
         await remote.step(prefix)
-        span = remote.spans[0]
         for bad in ([1, [0, 5]], [2, [0, 1]], [1, [0]], [1, "01"]):
-            step_id = span.next_step_id()
-            await span._send(tensor_wire.encode_message(
-                [torch.randn(2, 1, 64)], {"position": 4, "step": step_id, "reorder": bad}))
-            with pytest.raises(RemoteError) as info:
-                span.read(await span._receive(10), step_id)
-            assert info.value.code == "bad_input", bad
+            assert await refusal(remote.spans[0], {"position": 4, "reorder": bad}) == "bad_input"
         remote.reorder(torch.tensor([1, 0]))
         local.reorder(1, [1, 0])
         token = torch.randn(2, 1, 64)
