@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from blocks.fast_decode import DecodeOptions
 from blocks.span import BlockSpan, SessionClosedError, SpanInputError, SpanSession
 from client.local_head import LocalHead
 from model_parts.skeleton import DeviceOptions
@@ -265,6 +266,27 @@ def test_bad_padding_masks_raise_and_leave_the_session_usable(llama_span: BlockS
     plain = llama_span.new_session(2, 16)
     assert torch.equal(session.step(hidden), plain.step(hidden))
     assert session._first_pad is None
+
+
+def test_a_static_cache_is_reordered_in_place(llama_dir: Path) -> None:
+    """Static caches (CUDA graph sessions read their buffers by address) are reordered where
+    they are, with the result of a fresh session fed the chosen rows."""
+    span = BlockSpan.load(llama_dir, 0, NUM_LAYERS, decode=DecodeOptions(static_cache=True))
+    assert span.decode_paths["static_cache"]
+    prefix, new = torch.randn(3, 6, span.hidden_size), torch.randn(3, 1, span.hidden_size)
+    with torch.inference_mode():
+        session = span.new_session(3, 12)
+        session.step(prefix)
+        def buffers() -> list[int]:
+            return [t.data_ptr() for layer in session._cache.layers
+                    for t in (layer.keys, layer.values)]
+
+        before = buffers()
+        session.reorder(1, [2, 0, 0])
+        assert buffers() == before
+        fresh = span.new_session(3, 12)
+        fresh.step(prefix[[2, 0, 0]])
+        assert (session.step(new) - fresh.step(new)).abs().max() < TOLERANCE
 
 
 def test_bad_load_arguments_raise(llama_dir: Path) -> None:
