@@ -1,5 +1,6 @@
-"""The push extension's wire rules (blocks/push_protocol.py): what a server accepts from the
-client or from another server, and what it refuses, without sockets."""
+"""The push extension's wire rules (blocks/push_protocol.py) and a step's padding and reorder
+fields (blocks/protocol.py): what a server accepts from the client or from another server,
+and what it refuses, without sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blocks.protocol import BAD_INPUT, Reorder, RequestError
+from blocks.protocol import BAD_INPUT, MAX_BATCH, Reorder, RequestError, parse_step_request
 from blocks.push_protocol import (
     MAX_CHAIN,
     MAX_HOP_ADDRS,
@@ -124,3 +125,27 @@ def test_garbage_never_gets_past_the_parser_unchecked(value):
 def test_failure_notices_are_short():
     notice = failure_notice(4, "x" * 10_000)
     assert notice["step"] == 4 and len(notice["push_failed"]) == MAX_REASON
+
+
+_ANY = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+                    | st.binary(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mask=_ANY, reorder=_ANY | st.tuples(st.integers(), st.lists(st.integers(), max_size=5)))
+def test_step_extensions_are_parsed_or_refused_cleanly(mask, reorder):
+    """A step's padding mask and reorder, whatever a peer sends: parsed into their types or
+    refused with bad_input, never another error."""
+    for meta in ({"position": 0, "step": 1, "mask": mask},
+                 {"position": 0, "step": 1, "reorder": list(reorder)
+                  if isinstance(reorder, tuple) else reorder}):
+        try:
+            step = parse_step_request(meta)
+        except RequestError as e:
+            assert e.code == BAD_INPUT
+            continue
+        assert step.mask is None or (isinstance(step.mask, bytes) and step.mask)
+        assert step.reorder is None or (step.reorder.version > 0 and all(
+            0 <= i < MAX_BATCH for i in step.reorder.ids))
