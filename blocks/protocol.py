@@ -32,6 +32,10 @@ ADAPTER_MISSING = "adapter_missing"  # an uploaded LoRA this server no longer ho
 TOO_LARGE = "too_large"  # over a size limit of this server (request tokens, adapter bytes)
 
 COMPRESSIONS = ("none", "float16", "bfloat16", "int8_blockwise", "lz4")
+# What a session's steps may carry beyond position and step id, as the opening answer lists it
+# ("features"): a client sends a step's "mask" or "reorder" only to servers that list them (a
+# server without them would ignore the field and compute something else, silently).
+SESSION_FEATURES = ("mask", "reorder")
 MAX_BATCH = 1024
 MAX_LENGTH = 1 << 20
 MAX_MASK_BYTES = 1 << 22  # a step's padding mask: one byte per new position and sequence

@@ -237,6 +237,7 @@ class BlockServer:
         try:
             await stream.send(tensor_wire.encode_message([], {
                 "session": entry.session_id, "cache_tokens_free": self.cache_tokens_free,
+                "features": list(protocol.SESSION_FEATURES),
                 **self.push.opening_fields(entry.inbox),
             }))
             await self._serve_steps(stream, entry, request)

@@ -47,6 +47,7 @@ from blocks.push_protocol import (
 from client.padding import PaddingMask
 from client.recovery import BanList, RetryPolicy
 from client.routing import MissingBlocksError
+from model_parts.skeleton import ModelInputError
 from overlay import timeline
 from overlay.host import Host, RemoteError
 from overlay.identity import PeerId
@@ -178,6 +179,7 @@ class SpanSession:
         self.order_version = 0
         self.pending_order: torch.Tensor | None = None
         self.push_token: bytes | None = None  # the server accepts pushes into this session
+        self.features: frozenset[str] = frozenset()  # step fields the server understands
         self._stream: Stream | None = None
         self._step_ids = 0
         self._mailbox = mailbox
@@ -211,6 +213,9 @@ class SpanSession:
             raise InferenceError(f"{self._where()}: malformed answer: {e}") from None
         if "session" not in meta:
             raise InferenceError(f"{self._where()}: unexpected answer to the session request")
+        features = meta.get("features")
+        if isinstance(features, list):
+            self.features = frozenset(f for f in features if isinstance(f, str))
         push = meta.get("push") if self._mailbox is not None else None
         if isinstance(push, dict) and isinstance(push.get("token"), bytes) and \
                 len(push["token"]) == TOKEN_BYTES:
@@ -238,7 +243,10 @@ class SpanSession:
     def hop(self, step_id: int) -> PushHop:
         """How the previous server pushes this span's part of step `step_id` to it."""
         addrs = tuple(str(a) for a in self.host.peer_addrs(self.peer)[:MAX_HOP_ADDRS])
-        return PushHop(str(self.peer), self.push_token, step_id, addrs, self._reorder())
+        reorder = self._reorder()
+        if reorder is not None:
+            self._needs("reorder", reorder)
+        return PushHop(str(self.peer), self.push_token, step_id, addrs, reorder)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row i of this span's cache becomes row index[i] before the next step;
@@ -246,6 +254,15 @@ class SpanSession:
         order, and no reorder)."""
         self.pending_order = index if self.pending_order is None else self.pending_order[index]
         self.inputs = [t.index_select(0, index.to(t.device)) for t in self.inputs]
+
+    def _needs(self, feature: str, value):
+        """`value`, for a step field this span's server must understand (or a clear error:
+        an older server would ignore it and compute something else)."""
+        if feature not in self.features:
+            raise ModelInputError(f"{self._where()}: this server's version does not take a "
+                                  f"step's {feature!r} (padding or beam search); it needs an "
+                                  f"upgrade")
+        return value
 
     def _reorder(self) -> Reorder | None:
         if self.pending_order is None:
@@ -262,10 +279,10 @@ class SpanSession:
         if self.padding is not None and self.padding.any:
             mask = self.padding.wire(position, position + hidden.shape[1])
             if mask is not None:
-                meta["mask"] = mask
+                meta["mask"] = self._needs("mask", mask)
         reorder = self._reorder()
         if reorder is not None:
-            meta["reorder"] = reorder_to_wire(reorder)
+            meta["reorder"] = reorder_to_wire(self._needs("reorder", reorder))
         if self.prompts is not None and position < self.prompts.shape[2]:
             tensors.append(self.prompts)  # deep prompts: the server adds them at the prefix
             meta["prompts"] = True
@@ -462,6 +479,9 @@ class InferenceSession:
         position = self.position
         mask = self.padding.check(attention_mask, hidden.shape[1])
         self.padding.record(position, mask, hidden.shape[1])
+        if self.padding.wire(position, position + hidden.shape[1]) is not None:
+            for span in self.spans:  # pushed on to each of them: all must understand it
+                span._needs("mask", None)
         if timeline.ENABLED:
             timeline.mark("client_step_sent")
         if any(span.push_token is not None for span in self.spans):

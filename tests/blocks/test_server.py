@@ -14,6 +14,7 @@ from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.server import BlockServer, ServingConfig
 from blocks.span import BlockSpan
 from client.inference import InferenceError, InferenceSession, SessionConfig
+from model_parts.skeleton import ModelInputError
 from overlay.host import RemoteError
 from tests.blocks.serving import served_in_process
 from tests.model_factory import build_model, save_model
@@ -185,6 +186,20 @@ async def test_reordered_steps_match_the_span_and_bad_reorders_are_refused(serve
         local.reorder(1, [1, 0])
         token = torch.randn(2, 1, 64)
         assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
+
+
+async def test_padding_and_reorders_are_not_sent_to_servers_without_them(served, monkeypatch):
+    """A server of a version before these features would ignore the fields and compute
+    something else: the client refuses to send them, saying why."""
+    server, host, client = served
+    monkeypatch.setattr(protocol, "SESSION_FEATURES", ())  # what an older server answers
+    async with session(client, host, batch=2) as remote:
+        with pytest.raises(ModelInputError, match="upgrade"):
+            await remote.step(torch.randn(2, 3, 64), torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        await remote.step(torch.randn(2, 3, 64))  # plain steps still work
+        remote.reorder(torch.tensor([1, 0]))
+        with pytest.raises(ModelInputError, match="upgrade"):
+            await remote.step(torch.randn(2, 1, 64))
 
 
 async def test_cache_budget_waits_then_fails_clearly(served):
