@@ -51,6 +51,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.finetune import ModelTuning, TuningOptions
 from client.inference import InferenceError
 from client.model import ModelOptions, ModelSession, RemoteModel
+from client.padding import generation_positions
 from client.sync_loop import BackgroundLoop, LoopClosedError, shared_loop
 from model_parts.skeleton import ModelInputError
 
@@ -197,9 +198,8 @@ def _session_positions(attention_mask: torch.Tensor | None, position: int, new: 
                               f"[batch, {position + new}]")
     if bool(attention_mask.all()):
         return position, None
-    mask = attention_mask.to(torch.long)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, position:]
-    return positions, mask[:, position:]
+    return (generation_positions(attention_mask)[:, position:],
+            attention_mask.to(torch.long)[:, position:])
 
 
 def _close_remote(loop: BackgroundLoop, remote: RemoteModel) -> None:

@@ -15,6 +15,13 @@ import torch
 from model_parts.skeleton import ModelInputError
 
 
+def generation_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for an attention mask [batch, length] as transformers' generate derives
+    them: each token counts the tokens before it in its row, padding gets 0."""
+    mask = mask.to(torch.long)
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 class PaddingMask:
     """The padding of one session's positions, as steps recorded it."""
 
