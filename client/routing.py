@@ -55,11 +55,23 @@ MIN_SPREAD_WEIGHT = 1e-9
 
 
 class MissingBlocksError(RuntimeError):
-    """No eligible server covers these blocks (sorted block indices in `missing`)."""
+    """No eligible server covers these blocks (sorted block indices in `missing`).
 
-    def __init__(self, missing: Sequence[int]):
+    `excluded`: (peer id, start, end, why) of the announced servers that hold some of them but
+    may not be used, so that the message says whether the blocks are unserved or their servers
+    banned, full, joining, of another version or without the adapter."""
+
+    def __init__(self, missing: Sequence[int],
+                 excluded: Sequence[tuple[str, int, int, str]] = ()):
         self.missing = sorted(missing)
-        super().__init__(f"no eligible server holds blocks {_ranges(self.missing)}")
+        self.excluded = list(excluded)
+        message = f"no eligible server holds blocks {_ranges(self.missing)}"
+        if self.excluded:
+            message += " (" + "; ".join(f"...{peer[-6:]}[{a}:{b}) {why}"
+                                        for peer, a, b, why in self.excluded) + ")"
+        else:
+            message += " (no server announces them)"
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +288,7 @@ class RoutePlanner:
         for span in self.view.spans:
             if span.end <= start or span.start >= end:
                 continue
-            if not _usable(span, banned, needs, inference):
+            if _exclusion(span, banned, needs, inference) is not None:
                 continue
             eligible.add(id(span))
             delta[max(span.start, start) - start] += 1
@@ -287,24 +299,35 @@ class RoutePlanner:
             if covered == 0:
                 missing.append(start + offset)
         if missing:
-            raise MissingBlocksError(missing)
+            wanted = set(missing)
+            excluded = [(span.peer_id, span.start, span.end,
+                         _exclusion(span, banned, needs, inference) or "")
+                        for span in self.view.spans
+                        if id(span) not in eligible
+                        and not wanted.isdisjoint(range(span.start, span.end))]
+            raise MissingBlocksError(missing, excluded)
         return eligible
 
 
-def _usable(span: ServedSpan, banned: Container[str], needs: RouteNeeds, inference: bool) -> bool:
+def _exclusion(span: ServedSpan, banned: Container[str], needs: RouteNeeds,
+               inference: bool) -> str | None:
+    """Why a request may not use `span`, or None when it may."""
     info = span.info
-    if info.state != ServerState.ONLINE or info.version != needs.version:
-        return False
+    if info.state != ServerState.ONLINE:
+        return info.state.name.lower()
+    if info.version != needs.version:
+        return f"protocol version {info.version} (ours: {needs.version})"
     if span.peer_id in banned:
-        return False
+        return "banned after a failure"
     if needs.adapter is not None and needs.adapter not in info.adapters:
-        return False
+        return f"without adapter {needs.adapter!r}"
     if inference:
         if info.cache_tokens_left is not None and info.cache_tokens_left < needs.cache_tokens:
-            return False
+            return (f"{info.cache_tokens_left} free cache tokens, "
+                    f"{needs.cache_tokens} needed")
         if info.inference_rps is not None and info.inference_rps <= 0:
-            return False
-    return True
+            return "announces no inference throughput"
+    return None
 
 
 def _link(prev: str, prev_info, peer: str, client_rtts: Mapping[str, float],

@@ -109,6 +109,15 @@ def test_inference_respects_cache_bans_states_adapters_and_version():
         routed(planner, needs=RouteNeeds(adapter="lora"), banned={"fast"})
     assert err.value.missing == [0, 1, 2, 3]
     assert routed(planner, needs=RouteNeeds(version=2)) == ["future"]
+    # The error says why each server holding the blocks was left out.
+    with pytest.raises(MissingBlocksError) as err:
+        routed(planner, needs=RouteNeeds(cache_tokens=20_000), banned={"fast"})
+    why = {peer: reason for peer, _, _, reason in err.value.excluded}
+    assert why == {"fast": "banned after a failure",
+                   "slow": "10000 free cache tokens, 20000 needed",
+                   "joining": "joining", "leaving": "offline",
+                   "future": "protocol version 2 (ours: 1)"}
+    assert "...slow[0:4) 10000 free cache tokens, 20000 needed" in str(err.value)
 
 
 def test_missing_blocks_are_named():
@@ -121,10 +130,14 @@ def test_missing_blocks_are_named():
     with pytest.raises(MissingBlocksError) as err:
         planner.inference_route(0, 9)
     assert err.value.missing == [8]
+    assert err.value.excluded == []
+    assert str(err.value).endswith("(no server announces them)")
     with pytest.raises(MissingBlocksError) as err:
         planner.spread_route(0, 9, random.Random(0), banned={"c"})
     assert err.value.missing == [3, 4, 8]
     assert "3-4, 8" in str(err.value)
+    excluded = [(peer, why) for peer, _, _, why in err.value.excluded]
+    assert excluded == [("c", "banned after a failure")]
     # The same swarm serves a sub-range that avoids the holes.
     assert planner.inference_route(0, 8)[-1].end == 8
 
