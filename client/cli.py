@@ -109,6 +109,7 @@ async def run_generate(args: argparse.Namespace) -> int:
     from client.inference import InferenceError
     from client.model import RemoteModel
     from client.routing import MissingBlocksError
+    from client.text_stream import PROMPT_CONTEXT_TOKENS, TextStream
     from model_parts.files import ModelFilesError
     from overlay.dht.driver import DHTError
     from overlay.host import RemoteError
@@ -148,11 +149,18 @@ async def run_generate(args: argparse.Namespace) -> int:
         if args.top_k:
             sampling["top_k"] = args.top_k
 
+    stream = None
+    if tokenizer is not None:
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        stream = TextStream(decode, context=rows[0][-PROMPT_CONTEXT_TOKENS:])
+
     def show(new: torch.Tensor) -> None:
         if not args.json and batch == 1:  # a batch is printed row by row at the end
-            token_ids = new.tolist()
-            text = tokenizer.decode(token_ids) if tokenizer else ",".join(map(str, token_ids))
-            print(text, end="" if tokenizer else ",", flush=True)
+            token_ids = new.reshape(-1).tolist()
+            text = stream.push(token_ids) if stream else "".join(f"{t}," for t in token_ids)
+            print(text, end="", flush=True)
 
     try:
         began = time.perf_counter()
@@ -161,6 +169,8 @@ async def run_generate(args: argparse.Namespace) -> int:
             attention_mask=None if bool(attention_mask.all()) else attention_mask, **sampling)
         elapsed = time.perf_counter() - began
         route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
+        if stream is not None and not args.json and batch == 1:
+            print(stream.finish(), end="", flush=True)
     except (MissingBlocksError, InferenceError, RemoteError, ConnectionLost, TimeoutError,
             ValueError) as e:
         # The swarm cannot serve this request now (blocks missing, every server failed,

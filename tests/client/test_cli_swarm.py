@@ -18,6 +18,7 @@ from client.local_swarm import LocalSwarm
 from client.swarm import SwarmClient
 from model_parts.files import default_model_id
 from tests.model_factory import build_model
+from tests.tokenizer_factory import sentencepiece_style
 
 CLI = [sys.executable, "-m", "overlay.cli.main"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,6 +84,30 @@ def test_generate_matches_local_greedy(swarm, model_dir):
         expected = build_model("llama").generate(torch.tensor([ids]), max_new_tokens=12,
                                                  do_sample=False)[0, len(ids):].tolist()
     assert new_tokens == expected
+
+
+def test_generate_streams_the_prompts_continuation_as_text(swarm, model_dir):
+    """--prompt with the directory's tokenizer (SentencePiece-style here, as Llama's): the text
+    printed token by token is the finished generation's text, spaces included."""
+    tokenizer = sentencepiece_style()
+    tokenizer.save_pretrained(model_dir)  # tokenizer files beside the model's: as on the Hub
+    prompt = "hello world, the quick"
+    result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                     "--prompt", prompt, "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    ids = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        full = build_model("llama").generate(torch.tensor([ids]), max_new_tokens=16,
+                                             do_sample=False)[0].tolist()
+    text = tokenizer.decode(full, skip_special_tokens=True)
+    shown = tokenizer.decode(ids, skip_special_tokens=True)
+    assert result.stdout == text[len(shown):]
+    # The tokens decoded one by one would have lost the spaces (this model's tokens have some).
+    one_by_one = "".join(tokenizer.decode([t], skip_special_tokens=True) for t in full[len(ids):])
+    assert " " in result.stdout and one_by_one != result.stdout
+    as_json = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                      "--prompt", prompt, "--max-new-tokens", "16", "--json")
+    assert json.loads(as_json.stdout.strip().splitlines()[-1])["new_tokens"] == full[len(ids):]
 
 
 def test_generate_a_batch_of_prompts_of_different_lengths(swarm, model_dir):
