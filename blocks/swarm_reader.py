@@ -5,8 +5,12 @@ same way. No torch and no asyncio import: it needs only a DHT object with `get_r
 
 Every block's record is a dictionary (peer id -> announcement) whose entries were stored by
 different servers on the nodes closest to the key at the time; a node that joined later holds
-none of the earlier entries. A get that stopped at the first replica would show a partial
-swarm, so readers run their DHT with `value_quorum=DICTIONARY_QUORUM` (all replicas merged).
+none of the earlier entries, and a node that a get cached the record on (Kademlia 2.3) holds a
+snapshot that later entries never reach. A get that stopped at the first replicas would show a
+partial or stale swarm (a new server missing, or still "joining" after it went online), so
+readers run their DHT with `value_quorum=DICTIONARY_QUORUM`: the get never stops early, it
+merges the answers of all k closest nodes, each entry at its latest expiration (as hivemind's
+`DHT.get(latest=True)` searches on for the latest entry instead of returning the first).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from overlay.dht.config import DHTConfig
 
 log = logging.getLogger(__name__)
 
-DICTIONARY_QUORUM = DHTConfig().num_replicas
+DICTIONARY_QUORUM = DHTConfig().k
 
 
 def view_from_records(num_blocks: int, keys: Sequence[str],
