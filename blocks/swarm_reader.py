@@ -10,7 +10,10 @@ snapshot that later entries never reach. A get that stopped at the first replica
 partial or stale swarm (a new server missing, or still "joining" after it went online), so
 readers run their DHT with `value_quorum=DICTIONARY_QUORUM`: the get never stops early, it
 merges the answers of all k closest nodes, each entry at its latest expiration (as hivemind's
-`DHT.get(latest=True)` searches on for the latest entry instead of returning the first).
+`DHT.get(latest=True)` searches on for the latest entry instead of returning the first). Such
+a get asks every node for closer peers even when it holds the key ("near", overlay/PROTOCOL.md
+section 5): a client's own table fills with servers that left, so it must learn the new ones
+from answers.
 """
 
 from __future__ import annotations

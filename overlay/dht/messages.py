@@ -7,6 +7,7 @@ Every message is one msgpack map carried as the payload of an RPC named "dht". R
      "srv": bool,                     # the sender serves DHT requests (may enter tables)
      "ids":  [32-byte id, ...],       # find_node: targets (batched)
      "keys": [key bytes, ...],        # find_value: raw keys (batched)
+     "near": true,                    # find_value, optional: closer peers also with records
      "recs": [[key, subkey|nil, value, expiration float, signature|nil], ...]}  # store
 
 Responses repeat "v" and "op" and carry, in request order:
@@ -14,6 +15,8 @@ Responses repeat "v" and "op" and carry, in request order:
     find_node:  "peers": [[[peer id bytes, [addr, ...]], ...], ...]       one list per id
     find_value: "found": [[[[subkey|nil, value, expiration, sig|nil], ...],  records
                            [[peer id bytes, [addr, ...]], ...]], ...]       closer peers
+                (a node holding records for a key lists no closer peers for it unless the
+                request has "near": true, which a reader merging several replicas sends)
     store:      "ok":    [bool, ...]                                         one per record
 
 Decoding trusts nothing: sizes are bounded before and while parsing, every field is
@@ -81,6 +84,7 @@ class FindValue:
     keys: tuple[bytes, ...]
     addrs: tuple[str, ...] = ()
     serves: bool = True
+    near: bool = False  # closer peers wanted even from nodes that hold the value
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,8 @@ def encode_request(request: Request) -> bytes:
         body["ids"] = [t.to_bytes(ID_BYTES, "big") for t in request.targets]
     elif isinstance(request, FindValue):
         body["keys"] = list(request.keys)
+        if request.near:
+            body["near"] = True
     elif isinstance(request, Store):
         body["recs"] = [
             [r.key, r.subkey, r.value, float(r.expiration), r.signature] for r in request.records
@@ -245,6 +251,8 @@ def request_size(request: Request) -> int:
     elif isinstance(request, FindValue):
         size += 5 + _array_header(len(request.keys)) + sum(_bin_size(len(k))
                                                           for k in request.keys)
+        if request.near:
+            size += 6  # "near" (a 5-byte fixstr) and true
     elif isinstance(request, Store):
         size += 5 + _array_header(len(request.records))
         for r in request.records:
@@ -417,7 +425,11 @@ def decode_request(data: bytes) -> Request:
         keys = _list(body, "keys", MAX_BATCH)
         if not keys:
             raise MessageError("find_value without keys")
-        return FindValue(tuple(_bytes(k, "key", MAX_KEY_BYTES) for k in keys), addrs, serves)
+        near = body.get("near", False)
+        if not isinstance(near, bool):
+            raise MessageError("field 'near' must be a boolean")
+        return FindValue(tuple(_bytes(k, "key", MAX_KEY_BYTES) for k in keys), addrs, serves,
+                         near)
     if op == "store":
         recs = _list(body, "recs", MAX_STORE_BATCH)
         if not recs:

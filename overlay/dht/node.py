@@ -332,8 +332,11 @@ class DHTNode:
                     if used > budget:
                         break
                     records.append(record)
-                # Kademlia 2.3: a node that holds the value "just returns the stored value".
-                peers = () if records else tuple(closest(key_id_of(key), k, sender_id))
+                # Kademlia 2.3: a node that holds the value "just returns the stored value";
+                # a reader that merges replicas asks for the closer peers too ("near"), or
+                # its lookup could reach no replica beyond the first ones it knew.
+                peers = () if records and not request.near else tuple(
+                    closest(key_id_of(key), k, sender_id))
                 results.append(FoundValue(tuple(records), peers))
             return FindValueResponse(tuple(results))
         if isinstance(request, Store):

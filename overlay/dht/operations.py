@@ -266,7 +266,8 @@ class GetOperation(LookupOperation):
                     self.lookups[i].finish()
 
     def _request(self, node: DHTNode, indices: list[int]) -> object:
-        return FindValue(tuple(self.keys[i] for i in indices), node.addrs, node.serves)
+        return FindValue(tuple(self.keys[i] for i in indices), node.addrs, node.serves,
+                         node.config.value_quorum > 1)
 
     def _merge(self, node: DHTNode, i: int, records: list[Record], now: float) -> None:
         acc = self.found[i]

@@ -43,7 +43,7 @@ requests = st.one_of(
     st.builds(Ping, addrs, st.booleans()),
     st.builds(FindNode, st.lists(ids, min_size=1, max_size=5).map(tuple), addrs, st.booleans()),
     st.builds(FindValue, st.lists(st.binary(max_size=30), min_size=1, max_size=5).map(tuple),
-              addrs, st.booleans()),
+              addrs, st.booleans(), st.booleans()),
     st.builds(Store, st.lists(records, min_size=1, max_size=5).map(tuple), addrs, st.booleans()),
 )
 
@@ -76,7 +76,7 @@ wide_requests = st.one_of(
     st.builds(FindNode, st.lists(ids, min_size=1, max_size=20).map(tuple), wide_addrs,
               st.booleans()),
     st.builds(FindValue, st.lists(st.binary(max_size=300), min_size=1, max_size=20).map(tuple),
-              wide_addrs, st.booleans()),
+              wide_addrs, st.booleans(), st.booleans()),
     st.builds(Store, st.lists(wide_records, min_size=1, max_size=3).map(tuple), wide_addrs,
               st.booleans()),
 )
@@ -177,6 +177,7 @@ def body(**fields):
     (body(ids=[b"\0" * 32] * (MAX_BATCH + 1)), "limit"),
     (body(addrs=["x" * 300]), "address"),
     (body(addrs=["a"] * 9), "addresses"),
+    (body(op="find_value", keys=[b"k"], near=1), "'near' must be a boolean"),
     (msgpack.packb([1, 2]), "not a map"),
     (msgpack.packb({"v": 1, "op": "ping", "addrs": [], "srv": True,
                     "x": msgpack.ExtType(5, b"")}), "extension"),
