@@ -189,7 +189,8 @@ async def run_generate(args: argparse.Namespace) -> int:
     else:
         if batch > 1:
             for i, ids in enumerate(new_rows):
-                text = tokenizer.decode(ids) if tokenizer else ",".join(map(str, ids))
+                text = (tokenizer.decode(ids, skip_special_tokens=True) if tokenizer
+                        else ",".join(map(str, ids)))
                 print(f"[{i}] {text}")
         print(f"\n{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
               f"{' -> '.join(route)}", file=sys.stderr)
