@@ -108,6 +108,16 @@ def test_generate_streams_the_prompts_continuation_as_text(swarm, model_dir):
     as_json = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
                       "--prompt", prompt, "--max-new-tokens", "16", "--json")
     assert json.loads(as_json.stdout.strip().splitlines()[-1])["new_tokens"] == full[len(ids):]
+    # Several prompts: one row of text per prompt, each its new tokens' text.
+    two = ["--prompt", prompt, "--prompt", "the lazy dog"]
+    rows = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap, *two,
+                   "--max-new-tokens", "6")
+    rows_json = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap, *two,
+                        "--max-new-tokens", "6", "--json")
+    assert rows.returncode == 0 and rows_json.returncode == 0, rows.stderr + rows_json.stderr
+    tokens = json.loads(rows_json.stdout.strip().splitlines()[-1])["new_tokens"]
+    assert rows.stdout.splitlines() == [
+        f"[{i}] {tokenizer.decode(t, skip_special_tokens=True)}" for i, t in enumerate(tokens)]
 
 
 def test_generate_a_batch_of_prompts_of_different_lengths(swarm, model_dir):
