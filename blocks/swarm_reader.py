@@ -13,7 +13,9 @@ merges the answers of all k closest nodes, each entry at its latest expiration (
 `DHT.get(latest=True)` searches on for the latest entry instead of returning the first). Such
 a get asks every node for closer peers even when it holds the key ("near", overlay/PROTOCOL.md
 section 5): a client's own table fills with servers that left, so it must learn the new ones
-from answers.
+from answers. The price: a close node that vanished holds the read up for its adaptive
+timeout (tens of ms for a peer the reader has measured, 1 s for one it never talked to) where a
+get stopping at 5 values might not have asked it.
 """
 
 from __future__ import annotations
