@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 RTT_TTL = 60.0  # seconds a measured round-trip time is trusted
 PING_TIMEOUT = 5.0
+# Seconds a peer that did not answer a ping stays "unreachable" (RTT inf) before it is pinged
+# again: a vanished server stays announced until its records expire, and without this every
+# session opened meanwhile waited PING_TIMEOUT for it. Petals avoids a peer that failed for
+# `ClientConfig(ban_timeout=15)` seconds; the same here.
+UNREACHABLE_TTL = 15.0
+MAX_KNOWN_RTTS = 4096  # entries kept; expired ones are dropped beyond this
 # DICTIONARY_QUORUM (blocks/swarm_reader.py): a view merges every DHT replica of a record.
 
 
@@ -59,18 +66,26 @@ class SwarmClient:
         return view
 
     async def rtts(self, peers: Iterable[str]) -> dict[str, float]:
-        """Round-trip seconds to each peer (measured now unless known recently);
-        unreachable peers are left out."""
+        """Round-trip seconds to each peer (measured now unless known recently); a peer that
+        did not answer is math.inf (route choice penalises it) for UNREACHABLE_TTL seconds."""
         now = time.monotonic()
-        stale = [p for p in peers if p not in self._rtts or now - self._rtts[p][1] > RTT_TTL]
+        peers = list(peers)
+        stale = [p for p in peers if self._stale(p, now)]
         if stale:
             measured = await asyncio.gather(*(self._ping(p) for p in stale))
             for peer, rtt in zip(stale, measured):
-                if rtt is not None:
-                    self._rtts[peer] = (rtt, now)
-                else:
-                    self._rtts.pop(peer, None)
+                self._rtts[peer] = (math.inf if rtt is None else rtt, now)
+            if len(self._rtts) > MAX_KNOWN_RTTS:  # servers that came and went
+                for peer in [p for p in self._rtts if self._stale(p, now)]:
+                    del self._rtts[peer]
         return {p: self._rtts[p][0] for p in peers if p in self._rtts}
+
+    def _stale(self, peer: str, now: float) -> bool:
+        known = self._rtts.get(peer)
+        if known is None:
+            return True
+        rtt, at = known
+        return now - at > (UNREACHABLE_TTL if rtt == math.inf else RTT_TTL)
 
     async def _ping(self, peer_text: str) -> float | None:
         return await self.host.round_trip(peer_text, PING_TIMEOUT)
