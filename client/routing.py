@@ -54,6 +54,10 @@ DEFAULT_INFERENCE_RPS = 300.0
 MIN_SPREAD_WEIGHT = 1e-9
 
 
+# Servers named in a MissingBlocksError's message (all of them stay in `.excluded`).
+MAX_EXCLUSIONS_SHOWN = 8
+
+
 class MissingBlocksError(RuntimeError):
     """No eligible server covers these blocks (sorted block indices in `missing`).
 
@@ -67,8 +71,11 @@ class MissingBlocksError(RuntimeError):
         self.excluded = list(excluded)
         message = f"no eligible server holds blocks {_ranges(self.missing)}"
         if self.excluded:
-            message += " (" + "; ".join(f"...{peer[-6:]}[{a}:{b}) {why}"
-                                        for peer, a, b, why in self.excluded) + ")"
+            shown = [f"...{peer[-6:]}[{a}:{b}) {why}"
+                     for peer, a, b, why in self.excluded[:MAX_EXCLUSIONS_SHOWN]]
+            if len(self.excluded) > MAX_EXCLUSIONS_SHOWN:
+                shown.append(f"{len(self.excluded) - MAX_EXCLUSIONS_SHOWN} more")
+            message += " (" + "; ".join(shown) + ")"
         else:
             message += " (no server announces them)"
         super().__init__(message)

@@ -132,6 +132,10 @@ def test_missing_blocks_are_named():
     assert err.value.missing == [8]
     assert err.value.excluded == []
     assert str(err.value).endswith("(no server announces them)")
+    crowd = {f"s{i}": online(0, 9) for i in range(20)}
+    with pytest.raises(MissingBlocksError) as err:
+        RoutePlanner(SwarmView.from_servers(9, crowd)).inference_route(0, 9, banned=set(crowd))
+    assert len(err.value.excluded) == 20 and str(err.value).endswith("; 12 more)")
     with pytest.raises(MissingBlocksError) as err:
         planner.spread_route(0, 9, random.Random(0), banned={"c"})
     assert err.value.missing == [3, 4, 8]
