@@ -149,15 +149,18 @@ async def run_generate(args: argparse.Namespace) -> int:
         if args.top_k:
             sampling["top_k"] = args.top_k
 
-    stream = None
+    decode = None
     if tokenizer is not None:
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
+    streaming = not args.json and batch == 1  # a batch is printed row by row at the end
+    stream = None
+    if streaming and decode is not None:
         stream = TextStream(decode, context=rows[0][-PROMPT_CONTEXT_TOKENS:])
 
     def show(new: torch.Tensor) -> None:
-        if not args.json and batch == 1:  # a batch is printed row by row at the end
+        if streaming:
             token_ids = new.reshape(-1).tolist()
             text = stream.push(token_ids) if stream else "".join(f"{t}," for t in token_ids)
             print(text, end="", flush=True)
@@ -169,7 +172,7 @@ async def run_generate(args: argparse.Namespace) -> int:
             attention_mask=None if bool(attention_mask.all()) else attention_mask, **sampling)
         elapsed = time.perf_counter() - began
         route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
-        if stream is not None and not args.json and batch == 1:
+        if stream is not None:
             print(stream.finish(), end="", flush=True)
     except (MissingBlocksError, InferenceError, RemoteError, ConnectionLost, TimeoutError,
             ValueError) as e:
@@ -189,8 +192,7 @@ async def run_generate(args: argparse.Namespace) -> int:
     else:
         if batch > 1:
             for i, ids in enumerate(new_rows):
-                text = (tokenizer.decode(ids, skip_special_tokens=True) if tokenizer
-                        else ",".join(map(str, ids)))
+                text = decode(ids) if decode else ",".join(map(str, ids))
                 print(f"[{i}] {text}")
         print(f"\n{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
               f"{' -> '.join(route)}", file=sys.stderr)
