@@ -291,11 +291,14 @@ class RoutePlanner:
         Per-block coverage is counted with a difference array over the eligible spans
         (integers, exact), so the check costs O(servers + blocks)."""
         eligible: set[int] = set()
+        excluded: list[tuple[ServedSpan, str]] = []  # for the error's message
         delta = [0] * (end - start + 1)
         for span in self.view.spans:
             if span.end <= start or span.start >= end:
                 continue
-            if _exclusion(span, banned, needs, inference) is not None:
+            why = _exclusion(span, banned, needs, inference)
+            if why is not None:
+                excluded.append((span, why))
                 continue
             eligible.add(id(span))
             delta[max(span.start, start) - start] += 1
@@ -307,12 +310,9 @@ class RoutePlanner:
                 missing.append(start + offset)
         if missing:
             wanted = set(missing)
-            excluded = [(span.peer_id, span.start, span.end,
-                         _exclusion(span, banned, needs, inference) or "")
-                        for span in self.view.spans
-                        if id(span) not in eligible
-                        and not wanted.isdisjoint(range(span.start, span.end))]
-            raise MissingBlocksError(missing, excluded)
+            raise MissingBlocksError(missing, [
+                (span.peer_id, span.start, span.end, why) for span, why in excluded
+                if not wanted.isdisjoint(range(span.start, span.end))])
         return eligible
 
 
