@@ -245,7 +245,7 @@ class SpanSession:
         addrs = tuple(str(a) for a in self.host.peer_addrs(self.peer)[:MAX_HOP_ADDRS])
         reorder = self._reorder()
         if reorder is not None:
-            self._needs("reorder", reorder)
+            self.require("reorder")
         return PushHop(str(self.peer), self.push_token, step_id, addrs, reorder)
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -255,14 +255,13 @@ class SpanSession:
         self.pending_order = index if self.pending_order is None else self.pending_order[index]
         self.inputs = [t.index_select(0, index.to(t.device)) for t in self.inputs]
 
-    def _needs(self, feature: str, value):
-        """`value`, for a step field this span's server must understand (or a clear error:
-        an older server would ignore it and compute something else)."""
+    def require(self, feature: str) -> None:
+        """A step field this span's server must understand, or a clear error (an older server
+        would ignore the field and compute something else)."""
         if feature not in self.features:
             raise ModelInputError(f"{self._where()}: this server's version does not take a "
                                   f"step's {feature!r} (padding or beam search); it needs an "
                                   f"upgrade")
-        return value
 
     def _reorder(self) -> Reorder | None:
         if self.pending_order is None:
@@ -279,10 +278,12 @@ class SpanSession:
         if self.padding is not None and self.padding.any:
             mask = self.padding.wire(position, position + hidden.shape[1])
             if mask is not None:
-                meta["mask"] = self._needs("mask", mask)
+                self.require("mask")
+                meta["mask"] = mask
         reorder = self._reorder()
         if reorder is not None:
-            meta["reorder"] = reorder_to_wire(self._needs("reorder", reorder))
+            self.require("reorder")
+            meta["reorder"] = reorder_to_wire(reorder)
         if self.prompts is not None and position < self.prompts.shape[2]:
             tensors.append(self.prompts)  # deep prompts: the server adds them at the prefix
             meta["prompts"] = True
@@ -481,7 +482,7 @@ class InferenceSession:
         self.padding.record(position, mask, hidden.shape[1])
         if self.padding.wire(position, position + hidden.shape[1]) is not None:
             for span in self.spans:  # pushed on to each of them: all must understand it
-                span._needs("mask", None)
+                span.require("mask")
         if timeline.ENABLED:
             timeline.mark("client_step_sent")
         if any(span.push_token is not None for span in self.spans):
