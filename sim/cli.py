@@ -40,8 +40,10 @@ class ProgressBar:
         self.started = time.monotonic()
         self._last_draw = 0.0
         self._last_decile = -1
+        self.now = 0.0  # the last simulated time reported, for the message on Ctrl-C
 
     def __call__(self, now: float, events: int) -> None:
+        self.now = now
         if not self.enabled:
             return
         wall = time.monotonic()
@@ -74,6 +76,10 @@ class ProgressBar:
         if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run: what was stopped, for the one-line message."""
 
 
 def build_config(spec: Scenario, args: argparse.Namespace) -> Any:
@@ -111,7 +117,17 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
     bar = ProgressBar(sys.stderr, label or spec.name, lambda: instance.horizon,
                       enabled=not quiet)
     started, cpu_started = time.perf_counter(), time.process_time()
-    result: RunResult = instance.run(bar)
+    try:
+        result: RunResult = instance.run(bar)
+    except KeyboardInterrupt:
+        bar.close()
+        try:
+            out.rmdir()  # only if the run had written nothing there
+        except OSError:
+            pass
+        raise Interrupted(f"{label or spec.name} interrupted at t={bar.now:,.0f} of "
+                          f"{instance.horizon:,.0f} simulated s; its results were not "
+                          f"written") from None
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     bar.close()
     events = result.metrics.get("events")
@@ -173,15 +189,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         else list(spec.sweep_metrics)
     out = Path(args.out or f"sim-results/{spec.name}-sweep-{args.param}")
     out.mkdir(parents=True, exist_ok=True)
+    configs = [set_option(base, param, raw) for raw in raw_values]  # all checked first
     runs: list[dict[str, object]] = []
     values: list[object] = []
-    for i, raw in enumerate(raw_values):
-        config = set_option(base, param, raw)
-        values.append(_value_at(config, param))
+    for i, (raw, config) in enumerate(zip(raw_values, configs)):
         label = f"{spec.name} {args.param}={raw} ({i + 1}/{len(raw_values)})"
-        result = run_one(spec, config, out / f"{args.param}={raw}", quiet=args.quiet,
-                         plots=not args.no_plots, timing=not args.no_timing, label=label)
+        try:
+            result = run_one(spec, config, out / f"{args.param}={raw}", quiet=args.quiet,
+                             plots=not args.no_plots, timing=not args.no_timing, label=label)
+        except Interrupted as e:
+            if runs:
+                _write_sweep(args, spec, base, values, runs, metrics, out)
+                raise Interrupted(f"{e}; {out / 'sweep.csv'} holds the {len(runs)} "
+                                  f"finished runs") from None
+            raise
+        values.append(_value_at(config, param))
         runs.append(result.metrics)
+    _write_sweep(args, spec, base, values, runs, metrics, out)
+    print(out)
+    return 0
+
+
+def _write_sweep(args: argparse.Namespace, spec: Scenario, base: Any, values: list[object],
+                 runs: list[dict[str, object]], metrics: list[str], out: Path) -> None:
     keys = sorted({k for run in runs for k in run})
     with (out / "sweep.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -194,8 +224,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         plot_sweep(args.param, values, runs, metrics, out / "sweep.png",
                    f"{spec.name}: sweep over {args.param} (seed {base.seed})")
-    print(out)
-    return 0
 
 
 def _value_at(config: Any, path: str) -> object:
@@ -243,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"overlay-sim: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"overlay-sim: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("overlay-sim: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # --out not writable, disk full
+        print(f"overlay-sim: cannot write the results: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ class DHTScenarioConfig:
     def __post_init__(self) -> None:
         if self.nodes < 2:
             raise ValueError("a DHT scenario needs at least 2 nodes")
+        if not self.duration > 0 or not self.sample_interval > 0:
+            raise ValueError("duration and sample_interval must be positive seconds")
+        if not self.ops_per_s >= 0:
+            raise ValueError("ops_per_s must not be negative")
         if self.join not in ("auto", "protocol", "prefilled"):
             raise ValueError(f"unknown join mode {self.join!r}")
         if not 0 <= self.find_share + self.store_share <= 1:

@@ -107,6 +107,10 @@ class SwarmScenarioConfig:
     def __post_init__(self) -> None:
         if self.servers < 1:
             raise ValueError("a swarm needs at least one server")
+        if not self.duration > 0 or not self.sample_interval > 0:
+            raise ValueError("duration and sample_interval must be positive seconds")
+        if not self.session_rate >= 0 or not self.warmup >= 0:
+            raise ValueError("session_rate and warmup must not be negative")
         if self.recovery not in ("replay", "restart"):
             raise ValueError(f"recovery must be replay or restart, got {self.recovery!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:

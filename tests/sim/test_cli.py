@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,45 @@ def test_bad_options_get_a_clear_error(capsys):
     assert "expected an integer" in capsys.readouterr().err
     assert main(["run", "swarm", "--set", "recovery=pray"]) == 2
     assert "recovery must be replay or restart" in capsys.readouterr().err
+    assert main(["run", "dht-static", "--duration", "-5"]) == 2
+    assert "duration and sample_interval must be positive" in capsys.readouterr().err
+    # every value of a sweep is checked before the first run starts
+    assert main(["sweep", "dht-static", "--param", "nodes", "--values", "50,1"]) == 2
+    assert "at least 2 nodes" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_directory_is_one_clear_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["run", "dht-static", "--nodes", "20", "--duration", "5", "--quiet"]
+    assert main([*args, "--out", str(blocker / "results")]) == 1
+    assert "overlay-sim: cannot write the results:" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_a_sweep_and_keeps_the_finished_runs(tmp_path):
+    """SIGINT in the third run of a sweep: exit 130 with one line, sweep.csv holds the two
+    runs that finished, the interrupted run leaves no directory."""
+    out = tmp_path / "sweep"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim.cli", "sweep", "dht-static", "--param", "nodes",
+         "--values", "20,30,2000", "--duration", "5", "--no-plots", "--out", str(out)],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the progress lines: wait until the third run has begun
+            if "(3/3)" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, err
+    finally:
+        proc.kill()
+    assert "Traceback" not in err
+    assert "nodes=2000 (3/3) interrupted" in err and "holds the 2 finished runs" in err
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["nodes"] for r in rows] == ["20", "30"]
+    assert not (out / "nodes=2000").exists()
 
 
 def test_set_option_reaches_nested_fields():
