@@ -27,7 +27,7 @@ from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.lora import LoraWeights
 from blocks.protocol import RequestError
 from blocks.push import Pushed, PushService
-from blocks.span import BlockSpan, SpanInputError
+from blocks.span import BlockSpan, SessionTooLongError, SpanInputError
 from overlay import timeline
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.streams import ConnectionLost, Stream, StreamClosed
@@ -291,18 +291,8 @@ class BlockServer:
     @staticmethod
     def _step(session, step: protocol.StepRequest, tuning, hidden: torch.Tensor
               ) -> torch.Tensor:
-        position = step.position
-        if position > session.position:
-            raise RequestError(protocol.BAD_INPUT, f"step starts at position {position} but the "
-                                                   f"session holds only {session.position}")
-        if position < session.position:
-            session.rollback(position)
-        if position + hidden.shape[1] > session.max_length:
-            raise RequestError(protocol.TOO_LONG, f"{position + hidden.shape[1]} tokens exceed the "
-                                                  f"session's max_length {session.max_length}")
-        if step.reorder is not None:
-            session.reorder(step.reorder.version, step.reorder.ids)
-        return session.step(hidden, tuning, step.mask)
+        reorder = None if step.reorder is None else (step.reorder.version, step.reorder.ids)
+        return session.step_at(step.position, hidden, tuning, step.mask, reorder)
 
     # ------------------------------------------------------------------ helpers
     async def _compute(self, fn: Callable, *args):
@@ -336,6 +326,8 @@ class BlockServer:
                     self._in_worker -= 1
         except RequestError:
             raise
+        except SessionTooLongError as e:
+            raise RequestError(protocol.TOO_LONG, str(e)) from None
         except SpanInputError as e:
             raise RequestError(protocol.BAD_INPUT, str(e)) from None
         except ValueError as e:

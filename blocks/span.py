@@ -70,6 +70,10 @@ class SpanInputError(ModelInputError):
     """A request to a span or session is malformed (shape, dtype, length, position)."""
 
 
+class SessionTooLongError(SpanInputError):
+    """A step would run past the session's max_length."""
+
+
 class SessionClosedError(RuntimeError):
     """The session was closed; its cache is gone."""
 
@@ -696,11 +700,7 @@ class SpanSession:
         cache = self._live_cache()
         hidden = self.span._check_hidden(hidden_new, self.batch_size)
         length = hidden.shape[1]
-        if self._position + length > self.max_length:
-            raise SpanInputError(
-                f"{length} new positions after {self._position} exceed the session's "
-                f"max length {self.max_length}"
-            )
+        self._check_length(self._position, length)
         new_mask = _padding(mask, self.batch_size, length, hidden.device)
         if new_mask is not None or self._first_pad is not None:
             return self._step_padded(cache, hidden, new_mask, tuning)
@@ -736,6 +736,44 @@ class SpanSession:
             raise
         self._position += length
         return output
+
+    def step_at(
+        self,
+        position: int,
+        hidden_new: torch.Tensor,
+        tuning: RunTuning | None = None,
+        mask: bytes | torch.Tensor | None = None,
+        reorder: tuple[int, Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """A step as a client sends it: from ``position`` (at most the current one: earlier
+        means roll back first), after the beam-search ``reorder`` (version, ids) if any.
+
+        Every check runs before anything changes: a refused step leaves the session as it was
+        (a rollback or reorder done before finding the step's tensor malformed would have lost
+        positions or permuted rows that the client still counts on)."""
+        self._live_cache()
+        hidden = self.span._check_hidden(hidden_new, self.batch_size)
+        length = hidden.shape[1]
+        if not isinstance(position, int) or not 0 <= position <= self._position:
+            raise SpanInputError(
+                f"step starts at position {position} but the session holds only {self._position}"
+            )
+        self._check_length(position, length)
+        _padding(mask, self.batch_size, length, hidden.device)
+        if position < self._position:
+            self._check_rollback()
+        if reorder is not None:
+            self._check_reorder(*reorder)
+        self.rollback(position)
+        if reorder is not None:
+            self.reorder(*reorder)
+        return self.step(hidden, tuning, mask)
+
+    def _check_length(self, position: int, length: int) -> None:
+        if position + length > self.max_length:
+            raise SessionTooLongError(
+                f"{position + length} tokens exceed the session's max_length {self.max_length}"
+            )
 
     def _step_padded(
         self,
@@ -775,10 +813,7 @@ class SpanSession:
         cache = self._live_cache()
         if version <= self._order_version:
             return
-        if version != self._order_version + 1:
-            raise SpanInputError(f"reorder {version} after {self._order_version}: one is missing")
-        if len(ids) != self.batch_size or not all(0 <= i < self.batch_size for i in ids):
-            raise SpanInputError(f"a reorder names one row in [0, {self.batch_size}) per row")
+        self._check_reorder(version, ids)
         index = torch.tensor(ids, dtype=torch.long, device=self.span.device)
         with torch.inference_mode():
             if self.span._static:
@@ -793,6 +828,14 @@ class SpanSession:
                 self._mask.copy_(self._mask.index_select(0, index))
         self._order_version = version
 
+    def _check_reorder(self, version: int, ids: Sequence[int]) -> None:
+        if version <= self._order_version:
+            return  # already applied: skipped
+        if version != self._order_version + 1:
+            raise SpanInputError(f"reorder {version} after {self._order_version}: one is missing")
+        if len(ids) != self.batch_size or not all(0 <= i < self.batch_size for i in ids):
+            raise SpanInputError(f"a reorder names one row in [0, {self.batch_size}) per row")
+
     def rollback(self, position: int) -> None:
         """Move back to ``position`` (forget later positions), e.g. after rejected draft tokens."""
         cache = self._live_cache()
@@ -803,7 +846,15 @@ class SpanSession:
         remove = self._position - position
         if remove == 0:
             return
-        for layer in cache.layers:
+        self._check_rollback()
+        with torch.inference_mode():
+            cache.crop(-remove)
+        self._position = position
+        if self._first_pad is not None and self._first_pad >= position:
+            self._first_pad = None  # the padding was all after `position`
+
+    def _check_rollback(self) -> None:
+        for layer in self._live_cache().layers:
             if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= (
                 layer.get_max_length()
             ):
@@ -811,11 +862,6 @@ class SpanSession:
                     f"cannot roll back: a sliding-window layer (window {layer.get_max_length()}) "
                     f"has already dropped positions before {self._position}"
                 )
-        with torch.inference_mode():
-            cache.crop(-remove)
-        self._position = position
-        if self._first_pad is not None and self._first_pad >= position:
-            self._first_pad = None  # the padding was all after `position`
 
     @property
     def cache_bytes(self) -> int:

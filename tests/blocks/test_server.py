@@ -150,11 +150,12 @@ async def test_session_steps_rollback_and_errors(served, spans):
         await remote.step(torch.randn(2, 1, 64))
 
 
-async def refusal(span, meta: dict) -> str:
-    """The error code a server answers a [2, 1] step with this meta (sent as is)."""
+async def refusal(span, meta: dict, hidden: torch.Tensor | None = None) -> str:
+    """The error code a server answers a step with this meta (sent as is) and these hidden
+    states ([2, 1] by default)."""
     step_id = span.next_step_id()
-    await span._send(tensor_wire.encode_message([torch.randn(2, 1, 64)],
-                                                {"step": step_id, **meta}))
+    hidden = torch.randn(2, 1, 64) if hidden is None else hidden
+    await span._send(tensor_wire.encode_message([hidden], {"step": step_id, **meta}))
     with pytest.raises(RemoteError) as info:
         span.read(await span._receive(10), step_id)
     return info.value.code
@@ -186,6 +187,33 @@ async def test_reordered_steps_match_the_span_and_bad_reorders_are_refused(serve
         local.reorder(1, [1, 0])
         token = torch.randn(2, 1, 64)
         assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
+
+
+async def test_a_refused_step_changes_nothing_in_the_session(served, spans):
+    """Each bad step goes back to position 2 with a valid reorder: had the server rolled back
+    or reordered before finding the step bad, the next honest step at 8 would be refused or
+    computed on permuted rows."""
+    server, host, client = served
+    local = spans[0].new_session(2, 16)
+    prefix = torch.randn(2, 8, 64)
+    async with session(client, host, batch=2) as remote:
+        local.step(prefix)
+        await remote.step(prefix)
+        back = {"position": 2, "reorder": [1, [1, 0]]}
+        bad_steps = [
+            (torch.randn(2, 1, 64, dtype=torch.float64), back, "bad_input"),
+            (torch.tensor(1.0), back, "bad_input"),  # rank 0 (was an internal error)
+            (torch.randn(2, 64), back, "bad_input"),  # rank 2 (was called too long)
+            (torch.randn(1, 1, 64), back, "bad_input"),  # batch
+            (torch.randn(2, 15, 64), back, "too_long"),
+            (torch.randn(2, 1, 64), {**back, "mask": b"\x01\x07"}, "bad_input"),
+            (torch.randn(2, 1, 64), {**back, "reorder": [2, [1, 0]]}, "bad_input"),  # skips 1
+        ]
+        for hidden, meta, code in bad_steps:
+            assert await refusal(remote.spans[0], meta, hidden) == code, (hidden.shape, meta)
+        token = torch.randn(2, 1, 64)
+        assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
+        assert remote.position == 9
 
 
 async def test_padding_and_reorders_are_not_sent_to_servers_without_them(served, monkeypatch):

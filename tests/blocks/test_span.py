@@ -229,7 +229,7 @@ def test_bad_hidden_states_raise_clear_errors(llama_span: BlockSpan) -> None:
             session.step(bad)
     assert session.position == 0
     session.step(good)
-    with pytest.raises(SpanInputError, match="exceed the session's max length 8"):
+    with pytest.raises(SpanInputError, match="9 tokens exceed the session's max_length 8"):
         session.step(torch.zeros(2, 6, llama_span.hidden_size))
     assert session.position == 3
     with pytest.raises(SpanInputError, match="roll back"):
