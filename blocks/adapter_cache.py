@@ -4,8 +4,11 @@ Clients upload the LoRA weights of their span once (blocks.lora_put) and then na
 digest in every forward, backward and inference request, so weights cross the network once per
 training step (or per generation session), not once per request. An entry is evicted when it
 has not been used for `idle_timeout` seconds, when its uploader replaces it with a newer
-version, or, least recently used first, when a new upload needs room; entries pinned by an open
-inference session are never evicted (the session ends, the pin goes, then the entry may).
+version (only an uploader can: every server of a chain learns the digests of the requests it
+serves, so a digest is no secret; content uploaded by several clients stays until all of them
+have replaced it), or, least recently used first, when a new upload needs room; entries pinned
+by an open inference session are never evicted (the session ends, the pin goes, then the
+entry may).
 
 Pure: no torch, no asyncio, no clock (`now` is passed in). Values are opaque.
 """
@@ -13,7 +16,7 @@ Pure: no torch, no asyncio, no clock (`now` is passed in). Values are opaque.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -27,6 +30,7 @@ class _Entry:
     size: int
     last_used: float
     pins: int = 0
+    owners: set = field(default_factory=set)  # who uploaded it (opaque ids)
 
 
 class AdapterCache:
@@ -53,11 +57,13 @@ class AdapterCache:
         self._entries.move_to_end(key)
         return entry.value
 
-    def put(self, key: str, value: Any, size: int, now: float) -> list[str]:
-        """Store `value`; returns the keys evicted to make room. An existing key is only
-        touched (same content, same digest)."""
-        if key in self._entries:
+    def put(self, key: str, value: Any, size: int, now: float, owner: Any = None) -> list[str]:
+        """Store `value`, uploaded by `owner`; returns the keys evicted to make room. An
+        existing key is only touched (same content, same digest) and gains the owner."""
+        entry = self._entries.get(key)
+        if entry is not None:
             self.get(key, now)
+            entry.owners.add(owner)
             return []
         if size > self.max_bytes:
             raise AdapterCacheFullError(f"{size} bytes exceed this server's adapter cache of "
@@ -73,14 +79,19 @@ class AdapterCache:
             if self._entries[old].pins == 0:
                 self._remove(old)
                 evicted.append(old)
-        self._entries[key] = _Entry(value, size, now)
+        self._entries[key] = _Entry(value, size, now, owners={owner})
         self.used_bytes += size
         return evicted
 
-    def discard(self, key: str) -> bool:
-        """Drop `key` unless an open session pins it; True if it was dropped."""
+    def discard(self, key: str, owner: Any = None) -> bool:
+        """`owner` no longer needs `key`: dropped unless another uploader still needs it
+        (nothing happens while an open session pins it, or for someone who never uploaded
+        it); True if dropped."""
         entry = self._entries.get(key)
-        if entry is None or entry.pins:
+        if entry is None or entry.pins or owner not in entry.owners:
+            return False
+        entry.owners.discard(owner)
+        if entry.owners:
             return False
         self._remove(key)
         return True

@@ -26,6 +26,7 @@ from blocks.protocol import RequestError, TuningRequest
 from blocks.span import BlockSpan, SpanInputError
 from blocks.tuning import SpanTuning, TuningHooks
 from overlay.host import RemoteError, RpcContext
+from tensor_wire.limits import Limits
 
 if TYPE_CHECKING:
     from blocks.server import BlockServer
@@ -118,15 +119,23 @@ class ServerTuning:
     # ------------------------------------------------------------------ blocks.lora_put
     async def _lora_put(self, ctx: RpcContext, payload: bytes) -> bytes:
         server = self.server
-        tensors, meta = server._decode(payload)
+        try:
+            size = tensor_wire.decoded_size(payload)
+        except tensor_wire.WireError as e:
+            raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
+        if size > server.config.max_adapter_bytes:
+            raise RemoteError(protocol.TOO_LARGE,
+                              f"a LoRA of {size} bytes exceeds this server's limit of "
+                              f"{server.config.max_adapter_bytes} bytes per upload")
+        limits = Limits(max_decoded_bytes=server.config.max_adapter_bytes)
+        async with server.decoder.request(payload, limits) as (tensors, meta):
+            return await self._lora_put_decoded(tensors, meta, size, ctx.peer)
+
+    async def _lora_put_decoded(self, tensors: list, meta, size: int, owner) -> bytes:
+        server = self.server
         try:
             request = protocol.parse_lora_put(meta, server.config.model_id, server.served,
                                               len(tensors))
-            size = sum(t.numel() * t.element_size() for t in tensors)
-            if size > server.config.max_adapter_bytes:
-                raise RequestError(protocol.TOO_LARGE,
-                                   f"a LoRA of {size} bytes exceeds this server's limit of "
-                                   f"{server.config.max_adapter_bytes} bytes per upload")
             view = server._view(request.blocks.start, request.blocks.end)
             try:
                 lora = await asyncio.to_thread(from_upload, request, tensors, view)
@@ -134,9 +143,9 @@ class ServerTuning:
                 raise RequestError(protocol.BAD_INPUT, str(e)) from None
             now = time.monotonic()
             if request.replaces is not None and request.replaces != request.digest:
-                self.uploads.discard(request.replaces)
+                self.uploads.discard(request.replaces, owner)
             try:
-                self.uploads.put(request.digest, lora, size, now)
+                self.uploads.put(request.digest, lora, size, now, owner)
             except AdapterCacheFullError as e:
                 raise RequestError(protocol.TOO_LARGE, str(e)) from None
         except RequestError as e:
@@ -145,8 +154,11 @@ class ServerTuning:
 
     # ------------------------------------------------------------------ blocks.backward
     async def _backward(self, ctx: RpcContext, payload: bytes) -> bytes:
+        async with self.server.decoder.request(payload) as (tensors, meta):
+            return await self._backward_decoded(tensors, meta)
+
+    async def _backward_decoded(self, tensors: list, meta) -> bytes:
         server = self.server
-        tensors, meta = server._decode(payload)
         try:
             blocks = protocol.parse_range(meta, server.config.model_id, server.served)
             compression = protocol.response_compression(meta)
@@ -155,7 +167,7 @@ class ServerTuning:
             mask = rest.pop(0) if request.mask else None
             prompts = rest.pop(0) if request.prompts else None
             view = server._view(blocks.start, blocks.end)
-            self._check_backward(view, hidden, grad_output)
+            self._check_backward(view, hidden, grad_output, prompts)
             lora = self.lora_for(request, view)
             trained = None if lora is None else (lora, request.lora is not None)
             grads = await server._compute(self._run_backward, view, grad_output, mask,
@@ -168,10 +180,12 @@ class ServerTuning:
             grads, {"lora": lora_count},
             [compression] * (1 + (prompts is not None)) + ["none"] * lora_count)
 
-    def _check_backward(self, view: BlockSpan, hidden, grad_output) -> None:
-        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
-            raise RequestError(protocol.BAD_INPUT, "hidden states must be [batch, length, "
-                                                   "hidden]")
+    def _check_backward(self, view: BlockSpan, hidden, grad_output, prompts) -> None:
+        try:  # here, not in the forward under autograd: integers cannot require gradients
+            view._check_hidden(hidden)
+            SpanTuning(self.hooks, prompts=prompts).check(view, hidden.shape[0])
+        except SpanInputError as e:
+            raise RequestError(protocol.BAD_INPUT, str(e)) from None
         if not isinstance(grad_output, torch.Tensor) or tuple(grad_output.shape) != tuple(
                 hidden.shape):
             shape = list(grad_output.shape) if isinstance(grad_output, torch.Tensor) else None

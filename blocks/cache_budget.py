@@ -28,14 +28,20 @@ class CacheBudget:
     def free(self) -> int:
         return self.capacity - self.used
 
+    def try_acquire(self, amount: int) -> bool:
+        """Take `amount` now if it is free and nobody waits before it (no waiting)."""
+        if not self._waiters and amount <= self.free:
+            self.used += amount
+            return True
+        return False
+
     async def acquire(self, amount: int, timeout: float) -> None:
         if amount > self.capacity:
             raise CacheFullError(
                 f"the session needs {amount} block-tokens of attention cache; this server has "
                 f"{self.capacity} in all"
             )
-        if not self._waiters and amount <= self.free:
-            self.used += amount
+        if self.try_acquire(amount):
             return
         future = asyncio.get_running_loop().create_future()
         entry = (amount, future)

@@ -96,6 +96,8 @@ def from_upload(request: LoraPutRequest, tensors: list[torch.Tensor],
                 span: BlockSpan) -> LoraWeights:
     """LoRA weights from a blocks.lora_put request, checked against `span` and the digest."""
     blocks = request.blocks
+    if any(t.ndim != 2 for t in tensors):  # before the digest, which views them as bytes
+        raise AdapterError("LoRA weights are matrices: A [rank, in] and B [out, rank]")
     if tensors_digest(blocks.start, blocks.end, request.rank, request.alpha, request.rslora,
                       request.modules, tensors) != request.digest:
         raise AdapterError("the uploaded LoRA does not match its digest")

@@ -36,10 +36,12 @@ from blocks.push_protocol import (
     push_meta,
     wants_push,
 )
+from blocks.request_decoder import decode_off_loop
 from overlay.eager import start_eagerly
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.identity import IdentityError, PeerId
 from overlay.streams import ConnectionLost, Stream, StreamClosed
+from tensor_wire.limits import DEFAULT_LIMITS, Limits
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +140,10 @@ class SessionInbox:
 class PushService:
     """Accepts pushes into this server's sessions and pushes their outputs on."""
 
-    def __init__(self, host: Host, timeout: float = PUSH_TIMEOUT):
+    def __init__(self, host: Host, limits: Limits = DEFAULT_LIMITS,
+                 timeout: float = PUSH_TIMEOUT):
         self.host = host
+        self.limits = limits  # what one pushed step may decode to (blocks/request_decoder.py)
         self.timeout = timeout
         self._by_token: dict[bytes, SessionInbox] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -252,10 +256,7 @@ class PushService:
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
-        try:
-            tensors, meta = tensor_wire.decode_message(payload)
-        except tensor_wire.WireError as e:
-            raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
+        tensors, meta = await decode_off_loop(payload, self.limits)
         try:
             request = parse_push_request(meta)
             if len(tensors) != 1:

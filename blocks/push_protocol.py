@@ -160,6 +160,10 @@ def parse_chain(value: Any) -> tuple[PushHop, ...]:
         hops.append(PushHop(_peer(entry.get("peer")), parse_token(entry.get("token")),
                             _step_id(entry.get("step")), _addrs(entry.get("addrs", [])),
                             parse_reorder(entry.get("reorder"))))
+    # A chain visits each session once (one per span); a token named again would make one
+    # message cost up to MAX_CHAIN span computations on a peer's own few sessions.
+    if len({hop.token for hop in hops}) != len(hops):
+        raise RequestError(BAD_INPUT, "a push chain names a session twice")
     return tuple(hops)
 
 

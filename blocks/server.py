@@ -27,6 +27,7 @@ from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.lora import LoraWeights
 from blocks.protocol import RequestError
 from blocks.push import Pushed, PushService
+from blocks.request_decoder import RequestDecoder, decode, request_limits
 from blocks.span import BlockSpan, SessionTooLongError, SpanInputError
 from overlay import timeline
 from overlay.host import Host, RemoteError, RpcContext
@@ -85,6 +86,9 @@ class BlockServer:
         self.span = span
         self.config = config
         self.budget = CacheBudget(config.cache_tokens * span.num_blocks)
+        self.limits = request_limits(  # what one request may decode to
+            span.hidden_size, max(config.max_request_tokens, config.max_backward_tokens))
+        self.decoder = RequestDecoder(self.limits)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="blocks")
         self._sessions: dict[int, _Session] = {}
         self._ids = itertools.count(1)
@@ -101,7 +105,7 @@ class BlockServer:
         host.add_handler(protocol.METHOD_INFO, self._info)
         host.add_handler(protocol.METHOD_FORWARD, self._forward)
         host.add_stream_handler(protocol.METHOD_INFERENCE, self._inference)
-        self.push = PushService(host)
+        self.push = PushService(host, self.limits)
         self.tuning.attach(host)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle_sessions())
 
@@ -176,21 +180,21 @@ class BlockServer:
         return msgpack.packb(self.info())
 
     async def _forward(self, ctx: RpcContext, payload: bytes) -> bytes:
-        tensors, meta = self._decode(payload)
-        try:
-            blocks = protocol.parse_range(meta, self.config.model_id, self.served)
-            compression = protocol.response_compression(meta)
-            tuned = protocol.parse_tuning(meta, len(tensors), leading=1)
-            hidden, *rest = tensors
-            self._check_size(hidden)
-            mask = rest.pop(0) if tuned.mask else None
-            prompts = rest.pop(0) if tuned.prompts else None
-            view = self._view(blocks.start, blocks.end)
-            tuning = self.tuning.tuning(tuned, view, prompts, self.tuning.lora_for(tuned, view),
-                                        _batch(hidden))
-            output = await self._compute(_run_forward, view, mask, tuning, hidden)
-        except RequestError as e:
-            raise RemoteError(e.code, str(e)) from None
+        async with self.decoder.request(payload) as (tensors, meta):
+            try:
+                blocks = protocol.parse_range(meta, self.config.model_id, self.served)
+                compression = protocol.response_compression(meta)
+                tuned = protocol.parse_tuning(meta, len(tensors), leading=1)
+                hidden, *rest = tensors
+                self._check_size(hidden)
+                mask = rest.pop(0) if tuned.mask else None
+                prompts = rest.pop(0) if tuned.prompts else None
+                view = self._view(blocks.start, blocks.end)
+                tuning = self.tuning.tuning(tuned, view, prompts,
+                                            self.tuning.lora_for(tuned, view), _batch(hidden))
+                output = await self._compute(_run_forward, view, mask, tuning, hidden)
+            except RequestError as e:
+                raise RemoteError(e.code, str(e)) from None
         self.requests_served += 1
         return tensor_wire.encode_message([output], None, compression)
 
@@ -198,7 +202,7 @@ class BlockServer:
         opening = await stream.recv()
         if opening is None:
             return
-        _, meta = self._decode(opening)
+        _, meta = decode(opening, self.limits)
         try:
             request = protocol.parse_session_request(
                 meta, self.config.model_id, self.served, self.config.max_length
@@ -217,10 +221,13 @@ class BlockServer:
             cost = request.batch_size * length * (blocks.end - blocks.start)
         budget = self.budget
         try:
-            await budget.acquire(cost, request.wait_timeout)
+            await _acquire_while_connected(budget, cost, request.wait_timeout, stream)
         except CacheFullError as e:
             self.tuning.unpin(tuned)
             raise RemoteError(protocol.CACHE_FULL, str(e)) from None
+        except StreamClosed:
+            self.tuning.unpin(tuned)
+            return
         entry = None
         try:
             if budget is not self.budget:  # moved to another span while this one waited
@@ -246,7 +253,6 @@ class BlockServer:
 
     async def _serve_steps(self, stream: Stream, entry: _Session,
                            request: protocol.SessionRequest) -> None:
-        session = entry.session
         while True:
             message = await entry.inbox.next()  # the client's message, or a pushed step
             if timeline.ENABLED:
@@ -257,36 +263,43 @@ class BlockServer:
                 raise RemoteError(protocol.SESSION_CLOSED, "the session was closed for idleness")
             entry.last_active = time.monotonic()
             if isinstance(message, Pushed):
-                tensors, meta = message.tensors, message.meta
-            else:
-                tensors, meta = self._decode(message)
-            try:
-                step = protocol.parse_step_request(meta)
-                prompts = None
-                if isinstance(meta, dict) and meta.get("prompts") is True and len(tensors) == 2:
-                    hidden, prompts = tensors  # deep prompts, added at the prefix positions
-                elif len(tensors) != 1:
-                    raise RequestError(protocol.BAD_INPUT, "a step carries one tensor (and deep "
-                                                           "prompts when 'prompts' is true)")
-                else:
-                    hidden = tensors[0]
-                self._check_size(hidden)
-                tuning = self.tuning.tuning(protocol.TuningRequest(), session.span, prompts,
-                                            entry.lora, _batch(hidden), step.position)
-                output = await self._compute(self._step, session, step, tuning, hidden)
-            except RequestError as e:
-                # A bad step is refused; the session and its cache stay as they were.
-                reply = {"step": _step_id(meta), "error": e.code, "message": str(e)}
-                await stream.send(tensor_wire.encode_message([], reply))
-                continue
-            self.requests_served += 1
-            if timeline.ENABLED:
-                timeline.mark("server_step_computed")
-            # to the client, and on to the next server when the step asks for push
-            await self.push.answer(entry.inbox, step.step_id, output, meta, request.compression)
-            if timeline.ENABLED:
-                timeline.mark("server_step_answered")
+                await self._serve_step(stream, entry, request, message.tensors, message.meta)
+            elif (decoded := self.decoder.small(message)) is not None:
+                await self._serve_step(stream, entry, request, *decoded)
+            else:  # a long prefill, say
+                async with self.decoder.large(message) as (tensors, meta):
+                    await self._serve_step(stream, entry, request, tensors, meta)
             entry.last_active = time.monotonic()
+
+    async def _serve_step(self, stream: Stream, entry: _Session,
+                          request: protocol.SessionRequest, tensors: list, meta) -> None:
+        session = entry.session
+        try:
+            step = protocol.parse_step_request(meta)
+            prompts = None
+            if isinstance(meta, dict) and meta.get("prompts") is True and len(tensors) == 2:
+                hidden, prompts = tensors  # deep prompts, added at the prefix positions
+            elif len(tensors) != 1:
+                raise RequestError(protocol.BAD_INPUT, "a step carries one tensor (and deep "
+                                                       "prompts when 'prompts' is true)")
+            else:
+                hidden = tensors[0]
+            self._check_size(hidden)
+            tuning = self.tuning.tuning(protocol.TuningRequest(), session.span, prompts,
+                                        entry.lora, _batch(hidden), step.position)
+            output = await self._compute(self._step, session, step, tuning, hidden)
+        except RequestError as e:
+            # A bad step is refused; the session and its cache stay as they were.
+            reply = {"step": _step_id(meta), "error": e.code, "message": str(e)}
+            await stream.send(tensor_wire.encode_message([], reply))
+            return
+        self.requests_served += 1
+        if timeline.ENABLED:
+            timeline.mark("server_step_computed")
+        # to the client, and on to the next server when the step asks for push
+        await self.push.answer(entry.inbox, step.step_id, output, meta, request.compression)
+        if timeline.ENABLED:
+            timeline.mark("server_step_answered")
 
     @staticmethod
     def _step(session, step: protocol.StepRequest, tuning, hidden: torch.Tensor
@@ -338,12 +351,6 @@ class BlockServer:
             per_token if previous is None else 0.8 * previous + 0.2 * per_token)
         return result
 
-    def _decode(self, payload: bytes):
-        try:
-            return tensor_wire.decode_message(payload)
-        except tensor_wire.WireError as e:
-            raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
-
     def _check_size(self, hidden) -> None:
         if hidden.ndim == 3 and hidden.shape[0] * hidden.shape[1] > self.config.max_request_tokens:
             raise RequestError(protocol.BAD_INPUT, f"{hidden.shape[0] * hidden.shape[1]} tokens "
@@ -379,6 +386,28 @@ class BlockServer:
                     self._end_session(entry)
                     entry.stream.reset(f"{protocol.SESSION_CLOSED}: idle for more than "
                                        f"{timeout:g} s")
+
+
+async def _acquire_while_connected(budget: CacheBudget, amount: int, timeout: float,
+                                   stream: Stream) -> None:
+    """`budget.acquire`, given up (StreamClosed) as soon as the client leaves: an abandoned
+    wait would otherwise keep its place in the queue, ahead of everyone after it, for as long
+    as the client had said it would wait."""
+    if budget.try_acquire(amount):
+        return
+    acquiring = asyncio.ensure_future(budget.acquire(amount, timeout))
+    gone = asyncio.ensure_future(stream.wait_peer_gone())
+    try:
+        await asyncio.wait((acquiring, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not acquiring.done():
+            acquiring.cancel()  # the budget drops the wait (or returns a grant just made)
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquiring
+    if acquiring.cancelled():
+        raise StreamClosed("the client left while its session waited for attention cache")
+    acquiring.result()  # CacheFullError after the timeout
 
 
 def _run_forward(view: BlockSpan, mask, tuning, hidden):

@@ -70,6 +70,7 @@ class Stream:
         "_ended",
         "_error",
         "_filled",
+        "_gone_waiters",
         "_last_size",
         "_messages",
         "_partial",
@@ -109,6 +110,7 @@ class Stream:
         self._recv_waiter: asyncio.Future | None = None
         self._send_waiter: asyncio.Future | None = None
         self._send_closed = False
+        self._gone_waiters: list[asyncio.Future] | None = None
 
     @property
     def peer(self):
@@ -253,6 +255,7 @@ class Stream:
         self._ended = True
         self._spare = []
         self._wake_reader()
+        self._wake_gone()
         self._maybe_release()
 
     def _maybe_release(self) -> None:
@@ -268,6 +271,30 @@ class Stream:
         self._send_closed = True
         self._wake_reader()
         self._wake_sender()
+        self._wake_gone()
+
+    async def wait_peer_gone(self) -> None:
+        """Return once the peer will send nothing more: it half-closed the stream, reset it,
+        or the connection was lost. For a handler that waits on something else meanwhile (a
+        server queueing a request for resources) and must not keep waiting for a caller
+        that has left."""
+        if self._ended or self._error is not None:
+            return
+        waiter = self._conn.loop.create_future()
+        if self._gone_waiters is None:
+            self._gone_waiters = []
+        self._gone_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._gone_waiters is not None and waiter in self._gone_waiters:
+                self._gone_waiters.remove(waiter)
+
+    def _wake_gone(self) -> None:
+        waiters, self._gone_waiters = self._gone_waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _wake_reader(self) -> None:
         waiter = self._recv_waiter

@@ -25,6 +25,7 @@ _LAZY = {
     "deserialize": "tensor_wire.record",
     "encode_message": "tensor_wire.message",
     "decode_message": "tensor_wire.message",
+    "decoded_size": "tensor_wire.message",
     "Message": "tensor_wire.message",
     "iter_chunks": "tensor_wire.chunks",
     "ChunkAssembler": "tensor_wire.chunks",

@@ -23,7 +23,14 @@ from tensor_wire.layout import (
     padding,
 )
 from tensor_wire.limits import DEFAULT_LIMITS, Limits
-from tensor_wire.record import Device, as_device, as_view, decode_record, record_parts
+from tensor_wire.record import (
+    Device,
+    as_device,
+    as_view,
+    decode_record,
+    record_extent,
+    record_parts,
+)
 
 _ZEROS = bytes(8)
 
@@ -121,6 +128,23 @@ def _skip_padding(data: memoryview, offset: int) -> int:
     if end > len(data) or data[offset:end] != _ZEROS[: end - offset]:
         raise WireError("missing or nonzero padding between records")
     return end
+
+
+def decoded_size(data: Buffer) -> int:
+    """Bytes the tensors of a whole message decode to, read off its record heads alone
+    (nothing is decompressed): for a receiver to decide where, and whether, to decode it.
+    A malformed message raises WireError, as decoding it would."""
+    view = as_view(data)
+    count, meta_len, total = check_head(view, len(view))
+    if total != len(view):
+        raise WireError(f"message declares {total} bytes, {len(view)} were given")
+    cursor = _skip_padding(view, MESSAGE_HEAD.size + meta_len)
+    size = 0
+    for _ in range(count):
+        nbytes, end = record_extent(view, cursor)
+        size += nbytes
+        cursor = _skip_padding(view, end)
+    return size
 
 
 def decode_message(data: Buffer, device: Device = None, limits: Limits = DEFAULT_LIMITS

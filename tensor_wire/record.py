@@ -133,6 +133,26 @@ def decode_record(
     `budget` is how many bytes the decoded tensor may occupy (Limits.max_decoded_bytes, less
     what earlier records of the same message took).
     """
+    pair, shape, numel, start, length = _read_head(data, offset)
+    if numel * DTYPES[pair[0]][1] > budget:
+        raise WireError(f"tensor of shape {shape} exceeds the decoded-size limit of {budget} bytes")
+    flat = DECODERS[pair[1]](data, start, length, pair[0], numel, device)
+    rank = len(shape)
+    if rank != 1:
+        flat = flat.view(*shape) if rank else flat.view(())
+    return flat, start + length
+
+
+def record_extent(data: memoryview, offset: int) -> tuple[int, int]:
+    """Bytes the record at data[offset] decodes to, and the offset just past its payload,
+    from its head alone (nothing is decompressed)."""
+    pair, _, numel, start, length = _read_head(data, offset)
+    return numel * DTYPES[pair[0]][1], start + length
+
+
+def _read_head(data: memoryview, offset: int
+               ) -> tuple[tuple[str, str], tuple[int, ...], int, int, int]:
+    """A record head, checked: ((dtype, codec), shape, numel, payload start, payload length)."""
     if len(data) - offset < RECORD_HEAD.size:
         raise WireError(f"truncated: {len(data) - offset} bytes, a record head needs 16")
     head = RECORD_HEAD.unpack_from(data, offset)
@@ -149,12 +169,7 @@ def decode_record(
     # A non-empty shape is bounded by the payload (each decoder checks); an empty one is not.
     if numel == 0 and math.prod(max(dim, 1) for dim in shape) >= MAX_ELEMENTS:
         raise WireError(f"shape {shape} is too large")
-    if numel * DTYPES[pair[0]][1] > budget:
-        raise WireError(f"tensor of shape {shape} exceeds the decoded-size limit of {budget} bytes")
-    flat = DECODERS[pair[1]](data, start, length, pair[0], numel, device)
-    if rank != 1:
-        flat = flat.view(*shape) if rank else flat.view(())
-    return flat, start + length
+    return pair, shape, numel, start, length
 
 
 def deserialize(data: Buffer, device: Device = None, limits: Limits = DEFAULT_LIMITS

@@ -51,6 +51,18 @@ def test_same_content_is_stored_once():
     assert cache.put("a", "A", 60, now=1) == [] and cache.used_bytes == 60
 
 
+def test_only_an_uploader_replaces_an_entry_and_only_once_all_have():
+    """Digests are no secret (every server of a chain sees them): another client naming one
+    in `replaces` must not evict it."""
+    cache = AdapterCache(max_bytes=100, idle_timeout=60)
+    cache.put("a", "A", 10, now=0, owner="alice")
+    assert not cache.discard("a", "mallory") and "a" in cache
+    cache.put("a", "A", 10, now=1, owner="bob")  # same content, a second uploader
+    assert not cache.discard("a", "alice") and "a" in cache  # bob still needs it
+    assert not cache.discard("a", "alice")  # alice's claim is gone; still bob's
+    assert cache.discard("a", "bob") and "a" not in cache and cache.used_bytes == 0
+
+
 @pytest.mark.parametrize("meta, count, leading, expected", [
     ({}, 1, 1, protocol.TuningRequest()),
     ({}, 2, 1, protocol.TuningRequest(mask=True)),  # the layout from before fine-tuning

@@ -81,7 +81,8 @@ def put_message(lora, start=0, end=4, **changes):
     tensors = [t for b in range(start, end) for m in MODULES for t in lora[(b, m)]]
     meta = {"model": MODEL_ID, "start": start, "end": end, "rank": RANK, "alpha": ALPHA,
             "modules": list(MODULES)}
-    meta["digest"] = tensors_digest(start, end, RANK, ALPHA, False, MODULES, tensors)
+    if "digest" not in changes:
+        meta["digest"] = tensors_digest(start, end, RANK, ALPHA, False, MODULES, tensors)
     meta.update(changes)
     return tensor_wire.encode_message(tensors, meta), meta["digest"]
 
@@ -236,6 +237,11 @@ BAD_BACKWARD = [
      {"prompts": True}, "float16"),
     ("prompt batch mismatch", lambda h: [h, _grad(), torch.zeros(4, 3, 2, HIDDEN_SIZE)],
      {"prompts": True}, "deep prompts"),
+    # integers cannot require gradients: refused before autograd (was an internal error)
+    ("integer hidden states", lambda h: [h.long(), _grad()], {}, "int64"),
+    ("boolean hidden states", lambda h: [h > 0, _grad()], {}, "bool"),
+    ("integer prompts", lambda h: [h, _grad(), torch.zeros(4, 1, 2, HIDDEN_SIZE).long()],
+     {"prompts": True}, "int64"),
     ("unknown uploaded LoRA", lambda h: [h, _grad()], {"lora": "0" * 64}, "upload"),
     ("unknown adapter", lambda h: [h, _grad()], {"adapter": "nope"}, "hosts no adapter"),
     ("too many tokens", lambda h: [torch.zeros(9, 8, HIDDEN_SIZE), _grad((9, 8, HIDDEN_SIZE))],
@@ -267,6 +273,8 @@ def _bad_lora(kind):
         lora[(2, MODULES[1])] = (lora[(2, MODULES[1])][0], torch.zeros(HIDDEN_SIZE, RANK))
     elif kind == "wrong dtype":
         lora[(0, MODULES[0])] = tuple(t.double() for t in lora[(0, MODULES[0])])
+    elif kind == "a scalar":  # the digest views tensors as bytes: was an internal error
+        lora[(0, MODULES[0])] = (torch.tensor(1.0), lora[(0, MODULES[0])][1])
     return lora
 
 
@@ -274,6 +282,7 @@ BAD_PUTS = [
     ("rank mismatch", {}, protocol.BAD_INPUT, "rank 4 on this layer needs"),
     ("out_features mismatch", {}, protocol.BAD_INPUT, "B is"),
     ("wrong dtype", {}, protocol.BAD_INPUT, "float64"),
+    ("a scalar", {"digest": "b" * 64}, protocol.BAD_INPUT, "matrices"),
     ("unknown module", {"modules": ["self_attn.q_proj", "self_attn.nothing"]},
      protocol.BAD_INPUT, "no module"),
     ("not a linear module", {"modules": ["self_attn.q_proj", "input_layernorm"]},
@@ -286,8 +295,11 @@ BAD_PUTS = [
 async def test_bad_lora_uploads_are_refused(served, kind, changes, code, match):
     server, host, client = served
     lora = _bad_lora(kind)
-    payload, _ = put_message(lora)
-    if changes:
+    if kind == "a scalar":  # no digest can be computed of it: a made-up one
+        payload, _ = put_message(lora, **changes)
+    else:
+        payload, _ = put_message(lora)
+    if changes and kind != "a scalar":
         tensors, meta = tensor_wire.decode_message(payload)
         meta.update(changes)
         if "modules" in changes:

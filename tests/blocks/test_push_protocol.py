@@ -28,12 +28,12 @@ TOKEN = bytes(range(16))
 ADDR = "/ip4/127.0.0.1/tcp/4001"
 
 
-def hop(i: int = 0, step: int = 7, addrs=()) -> PushHop:
-    return PushHop(PEERS[i], TOKEN, step, tuple(addrs))
+def hop(i: int = 0, step: int = 7, addrs=(), token: bytes = TOKEN) -> PushHop:
+    return PushHop(PEERS[i], token, step, tuple(addrs))
 
 
 def test_a_chain_round_trips_and_each_hop_passes_the_rest_on():
-    chain = (hop(0, 3, [ADDR]), hop(1, 9), hop(2, 0))
+    chain = (hop(0, 3, [ADDR]), hop(1, 9, token=bytes(16)), hop(2, 0, token=b"\xff" * 16))
     assert parse_chain(chain_to_wire(chain)) == chain
     meta = push_meta(chain[0], 12, chain[1:])
     request = parse_push_request(meta)
@@ -47,7 +47,7 @@ def test_a_chain_round_trips_and_each_hop_passes_the_rest_on():
     padded = parse_push_request(push_meta(chain[0], 12, chain[1:], bytes([0, 1, 1])))
     assert padded.mask == bytes([0, 1, 1]) and padded.step_meta()["mask"] == bytes([0, 1, 1])
     # each hop's own reorder (beam search) reaches that hop's session
-    beams = (PushHop(PEERS[0], TOKEN, 3, (), Reorder(2, (1, 1, 0))), hop(1, 9))
+    beams = (PushHop(PEERS[0], TOKEN, 3, (), Reorder(2, (1, 1, 0))), hop(1, 9, token=bytes(16)))
     assert parse_chain(chain_to_wire(beams)) == beams
     pushed = parse_push_request(push_meta(beams[0], 12, beams[1:]))
     assert pushed.reorder == Reorder(2, (1, 1, 0))
@@ -80,6 +80,7 @@ def _bad(entry_changes: dict) -> dict:
     [_bad({"addrs": [ADDR] * (MAX_HOP_ADDRS + 1)})],
     [_bad({"addrs": ADDR})],
     [hop().to_wire()] * (MAX_CHAIN + 1),
+    [hop(0).to_wire(), hop(1).to_wire()],  # one session twice (both hops have TOKEN)
 ])
 def test_malformed_chains_are_refused(chain):
     with pytest.raises(RequestError) as caught:

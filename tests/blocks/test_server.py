@@ -4,6 +4,7 @@ host: the RPCs, the cache budget, and every kind of bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -249,6 +250,46 @@ async def test_cache_budget_waits_then_fails_clearly(served):
         await second.close()
     finally:
         await first.close()
+
+
+async def test_a_wait_for_cache_ends_when_its_client_leaves(spans):
+    """A session queued for the whole cache, whose client then leaves, must not stay ahead of
+    later sessions that fit (it did, for as long as its wait_timeout said)."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, cache_tokens=64,
+                                                 max_length=32))  # nothing idles out here
+    async with served_in_process(server) as (host, client):
+        first = await session(client, host, max_length=16).open()  # 64 of 256 block-tokens
+        waiting = asyncio.ensure_future(
+            session(client, host, max_length=32, batch=2, wait_timeout=3600).open())  # all 256
+        for _ in range(500):
+            if server.budget._waiters:
+                break
+            await asyncio.sleep(0.01)
+        assert server.budget._waiters and not waiting.done()
+        waiting.cancel()  # the client gives up: it closes the stream
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        third = await session(client, host, max_length=16, wait_timeout=2).open()
+        assert not server.budget._waiters
+        await third.close()
+        await first.close()
+
+
+async def test_compressed_requests_may_not_decode_past_the_servers_limit(served):
+    """16384 tokens x hidden 64 is the largest request: an lz4 message of zeros that would
+    decode to 60 MiB is refused before anything is allocated, and the server serves on."""
+    server, host, client = served
+    bomb = torch.zeros(4, 1, 60_000, 64)  # deep prompts, 61 MB; compressed: 0.3 MB
+    payload = tensor_wire.encode_message(
+        [torch.zeros(1, 2, 64), bomb], {"model": MODEL_ID, "start": 0, "end": 4, "prompts": True},
+        ["none", "lz4"])
+    assert len(payload) < 1 << 20 and server.limits.max_decoded_bytes < bomb.numel() * 4
+    with pytest.raises(RemoteError, match="decoded-size limit") as info:
+        await client.call(host.peer_id, protocol.METHOD_FORWARD, payload)
+    assert info.value.code == "bad_input"
+    hidden = torch.randn(1, 3, 64)
+    answer = await client.call(host.peer_id, protocol.METHOD_FORWARD, forward_request(hidden))
+    assert tensor_wire.decode_message(answer).tensors[0].shape == hidden.shape
 
 
 async def test_idle_sessions_are_closed_and_their_cache_returned(served):

@@ -181,12 +181,21 @@ def valid_encodings():
 
 
 def decode_any(data):
-    """Decode with both entry points; only WireError may escape, any success is fine."""
-    for decode in (tw.deserialize, tw.decode_message):
-        try:
-            decode(data)
-        except tw.WireError:
-            pass
+    """Decode with both entry points and size the message from its heads; only WireError may
+    escape, any success is fine, but a message that decodes has the size its heads declare."""
+    try:
+        tw.deserialize(data)
+    except tw.WireError:
+        pass
+    try:
+        size = tw.decoded_size(data)
+    except tw.WireError:
+        size = None
+    try:
+        tensors, _ = tw.decode_message(data)
+    except tw.WireError:
+        return
+    assert size == sum(t.numel() * t.element_size() for t in tensors)
 
 
 @FUZZ

@@ -45,6 +45,18 @@ def test_tensor_size_is_the_serialized_length(shape, dtype, compression, seed):
         assert length == expected
 
 
+@settings(max_examples=100, deadline=None)
+@given(shape=shapes(), dtype=st.sampled_from(DTYPE_NAMES),
+       compression=st.sampled_from(COMPRESSION_NAMES), seed=st.integers(0, 2**16))
+def test_decoded_size_reads_the_heads_alone(shape, dtype, compression, seed):
+    tensor = make_tensor(shape, dtype, seed)
+    data = tw.encode_message([tensor, tensor.reshape(-1)[:1]], {"k": 1}, [compression, "none"])
+    expected = sum(t.numel() * t.element_size() for t in tw.decode_message(data).tensors)
+    assert tw.decoded_size(data) == expected
+    zeros = tw.encode_message([torch.zeros(64, 1024)], None, "lz4")  # 256 KiB in ~1 KiB
+    assert tw.decoded_size(zeros) == 64 * 1024 * 4 and len(zeros) < 4096
+
+
 def test_lz4_size_is_an_upper_bound_that_compressible_data_beats():
     zeros = torch.zeros(1 << 18)
     assert len(tw.serialize(zeros, "lz4")) < sizes.tensor_size((1 << 18,), "float32", "lz4") // 50

@@ -1,0 +1,102 @@
+"""Decoding a block server's requests without letting a peer take its memory or its loop.
+
+A tensor_wire message may decode to far more than it occupies (lz4 up to 256x), so the size
+limit of the transport alone does not bound what one request makes the server allocate: a
+16 MiB lz4 message of zeros is 4 GiB of float32. Three rules bound it:
+
+1. Each message may decode to at most what the largest legal request needs
+   (`request_limits`): a backward's hidden states, output gradients and deep prompts, each of
+   at most `max(max_request_tokens, max_backward_tokens)` vectors, in float32, plus an int64
+   mask. Anything larger is refused before any buffer is allocated.
+2. A message whose records declare more than `INLINE_DECODE_BYTES` (read off their heads,
+   nothing decompressed: `tensor_wire.decoded_size`) is decoded on a thread, so the event loop
+   keeps answering pings, the DHT and other sessions' steps meanwhile. A decode step (a few
+   KiB) stays inline.
+3. Such large requests hold one of `MAX_LARGE_REQUESTS` slots from before decoding until
+   they are answered: the rest wait in the transport, as bytes, so requests queued for the
+   single worker thread never hold more than that many decoded tensors at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import tensor_wire
+from blocks import protocol
+from overlay.host import RemoteError
+from tensor_wire.limits import Limits
+
+INLINE_DECODE_BYTES = 4 << 20  # a few ms of decoding at ~1 GB/s
+MAX_LARGE_REQUESTS = 4  # decoded large requests alive at once (one computing, the rest queued)
+FLOAT32_BYTES = 4
+MASK_BYTES = 8  # int64, as transformers takes masks
+
+
+def request_limits(hidden_size: int, max_tokens: int) -> Limits:
+    """What one legal request may decode to (rule 1 above)."""
+    return Limits(max_decoded_bytes=max_tokens * (3 * hidden_size * FLOAT32_BYTES + MASK_BYTES))
+
+
+def decode(payload: Any, limits: Limits) -> tensor_wire.Message:
+    """Decode now; a malformed or oversized message is the caller's `bad_input`."""
+    try:
+        return tensor_wire.decode_message(payload, limits=limits)
+    except tensor_wire.WireError as e:
+        raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
+
+
+def is_large(payload: Any) -> bool:
+    """Whether the message's tensors would take more than INLINE_DECODE_BYTES (a malformed one
+    is not: decoding it fails at once)."""
+    try:
+        return tensor_wire.decoded_size(payload) > INLINE_DECODE_BYTES
+    except tensor_wire.WireError:
+        return False
+
+
+async def decode_off_loop(payload: Any, limits: Limits) -> tensor_wire.Message:
+    """`decode`, on a thread when the message is large (rule 2; no slot: for callers whose
+    messages are bounded in number otherwise)."""
+    if not is_large(payload):
+        return decode(payload, limits)
+    return await asyncio.to_thread(decode, payload, limits)
+
+
+class RequestDecoder:
+    """Rules 2 and 3 for one server: `async with decoder.request(payload) as message:`, or on a
+    hot path `decoder.small(payload)` first and `decoder.large(payload)` only if that is None
+    (no context manager for the common small message)."""
+
+    def __init__(self, limits: Limits, max_large: int = MAX_LARGE_REQUESTS):
+        self.limits = limits
+        self._large = asyncio.Semaphore(max_large)
+
+    def small(self, payload: Any, limits: Limits | None = None) -> tensor_wire.Message | None:
+        """The message decoded now, or None when it is large."""
+        if is_large(payload):
+            return None
+        return decode(payload, self.limits if limits is None else limits)
+
+    @contextlib.asynccontextmanager
+    async def large(self, payload: Any, limits: Limits | None = None
+                    ) -> AsyncIterator[tensor_wire.Message]:
+        """Decoded on a thread, holding a slot until the block exits."""
+        async with self._large:
+            yield await asyncio.to_thread(decode, payload,
+                                          self.limits if limits is None else limits)
+
+    @contextlib.asynccontextmanager
+    async def request(self, payload: Any, limits: Limits | None = None
+                      ) -> AsyncIterator[tensor_wire.Message]:
+        message = self.small(payload, limits)
+        if message is not None:
+            yield message
+            return
+        async with self.large(payload, limits) as message:
+            yield message
+
+
+__all__ = ["RequestDecoder", "decode", "decode_off_loop", "request_limits"]
