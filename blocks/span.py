@@ -541,6 +541,8 @@ class BlockSpan:
                 )
             if attention_mask.is_floating_point() or attention_mask.is_complex():
                 raise SpanInputError("attention mask must hold integers or booleans (1 = token)")
+            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise SpanInputError("attention mask must hold only 0 (padding) and 1 (token)")
             attention_mask = attention_mask.to(self.device)
         return self._run(hidden, None, attention_mask, tuning=tuning)
 
