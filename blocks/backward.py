@@ -23,7 +23,7 @@ from blocks import protocol
 from blocks.adapter_cache import AdapterCache, AdapterCacheFullError
 from blocks.lora import AdapterError, LoraWeights, from_upload, load_peft_lora
 from blocks.protocol import RequestError, TuningRequest
-from blocks.span import BlockSpan, SpanInputError
+from blocks.span import ACTIVATION_DTYPES, BlockSpan, SpanInputError
 from blocks.tuning import SpanTuning, TuningHooks
 from overlay.host import RemoteError, RpcContext
 from tensor_wire.limits import Limits
@@ -192,7 +192,7 @@ class ServerTuning:
             raise RequestError(protocol.BAD_INPUT, f"output gradients must have the shape of "
                                                    f"the hidden states {list(hidden.shape)}, "
                                                    f"got {shape}")
-        if grad_output.dtype != view.dtype:
+        if grad_output.dtype not in ACTIVATION_DTYPES:
             raise RequestError(protocol.BAD_INPUT, f"output gradients are {grad_output.dtype}, "
                                                    f"this span runs {view.dtype}")
         if not torch.isfinite(grad_output).all():
@@ -225,7 +225,7 @@ class ServerTuning:
         tuning = SpanTuning(self.hooks, prompts=prompts, lora=weights, differentiable=True)
         tuning.check(view, hidden.shape[0])
         output = view.forward(hidden, mask, tuning)
-        grads = torch.autograd.grad(output, wanted, grad_output.to(output.device),
+        grads = torch.autograd.grad(output, wanted, grad_output.to(output.device, output.dtype),
                                     allow_unused=True)
         return [(g if g is not None else torch.zeros_like(leaf)).detach().cpu()
                 for g, leaf in zip(grads, wanted)]

@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 PLAIN_DECODE = DecodeOptions(direct_layers=False, static_cache=False, compile=False)
 
 
+# Hidden states of these dtypes are converted to the span's own: a client may run its head
+# in another precision than a server its blocks (servers of one model may even differ), as
+# the same model run locally in mixed precision would convert between layers.
+ACTIVATION_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
 class SpanInputError(ModelInputError):
     """A request to a span or session is malformed (shape, dtype, length, position)."""
 
@@ -501,11 +507,12 @@ class BlockSpan:
             raise SpanInputError(f"hidden size is {size}, this model's is {self.hidden_size}")
         if batch < 1 or length < 1:
             raise SpanInputError(f"empty hidden states of shape {tuple(hidden.shape)}")
-        if hidden.dtype != self.dtype:
-            raise SpanInputError(f"hidden states are {hidden.dtype}, this span runs {self.dtype}")
+        if hidden.dtype != self.dtype and hidden.dtype not in ACTIVATION_DTYPES:
+            raise SpanInputError(f"hidden states are {hidden.dtype}, this span runs {self.dtype} "
+                                 f"(and converts float32, float16 and bfloat16)")
         if batch_size is not None and batch != batch_size:
             raise SpanInputError(f"batch size is {batch}, the session was opened for {batch_size}")
-        return hidden.to(self.device, non_blocking=True)
+        return hidden.to(self.device, self.dtype, non_blocking=True)
 
     # ------------------------------------------------------------- public API
     @property

@@ -478,6 +478,7 @@ class InferenceSession:
             raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
                                  f"session's max_length {self.config.max_length}")
         position = self.position
+        dtype = hidden.dtype  # servers may run another precision: answered in this one
         mask = self.padding.check(attention_mask, hidden.shape[1])
         self.padding.record(position, mask, hidden.shape[1])
         if self.padding.wire(position, position + hidden.shape[1]) is not None:
@@ -492,7 +493,7 @@ class InferenceSession:
             self.position = position + hidden.shape[1]
             if timeline.ENABLED:
                 timeline.mark("client_step_done")
-            return hidden
+            return hidden.to(dtype)
         index = 0
         while index < len(self.spans):
             span = self.spans[index]
@@ -510,7 +511,7 @@ class InferenceSession:
         self.position = position + hidden.shape[1]
         if timeline.ENABLED:
             timeline.mark("client_step_done")
-        return hidden
+        return hidden.to(dtype)
 
     def rollback(self, position: int) -> None:
         """Forget positions from `position` on (the next step starts there)."""

@@ -57,8 +57,9 @@ HEAD_INLINE_MACS = 1 << 22
 class ModelUnavailableError(MissingBlocksError):
     """The swarm has no (eligible) server for some blocks of this model, e.g. an unknown id."""
 
-    def __init__(self, model_id: str, missing: Iterable[int]):
-        super().__init__(list(missing))
+    def __init__(self, model_id: str, missing: Iterable[int],
+                 excluded: Iterable[tuple[str, int, int, str]] = ()):
+        super().__init__(list(missing), list(excluded))
         self.model_id = model_id
         self.args = (f"model {model_id!r}: {self}",)
 
@@ -72,7 +73,7 @@ class ModelOptions:
 
     compression: str = "none"  # of activations on the wire: none, float16, int8_blockwise...
     max_length: int = 2048  # default length (prompt + new tokens) of inference sessions
-    dtype: str = "auto"  # of the local head; must match the servers' ("auto": as stored)
+    dtype: str = "auto"  # of the local head ("auto": as stored); servers convert to theirs
     device: str = "cpu"  # of the local head
     model_id: str | None = None  # None: derived from the directory, as servers derive it
     connect_timeout: float = 30.0  # joining the DHT
@@ -220,7 +221,7 @@ class RemoteModel:
         except BlocksUnavailableError:
             raise
         except MissingBlocksError as e:
-            raise ModelUnavailableError(self.model_id, e.missing) from None
+            raise ModelUnavailableError(self.model_id, e.missing, e.excluded) from None
 
     async def logits(self, input_ids: torch.Tensor | None = None, *,
                      inputs_embeds: torch.Tensor | None = None,
@@ -248,7 +249,7 @@ class RemoteModel:
         except BlocksUnavailableError:
             raise
         except MissingBlocksError as e:
-            raise ModelUnavailableError(self.model_id, e.missing) from None
+            raise ModelUnavailableError(self.model_id, e.missing, e.excluded) from None
         self._last_session = session
         return session
 

@@ -106,6 +106,7 @@ class RemoteBlocks:
         """Run full sequences through blocks [start, end) (no cache). A span whose server
         fails is banned and re-run on a route found again for exactly its blocks."""
         end = self.num_blocks if end is None else end
+        dtype = hidden.dtype
         route = await self._forward_route_retrying(start, end, patient=False)
         index = 0
         while index < len(route):
@@ -137,7 +138,7 @@ class RemoteBlocks:
                         span.start, span.end, failure)
             replacement = await self._forward_route_retrying(span.start, span.end)
             route = splice_route(route, index, replacement)
-        return hidden
+        return hidden.to(dtype)  # servers may run another precision
 
     async def _forward_route_retrying(self, start: int, end: int, patient: bool = True,
                                       needs: RouteNeeds | None = None) -> list[RouteSpan]:

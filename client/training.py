@@ -165,7 +165,7 @@ class SwarmTrainer:
             raise
         out = torch.cat(results, dim=0) if len(results) > 1 else results[0]
         record = PassRecord(start, end, tuple(hidden.shape), tuning, chunks) if keep else None
-        return out, record
+        return out.to(hidden.dtype), record  # servers may run another precision
 
     def _chunks(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                 prompts: torch.Tensor | None) -> list[_Chunk]:

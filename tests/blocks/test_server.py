@@ -15,7 +15,7 @@ from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.server import BlockServer, ServingConfig
 from blocks.span import BlockSpan
 from client.inference import InferenceError, InferenceSession, SessionConfig
-from model_parts.skeleton import ModelInputError
+from model_parts.skeleton import DeviceOptions, ModelInputError
 from overlay.host import RemoteError
 from tests.blocks.serving import served_in_process
 from tests.model_factory import build_model, save_model
@@ -87,7 +87,8 @@ async def test_info(served):
         ({"model": MODEL_ID, "start": 2, "end": 2}, [torch.zeros(1, 2, 64)], "bad_range"),
         ({"model": MODEL_ID, "start": "0", "end": 4}, [torch.zeros(1, 2, 64)], "bad_input"),
         ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 63)], "bad_input"),
-        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 64).half()], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 64).double()], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 64).long()], "bad_input"),
         ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(2, 64)], "bad_input"),
         ({"model": MODEL_ID, "start": 0, "end": 4}, [], "bad_input"),
         ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 20000, 64)], "bad_input"),
@@ -250,6 +251,25 @@ async def test_cache_budget_waits_then_fails_clearly(served):
         await second.close()
     finally:
         await first.close()
+
+
+async def test_a_server_of_another_precision_converts_the_clients_hidden_states(model_dir):
+    """A bfloat16 server of a model whose client runs float32 (`serve --dtype bfloat16` next
+    to float32 servers: the same model id): the server converts, the client gets its own
+    dtype back, and the numbers are those of the bfloat16 span."""
+    span = BlockSpan.load(model_dir, 0, 4, DeviceOptions(dtype="bfloat16"))
+    server = BlockServer(span, ServingConfig(model_id=MODEL_ID, cache_tokens=64, max_length=32))
+    prefix, token = torch.randn(1, 5, 64), torch.randn(1, 1, 64)
+    local = span.new_session(1, 16)
+    expected = [local.step(prefix.bfloat16()), local.step(token.bfloat16())]
+    async with served_in_process(server) as (host, client):
+        async with session(client, host) as remote:
+            got = [await remote.step(prefix), await remote.step(token)]
+        answer = await client.call(host.peer_id, protocol.METHOD_FORWARD,
+                                   forward_request(prefix))
+    assert [g.dtype for g in got] == [torch.float32] * 2
+    assert all(torch.equal(g.bfloat16(), e) for g, e in zip(got, expected))
+    assert tensor_wire.decode_message(answer).tensors[0].dtype == torch.bfloat16
 
 
 async def test_a_wait_for_cache_ends_when_its_client_leaves(spans):

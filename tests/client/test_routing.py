@@ -333,3 +333,14 @@ def test_spread_routes_avoid_servers_the_client_cannot_reach():
     alone = RoutePlanner(SwarmView.from_servers(4, {"big": servers["big"]}))
     assert alone.spread_route(0, 4, rng, client_rtts={"big": math.inf}) == [
         RouteSpan("big", 0, 4)]  # unreachable but alone: still tried
+
+
+def test_the_models_error_keeps_the_reasons():
+    """RemoteModel re-raises a routing failure naming its model; the reasons must survive
+    (`generate` said "no server announces them" of a server with no free cache)."""
+    from client.model import ModelUnavailableError
+
+    routing = MissingBlocksError([2, 3], [("12D3KooWpeer", 2, 4, "0 free cache tokens, 7 needed")])
+    error = ModelUnavailableError("tiny", routing.missing, routing.excluded)
+    assert error.excluded == routing.excluded
+    assert "0 free cache tokens, 7 needed" in str(error) and "'tiny'" in str(error)
