@@ -132,8 +132,13 @@ class Mailbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def forget(self, span: SpanSession) -> None:
-        self._queues.pop(span, None)
+    def close(self, span: SpanSession) -> None:
+        """`span` was closed: its queue is dropped for an error that every later read of it
+        sees, and a step waiting on it wakes (it would otherwise wait for ever)."""
+        self._queues[span] = deque([StreamClosed("the session was closed")])
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self, spans: tuple[SpanSession, ...]):
         """(span, item): the oldest message of the first of `spans` that has one."""
@@ -183,6 +188,7 @@ class SpanSession:
         self._stream: Stream | None = None
         self._step_ids = 0
         self._mailbox = mailbox
+        self._receiving = False  # a relayed step waits on the stream
         self._reader: asyncio.Task | None = None
 
     async def open(self) -> None:
@@ -358,22 +364,36 @@ class SpanSession:
         try:
             if self._reader is not None:
                 return (await self._mailbox.get((self,)))[1]
-            return await self._stream.recv()
+            self._receiving = True
+            try:
+                return await self._stream.recv()
+            finally:
+                self._receiving = False
         except (ConnectionLost, StreamClosed, TimeoutError) as e:
             return e
         finally:
             timer.cancel()
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Half-close the stream (the server frees the session) and wake a step waiting on
+        this span. Synchronous: a cancellation arriving during cleanup cannot stop it half
+        way, which left the server's session, and its cache, open."""
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
         if self._mailbox is not None:
-            self._mailbox.forget(self)
+            self._mailbox.close(self)
         stream, self._stream = self._stream, None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                await stream.close()
+        if stream is None:
+            return
+        with contextlib.suppress(Exception):
+            if self._receiving:  # a relayed step waits for the answer: reset wakes it
+                stream.reset("the client closed the session")
+            else:
+                stream.close_nowait()
 
     def _where(self) -> str:
         return f"blocks [{self.start}, {self.end}) on {self.peer.short()}"
@@ -433,6 +453,7 @@ class InferenceSession:
         self._retry = RetryPolicy(rng or random.Random())
         self._closed = False
         self._opened = False
+        self._stepping = False  # a step is in flight (one at a time: each waits for answers)
 
     def _span(self, peer: PeerId, start: int, end: int) -> SpanSession:
         return SpanSession(self.host, peer, self.model_id, start, end, self.config,
@@ -471,9 +492,21 @@ class InferenceSession:
 
         `attention_mask` ([batch, new positions], 1 = token, 0 = padding): which new positions
         are padding (left-padded prompts); every later step then attends only to tokens, and
-        position ids count tokens only (client/padding.py)."""
+        position ids count tokens only (client/padding.py). One step at a time: each starts
+        where the previous one ended."""
         if self._closed:
             raise InferenceError("the inference session is closed")
+        if self._stepping:
+            raise InferenceError("a step of this session is already running: await it before "
+                                 "the next (open another session for concurrent generation)")
+        self._stepping = True
+        try:
+            return await self._step(hidden, attention_mask)
+        finally:
+            self._stepping = False
+
+    async def _step(self, hidden: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.position + hidden.shape[1] > self.config.max_length:
             raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
                                  f"session's max_length {self.config.max_length}")
@@ -532,8 +565,13 @@ class InferenceSession:
         self.padding.reorder(index)
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close every span at once (no await: see SpanSession.close_now)."""
         self._closed = True
-        await asyncio.gather(*(span.close() for span in self.spans), return_exceptions=True)
+        for span in self.spans:
+            span.close_now()
 
     # -- recovery ---------------------------------------------------------------------------------
 

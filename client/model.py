@@ -79,6 +79,9 @@ class ModelOptions:
     connect_timeout: float = 30.0  # joining the DHT
     wait_timeout: float = 30.0  # for free attention cache on the servers
     forward_timeout: float = 120.0  # for one full forward pass through one server
+    # for one server's answer to an inference step; a server that stays silent this long
+    # (frozen, or gone without closing its connection) is replaced
+    step_timeout: float = 60.0
     recovery_timeout: float = RECOVERY_TIMEOUT  # to replace failed servers, then give up
     view_ttl: float = 10.0  # seconds a swarm view is reused before the DHT is read again
 
@@ -87,7 +90,8 @@ class ModelOptions:
             raise ValueError(f"unknown compression {self.compression!r}; known: {COMPRESSIONS}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
-        for name in ("connect_timeout", "wait_timeout", "forward_timeout", "recovery_timeout"):
+        for name in ("connect_timeout", "wait_timeout", "forward_timeout", "step_timeout",
+                     "recovery_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -148,6 +152,7 @@ class RemoteModel:
                                    f"{options.connect_timeout:g} s") from None
         client_config = ClientConfig(view_ttl=options.view_ttl,
                                      forward_timeout=options.forward_timeout,
+                                     step_timeout=options.step_timeout,
                                      compression=options.compression,
                                      recovery_timeout=options.recovery_timeout)
         blocks = RemoteBlocks(swarm, model_id, num_blocks_of(config), client_config)
@@ -287,7 +292,8 @@ class RemoteModel:
             return
         self._closed = True
         sessions, self._sessions = list(self._sessions), set()
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        for session in sessions:
+            session.close_now()
         if self._owns_swarm:
             await self.swarm.close()
 
@@ -374,8 +380,11 @@ class ModelSession:
         self.blocks_session.reorder(beam_idx)
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
         self.model._sessions.discard(self)
-        await self.blocks_session.close()
+        self.blocks_session.close_now()
 
     async def __aenter__(self) -> ModelSession:
         return self

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 class ClientConfig:
     view_ttl: float = 10.0  # seconds a swarm view is reused before re-reading the DHT
     forward_timeout: float = 120.0
+    step_timeout: float = 60.0  # for one server's answer to an inference step
     compression: str = "none"  # activations on the wire: none, float16, int8_blockwise, ...
     recovery_timeout: float = RECOVERY_TIMEOUT  # to find servers for blocks nobody serves
     push: bool = True  # servers push hidden states to the next server (else: client relays)
@@ -202,7 +203,8 @@ class RemoteBlocks:
             patient=False)
         log.info("route: %s", " -> ".join(f"{s.peer_id[-6:]}[{s.start}:{s.end})" for s in route))
         config = SessionConfig(batch_size=batch_size, max_length=max_length,
-                               wait_timeout=wait_timeout, compression=self.config.compression,
+                               wait_timeout=wait_timeout, step_timeout=self.config.step_timeout,
+                               compression=self.config.compression,
                                recovery_timeout=self.config.recovery_timeout,
                                # steps with deep prompts are relayed: a push carries no
                                # prompts for the next server

@@ -348,6 +348,11 @@ class Stream:
 
     async def close(self) -> None:
         """Half-close: tell the peer we will send nothing more."""
+        self.close_nowait()
+
+    def close_nowait(self) -> None:
+        """`close` from synchronous code (or cleanup that a second cancellation must not
+        interrupt): the end of the stream is queued at once."""
         if not self._send_closed and self._error is None:
             self._send_closed = True
             self._conn.end_stream(self.stream_id)

@@ -272,6 +272,34 @@ async def test_a_server_of_another_precision_converts_the_clients_hidden_states(
     assert tensor_wire.decode_message(answer).tensors[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("push", [True, False])
+async def test_closing_a_session_ends_a_step_in_flight(served, push):
+    """The server freezes mid-step; the application closes the session from another task:
+    the step fails at once instead of waiting out step_timeout (with push it waited for
+    ever: nothing woke the mailbox)."""
+    server, host, client = served
+    remote = await session(client, host, push=push, step_timeout=300).open()
+    await remote.step(torch.randn(1, 2, 64))
+    host.freeze()
+    stepping = asyncio.ensure_future(remote.step(torch.randn(1, 1, 64)))
+    await asyncio.sleep(0.05)
+    assert not stepping.done()
+    await remote.close()
+    with pytest.raises(InferenceError):
+        await asyncio.wait_for(stepping, 5)
+
+
+async def test_a_second_step_while_one_runs_is_refused(served):
+    server, host, client = served
+    async with session(client, host) as remote:
+        first = asyncio.ensure_future(remote.step(torch.randn(1, 3, 64)))
+        await asyncio.sleep(0)
+        with pytest.raises(InferenceError, match="already running"):
+            await remote.step(torch.randn(1, 1, 64))
+        assert (await first).shape == (1, 3, 64)
+        assert (await remote.step(torch.randn(1, 1, 64))).shape == (1, 1, 64)
+
+
 async def test_a_wait_for_cache_ends_when_its_client_leaves(spans):
     """A session queued for the whole cache, whose client then leaves, must not stay ahead of
     later sessions that fit (it did, for as long as its wait_timeout said)."""

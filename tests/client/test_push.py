@@ -129,6 +129,40 @@ async def test_a_refused_push_falls_back_to_the_client_relaying(swarm, model_dir
 
 
 @pytest.mark.slow
+async def test_a_generate_cancelled_twice_still_closes_its_sessions(swarm, model_dir):
+    """Cancelled, then cancelled again while its session closes (nested timeouts do this):
+    the close must still reach every server (it was cut short and left the servers' sessions
+    and caches taken for as long as the client stayed connected)."""
+    import msgpack
+
+    from blocks.protocol import METHOD_INFO
+    from overlay.identity import PeerId
+
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, len(SPANS))
+        for _ in range(3):
+            task = asyncio.ensure_future(model.generate(prompt(3), max_new_tokens=500,
+                                                        max_length=600, eos_token_id=None))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        peers = [PeerId.from_string(a.rsplit("/p2p/", 1)[1]) for a in swarm.server_addrs]
+        for _ in range(100):
+            infos = [msgpack.unpackb(await model.swarm.host.call(p, METHOD_INFO, b"",
+                                                                  timeout=10)) for p in peers]
+            if all(info["sessions"] == 0 for info in infos):
+                break
+            await asyncio.sleep(0.05)
+        assert [info["sessions"] for info in infos] == [0] * len(peers)
+    finally:
+        await model.close()
+
+
+@pytest.mark.slow
 async def test_push_target_killed_mid_generation(swarm, model_dir, reference):
     """Last on this swarm: SIGKILLs the middle server, the first server's push target."""
     ids, new_tokens, kill_after = prompt(11), 32, 10
