@@ -55,11 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "plain")
     serve.add_argument("--model-id", help="swarm-wide name of the model (default: derived from "
                                           "the directory name and its config)")
-    serve.add_argument("--cache-tokens", type=int, default=8192,
+    serve.add_argument("--cache-tokens", type=_positive_int, default=8192,
                        help="attention-cache capacity in tokens per block (default 8192)")
-    serve.add_argument("--max-length", type=int, default=8192,
+    serve.add_argument("--max-length", type=_positive_int, default=8192,
                        help="longest session a client may open (default 8192)")
-    serve.add_argument("--announce-period", type=float, default=60.0, metavar="SECONDS",
+    serve.add_argument("--announce-period", type=serve_placement.positive, default=60.0,
+                       metavar="SECONDS",
                        help="how often to refresh the DHT announcement; records expire after "
                             "twice that (default 60, as in Petals)")
     serve.add_argument("--identity", metavar="PATH")
@@ -68,6 +69,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="host a PEFT LoRA adapter under NAME for clients to choose "
                             "(repeatable); only the tensors of the served blocks are read")
     serve.set_defaults(func=run_serve)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _num_blocks(text: str) -> int | str:
@@ -114,6 +125,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from overlay.cli.node import dialable, load_identity, parse_addrs
     from overlay.host import Host
     from overlay.multiaddr import MultiaddrError
+    from overlay.runtime import in_daemon_thread
 
     try:
         files = open_model_files(args.model_dir, args.load_format)
@@ -131,7 +143,6 @@ async def run_serve(args: argparse.Namespace) -> int:
     bootstrap = parse_addrs(args.bootstrap)
     [listen] = parse_addrs([args.listen])
     options = DeviceOptions(device=args.device, dtype=args.dtype)
-    loop = asyncio.get_running_loop()
 
     def load(start: int, end: int) -> BlockSpan:
         began = time.perf_counter()
@@ -145,7 +156,7 @@ async def run_serve(args: argparse.Namespace) -> int:
 
     async def load_or_exit(start: int, end: int) -> BlockSpan:
         try:
-            return await loop.run_in_executor(None, load, start, end)
+            return await in_daemon_thread(load, start, end)  # Ctrl-C does not wait for it
         except Exception as e:  # any load failure ends serve, with its reason
             raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
 
@@ -167,7 +178,11 @@ async def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"overlay-node serve: --announce-addr: {e}") from None
     server = dht = announcer = balancer = pinger = None
     try:
-        addrs = await host.listen(listen)
+        try:
+            addrs = await host.listen(listen)
+        except OSError as e:
+            raise SystemExit(f"overlay-node serve: cannot listen on {listen}: "
+                             f"{e.strerror or e}") from None
         BandwidthTestService().attach(host)  # other servers measure their link against us
         dht = await serve_placement.start_server_dht(host, [str(b) for b in bootstrap])
         # before loading: a load on another thread would slow the transfers it times
@@ -177,10 +192,10 @@ async def run_serve(args: argparse.Namespace) -> int:
             start, end = wanted
             span = await load_or_exit(start, end)
             adapters = load_adapters(span)
-            rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
+            rates = await in_daemon_thread(lambda: serve_placement.resolve_rates(
                 args, model_id, device, dtype, hidden, lambda: span, bps, bps_source))
         else:
-            rates = await loop.run_in_executor(None, lambda: serve_placement.resolve_rates(
+            rates = await in_daemon_thread(lambda: serve_placement.resolve_rates(
                 args, model_id, device, dtype, hidden, lambda: load(0, 1), bps, bps_source))
             planner = serve_placement.make_planner(args, str(host.peer_id), total, wanted)
             dtype_name = str(dtype).removeprefix("torch.")

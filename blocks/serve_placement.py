@@ -25,11 +25,11 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--throughput", default="auto", type=_throughput, metavar="auto|eval|X",
                        help="tokens/s to announce: auto (measure one block once and cache it, "
                             "the default), eval (measure again, refresh the cache) or a number")
-    serve.add_argument("--network-mbps", type=_positive, metavar="MBPS",
+    serve.add_argument("--network-mbps", type=positive, metavar="MBPS",
                        help="the link's speed, capping the announced throughput (default: "
                             "measured at start against a known peer, about a second; 100 when "
                             "no peer answers; not measured with --throughput X)")
-    serve.add_argument("--balance-period", type=_positive, default=MEAN_BALANCE_CHECK_PERIOD,
+    serve.add_argument("--balance-period", type=positive, default=MEAN_BALANCE_CHECK_PERIOD,
                        metavar="SECONDS",
                        help="mean seconds between rebalancing checks, each after "
                             "uniform(0, 2x) (default %(default)g, as in Petals); only without "
@@ -200,7 +200,8 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> float:
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
     value = _non_negative(text)
     if value == 0:
         raise argparse.ArgumentTypeError("expected a number > 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -122,6 +123,8 @@ async def run_generate(args: argparse.Namespace) -> int:
     else:
         try:
             rows = [[int(t) for t in ids.split(",")] for ids in args.input_ids]
+            if any(abs(t) >= 1 << 63 for row in rows for t in row):
+                raise ValueError
         except ValueError:
             raise SystemExit("overlay-node generate: --input-ids must be integers, e.g. 1,2,3") \
                 from None
@@ -159,11 +162,21 @@ async def run_generate(args: argparse.Namespace) -> int:
     if streaming and decode is not None:
         stream = TextStream(decode, context=rows[0][-PROMPT_CONTEXT_TOKENS:])
 
+    shown = [0]  # tokens printed so far
+
     def show(new: torch.Tensor) -> None:
         if streaming:
             token_ids = new.reshape(-1).tolist()
-            text = stream.push(token_ids) if stream else "".join(f"{t}," for t in token_ids)
+            if stream:
+                text = stream.push(token_ids)
+            else:  # ids as --input-ids takes them: comma-separated
+                text = ("," if shown[0] else "") + ",".join(map(str, token_ids))
+            shown[0] += len(token_ids)
             print(text, end="", flush=True)
+
+    def end_line() -> None:
+        if shown[0]:
+            print(flush=True)  # the streamed text ends its line
 
     try:
         began = time.perf_counter()
@@ -174,12 +187,17 @@ async def run_generate(args: argparse.Namespace) -> int:
         route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
         if stream is not None:
             print(stream.finish(), end="", flush=True)
+        end_line()
     except (MissingBlocksError, InferenceError, RemoteError, ConnectionLost, TimeoutError,
             ValueError) as e:
         # The swarm cannot serve this request now (blocks missing, every server failed,
         # a refusal): the reason, not a traceback. Tokens already shown stay shown.
-        print(f"\noverlay-node generate: {e}", file=sys.stderr)
+        end_line()
+        print(f"overlay-node generate: {e}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:  # Ctrl-C: what was shown stays, on a line of its own
+        end_line()
+        raise
     finally:
         with contextlib.suppress(Exception):
             await model.close()
@@ -194,7 +212,7 @@ async def run_generate(args: argparse.Namespace) -> int:
             for i, ids in enumerate(new_rows):
                 text = decode(ids) if decode else ",".join(map(str, ids))
                 print(f"[{i}] {text}")
-        print(f"\n{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
+        print(f"{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
               f"{' -> '.join(route)}", file=sys.stderr)
     return 0
 

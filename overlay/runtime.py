@@ -8,10 +8,14 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Buffers up to this size come from glibc's heap and stay there after free (see below).
 HEAP_BUFFER_LIMIT = 256 << 20
@@ -46,15 +50,67 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(main: Coroutine[Any, Any, int]) -> int:
+# Commands that run until they are told to stop (a node, a server): for them SIGINT/SIGTERM
+# is the normal end, exit status 0. Any other command stopped that way did not finish its
+# job, and says so as shells do: 128 + the signal's number (130 for Ctrl-C).
+SERVICES = frozenset({"join", "serve"})
+
+
+def run(main: Coroutine[Any, Any, int], *, stopping_is_success: bool = True) -> int:
     """Run `main` to completion; on SIGINT/SIGTERM cancel it (its `finally` blocks run) and
-    return 0: a shutdown that was asked for is a clean exit."""
+    return 0 if `stopping_is_success` (a shutdown that was asked for is a clean exit), else
+    128 + the signal number."""
     keep_large_buffers_in_heap()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_guarded(main))
+        status = runner.run(_guarded(main, stopping_is_success))
+    if _daemon_work:
+        # Work abandoned on a daemon thread (a model still loading) would be killed inside
+        # C++ code by the interpreter's finalization, which aborts the process (SIGABRT):
+        # everything that needed closing is closed by now, so leave without finalizing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
-async def _guarded(main: Coroutine[Any, Any, int]) -> int:
+_daemon_work: set[object] = set()  # calls of `in_daemon_thread` still running
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a thread of its own that an exit does not wait for.
+
+    For long blocking work such as loading a model: cancelling the await (Ctrl-C) stops
+    waiting at once, and the process exits without joining the thread, where the event
+    loop's default executor would make the exit wait for the whole load."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    token = object()
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            error = e
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+        finally:
+            _daemon_work.discard(token)
+
+    _daemon_work.add(token)
+    threading.Thread(target=work, name=getattr(fn, "__name__", "work"), daemon=True).start()
+    return await future
+
+
+async def _guarded(main: Coroutine[Any, Any, int], stopping_is_success: bool = True) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     received: list[int] = []
@@ -74,7 +130,7 @@ async def _guarded(main: Coroutine[Any, Any, int]) -> int:
     except asyncio.CancelledError:
         if not received:
             raise
-        return 0
+        return 0 if stopping_is_success else 128 + received[0]
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):

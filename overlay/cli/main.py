@@ -54,7 +54,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from overlay.runtime import run, setup_logging
+    from overlay.runtime import SERVICES, run, setup_logging
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(-1 if args.quiet else args.verbose)
     if not hasattr(args, "func"):
         parser.error(f"{args.command} is not available in this version")
-    return run(args.func(args))
+    return run(args.func(args), stopping_is_success=args.command in SERVICES)
 
 
 if __name__ == "__main__":

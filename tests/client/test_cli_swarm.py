@@ -84,6 +84,14 @@ def test_generate_matches_local_greedy(swarm, model_dir):
         expected = build_model("llama").generate(torch.tensor([ids]), max_new_tokens=12,
                                                  do_sample=False)[0, len(ids):].tolist()
     assert new_tokens == expected
+    # Streamed without --json: the ids as --input-ids takes them, on one line.
+    plain = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                    "--input-ids", ",".join(map(str, ids)), "--max-new-tokens", "12")
+    assert plain.returncode == 0 and plain.stdout == ",".join(map(str, expected)) + "\n"
+    huge = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                   "--input-ids", "99999999999999999999", "--max-new-tokens", "1")
+    assert huge.returncode != 0 and "Traceback" not in huge.stderr
+    assert "--input-ids must be integers" in huge.stderr
 
 
 def test_generate_streams_the_prompts_continuation_as_text(swarm, model_dir):
@@ -101,10 +109,10 @@ def test_generate_streams_the_prompts_continuation_as_text(swarm, model_dir):
                                              do_sample=False)[0].tolist()
     text = tokenizer.decode(full, skip_special_tokens=True)
     shown = tokenizer.decode(ids, skip_special_tokens=True)
-    assert result.stdout == text[len(shown):]
+    assert result.stdout == text[len(shown):] + "\n"
     # The tokens decoded one by one would have lost the spaces (this model's tokens have some).
     one_by_one = "".join(tokenizer.decode([t], skip_special_tokens=True) for t in full[len(ids):])
-    assert " " in result.stdout and one_by_one != result.stdout
+    assert " " in result.stdout and one_by_one != result.stdout.rstrip("\n")
     as_json = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
                       "--prompt", prompt, "--max-new-tokens", "16", "--json")
     assert json.loads(as_json.stdout.strip().splitlines()[-1])["new_tokens"] == full[len(ids):]
@@ -145,6 +153,16 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
     assert bad.returncode != 0 and "not a non-empty range" in bad.stderr
     bad = run_cli("serve", str(model_dir) + "-missing", "--bootstrap", swarm.bootstrap)
     assert bad.returncode != 0 and "overlay-node serve:" in bad.stderr
+    for option, value in (("--cache-tokens", "-5"), ("--cache-tokens", "0"),
+                          ("--max-length", "0"), ("--announce-period", "0")):
+        bad = run_cli("serve", str(model_dir), "--blocks", "0:2", option, value,
+                      "--bootstrap", swarm.bootstrap)  # refused before anything is loaded
+        assert bad.returncode == 2 and option in bad.stderr and "Traceback" not in bad.stderr
+    taken = swarm.bootstrap.rsplit("/p2p/", 1)[0]  # the bootstrap node listens there
+    bad = run_cli("serve", str(model_dir), "--blocks", "0:2", "--listen", taken,
+                  "--bootstrap", swarm.bootstrap)
+    assert bad.returncode != 0 and "cannot listen on" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
     bad = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
                   "--input-ids", "1,x")
     assert bad.returncode != 0 and "--input-ids" in bad.stderr
