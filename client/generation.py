@@ -171,6 +171,8 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.numel() == 0:
         raise ModelInputError("input_ids must be a non-empty [batch, length] tensor")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ModelInputError(f"input ids must be integers, not {input_ids.dtype}")  # not cut
     tokens = input_ids.to(torch.long)
     batch, length = tokens.shape
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)

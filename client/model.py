@@ -246,7 +246,10 @@ class RemoteModel:
         It replaces failed servers by itself (client/inference.py), within recovery_timeout.
         `tuning`: `adapter=` / `tuning=` of RemoteBlocks.inference_session (fine-tuning)."""
         self._check_open()
-        max_length = max_length or self.options.max_length
+        max_length = self.options.max_length if max_length is None else max_length
+        if not (isinstance(max_length, int) and max_length >= 1 and batch_size >= 1):
+            raise ModelInputError(f"an inference session needs max_length >= 1 and "
+                                  f"batch_size >= 1, not {max_length!r} and {batch_size!r}")
         try:
             session = await self.blocks.inference_session(
                 batch_size, max_length, start, end, wait_timeout=self.options.wait_timeout,

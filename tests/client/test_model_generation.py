@@ -24,6 +24,7 @@ from client.generation import (
     next_tokens,
 )
 from client.model import ModelOptions
+from model_parts.skeleton import ModelInputError
 
 
 def transformers_scores(logits, tokens, params: GenerationParams) -> torch.Tensor:
@@ -142,3 +143,12 @@ def test_model_options():
         ModelOptions(recovery_timeout=0)
     with pytest.raises(TypeError, match="compresion"):
         ModelOptions.from_kwargs(None, compresion="float16")
+
+
+async def test_float_ids_are_refused_not_truncated():
+    """RemoteModel.generate turned [[5.0, 7.9]] into [[5, 7]] where every other entry point
+    refuses float ids; refused before the model is touched."""
+    from client.generation import generate
+
+    with pytest.raises(ModelInputError, match="integers"):
+        await generate(None, torch.tensor([[5.0, 7.9]]), GenerationParams(max_new_tokens=2))
