@@ -10,6 +10,7 @@ import sys
 import time
 
 from blocks import serve_placement
+from overlay.cli.node import positive_int
 
 log = logging.getLogger("blocks.serve")
 
@@ -55,9 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "plain")
     serve.add_argument("--model-id", help="swarm-wide name of the model (default: derived from "
                                           "the directory name and its config)")
-    serve.add_argument("--cache-tokens", type=_positive_int, default=8192,
+    serve.add_argument("--cache-tokens", type=positive_int, default=8192,
                        help="attention-cache capacity in tokens per block (default 8192)")
-    serve.add_argument("--max-length", type=_positive_int, default=8192,
+    serve.add_argument("--max-length", type=positive_int, default=8192,
                        help="longest session a client may open (default 8192)")
     serve.add_argument("--announce-period", type=serve_placement.positive, default=60.0,
                        metavar="SECONDS",
@@ -69,16 +70,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="host a PEFT LoRA adapter under NAME for clients to choose "
                             "(repeatable); only the tensors of the served blocks are read")
     serve.set_defaults(func=run_serve)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _num_blocks(text: str) -> int | str:

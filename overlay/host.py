@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import CoroutineType
@@ -42,6 +43,21 @@ log = logging.getLogger(__name__)
 
 MAX_ADDRS_PER_PEER = 8
 MAX_ADDRESS_BOOK = 100_000
+
+# What a multiaddr's host may resolve to (multiaddr protocol table): /dns4 names only IPv4
+# addresses and /dns6 only IPv6, where /dns takes either.
+_ADDRESS_FAMILIES = {
+    "ip4": socket.AF_INET,
+    "ip6": socket.AF_INET6,
+    "dns": socket.AF_UNSPEC,
+    "dns4": socket.AF_INET,
+    "dns6": socket.AF_INET6,
+}
+
+
+def address_family(maddr: Multiaddr) -> socket.AddressFamily:
+    """The family to resolve and dial `maddr` in, so /dns6 never connects over IPv4."""
+    return _ADDRESS_FAMILIES[maddr.protocol]
 
 
 class RpcTimeout(TimeoutError):
@@ -222,7 +238,7 @@ class Host:
         raise ConnectionLost("; ".join(errors))
 
     async def _dial_once(self, maddr: Multiaddr, timeout: float | None) -> Connection:
-        key = maddr.peer_id or (maddr.host, maddr.port)
+        key = maddr.peer_id or (maddr.protocol, maddr.host, maddr.port)  # dns4 != dns6
         pending = self._dials.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._dial(maddr, timeout))
@@ -240,7 +256,7 @@ class Host:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: self._new_connection(initiator=True, expected_peer=maddr.peer_id),
-                    maddr.host, maddr.port,
+                    maddr.host, maddr.port, family=address_family(maddr),
                 )
                 await conn.ready
         except TimeoutError:

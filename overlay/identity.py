@@ -125,16 +125,29 @@ class Identity:
         return self._private.sign(data)
 
     def save(self, path: str | Path) -> None:
-        """Write the key to `path` with mode 0600 (created atomically, never world-readable)."""
+        """Write the key to `path` with mode 0600 (created atomically, never world-readable).
+
+        Raises IdentityError naming `path` when it cannot be written (read-only or virtual
+        file system, a regular file where a directory should be, no permission)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, _IDENTITY_FILE_MAGIC + self.seed().hex().encode() + b"\n")
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, _IDENTITY_FILE_MAGIC + self.seed().hex().encode() + b"\n")
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except FileExistsError as e:  # only mkdir raises it: a file where a directory goes
+            raise IdentityError(
+                f"cannot write identity file {path}: {e.filename} is not a directory"
+            ) from None
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+            raise IdentityError(
+                f"cannot write identity file {path}: {e.strerror or e}{where}"
+            ) from None
 
     @classmethod
     def load(cls, path: str | Path) -> Identity:
@@ -161,7 +174,11 @@ class Identity:
         """Load `path`, creating it first when missing; a fresh key when `path` is None."""
         if path is None:
             return cls.generate()
-        if Path(path).exists():
+        try:
+            exists = Path(path).exists()
+        except OSError as e:  # e.g. no permission to search its directory
+            raise IdentityError(f"cannot read identity file {path}: {e.strerror}") from None
+        if exists:
             return cls.load(path)
         identity = cls.generate()
         identity.save(path)

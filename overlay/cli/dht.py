@@ -3,7 +3,7 @@
 A one-shot client dials the bootstrap nodes, joins as a client (it never enters routing
 tables: it will be gone in a second), does its one operation and exits:
 - `dht put KEY VALUE --bootstrap MADDR [--ttl SECONDS]` exits 0 once at least one node
-  holds the value, 1 otherwise;
+  holds the value, 1 otherwise, 2 for a record no node would accept (sizes, --ttl);
 - `dht get KEY --bootstrap MADDR` prints the value as the last line of standard output
   (text as is, anything else as JSON) and exits 0, or exits 1 when the key is not found.
 """
@@ -17,12 +17,19 @@ import logging
 import sys
 import time
 
-from overlay.dht.driver import DHT, DHTError
+import msgpack
+
+from overlay.dht.config import StoreLimits
+from overlay.dht.driver import DHT, DHTError, encode_key
+from overlay.dht.records import Record, RecordError, SignatureVerifier, check_record
 from overlay.host import Host
 
 log = logging.getLogger("overlay.cli.dht")
 
 DEFAULT_TTL = 3600.0
+# What the nodes accept (a one-shot client uses the default limits, as nodes do).
+LIMITS = StoreLimits()
+BAD_ARGUMENT = 2  # argparse's exit status for the same kind of mistake
 
 
 async def start_dht(host: Host, bootstrap: list[str]) -> DHT:
@@ -39,10 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions = dht.add_subparsers(dest="dht_command", metavar="ACTION", required=True)
 
     put = actions.add_parser("put", help="store KEY = VALUE on the nodes closest to KEY")
-    put.add_argument("key")
-    put.add_argument("value")
-    put.add_argument("--ttl", type=float, default=DEFAULT_TTL,
-                     help=f"seconds before the value expires (default {DEFAULT_TTL:g})")
+    put.add_argument("key", help=f"1 to {LIMITS.max_key_bytes} bytes (UTF-8)")
+    put.add_argument("value", help=f"text, at most {LIMITS.max_value_bytes} bytes once "
+                                   "msgpack-encoded (its UTF-8 length plus up to 5)")
+    put.add_argument("--ttl", type=_ttl, default=DEFAULT_TTL, metavar="SECONDS",
+                     help=f"seconds before the value expires, more than 0 and at most "
+                          f"{LIMITS.max_ttl:g} (default {DEFAULT_TTL:g})")
     _common(put)
     put.set_defaults(func=run_put)
 
@@ -50,6 +59,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     get.add_argument("key")
     _common(get)
     get.set_defaults(func=run_get)
+
+
+def _ttl(text: str) -> float:
+    """A --ttl the nodes accept, refused while parsing rather than after dialing."""
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < ttl <= LIMITS.max_ttl:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {LIMITS.max_ttl:g} seconds, got {text}"
+        )
+    return ttl
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -70,23 +92,39 @@ async def _client(args: argparse.Namespace) -> tuple[Host, DHT]:
 
 
 async def run_put(args: argparse.Namespace) -> int:
-    if args.ttl <= 0:
-        raise SystemExit("overlay-node dht put: --ttl must be positive")
+    expiration = time.time() + args.ttl
+    try:  # the checks every node makes, so a refused record fails before dialing
+        check_record(
+            Record(encode_key(args.key), None, msgpack.packb(args.value, use_bin_type=True),
+                   expiration),
+            time.time(), LIMITS, SignatureVerifier(),
+        )
+    except RecordError as e:
+        return _refused(e)
+    except UnicodeEncodeError:  # bytes of another encoding in argv
+        return _refused("key and value must be UTF-8 text")
     host, dht = await _client(args)
     try:
         async with asyncio.timeout(args.timeout):
             stored = await dht.store_many(
-                [(args.key, args.value, time.time() + args.ttl, None)], republish=False
+                [(args.key, args.value, expiration, None)], republish=False
             )
     except TimeoutError:
         print(f"overlay-node dht put: no answer within {args.timeout:g} s", file=sys.stderr)
         return 1
+    except RecordError as e:  # e.g. a short --ttl that ran out while dialing
+        return _refused(e)
     finally:
         await dht.close()
         await host.close()
     replicas = stored[0]
     print(f"stored {args.key!r} on {replicas} node{'s' if replicas != 1 else ''}", flush=True)
     return 0 if replicas > 0 else 1
+
+
+def _refused(reason: RecordError | str) -> int:
+    print(f"overlay-node dht put: {reason}", file=sys.stderr)
+    return BAD_ARGUMENT
 
 
 async def run_get(args: argparse.Namespace) -> int:

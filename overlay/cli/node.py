@@ -36,7 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     ping = sub.add_parser("ping", help="dial a node, verify its identity, print round-trip times")
     ping.add_argument("address", metavar="MADDR")
-    ping.add_argument("--count", "-c", type=int, default=4, help="pings to send (default 4)")
+    ping.add_argument("--count", "-c", type=positive_int, default=4,
+                      help="pings to send, at least 1 (default 4)")
     ping.add_argument("--interval", type=float, default=0.5, help="seconds between pings")
     ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
     ping.add_argument("--bandwidth", action="store_true",
@@ -48,6 +49,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ident.add_argument("--identity", metavar="PATH",
                        help="identity file (created when missing); without it, a fresh key")
     ident.set_defaults(func=run_id)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: 0 would do nothing (or serve nothing) and
+    still report success."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def load_identity(path: str | None) -> Identity:

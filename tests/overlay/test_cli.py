@@ -122,6 +122,27 @@ def test_bad_arguments_are_clear_errors():
     assert bad.returncode != 0 and "only /tcp" in bad.stderr
 
 
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_ping_count_must_be_at_least_one(count):
+    bad = run_cli("ping", "/ip4/127.0.0.1/tcp/1", "--count", count, timeout=30)
+    assert bad.returncode == 2 and "--count/-c: must be at least 1" in bad.stderr
+
+
+@pytest.mark.parametrize("command", [["id"], ["join", "--listen", "/ip4/127.0.0.1/tcp/0"]])
+def test_unwritable_identity_path_is_one_clear_line(tmp_path, command):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    unwritable = {in_the_way / "x.key": f"{in_the_way} is not a directory",
+                  in_the_way / "sub" / "x.key": "Not a directory"}
+    if os.path.isdir("/proc/self"):
+        unwritable["/proc/x.key"] = "No such file or directory"  # procfs: no new files
+    for path, reason in unwritable.items():
+        bad = run_cli(*command, "--identity", str(path), timeout=30)
+        assert bad.returncode == 1, bad.stderr
+        assert bad.stderr.startswith(f"overlay-node: cannot write identity file {path}: {reason}")
+        assert bad.stderr.count("\n") == 1, bad.stderr  # one line, no traceback
+
+
 def _frame(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + bytes(message)
 

@@ -66,3 +66,31 @@ def test_join_put_get_across_processes():
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+# Never dialed: a record no node would accept is refused before the client joins.
+UNDIALED = "/ip4/127.0.0.1/tcp/1"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["k", "v", "--ttl", "100000"], "at most 86400 seconds"),
+     (["k", "v", "--ttl", "nan"], "at most 86400 seconds"),
+     (["k", "v", "--ttl", "inf"], "at most 86400 seconds"),
+     (["k", "v", "--ttl", "0"], "more than 0"),
+     (["", "v"], "key of 0 bytes (limit 1024)"),
+     (["k", "x" * 100_000], "value of 100005 bytes (limit 65536)")],
+)
+def test_put_refuses_a_record_no_node_would_accept(args, message):
+    put = cli("dht", "put", *args, "--bootstrap", UNDIALED, "--timeout", "5")
+    assert put.returncode == 2, put.stderr
+    assert "Traceback" not in put.stderr
+    last = put.stderr.strip().splitlines()[-1]
+    assert last.startswith("overlay-node dht put: ") and message in last
+
+
+def test_put_help_names_the_limits():
+    usage = cli("dht", "put", "--help")
+    assert usage.returncode == 0
+    text = " ".join(usage.stdout.split())
+    assert "at most 86400" in text and "1 to 1024 bytes" in text and "at most 65536 bytes" in text

@@ -10,7 +10,14 @@ import struct
 
 import pytest
 
-from overlay.host import ConnectionLost, Host, HostConfig, RemoteError, RpcTimeout
+from overlay.host import (
+    ConnectionLost,
+    Host,
+    HostConfig,
+    RemoteError,
+    RpcTimeout,
+    address_family,
+)
 from overlay.identity import Identity
 from overlay.multiaddr import Multiaddr
 from overlay.secure_handshake import PROLOGUE
@@ -289,6 +296,32 @@ async def test_unreachable_address_is_a_clear_error():
             await host.connect(Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}"))
     finally:
         await host.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "family"),
+    [("/ip4/127.0.0.1/tcp/1", socket.AF_INET), ("/ip6/::1/tcp/1", socket.AF_INET6),
+     ("/dns/localhost/tcp/1", socket.AF_UNSPEC), ("/dns4/localhost/tcp/1", socket.AF_INET),
+     ("/dns6/localhost/tcp/1", socket.AF_INET6)],
+)
+def test_address_family_follows_the_protocol(text, family):
+    assert address_family(Multiaddr.parse(text)) == family
+
+
+async def test_dns6_never_dials_an_ipv4_address(pair):
+    server, client, addr = pair  # listens on 127.0.0.1 only
+    try:
+        socket.getaddrinfo("localhost", addr.port, socket.AF_INET)
+    except socket.gaierror:
+        pytest.skip("localhost has no IPv4 address here")
+    # Concurrent dials of one name and port: the /dns6 one must not share the /dns4 attempt.
+    dns4, dns6 = await asyncio.gather(
+        client.connect(f"/dns4/localhost/tcp/{addr.port}", timeout=5),
+        client.connect(f"/dns6/localhost/tcp/{addr.port}", timeout=5),
+        return_exceptions=True,
+    )
+    assert dns4 == server.peer_id
+    assert isinstance(dns6, ConnectionLost) and "dial /dns6/localhost" in str(dns6)
 
 
 async def test_graceful_close_tells_the_peer(pair):

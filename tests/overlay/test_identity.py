@@ -72,6 +72,14 @@ def test_world_readable_identity_is_refused(tmp_path):
         Identity.load(tmp_path / "missing.key")
 
 
+def test_unwritable_identity_path_is_an_identity_error(tmp_path):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    for path in (in_the_way / "x.key", in_the_way / "sub" / "x.key"):
+        with pytest.raises(IdentityError, match=f"cannot write identity file {path}: "):
+            Identity.load_or_create(path)
+
+
 RSA_STYLE_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
 
