@@ -335,7 +335,7 @@ def test_bad_input_reaching_servers_leaves_them_serving(swarm):
             meta = {"model": model.model_id, "start": start, "end": end}
             bad = [
                 ([hidden, torch.ones(2, 4, hidden.shape[2])], {}),  # gradient shape
-                ([hidden, torch.ones_like(hidden, dtype=torch.float16)], {}),  # dtype
+                ([hidden, torch.ones_like(hidden, dtype=torch.float64)], {}),  # dtype
                 ([hidden, torch.ones_like(hidden)], {"adapter": "nope"}),
                 ([hidden, torch.ones_like(hidden)], {"lora": "f" * 64}),
             ]
