@@ -112,8 +112,8 @@ class CompiledStep:
             hidden,
             inputs_embeds=span._stand_in(hidden),
             attention_mask=None,
-            past_key_values=cache,
             use_cache=True,
+            **{span.cache_kwarg: cache},
         )
 
     @staticmethod

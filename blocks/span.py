@@ -261,6 +261,9 @@ class BlockSpan:
         # BLOOM) derive positions from the attention mask themselves.
         forward = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in forward
+        # transformers 5.24 renamed the base forward's `past_key_values` to `cache` (the old
+        # name still works, with a FutureWarning in every server's log): the installed name.
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         loaded.hook(self._lo, self._hi)
         self._cache_costs: list[_CacheLayerCost] = []
         self._decode_options = DecodeOptions()
@@ -488,8 +491,8 @@ class BlockSpan:
                 hidden,
                 inputs_embeds=stand_in,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{self.cache_kwarg: cache},
                 **extra,
             )
 

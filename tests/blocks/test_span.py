@@ -512,3 +512,17 @@ def test_checkpoint_layouts_load_or_fail_clearly(tmp_path: Path) -> None:
     message = r"lacks 1 tensors of blocks \[3, 4\), e\.g\. transformer\.h\.3\.mlp\.c_fc\.bias"
     with pytest.raises(ValueError, match=message):
         BlockSpan.load(broken, 3, 4)
+
+
+def test_steps_use_the_installed_transformers_cache_argument(llama_span: BlockSpan) -> None:
+    """transformers 5.24 renamed the base forward's `past_key_values` to `cache`: passing the
+    old name put a FutureWarning into every server's log."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        session = llama_span.new_session(1, 8)
+        session.step(torch.randn(1, 3, llama_span.hidden_size))
+        session.step(torch.randn(1, 1, llama_span.hidden_size))
+        llama_span.forward(torch.randn(1, 3, llama_span.hidden_size))
+        session.close()
