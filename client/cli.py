@@ -213,7 +213,7 @@ async def run_generate(args: argparse.Namespace) -> int:
                 text = decode(ids) if decode else ",".join(map(str, ids))
                 print(f"[{i}] {text}")
         print(f"{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
-              f"{' -> '.join(route)}", file=sys.stderr)
+              f"{' -> '.join(route) or 'none (no step to run)'}", file=sys.stderr)
     return 0
 
 

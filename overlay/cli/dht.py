@@ -128,6 +128,15 @@ def _refused(reason: RecordError | str) -> int:
 
 
 async def run_get(args: argparse.Namespace) -> int:
+    try:
+        key = encode_key(args.key)
+    except UnicodeEncodeError:  # bytes of another encoding in argv
+        print("overlay-node dht get: the key must be UTF-8 text", file=sys.stderr)
+        return BAD_ARGUMENT
+    if not 0 < len(key) <= LIMITS.max_key_bytes:
+        print(f"overlay-node dht get: a key has 1 to {LIMITS.max_key_bytes} bytes, not "
+              f"{len(key)}", file=sys.stderr)
+        return BAD_ARGUMENT
     host, dht = await _client(args)
     try:
         async with asyncio.timeout(args.timeout):

@@ -94,3 +94,12 @@ def test_put_help_names_the_limits():
     assert usage.returncode == 0
     text = " ".join(usage.stdout.split())
     assert "at most 86400" in text and "1 to 1024 bytes" in text and "at most 65536 bytes" in text
+
+
+def test_get_refuses_a_key_no_node_would_hold():
+    """Refused before dialing (the bootstrap address is never dialed)."""
+    for key, message in (("", "1 to 1024 bytes, not 0"), ("k" * 1025, "not 1025")):
+        got = cli("dht", "get", key, "--bootstrap", UNDIALED, "--timeout", "5")
+        assert got.returncode == 2 and "Traceback" not in got.stderr
+        last = got.stderr.strip().splitlines()[-1]
+        assert last.startswith("overlay-node dht get: ") and message in last
