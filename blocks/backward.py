@@ -222,8 +222,8 @@ class ServerTuning:
                 weights = weights.trainable()
                 for key in weights.ordered():
                     wanted.extend(weights.weights[key])
+        # prompts were checked by _check_backward, before any work
         tuning = SpanTuning(self.hooks, prompts=prompts, lora=weights, differentiable=True)
-        tuning.check(view, hidden.shape[0])
         output = view.forward(hidden, mask, tuning)
         grads = torch.autograd.grad(output, wanted, grad_output.to(output.device, output.dtype),
                                     allow_unused=True)

@@ -714,6 +714,12 @@ class SpanSession:
         length = hidden.shape[1]
         self._check_length(self._position, length)
         new_mask = _padding(mask, self.batch_size, length, hidden.device)
+        return self._run_step(cache, hidden, new_mask, tuning)
+
+    def _run_step(self, cache: Any, hidden: torch.Tensor, new_mask: torch.Tensor | None,
+                  tuning: RunTuning | None) -> torch.Tensor:
+        """`step` once its inputs are checked (`hidden` on the span's device and dtype)."""
+        length = hidden.shape[1]
         if new_mask is not None or self._first_pad is not None:
             return self._step_padded(cache, hidden, new_mask, tuning)
         mask = None
@@ -763,7 +769,7 @@ class SpanSession:
         Every check runs before anything changes: a refused step leaves the session as it was
         (a rollback or reorder done before finding the step's tensor malformed would have lost
         positions or permuted rows that the client still counts on)."""
-        self._live_cache()
+        cache = self._live_cache()
         hidden = self.span._check_hidden(hidden_new, self.batch_size)
         length = hidden.shape[1]
         if not isinstance(position, int) or not 0 <= position <= self._position:
@@ -771,7 +777,7 @@ class SpanSession:
                 f"step starts at position {position} but the session holds only {self._position}"
             )
         self._check_length(position, length)
-        _padding(mask, self.batch_size, length, hidden.device)
+        new_mask = _padding(mask, self.batch_size, length, hidden.device)
         if position < self._position:
             self._check_rollback()
         if reorder is not None:
@@ -779,7 +785,7 @@ class SpanSession:
         self.rollback(position)
         if reorder is not None:
             self.reorder(*reorder)
-        return self.step(hidden, tuning, mask)
+        return self._run_step(cache, hidden, new_mask, tuning)
 
     def _check_length(self, position: int, length: int) -> None:
         if position + length > self.max_length:

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Ours: how long a session waits for a failed span's blocks to be served again by default.
 RECOVERY_TIMEOUT = 60.0
+# Seconds one server may take to answer an inference step before it is replaced (a server
+# that froze, or left without closing its connection).
+STEP_TIMEOUT = 60.0
 
 # A route as the session uses it: (server, first block, end block) per span.
 Route = list[tuple[PeerId, int, int]]
@@ -109,7 +112,7 @@ class SessionConfig:
     batch_size: int = 1
     max_length: int = 2048
     wait_timeout: float = 30.0  # for free attention cache on the servers
-    step_timeout: float = 60.0
+    step_timeout: float = STEP_TIMEOUT
     compression: str = "none"  # of the activations, in both directions
     recovery_timeout: float = RECOVERY_TIMEOUT  # to replace a failed span, then give up
     push: bool = True  # servers send hidden states on to the next server themselves
@@ -133,12 +136,10 @@ class Mailbox:
             waiter.set_result(None)
 
     def close(self, span: SpanSession) -> None:
-        """`span` was closed: its queue is dropped for an error that every later read of it
-        sees, and a step waiting on it wakes (it would otherwise wait for ever)."""
-        self._queues[span] = deque([StreamClosed("the session was closed")])
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """`span` was closed: its unread messages are dropped for an error that every later
+        read of it sees, and a step waiting on it wakes (it would otherwise wait for ever)."""
+        self._queues.pop(span, None)
+        self.post(span, StreamClosed("the session was closed"))
 
     async def get(self, spans: tuple[SpanSession, ...]):
         """(span, item): the oldest message of the first of `spans` that has one."""

@@ -35,6 +35,7 @@ from transformers import PretrainedConfig
 from blocks.protocol import COMPRESSIONS
 from client.inference import (
     RECOVERY_TIMEOUT,
+    STEP_TIMEOUT,
     BlocksUnavailableError,
     InferenceError,
     InferenceSession,
@@ -79,9 +80,7 @@ class ModelOptions:
     connect_timeout: float = 30.0  # joining the DHT
     wait_timeout: float = 30.0  # for free attention cache on the servers
     forward_timeout: float = 120.0  # for one full forward pass through one server
-    # for one server's answer to an inference step; a server that stays silent this long
-    # (frozen, or gone without closing its connection) is replaced
-    step_timeout: float = 60.0
+    step_timeout: float = STEP_TIMEOUT  # for one server's answer to an inference step
     recovery_timeout: float = RECOVERY_TIMEOUT  # to replace failed servers, then give up
     view_ttl: float = 10.0  # seconds a swarm view is reused before the DHT is read again
 

@@ -23,6 +23,7 @@ from blocks import protocol
 from blocks.announcement import SwarmView
 from client.inference import (
     RECOVERY_TIMEOUT,
+    STEP_TIMEOUT,
     BlocksUnavailableError,
     InferenceSession,
     Rerouter,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 class ClientConfig:
     view_ttl: float = 10.0  # seconds a swarm view is reused before re-reading the DHT
     forward_timeout: float = 120.0
-    step_timeout: float = 60.0  # for one server's answer to an inference step
+    step_timeout: float = STEP_TIMEOUT  # for one server's answer to an inference step
     compression: str = "none"  # activations on the wire: none, float16, int8_blockwise, ...
     recovery_timeout: float = RECOVERY_TIMEOUT  # to find servers for blocks nobody serves
     push: bool = True  # servers push hidden states to the next server (else: client relays)

@@ -152,6 +152,17 @@ async def test_session_steps_rollback_and_errors(served, spans):
         await remote.step(torch.randn(2, 1, 64))
 
 
+@contextlib.asynccontextmanager
+async def twin_sessions(client, host, spans, prefix: torch.Tensor):
+    """A batch-2 session on the server and the same span's session run locally, both past
+    `prefix`, to compare step by step."""
+    local = spans[0].new_session(2, 16)
+    async with session(client, host, batch=2) as remote:
+        local.step(prefix)
+        await remote.step(prefix)
+        yield local, remote
+
+
 async def refusal(span, meta: dict, hidden: torch.Tensor | None = None) -> str:
     """The error code a server answers a step with this meta (sent as is) and these hidden
     states ([2, 1] by default)."""
@@ -178,11 +189,7 @@ async def test_padded_steps_match_the_span_and_bad_masks_are_refused(served, spa
 
 async def test_reordered_steps_match_the_span_and_bad_reorders_are_refused(served, spans):
     server, host, client = served
-    local = spans[0].new_session(2, 16)
-    prefix = torch.randn(2, 4, 64)
-    async with session(client, host, batch=2) as remote:
-        local.step(prefix)
-        await remote.step(prefix)
+    async with twin_sessions(client, host, spans, torch.randn(2, 4, 64)) as (local, remote):
         for bad in ([1, [0, 5]], [2, [0, 1]], [1, [0]], [1, "01"]):
             assert await refusal(remote.spans[0], {"position": 4, "reorder": bad}) == "bad_input"
         remote.reorder(torch.tensor([1, 0]))
@@ -196,11 +203,7 @@ async def test_a_refused_step_changes_nothing_in_the_session(served, spans):
     or reordered before finding the step bad, the next honest step at 8 would be refused or
     computed on permuted rows."""
     server, host, client = served
-    local = spans[0].new_session(2, 16)
-    prefix = torch.randn(2, 8, 64)
-    async with session(client, host, batch=2) as remote:
-        local.step(prefix)
-        await remote.step(prefix)
+    async with twin_sessions(client, host, spans, torch.randn(2, 8, 64)) as (local, remote):
         back = {"position": 2, "reorder": [1, [1, 0]]}
         bad_steps = [
             (torch.randn(2, 1, 64, dtype=torch.float64), back, "bad_input"),
