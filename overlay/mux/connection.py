@@ -4,9 +4,11 @@ Rules of this module (sans-IO, like h11 and aioquic):
 1. No I/O, no clock, no asyncio: bytes come in through `receive_data`, bytes to write come out
    of `data_to_send`, and what happened comes out of `next_event`.
 2. A peer can cost us at most: its frames are bounded by MAX_FRAME_PAYLOAD, its streams by
-   `max_streams`, the unread bytes of each stream by the flow-control window, and each message
-   by `max_message_size`. A violation of the protocol ends the connection (GO_AWAY), never
-   anything else; an oversized message or a stream over the limit resets only that stream.
+   `max_streams`, the unread bytes of each stream by the flow-control window, each message
+   by `max_message_size`, and the answers it solicits (PING acks, refusals of streams over
+   the limit) and does not read by MAX_QUEUED_CONTROL. A violation of the protocol ends the
+   connection (GO_AWAY), never anything else; an oversized message or a stream over the limit
+   resets only that stream.
 3. Fairness: `data_to_send` takes one frame per ready stream in turn, so a large transfer cannot
    starve small requests on the same connection.
 The frame format is documented in overlay/PROTOCOL.md.
@@ -51,6 +53,11 @@ MAX_FRAME_PAYLOAD = MAX_RECORD_PLAINTEXT - HEADER_SIZE
 INITIAL_WINDOW = 1 << 20
 MAX_WINDOW = (1 << 31) - 1
 MAX_RESET_REASON = 1024
+# Control frames waiting to be written. A peer that sends PINGs (or SYNs over the stream
+# limit) and never reads what they answer would otherwise grow the queue without bound, some
+# 60 bytes of memory per 10-byte frame it sends; an honest peer reads them and keeps a handful
+# queued at most. Beyond the bound, soliciting more is a protocol error.
+MAX_QUEUED_CONTROL = 4096
 PROTOCOL_ERROR = int(GoAwayCode.PROTOCOL_ERROR)
 _END_FIN = END | FIN
 _WHOLE_STREAM = SYN | END | FIN
@@ -393,7 +400,7 @@ class MuxConnection:
             self._last_remote_id = stream_id
             if self._going_away or self._remote_open >= self._max_streams:
                 # Refuse this stream only: the connection and its other streams go on.
-                self._control.append(self._reset_frame(stream_id, "stream limit reached"))
+                self._solicited(self._reset_frame(stream_id, "stream limit reached"))
                 return
             stream = self._streams[stream_id] = _Stream(stream_id, False)
             self._remote_open += 1
@@ -453,7 +460,7 @@ class MuxConnection:
         if flags & ACK:
             self.events.append(PongReceived(opaque))
         else:
-            self._control.append(HEADER.pack(PING, ACK, 0, opaque))
+            self._solicited(HEADER.pack(PING, ACK, 0, opaque))
 
     def _on_reset(self, stream_id: int, payload: memoryview) -> None:
         stream = self._streams.get(stream_id)
@@ -464,6 +471,14 @@ class MuxConnection:
         self.events.append(StreamReset(stream_id, reason))
 
     # ------------------------------------------------------------------ helpers
+    def _solicited(self, frame: bytes) -> None:
+        """Queue a control frame the peer's input asks for, within MAX_QUEUED_CONTROL."""
+        if len(self._control) >= MAX_QUEUED_CONTROL:
+            unsent = len(self._control)
+            return self._protocol_error(f"peer does not read its answers ({unsent} control "
+                                        "frames unsent)")
+        self._control.append(frame)
+
     def _grant(self, stream: _Stream) -> None:
         credit, stream.unacked = stream.unacked, 0
         window = stream.recv_window

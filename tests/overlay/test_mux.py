@@ -21,7 +21,7 @@ from overlay.mux import (
     StreamOpened,
     StreamReset,
 )
-from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD
+from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD, MAX_QUEUED_CONTROL
 from overlay.mux.frames import HEADER, Flag, FrameType
 
 
@@ -262,6 +262,32 @@ def test_ping_is_answered():
     a.ping(77)
     pump(a, b)
     assert events(a) == [PongReceived(77)]
+
+
+def test_a_peer_that_pings_and_never_reads_the_acks_is_cut_off():
+    """Each unread PING ack stayed queued: a peer that never read grew our memory unbounded."""
+    b = MuxConnection(False)
+    b.receive_data(frame(FrameType.PING, 0, 0, 1) * MAX_QUEUED_CONTROL)
+    assert events(b) == [] and not b.is_closed  # the bound itself is allowed
+    b.receive_data(frame(FrameType.PING, 0, 0, 1) * 1000)
+    got = events(b)
+    assert isinstance(got[-1], ConnectionTerminated) and "does not read" in got[-1].reason
+    assert b.data_to_send().endswith(HEADER.pack(FrameType.GO_AWAY, 0, 0, 1))
+
+
+def test_refusals_of_streams_over_the_limit_are_bounded_too():
+    b = MuxConnection(False, MuxConfig(max_streams=1))
+    syns = b"".join(frame(FrameType.DATA, Flag.SYN, 2 * i + 1, 0) for i in range(5000))
+    b.receive_data(syns)
+    assert b.is_closed and "does not read" in events(b)[-1].reason
+
+
+def test_pings_answered_as_they_come_never_hit_the_bound():
+    a, b = MuxConnection(True), MuxConnection(False)
+    for i in range(2 * MAX_QUEUED_CONTROL):
+        a.ping(i)
+        pump(a, b)
+    assert len(events(a)) == 2 * MAX_QUEUED_CONTROL and not b.is_closed
 
 
 def test_go_away_terminates():
