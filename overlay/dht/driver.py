@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import random
 import time
@@ -54,6 +55,7 @@ from overlay.multiaddr import Multiaddr, MultiaddrError
 log = logging.getLogger("overlay.dht")
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _MAX_REMEMBERED_ADDRS = 4096
 
 
@@ -310,8 +312,10 @@ class DHT:
         except MessageError as e:
             log.info("bad dht request from %s: %s", ctx.peer.short(), e)
             raise RemoteError("bad_request", str(e)) from None
-        if request.serves and any(_is_wildcard(a) for a in request.addrs):
-            request = dataclasses.replace(request, addrs=_observed(request.addrs, ctx))
+        if request.serves and request.addrs:
+            addrs = _dialable(request.addrs, ctx)
+            if addrs != request.addrs:
+                request = dataclasses.replace(request, addrs=addrs)
         try:
             response = self.node.handle_request(ctx.peer, request, time.time())
         except DHTProtocolError as e:
@@ -319,6 +323,29 @@ class DHT:
         finally:
             self._after_input()
         return encode_response(response)
+
+
+def _dialable(addrs: tuple[str, ...], ctx: RpcContext) -> tuple[str, ...]:
+    """The sender's announced addresses that others could dial, wildcards replaced by the
+    observed one. The core hands its contacts' addresses to every peer that looks them up:
+    without this, one peer made an honest node spread text that is no multiaddr, port 0,
+    multicast or broadcast hosts, or a /p2p suffix naming another peer."""
+    if any(_is_wildcard(a) for a in addrs):
+        addrs = _observed(addrs, ctx)
+    out = []
+    for text in addrs:
+        try:
+            maddr = Multiaddr.parse(text)
+        except MultiaddrError:
+            continue
+        if maddr.port == 0 or maddr.peer_id not in (None, ctx.peer):
+            continue
+        if maddr.protocol in ("ip4", "ip6"):
+            ip = ipaddress.ip_address(maddr.host)
+            if ip.is_multicast or ip.is_unspecified or ip == _BROADCAST:
+                continue
+        out.append(text)
+    return tuple(out)
 
 
 def _is_wildcard(text: str) -> bool:

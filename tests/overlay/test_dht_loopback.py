@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from overlay.dht.driver import DHT, DHTError
-from overlay.dht.messages import RPC_METHOD, Ping, encode_request
+from overlay.dht.messages import RPC_METHOD, FindNode, Ping, decode_response, encode_request
 from overlay.host import Host
 
 
@@ -129,6 +129,34 @@ async def test_unreachable_bootstrap_is_a_clear_error():
             await DHT.start(host, ["/ip4/127.0.0.1/tcp/1"], bootstrap_timeout=2)
     finally:
         await host.close()
+
+
+async def test_undialable_announced_addresses_are_not_handed_out():
+    """A peer announcing itself with text that is no multiaddr, port 0, a multicast or
+    broadcast host or another peer's /p2p suffix entered the table with those addresses,
+    and every find_node handed them to others."""
+    async with asyncio.timeout(30):
+        hosts, dhts = await start_nodes(1, random.Random(5))
+        [node] = hosts
+        liar, asker = Host(), Host()
+        try:
+            other = Host().peer_id
+            good = "/ip4/127.0.0.1/tcp/4001"
+            bad = ["not a multiaddr", "/ip4/10.0.0.1/tcp/0", "/ip4/224.0.0.1/tcp/80",
+                   "/ip4/255.255.255.255/tcp/80", f"/ip4/10.0.0.1/tcp/80/p2p/{other}"]
+            await liar.call(node.addrs[0], RPC_METHOD, encode_request(Ping(tuple(bad), True)))
+            assert not any(c.peer == liar.peer_id for c in dhts[0].node.table)
+            await liar.call(node.peer_id, RPC_METHOD,
+                            encode_request(Ping((*bad[:3], good), True)))
+            request = FindNode((0,))
+            answer = decode_response(
+                await asker.call(node.addrs[0], RPC_METHOD, encode_request(request)), request)
+            [contact] = [c for c in answer.peers[0] if c.peer == liar.peer_id]
+            assert contact.addrs == (good,)
+        finally:
+            await liar.close()
+            await asker.close()
+            await shutdown(hosts, dhts)
 
 
 def test_wildcard_addresses_are_replaced_by_the_observed_one():
