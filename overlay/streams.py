@@ -267,6 +267,11 @@ class Stream:
             self._error = error
         if self._asm is not None:
             self._drop_assembly()
+        # The message being received can never complete: drop its fragments now. The error
+        # is raised in a frame of this stream, so its traceback makes a reference cycle that
+        # only the cyclic GC breaks; until then a peer that cut off large messages kept them.
+        self._partial = []
+        self._partial_size = self._acked_partial = 0
         self._spare = []
         self._send_closed = True
         self._wake_reader()

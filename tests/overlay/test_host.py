@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
 import struct
+import tracemalloc
 
 import pytest
 
@@ -335,3 +337,39 @@ async def test_graceful_close_tells_the_peer(pair):
 
 def test_prologue_is_the_documented_one():
     assert PROLOGUE == b"overlay-node/1"
+
+
+async def test_a_message_cut_off_by_a_lost_connection_is_freed_at_once(pair):
+    """The fragments of a message in progress stayed referenced through the error's
+    traceback (a cycle) until the cyclic GC ran: a peer sending most of a large message and
+    then vanishing, again and again, grew a node's memory by the whole message each time."""
+    server, client, addr = pair
+    reading = asyncio.Event()
+
+    async def sink(ctx, stream):
+        reading.set()
+        await stream.recv()
+
+    server.add_stream_handler("sink", sink)
+    gc.disable()
+    tracemalloc.start()
+    try:
+        stream = await client.open_stream(addr, "sink")
+        await reading.wait()
+        message = bytes(16 << 20)
+        base = tracemalloc.get_traced_memory()[0]
+        conn = client.connection_to(server.peer_id)
+        conn._mux.send(stream.stream_id, message, end=False)  # a message without its END
+        conn._flush()
+        async with asyncio.timeout(10):
+            while tracemalloc.get_traced_memory()[0] - base < 15 << 20:  # the server has it
+                await asyncio.sleep(0.01)
+            client.abort()
+            while server.connection_to(client.peer_id) is not None:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        # (what remains: the record buffers of the two closed connections)
+        assert tracemalloc.get_traced_memory()[0] - base < 4 << 20
+    finally:
+        tracemalloc.stop()
+        gc.enable()
