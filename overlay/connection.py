@@ -446,6 +446,11 @@ class Connection(asyncio.BufferedProtocol):
     def num_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def idle(self) -> bool:
+        """No stream open in either direction: closing it interrupts nothing."""
+        return not self._streams and (self._mux is None or not self._mux.stream_ids())
+
     async def ping(self, timeout: float = 10.0) -> float:
         """Round-trip time of a multiplexer PING, in seconds."""
         if self.closed or self._mux is None:

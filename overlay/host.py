@@ -101,7 +101,7 @@ class Host:
         self._listen_addrs: list[Multiaddr] = []
         self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
         self._connections: dict[PeerId, Connection] = {}
-        self._all: set[Connection] = set()
+        self._all: dict[Connection, None] = {}  # oldest first (_make_room)
         self._dials: dict[object, asyncio.Future] = {}
         self._addr_book: dict[PeerId, list[Multiaddr]] = {}
         self._unary: dict[str, UnaryHandler] = {}
@@ -284,13 +284,33 @@ class Host:
         )
         if self._link_delay:
             conn.link_delay = self._link_delay
-        if self._closing or len(self._all) >= self.config.max_connections:
+        if self._closing or not self._make_room():
             conn.refuse("host is closing" if self._closing else "too many connections")
         else:
-            self._all.add(conn)
+            self._all[conn] = None
             if self._frozen:
                 conn.pause_reading()
         return conn
+
+    def _make_room(self) -> bool:
+        """Whether one more connection fits, closing an idle one at the limit: the oldest
+        inbound one still handshaking, else the oldest with no stream open. Refusing every
+        newcomer instead let one peer lock all others out for good by holding
+        max_connections idle connections (1024 handshakes take it two seconds)."""
+        if len(self._all) < self.config.max_connections:
+            return True
+        victim = next((c for c in self._all if not (c.initiator or c.ready.done())), None)
+        if victim is not None:
+            victim.abort("closed to make room: the host is at its connection limit")
+        else:
+            victim = next((c for c in self._all if c.idle), None)
+            if victim is None:
+                return False
+            log.info("closing idle connection to %s: the host is at its connection limit",
+                     victim.remote_peer)
+            victim.close()
+        self._all.pop(victim, None)
+        return True
 
     def _on_ready(self, conn: Connection) -> None:
         peer = conn.remote_peer
@@ -303,7 +323,7 @@ class Host:
         # A second connection (both sides dialed at once) stays usable until it closes.
 
     def _on_closed(self, conn: Connection) -> None:
-        self._all.discard(conn)
+        self._all.pop(conn, None)
         peer = conn.remote_peer
         if peer is None or self._connections.get(peer) is not conn:
             return

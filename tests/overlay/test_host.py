@@ -274,17 +274,54 @@ async def test_peer_that_vanishes_fails_pending_calls(pair):
 
 
 async def test_connection_limit():
+    """At the limit an idle connection makes room; busy ones are kept."""
     server = Host(config=HostConfig(max_connections=1))
     [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
     server.add_handler("echo", echo)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def hang(ctx, payload):
+        started.set()
+        await release.wait()
+        return b"done"
+
+    server.add_handler("hang", hang)
     a, b = Host(), Host()
     try:
         assert await a.call(addr, "echo", b"1") == b"1"
-        with pytest.raises(ConnectionLost):
+        call = asyncio.ensure_future(a.call(addr, "hang", b""))
+        await started.wait()
+        with pytest.raises(ConnectionLost):  # a's connection is busy: b is refused
             await b.call(addr, "echo", b"2", timeout=5)
-        assert await a.call(addr, "echo", b"3") == b"3"
+        release.set()
+        assert await call == b"done"
+        assert await b.call(addr, "echo", b"3") == b"3"  # a's idle connection made room
+        assert await a.call(addr, "echo", b"4", timeout=5) == b"4"  # and a redials
     finally:
         for host in (a, b, server):
+            await host.close()
+
+
+async def test_idle_connections_cannot_lock_others_out():
+    """A peer holding max_connections idle connections, some of them never starting the
+    handshake, refused every other peer until it let go."""
+    server = Host(config=HostConfig(max_connections=8))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    hoarders = [Host() for _ in range(4)]
+    silent = []
+    client = Host()
+    try:
+        for hoarder in hoarders:
+            await hoarder.connect(addr)
+        for _ in range(4):
+            silent.append(await asyncio.open_connection(addr.host, addr.port))
+        await asyncio.sleep(0.05)
+        assert await client.call(addr, "echo", b"in", timeout=5) == b"in"
+    finally:
+        for _, writer in silent:
+            writer.close()
+        for host in (*hoarders, client, server):
             await host.close()
 
 
