@@ -348,6 +348,9 @@ class MuxConnection:
             if frame_type in _HAS_PAYLOAD:
                 if length > MAX_FRAME_PAYLOAD:
                     return self._protocol_error(f"frame payload of {length} bytes exceeds limit")
+                if frame_type == RESET and length > MAX_RESET_REASON:
+                    return self._protocol_error(f"reset reason of {length} bytes exceeds "
+                                                f"{MAX_RESET_REASON}")
                 if total - pos < HEADER_SIZE + length:
                     break
                 payload = view[pos + HEADER_SIZE: pos + HEADER_SIZE + length]

@@ -313,6 +313,7 @@ def test_go_away_terminates():
         (frame(FrameType.DATA, Flag.SYN | Flag.FIN, 1, 0) + frame(FrameType.DATA, 0, 1, 1, b"x"),
          "after FIN"),
         (frame(FrameType.PING, Flag.SYN, 0, 1), "flags"),
+        (frame(FrameType.RESET, 0, 1, 1025, b"r" * 1025), "reset reason of 1025 bytes"),
     ],
 )
 def test_protocol_violations_end_the_connection(data, reason):
