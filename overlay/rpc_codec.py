@@ -101,7 +101,7 @@ def _decode_request(data: bytes | memoryview) -> tuple[RequestHeader, int]:
     if kind not in (KIND_UNARY, KIND_STREAM):
         raise RpcProtocolError(f"unknown request kind {kind}")
     end = _REQUEST.size + length
-    if length == 0 or len(data) < end:
+    if not 0 < length <= MAX_METHOD_LENGTH or len(data) < end:
         raise RpcProtocolError("request header has no valid method name")
     if kind == KIND_STREAM and len(data) != end:
         raise RpcProtocolError("a streaming request header carries no payload")

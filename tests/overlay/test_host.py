@@ -125,6 +125,20 @@ async def test_remote_errors_are_structured(pair):
     assert await client.call(addr, "echo", b"still fine") == b"still fine"
 
 
+async def test_a_method_name_over_the_documented_limit_is_a_bad_request(pair):
+    """PROTOCOL.md allows 1 to 128 bytes; longer names were looked up (and echoed back)."""
+    server, client, addr = pair
+    await client.connect(addr)
+    conn = client.connection_to(server.peer_id)
+    for name, code in ((b"e" * 129, "bad_request"), (b"e" * 128, "unknown_method")):
+        header = struct.pack(">BBI", 0, len(name), 0xFFFFFFFF) + name
+        answer = asyncio.get_running_loop().create_future()
+        conn.start_call((header,), answer)
+        with pytest.raises(RemoteError) as refused:
+            await asyncio.wait_for(answer, 5)
+        assert refused.value.code == code
+
+
 async def test_deadline_exceeded_on_both_sides(pair):
     server, client, addr = pair
     cancelled = asyncio.Event()
