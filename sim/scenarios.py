@@ -74,11 +74,17 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def parse_value(text: str, current: object) -> object:
-    """`text` as the type of `current` (the default it replaces)."""
+def parse_value(text: str, current: object, optional: bool = False) -> object:
+    """`text` as the type of `current` (the default it replaces).
+
+    "none" or "null" is None only for a field that may be None (`churn.mass_at`); a string
+    field keeps it as a value (`churn.kind=none`, `model.compression=none`).
+    """
     lowered = text.strip().lower()
-    if lowered in ("none", "null"):
+    if lowered in ("none", "null") and (optional or current is None):
         return None
+    if isinstance(current, str):
+        return text
     if isinstance(current, bool):
         if lowered in ("1", "true", "yes", "on"):
             return True
@@ -95,8 +101,6 @@ def parse_value(text: str, current: object) -> object:
             return float(text)
         except ValueError:
             raise ConfigError(f"expected a number, got {text!r}") from None
-    if isinstance(current, str):
-        return text
     if current is None:  # an optional number, as a rule
         for kind in (int, float):
             try:
@@ -112,7 +116,8 @@ def set_option(config: Any, path: str, text: str) -> Any:
     head, _, rest = path.partition(".")
     if not dataclasses.is_dataclass(config):
         raise ConfigError(f"{path!r}: not a configuration section")
-    names = {f.name for f in dataclasses.fields(config)}
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    names = fields.keys()
     if head not in names:
         raise ConfigError(
             f"unknown option {head!r}; known: {', '.join(sorted(names))}"
@@ -123,7 +128,7 @@ def set_option(config: Any, path: str, text: str) -> Any:
     else:
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"{head!r} is a section; set one of its fields ({head}.NAME)")
-        value = parse_value(text, current)
+        value = parse_value(text, current, optional="None" in str(fields[head].type))
     try:
         return dataclasses.replace(config, **{head: value})
     except (ValueError, TypeError) as e:

@@ -168,3 +168,17 @@ def test_set_option_reaches_nested_fields():
         set_option(config, "network", "fast")
     with pytest.raises(ConfigError, match="more blocks than the model has"):
         set_option(config, "model.num_blocks", "24")  # the A100 class holds 40
+
+
+def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_path):
+    """`--churn none` (the docs' first churn model) was parsed as None and refused."""
+    config = set_option(SwarmScenarioConfig(), "churn.kind", "none")
+    config = set_option(config, "model.compression", "none")
+    assert (config.churn.kind, config.model.compression) == ("none", "none")
+    config = set_option(set_option(config, "churn.mass_at", "100"), "churn.mass_at", "None")
+    assert config.churn.mass_at is None
+    with pytest.raises(ConfigError, match="expected a number"):
+        set_option(config, "warmup", "none")  # not optional: a run would crash on it
+    assert main(["run", "dht-churn", "--nodes", "20", "--duration", "5", "--churn", "none",
+                 "--quiet", "--no-plots", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["churn"] == "none"
