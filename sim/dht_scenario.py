@@ -31,6 +31,7 @@ import msgpack
 from overlay.dht.config import DHTConfig
 from overlay.dht.effects import FindResult, GetResult, OperationDone, StoreResult
 from overlay.dht.node import DHTNode
+from sim.checks import fraction, non_negative, positive
 from sim.churn import ChurnConfig, ChurnModel
 from sim.dht_net import DriverConfig, SimDHT, SimPeer
 from sim.engine import ProgressFn, Simulator, quiet_gc
@@ -63,8 +64,11 @@ class DHTScenarioConfig:
             raise ValueError("a DHT scenario needs at least 2 nodes")
         if not self.duration > 0 or not self.sample_interval > 0:
             raise ValueError("duration and sample_interval must be positive seconds")
-        if not self.ops_per_s >= 0:
-            raise ValueError("ops_per_s must not be negative")
+        positive(duration=self.duration, sample_interval=self.sample_interval,
+                 record_ttl=self.record_ttl)
+        non_negative(ops_per_s=self.ops_per_s, join_interval=self.join_interval,
+                     settle=self.settle, value_bytes=self.value_bytes)
+        fraction(find_share=self.find_share, store_share=self.store_share)
         if self.join not in ("auto", "protocol", "prefilled"):
             raise ValueError(f"unknown join mode {self.join!r}")
         if not 0 <= self.find_share + self.store_share <= 1:

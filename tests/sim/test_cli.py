@@ -182,3 +182,32 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     assert main(["run", "dht-churn", "--nodes", "20", "--duration", "5", "--churn", "none",
                  "--quiet", "--no-plots", "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["churn"] == "none"
+
+
+@pytest.mark.parametrize("scenario,option,message", [
+    # each of these was a traceback halfway through the run, a run that never ended, or a
+    # run of NaN event times that silently measured nothing
+    ("dht-churn", "churn.shape=0", "shape must be a finite number > 0"),
+    ("dht-churn", "churn.scale=nan", "scale must be a finite number > 0"),
+    ("dht-churn", "churn.shape=1e-4", "no finite mean"),
+    ("dht-churn", "churn.mass_at=-10", "mass_at must be a finite number >= 0"),
+    ("dht-static", "network.one_way_median=0", "one_way_median must be"),
+    ("dht-static", "network.one_way_min=nan", "one_way_min must be"),
+    ("dht-static", "record_ttl=0", "record_ttl must be a finite number > 0"),
+    ("dht-static", "duration=inf", "duration must be a finite number > 0"),
+    ("dht-static", "driver.silent_fraction=2", "silent_fraction must be in [0, 1]"),
+    ("swarm", "duration=inf", "duration must be a finite number > 0"),
+    ("swarm", "model.hidden_size=0", "hidden_size must be at least 1"),
+    ("swarm", "model.dtype=int3", "unsupported dtype 'int3'"),
+    ("swarm", "model.compression=zzz", "unknown compression 'zzz'"),
+    ("swarm", "balance_check_period=0", "balance_check_period must be"),
+    ("swarm", "step_timeout=-1", "step_timeout must be"),
+    ("swarm", "graceful_fraction=2", "graceful_fraction must be in [0, 1]"),
+    ("swarm", "balance_quality=nan", "balance_quality must be"),
+])
+def test_values_a_run_cannot_use_are_refused_before_it_starts(capsys, scenario, option,
+                                                               message):
+    assert main(["run", scenario, "--set", option, "--quiet", "--no-plots",
+                 "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
