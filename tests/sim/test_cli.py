@@ -112,7 +112,9 @@ def test_bad_options_get_a_clear_error(capsys):
     assert main(["run", "swarm", "--nodes", "10"]) == 2
     assert "use --servers" in capsys.readouterr().err
     assert main(["run", "dht-static", "--set", "dht.kay=3"]) == 2
-    assert "unknown option 'kay'" in capsys.readouterr().err
+    assert "unknown option 'dht.kay'; known in dht: alpha" in capsys.readouterr().err
+    assert main(["run", "dht-static", "--set", "network.loss.x=1"]) == 2
+    assert "'network.loss' is a value, not a section" in capsys.readouterr().err
     assert main(["run", "dht-static", "--set", "nodes=many"]) == 2
     assert "expected an integer" in capsys.readouterr().err
     assert main(["run", "swarm", "--set", "recovery=pray"]) == 2
@@ -210,4 +212,5 @@ def test_values_a_run_cannot_use_are_refused_before_it_starts(capsys, scenario, 
     assert main(["run", scenario, "--set", option, "--quiet", "--no-plots",
                  "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err
+    assert err.startswith(f"overlay-sim: {option}: ")  # the whole dotted path, as given
     assert message in err and "Traceback" not in err
