@@ -10,7 +10,7 @@ Pure data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from blocks.placement import BALANCE_QUALITY, MEAN_BALANCE_CHECK_PERIOD
 from sim.checks import fraction, non_negative, positive
@@ -135,5 +135,10 @@ class SwarmScenarioConfig:
             raise ValueError("prompt_tokens must be below min_tokens")
         if not 0.0 <= self.step_failure_prob < 1.0:
             raise ValueError("step_failure_prob must be in [0, 1)")
+        # A server with room for more blocks than the model has serves the whole model
+        # (Petals' Server caps num_blocks at the model's num_hidden_layers), so that a small
+        # model (`--set model.num_blocks=24`) runs with the default classes.
         if any(c.num_blocks > self.model.num_blocks for c in self.classes):
-            raise ValueError("a server class holds more blocks than the model has")
+            capped = tuple(replace(c, num_blocks=min(c.num_blocks, self.model.num_blocks))
+                           for c in self.classes)
+            object.__setattr__(self, "classes", capped)
