@@ -203,6 +203,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 raise Interrupted(f"{e}; {out / 'sweep.csv'} holds the {len(runs)} "
                                   f"finished runs") from None
             raise
+        if not runs:  # a misspelt --metrics name: say so now, not with an empty panel at the end
+            unknown = [m for m in metrics if m not in result.metrics]
+            if unknown:
+                print(f"overlay-sim: {spec.name} has no metric {', '.join(map(repr, unknown))}"
+                      f" (see metrics.json); sweep.png leaves its panel empty", file=sys.stderr)
         values.append(_value_at(config, param))
         runs.append(result.metrics)
     _write_sweep(args, spec, base, values, runs, metrics, out)

@@ -226,3 +226,13 @@ def test_values_a_run_cannot_use_are_refused_before_it_starts(capsys, scenario, 
     err = capsys.readouterr().err
     assert err.startswith(f"overlay-sim: {option}: ")  # the whole dotted path, as given
     assert message in err and "Traceback" not in err
+
+
+def test_a_misspelt_sweep_metric_is_named_after_the_first_run(tmp_path, capsys):
+    """It only drew an empty panel, silently, once the whole sweep had run."""
+    assert main(["sweep", "dht-static", "--param", "nodes", "--values", "20,30",
+                 "--duration", "5", "--metrics", "lookup_sucess_rate,hops_p50", "--quiet",
+                 "--no-plots", "--out", str(tmp_path / "sweep")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("dht-static has no metric 'lookup_sucess_rate'") == 1
+    assert "hops_p50" not in err
