@@ -202,7 +202,8 @@ class SwarmScenario:
             + sum(s.recoveries for s in self.runner.active.values()),
             "restarts": sum(s.restarts for s in finished)
             + sum(s.restarts for s in self.runner.active.values()),
-            "replayed_tokens": sum(s.replayed for s in finished),
+            "replayed_tokens": sum(s.replayed for s in finished)
+            + sum(s.replayed for s in self.runner.active.values()),
             "discarded_tokens": sum(s.discarded for s in finished)
             + sum(s.discarded for s in self.runner.active.values()),
             "tokens_computed": tokens,
