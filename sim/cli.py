@@ -78,6 +78,11 @@ class ProgressBar:
             self.stream.flush()
 
 
+# Everything run_one may write; timing.json and the plots are not written every time.
+RUN_FILES = ("metrics.json", "timing.json", "timeseries.csv", "config.json", "timeseries.png",
+             "distributions.png")
+
+
 class Interrupted(Exception):
     """Ctrl-C during a run: what was stopped, for the one-line message."""
 
@@ -141,6 +146,8 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
+    for name in RUN_FILES:  # a rerun into the same --out leaves nothing of the last run
+        (out / name).unlink(missing_ok=True)
     write_metrics(out / "metrics.json", result.metrics)
     if timing:
         write_timing(out / "timing.json", result.timing)
@@ -218,6 +225,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _write_sweep(args: argparse.Namespace, spec: Scenario, base: Any, values: list[object],
                  runs: list[dict[str, object]], metrics: list[str], out: Path) -> None:
     keys = sorted({k for run in runs for k in run})
+    (out / "sweep.png").unlink(missing_ok=True)  # an older sweep's, if not drawn again
     with (out / "sweep.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([args.param, *keys])

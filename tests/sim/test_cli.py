@@ -236,3 +236,18 @@ def test_a_misspelt_sweep_metric_is_named_after_the_first_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("dht-static has no metric 'lookup_sucess_rate'") == 1
     assert "hops_p50" not in err
+
+
+def test_a_rerun_into_the_same_out_leaves_nothing_of_the_last_one(tmp_path):
+    """The plots and timing.json of an earlier run stayed next to the new metrics.json."""
+    run = ["run", "dht-static", "--nodes", "20", "--duration", "5", "--quiet"]
+    assert main([*run, "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "timeseries.png").exists()
+    assert main([*run, "--no-plots", "--no-timing", "--out", str(tmp_path / "run")]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json", "metrics.json", "timeseries.csv"]
+    sweep = ["sweep", "dht-static", "--param", "nodes", "--values", "20", "--duration", "5",
+             "--quiet", "--out", str(tmp_path / "sweep")]
+    assert main(sweep) == 0 and (tmp_path / "sweep" / "sweep.png").exists()
+    assert main([*sweep, "--no-plots"]) == 0
+    assert not (tmp_path / "sweep" / "sweep.png").exists()
