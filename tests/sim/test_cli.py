@@ -210,6 +210,8 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     ("dht-static", "record_ttl=0", "record_ttl must be a finite number > 0"),
     ("dht-static", "duration=inf", "duration must be a finite number > 0"),
     ("dht-static", "driver.silent_fraction=2", "silent_fraction must be in [0, 1]"),
+    ("dht-churn", "dht.bucket_refresh_interval=0", "bucket_refresh_interval must be"),
+    ("dht-churn", "dht.request_timeout=nan", "request_timeout must be"),
     ("swarm", "duration=inf", "duration must be a finite number > 0"),
     ("swarm", "model.hidden_size=0", "hidden_size must be at least 1"),
     ("swarm", "model.dtype=int3", "unsupported dtype 'int3'"),
