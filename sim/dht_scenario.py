@@ -245,9 +245,9 @@ class DHTScenario:
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def _sample(self) -> None:
-        c = self.config
-        self.sim.after(c.sample_interval, self._sample)
+    def _sample(self, again: bool = True) -> None:
+        if again:
+            self.sim.after(self.config.sample_interval, self._sample)
         f0, g0, r0, b0 = self._window
         finds = self.finds[f0:]
         gets = self.gets[g0:]
@@ -291,6 +291,8 @@ class DHTScenario:
             sim.after(sim.rng.expovariate(c.ops_per_s), self._arrival)
         self._alive_samples.append(len(self.dht.alive))
         sim.run(self._t0 + c.duration, progress=progress)
+        if not self.series.rows or self.series.rows[-1][0] < round(c.duration, 6):
+            self._sample(again=False)  # the last, shorter interval: the rows add up to the run
         self.abandoned = sum(1 for op in self.ops.values() if op.peer.epoch != op.epoch)
         return self._result(requests0, bytes0)
 

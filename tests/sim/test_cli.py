@@ -253,3 +253,26 @@ def test_a_rerun_into_the_same_out_leaves_nothing_of_the_last_one(tmp_path):
     assert main(sweep) == 0 and (tmp_path / "sweep" / "sweep.png").exists()
     assert main([*sweep, "--no-plots"]) == 0
     assert not (tmp_path / "sweep" / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("args,counts", [
+    (["dht-static", "--nodes", "30", "--duration", "90"],
+     {"finds": "lookups", "gets": "gets", "requests": "requests", "bytes": "bytes"}),
+    (["swarm", "--servers", "6", "--duration", "100", "--set", "model.num_blocks=8",
+      "--set", "session_rate=0.1"], {}),
+])
+def test_the_time_series_covers_a_duration_that_is_not_a_whole_number_of_intervals(
+        tmp_path, args, counts):
+    """The last, shorter interval had no row: its lookups, requests, tokens were missing."""
+    out = tmp_path / "run"
+    assert main(["run", *args, "--quiet", "--no-plots", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "timeseries.csv").open()))
+    assert float(rows[-1]["time_s"]) == m["duration_s"]
+    for column, metric in counts.items():
+        assert sum(int(r[column]) for r in rows) == m[metric]
+    if args[0] == "swarm":
+        times = [float(r["time_s"]) for r in rows]
+        tokens = sum(float(r["tokens_per_s"]) * (b - a)
+                     for r, a, b in zip(rows[1:], times, times[1:]))
+        assert m["tokens_computed"] > 0 and tokens == pytest.approx(m["tokens_computed"])
