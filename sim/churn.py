@@ -61,6 +61,13 @@ class ChurnConfig:
         except OverflowError:
             raise ValueError("a Weibull shape this small has no finite mean") from None
 
+    def check_within(self, duration: float) -> None:
+        """A mass failure set after the run's end would never happen: a run without churn
+        that looks like one with it."""
+        if self.kind == "mass" and self.mass_at is not None and self.mass_at >= duration:
+            raise ValueError(f"a mass failure at {self.mass_at:g} s is not before the end of "
+                             f"the run ({duration:g} s): it would never happen")
+
     def session(self) -> Duration:
         weibull = Weibull(self.shape, self.scale)
         return Exponential(weibull.mean) if self.kind == "exp" else weibull

@@ -69,6 +69,7 @@ class DHTScenarioConfig:
         non_negative(ops_per_s=self.ops_per_s, join_interval=self.join_interval,
                      settle=self.settle, value_bytes=self.value_bytes)
         fraction(find_share=self.find_share, store_share=self.store_share)
+        self.churn.check_within(self.duration)
         # DHTConfig checks its counts, not its times: a zero refresh interval never let the
         # run end, a NaN one silently turned refreshes off.
         d = self.dht

@@ -127,6 +127,7 @@ class SwarmScenarioConfig:
                      balance_quality=self.balance_quality, view_refresh=self.view_refresh)
         fraction(graceful_fraction=self.graceful_fraction,
                  silent_fraction=self.silent_fraction)
+        self.churn.check_within(self.duration)
         if self.recovery not in ("replay", "restart"):
             raise ValueError(f"recovery must be replay or restart, got {self.recovery!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:

@@ -205,6 +205,7 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     ("dht-churn", "churn.scale=nan", "scale must be a finite number > 0"),
     ("dht-churn", "churn.shape=1e-4", "no finite mean"),
     ("dht-churn", "churn.mass_at=-10", "mass_at must be a finite number >= 0"),
+    ("dht-churn", "churn.kind=mass --set churn.mass_at=600", "would never happen"),
     ("dht-static", "network.one_way_median=0", "one_way_median must be"),
     ("dht-static", "network.one_way_min=nan", "one_way_min must be"),
     ("dht-static", "record_ttl=0", "record_ttl must be a finite number > 0"),
@@ -223,10 +224,12 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
 ])
 def test_values_a_run_cannot_use_are_refused_before_it_starts(capsys, scenario, option,
                                                                message):
-    assert main(["run", scenario, "--set", option, "--quiet", "--no-plots",
+    assert main(["run", scenario, "--duration", "60", *f"--set {option}".split(), "--quiet",
+                 "--no-plots",
                  "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"overlay-sim: {option}: ")  # the whole dotted path, as given
+    last = option.split()[-1]
+    assert err.startswith(f"overlay-sim: {last}: ")  # the whole dotted path, as given
     assert message in err and "Traceback" not in err
 
 
