@@ -279,3 +279,12 @@ def test_the_time_series_covers_a_duration_that_is_not_a_whole_number_of_interva
         tokens = sum(float(r["tokens_per_s"]) * (b - a)
                      for r, a, b in zip(rows[1:], times, times[1:]))
         assert m["tokens_computed"] > 0 and tokens == pytest.approx(m["tokens_computed"])
+
+
+def test_the_progress_log_ends_at_100_percent(tmp_path, capsys):
+    """The engine reports every 8192 events, so a run ending mid-chunk stopped at 90%."""
+    assert main(["run", "dht-static", "--nodes", "50", "--duration", "30", "--no-plots",
+                 "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "% t=" in line]
+    assert lines[-1].startswith("dht-static: 100% t=62/62s")
+    assert sum("100%" in line for line in lines) == 1
