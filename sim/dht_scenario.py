@@ -70,6 +70,16 @@ class DHTScenarioConfig:
                      settle=self.settle, value_bytes=self.value_bytes)
         fraction(find_share=self.find_share, store_share=self.store_share)
         self.churn.check_within(self.duration)
+        # The records a STORE makes must pass the core's own limits (else a RecordError
+        # at the first STORE): the value is msgpack bin (2, 3 or 5 bytes of header).
+        limits = self.dht.limits
+        header = 2 if self.value_bytes < 256 else 3 if self.value_bytes < 65536 else 5
+        if self.value_bytes + header > limits.max_value_bytes:
+            raise ValueError(f"value_bytes={self.value_bytes} makes records over "
+                             f"dht.limits.max_value_bytes={limits.max_value_bytes}")
+        if self.record_ttl > limits.max_ttl:
+            raise ValueError(f"record_ttl={self.record_ttl:g} is over "
+                             f"dht.limits.max_ttl={limits.max_ttl:g}")
         # DHTConfig checks its counts, not its times: a zero refresh interval never let the
         # run end, a NaN one silently turned refreshes off.
         d = self.dht

@@ -209,6 +209,8 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     ("dht-static", "network.one_way_median=0", "one_way_median must be"),
     ("dht-static", "network.one_way_min=nan", "one_way_min must be"),
     ("dht-static", "record_ttl=0", "record_ttl must be a finite number > 0"),
+    ("dht-static", "record_ttl=1e6", "is over dht.limits.max_ttl=86400"),
+    ("dht-static", "value_bytes=65534", "over dht.limits.max_value_bytes=65536"),
     ("dht-static", "duration=inf", "duration must be a finite number > 0"),
     ("dht-static", "driver.silent_fraction=2", "silent_fraction must be in [0, 1]"),
     ("dht-churn", "dht.bucket_refresh_interval=0", "bucket_refresh_interval must be"),
