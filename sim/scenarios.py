@@ -101,13 +101,13 @@ def parse_value(text: str, current: object, optional: bool = False) -> object:
             return float(text)
         except ValueError:
             raise ConfigError(f"expected a number, got {text!r}") from None
-    if current is None:  # an optional number, as a rule
+    if current is None:  # an optional number (the only kind of optional field there is)
         for kind in (int, float):
             try:
                 return kind(text)
             except ValueError:
                 pass
-        return text
+        raise ConfigError(f"expected a number or none, got {text!r}")
     raise ConfigError(f"cannot set a {type(current).__name__} from the command line")
 
 

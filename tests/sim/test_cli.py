@@ -193,6 +193,8 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     assert config.churn.mass_at is None
     with pytest.raises(ConfigError, match="expected a number"):
         set_option(config, "warmup", "none")  # not optional: a run would crash on it
+    with pytest.raises(ConfigError, match=r"churn\.mass_at=soon: expected a number or none"):
+        set_option(config, "churn.mass_at", "soon")  # was "must be real number, not str"
     assert main(["run", "dht-churn", "--nodes", "20", "--duration", "5", "--churn", "none",
                  "--quiet", "--no-plots", "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["churn"] == "none"
