@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sim.checks import fraction, non_negative, positive
 from sim.distributions import Duration, Exponential, Weibull
 from sim.engine import Simulator
 
@@ -50,8 +51,22 @@ class ChurnConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown churn model {self.kind!r}; one of {', '.join(KINDS)}")
-        if not 0.0 <= self.mass_fraction <= 1.0:
-            raise ValueError("mass_fraction must be in [0, 1]")
+        fraction(mass_fraction=self.mass_fraction)
+        if self.mass_at is not None:
+            non_negative(mass_at=self.mass_at)
+        positive(shape=self.shape, scale=self.scale, down_shape=self.down_shape,
+                 down_scale=self.down_scale)
+        try:
+            self.session().mean, self.downtime().mean  # a tiny shape overflows here
+        except OverflowError:
+            raise ValueError("a Weibull shape this small has no finite mean") from None
+
+    def check_within(self, duration: float) -> None:
+        """A mass failure set after the run's end would never happen: a run without churn
+        that looks like one with it."""
+        if self.kind == "mass" and self.mass_at is not None and self.mass_at >= duration:
+            raise ValueError(f"a mass failure at {self.mass_at:g} s is not before the end of "
+                             f"the run ({duration:g} s): it would never happen")
 
     def session(self) -> Duration:
         weibull = Weibull(self.shape, self.scale)

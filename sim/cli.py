@@ -78,6 +78,11 @@ class ProgressBar:
             self.stream.flush()
 
 
+# Everything run_one may write; timing.json and the plots are not written every time.
+RUN_FILES = ("metrics.json", "timing.json", "timeseries.csv", "config.json", "timeseries.png",
+             "distributions.png")
+
+
 class Interrupted(Exception):
     """Ctrl-C during a run: what was stopped, for the one-line message."""
 
@@ -129,8 +134,9 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
                           f"{instance.horizon:,.0f} simulated s; its results were not "
                           f"written") from None
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    bar.close()
     events = result.metrics.get("events")
+    bar(instance.horizon, events if isinstance(events, int) else 0)  # the 100% the engine
+    bar.close()  # reports only when its last chunk of events happens to end there
     result.timing = {
         "wall_s": wall,
         "cpu_s": cpu,
@@ -141,6 +147,8 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
+    for name in RUN_FILES:  # a rerun into the same --out leaves nothing of the last run
+        (out / name).unlink(missing_ok=True)
     write_metrics(out / "metrics.json", result.metrics)
     if timing:
         write_timing(out / "timing.json", result.timing)
@@ -203,6 +211,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 raise Interrupted(f"{e}; {out / 'sweep.csv'} holds the {len(runs)} "
                                   f"finished runs") from None
             raise
+        if not runs:  # a misspelt --metrics name: say so now, not with an empty panel at the end
+            unknown = [m for m in metrics if m not in result.metrics]
+            if unknown:
+                print(f"overlay-sim: {spec.name} has no metric {', '.join(map(repr, unknown))}"
+                      f" (see metrics.json); sweep.png leaves its panel empty", file=sys.stderr)
         values.append(_value_at(config, param))
         runs.append(result.metrics)
     _write_sweep(args, spec, base, values, runs, metrics, out)
@@ -213,6 +226,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _write_sweep(args: argparse.Namespace, spec: Scenario, base: Any, values: list[object],
                  runs: list[dict[str, object]], metrics: list[str], out: Path) -> None:
     keys = sorted({k for run in runs for k in run})
+    (out / "sweep.png").unlink(missing_ok=True)  # an older sweep's, if not drawn again
     with (out / "sweep.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([args.param, *keys])

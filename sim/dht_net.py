@@ -30,6 +30,7 @@ from overlay.dht.ids import ID_BITS, node_id_of
 from overlay.dht.messages import request_size, response_size
 from overlay.dht.node import DHTNode, DHTProtocolError
 from overlay.identity import PeerId
+from sim.checks import fraction
 from sim.engine import Simulator
 from sim.network import NetworkModel
 from sim.oracle import AliveIndex
@@ -46,6 +47,9 @@ class DriverConfig:
     # Charge each message its exact encoded size (request_size / response_size: the length
     # encode_request / encode_response would give, without encoding); False charges 512.
     exact_sizes: bool = True
+
+    def __post_init__(self) -> None:
+        fraction(silent_fraction=self.silent_fraction)
 
 
 class SimPeer:

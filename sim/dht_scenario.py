@@ -31,6 +31,7 @@ import msgpack
 from overlay.dht.config import DHTConfig
 from overlay.dht.effects import FindResult, GetResult, OperationDone, StoreResult
 from overlay.dht.node import DHTNode
+from sim.checks import fraction, non_negative, positive
 from sim.churn import ChurnConfig, ChurnModel
 from sim.dht_net import DriverConfig, SimDHT, SimPeer
 from sim.engine import ProgressFn, Simulator, quiet_gc
@@ -63,8 +64,31 @@ class DHTScenarioConfig:
             raise ValueError("a DHT scenario needs at least 2 nodes")
         if not self.duration > 0 or not self.sample_interval > 0:
             raise ValueError("duration and sample_interval must be positive seconds")
-        if not self.ops_per_s >= 0:
-            raise ValueError("ops_per_s must not be negative")
+        positive(duration=self.duration, sample_interval=self.sample_interval,
+                 record_ttl=self.record_ttl)
+        non_negative(ops_per_s=self.ops_per_s, join_interval=self.join_interval,
+                     settle=self.settle, value_bytes=self.value_bytes)
+        fraction(find_share=self.find_share, store_share=self.store_share)
+        self.churn.check_within(self.duration)
+        # The records a STORE makes must pass the core's own limits (else a RecordError
+        # at the first STORE): the value is msgpack bin (2, 3 or 5 bytes of header).
+        limits = self.dht.limits
+        header = 2 if self.value_bytes < 256 else 3 if self.value_bytes < 65536 else 5
+        if self.value_bytes + header > limits.max_value_bytes:
+            raise ValueError(f"value_bytes={self.value_bytes} makes records over "
+                             f"dht.limits.max_value_bytes={limits.max_value_bytes}")
+        if self.record_ttl > limits.max_ttl:
+            raise ValueError(f"record_ttl={self.record_ttl:g} is over "
+                             f"dht.limits.max_ttl={limits.max_ttl:g}")
+        # DHTConfig checks its counts, not its times: a zero refresh interval never let the
+        # run end, a NaN one silently turned refreshes off.
+        d = self.dht
+        positive(**{f"dht.{name}": getattr(d, name) for name in (
+            "bucket_refresh_interval", "republish_interval", "request_timeout",
+            "initial_soft_timeout")})
+        non_negative(**{f"dht.{name}": getattr(d, name) for name in (
+            "min_republish_interval", "backoff_base", "value_hedge_rtts",
+            "min_value_hedge_delay")})
         if self.join not in ("auto", "protocol", "prefilled"):
             raise ValueError(f"unknown join mode {self.join!r}")
         if not 0 <= self.find_share + self.store_share <= 1:
@@ -232,9 +256,9 @@ class DHTScenario:
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def _sample(self) -> None:
-        c = self.config
-        self.sim.after(c.sample_interval, self._sample)
+    def _sample(self, again: bool = True) -> None:
+        if again:
+            self.sim.after(self.config.sample_interval, self._sample)
         f0, g0, r0, b0 = self._window
         finds = self.finds[f0:]
         gets = self.gets[g0:]
@@ -278,6 +302,8 @@ class DHTScenario:
             sim.after(sim.rng.expovariate(c.ops_per_s), self._arrival)
         self._alive_samples.append(len(self.dht.alive))
         sim.run(self._t0 + c.duration, progress=progress)
+        if not self.series.rows or self.series.rows[-1][0] < round(c.duration, 6):
+            self._sample(again=False)  # the last, shorter interval: the rows add up to the run
         self.abandoned = sum(1 for op in self.ops.values() if op.peer.epoch != op.epoch)
         return self._result(requests0, bytes0)
 

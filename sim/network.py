@@ -23,6 +23,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 
+from sim.checks import non_negative, positive
 from sim.distributions import LogNormal
 
 # Linux TCP_RTO_MIN (include/net/tcp.h: HZ / 5): the first retransmission of a lost segment
@@ -104,6 +105,12 @@ class NetworkConfig:
             raise ValueError("region_rtt_ms must be a square matrix, one row per region")
         if not self.bandwidth:
             raise ValueError("at least one bandwidth class")
+        positive(one_way_median=self.one_way_median)
+        non_negative(one_way_sigma=self.one_way_sigma, one_way_min=self.one_way_min,
+                     one_way_max=self.one_way_max,
+                     region_jitter_sigma=self.region_jitter_sigma)
+        if self.latency == "uniform" and self.one_way_min > self.one_way_max:
+            raise ValueError("uniform latency needs one_way_min <= one_way_max")
 
 
 def _pick(cumulative: list[float], rng: random.Random) -> int:

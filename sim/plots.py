@@ -107,6 +107,9 @@ def plot_sweep(
         points = [(x, y) for x, y in zip(xs, ys) if isinstance(y, int | float)]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        elif all(metric not in run for run in runs):
+            ax.text(0.5, 0.5, f"no metric named {metric!r}", ha="center", va="center",
+                    transform=ax.transAxes)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
     if numeric and min(xs) > 0 and max(xs) >= 10 * min(xs):  # type: ignore[operator]

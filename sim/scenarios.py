@@ -74,11 +74,17 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def parse_value(text: str, current: object) -> object:
-    """`text` as the type of `current` (the default it replaces)."""
+def parse_value(text: str, current: object, optional: bool = False) -> object:
+    """`text` as the type of `current` (the default it replaces).
+
+    "none" or "null" is None only for a field that may be None (`churn.mass_at`); a string
+    field keeps it as a value (`churn.kind=none`, `model.compression=none`).
+    """
     lowered = text.strip().lower()
-    if lowered in ("none", "null"):
+    if lowered in ("none", "null") and (optional or current is None):
         return None
+    if isinstance(current, str):
+        return text
     if isinstance(current, bool):
         if lowered in ("1", "true", "yes", "on"):
             return True
@@ -95,39 +101,45 @@ def parse_value(text: str, current: object) -> object:
             return float(text)
         except ValueError:
             raise ConfigError(f"expected a number, got {text!r}") from None
-    if isinstance(current, str):
-        return text
-    if current is None:  # an optional number, as a rule
+    if current is None:  # an optional number (the only kind of optional field there is)
         for kind in (int, float):
             try:
                 return kind(text)
             except ValueError:
                 pass
-        return text
+        raise ConfigError(f"expected a number or none, got {text!r}")
     raise ConfigError(f"cannot set a {type(current).__name__} from the command line")
 
 
-def set_option(config: Any, path: str, text: str) -> Any:
-    """A copy of `config` with the field at dotted `path` set from `text`."""
+def set_option(config: Any, path: str, text: str, _section: str = "") -> Any:
+    """A copy of `config` with the field at dotted `path` set from `text`.
+
+    Errors name the whole dotted path (`churn.shape=0`, `unknown option 'dht.kay'`).
+    """
     head, _, rest = path.partition(".")
+    where = f"{_section}{head}"
     if not dataclasses.is_dataclass(config):
-        raise ConfigError(f"{path!r}: not a configuration section")
-    names = {f.name for f in dataclasses.fields(config)}
+        raise ConfigError(f"{_section.rstrip('.')!r} is a value, not a section: nothing in it "
+                          f"to set")
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    names = fields.keys()
     if head not in names:
-        raise ConfigError(
-            f"unknown option {head!r}; known: {', '.join(sorted(names))}"
-        )
+        known = f"known in {_section[:-1]}" if _section else "known"
+        raise ConfigError(f"unknown option {where!r}; {known}: {', '.join(sorted(names))}")
     current = getattr(config, head)
     if rest:
-        value = set_option(current, rest, text)
+        value = set_option(current, rest, text, f"{where}.")
     else:
         if dataclasses.is_dataclass(current):
-            raise ConfigError(f"{head!r} is a section; set one of its fields ({head}.NAME)")
-        value = parse_value(text, current)
+            raise ConfigError(f"{where!r} is a section; set one of its fields ({where}.NAME)")
+        try:
+            value = parse_value(text, current, optional="None" in str(fields[head].type))
+        except ConfigError as e:
+            raise ConfigError(f"{where}={text}: {e}") from None
     try:
         return dataclasses.replace(config, **{head: value})
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path}={text}: {e}") from None
+        raise ConfigError(f"{_section}{path}={text}: {e}") from None
 
 
 def describe(config: Any) -> dict[str, object]:

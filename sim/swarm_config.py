@@ -10,11 +10,13 @@ Pure data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from blocks.placement import BALANCE_QUALITY, MEAN_BALANCE_CHECK_PERIOD
+from sim.checks import fraction, non_negative, positive
 from sim.churn import ChurnConfig
 from sim.network import NetworkConfig
+from tensor_wire.layout import effective_compression
 
 # Llama-2-70B: 80 decoder blocks, hidden size 8192 (its config.json).
 LLAMA2_70B_BLOCKS = 80
@@ -33,6 +35,11 @@ class ModelSpec:
     hidden_size: int = LLAMA2_70B_HIDDEN
     dtype: str = "float16"  # of the activations on the wire
     compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1 or self.hidden_size < 1:
+            raise ValueError("num_blocks and hidden_size must be at least 1")
+        effective_compression(self.dtype, self.compression)  # WireError (a ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +118,16 @@ class SwarmScenarioConfig:
             raise ValueError("duration and sample_interval must be positive seconds")
         if not self.session_rate >= 0 or not self.warmup >= 0:
             raise ValueError("session_rate and warmup must not be negative")
+        positive(duration=self.duration, sample_interval=self.sample_interval,
+                 balance_check_period=self.balance_check_period,
+                 step_timeout=self.step_timeout, session_timeout=self.session_timeout)
+        non_negative(session_rate=self.session_rate, warmup=self.warmup,
+                     start_spread=self.start_spread,
+                     load_seconds_per_block=self.load_seconds_per_block,
+                     balance_quality=self.balance_quality, view_refresh=self.view_refresh)
+        fraction(graceful_fraction=self.graceful_fraction,
+                 silent_fraction=self.silent_fraction)
+        self.churn.check_within(self.duration)
         if self.recovery not in ("replay", "restart"):
             raise ValueError(f"recovery must be replay or restart, got {self.recovery!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:
@@ -119,5 +136,10 @@ class SwarmScenarioConfig:
             raise ValueError("prompt_tokens must be below min_tokens")
         if not 0.0 <= self.step_failure_prob < 1.0:
             raise ValueError("step_failure_prob must be in [0, 1)")
+        # A server with room for more blocks than the model has serves the whole model
+        # (Petals' Server caps num_blocks at the model's num_hidden_layers), so that a small
+        # model (`--set model.num_blocks=24`) runs with the default classes.
         if any(c.num_blocks > self.model.num_blocks for c in self.classes):
-            raise ValueError("a server class holds more blocks than the model has")
+            capped = tuple(replace(c, num_blocks=min(c.num_blocks, self.model.num_blocks))
+                           for c in self.classes)
+            object.__setattr__(self, "classes", capped)

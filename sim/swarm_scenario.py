@@ -86,9 +86,13 @@ class SwarmScenario:
         bottleneck = min(block_throughputs(online, blocks)) if online else 0.0
         return bottleneck, coverage
 
-    def _sample(self) -> None:
+    def _sample(self, again: bool = True) -> None:
         c = self.config
-        self.sim.after(c.sample_interval, self._sample)
+        interval = c.sample_interval
+        if again:
+            self.sim.after(interval, self._sample)
+        elif self.series.rows:  # the last, shorter interval
+            interval = self.sim.now - self._t0 - self.series.rows[-1][0]
         bottleneck, coverage = self._coverage()
         self._bottlenecks.append(bottleneck)
         self._coverage_mins.append(min(coverage))
@@ -103,7 +107,7 @@ class SwarmScenario:
             min(coverage),
             sum(1 for n in coverage if n == 0),
             len(self.runner.active),
-            (tokens - self._last_tokens) / c.sample_interval,
+            (tokens - self._last_tokens) / interval if interval > 0 else 0.0,
             done.count("done"),
             done.count("failed"),
         )
@@ -125,6 +129,8 @@ class SwarmScenario:
         self._sample()
         self._schedule_arrivals()
         sim.run(self._t0 + c.duration, progress=progress)
+        if self.series.rows[-1][0] < round(c.duration, 6):
+            self._sample(again=False)  # the rows add up to the run
         metrics = self._metrics(tokens0, kept0)
         metrics["server_joins"] = self.fleet.joins - joins0
         metrics["server_departures"] = self.fleet.departures - departures0
@@ -202,7 +208,8 @@ class SwarmScenario:
             + sum(s.recoveries for s in self.runner.active.values()),
             "restarts": sum(s.restarts for s in finished)
             + sum(s.restarts for s in self.runner.active.values()),
-            "replayed_tokens": sum(s.replayed for s in finished),
+            "replayed_tokens": sum(s.replayed for s in finished)
+            + sum(s.replayed for s in self.runner.active.values()),
             "discarded_tokens": sum(s.discarded for s in finished)
             + sum(s.discarded for s in self.runner.active.values()),
             "tokens_computed": tokens,

@@ -112,7 +112,9 @@ def test_bad_options_get_a_clear_error(capsys):
     assert main(["run", "swarm", "--nodes", "10"]) == 2
     assert "use --servers" in capsys.readouterr().err
     assert main(["run", "dht-static", "--set", "dht.kay=3"]) == 2
-    assert "unknown option 'kay'" in capsys.readouterr().err
+    assert "unknown option 'dht.kay'; known in dht: alpha" in capsys.readouterr().err
+    assert main(["run", "dht-static", "--set", "network.loss.x=1"]) == 2
+    assert "'network.loss' is a value, not a section" in capsys.readouterr().err
     assert main(["run", "dht-static", "--set", "nodes=many"]) == 2
     assert "expected an integer" in capsys.readouterr().err
     assert main(["run", "swarm", "--set", "recovery=pray"]) == 2
@@ -166,5 +168,127 @@ def test_set_option_reaches_nested_fields():
         "lognormal", 100, 48)
     with pytest.raises(ConfigError, match="is a section"):
         set_option(config, "network", "fast")
-    with pytest.raises(ConfigError, match="more blocks than the model has"):
-        set_option(config, "model.num_blocks", "24")  # the A100 class holds 40
+    # The A100 class holds 40 blocks: on a 24-block model it serves all of them (refused
+    # before, so the docs' own `--set model.num_blocks=32` did not run).
+    small = set_option(config, "model.num_blocks", "24")
+    assert [c.num_blocks for c in small.classes] == [24, 12, 8]
+    assert [c.num_blocks for c in config.classes] == [40, 12, 8]
+
+
+def test_a_model_smaller_than_a_server_class_runs(tmp_path):
+    out = tmp_path / "small"
+    assert main(["run", "swarm", "--servers", "6", "--duration", "300", "--set",
+                 "model.num_blocks=8", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["blocks"] == 8 and m["coverage_min_final"] == 6  # every server holds the model
+    assert m["sessions_completed"] > 0 and m["bottleneck_ratio_to_optimal"] == 1.0
+
+
+def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_path):
+    """`--churn none` (the docs' first churn model) was parsed as None and refused."""
+    config = set_option(SwarmScenarioConfig(), "churn.kind", "none")
+    config = set_option(config, "model.compression", "none")
+    assert (config.churn.kind, config.model.compression) == ("none", "none")
+    config = set_option(set_option(config, "churn.mass_at", "100"), "churn.mass_at", "None")
+    assert config.churn.mass_at is None
+    with pytest.raises(ConfigError, match="expected a number"):
+        set_option(config, "warmup", "none")  # not optional: a run would crash on it
+    with pytest.raises(ConfigError, match=r"churn\.mass_at=soon: expected a number or none"):
+        set_option(config, "churn.mass_at", "soon")  # was "must be real number, not str"
+    assert main(["run", "dht-churn", "--nodes", "20", "--duration", "5", "--churn", "none",
+                 "--quiet", "--no-plots", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["churn"] == "none"
+
+
+@pytest.mark.parametrize("scenario,option,message", [
+    # each of these was a traceback halfway through the run, a run that never ended, or a
+    # run of NaN event times that silently measured nothing
+    ("dht-churn", "churn.shape=0", "shape must be a finite number > 0"),
+    ("dht-churn", "churn.scale=nan", "scale must be a finite number > 0"),
+    ("dht-churn", "churn.shape=1e-4", "no finite mean"),
+    ("dht-churn", "churn.mass_at=-10", "mass_at must be a finite number >= 0"),
+    ("dht-churn", "churn.kind=mass --set churn.mass_at=600", "would never happen"),
+    ("dht-static", "network.one_way_median=0", "one_way_median must be"),
+    ("dht-static", "network.one_way_min=nan", "one_way_min must be"),
+    ("dht-static", "record_ttl=0", "record_ttl must be a finite number > 0"),
+    ("dht-static", "record_ttl=1e6", "is over dht.limits.max_ttl=86400"),
+    ("dht-static", "value_bytes=65534", "over dht.limits.max_value_bytes=65536"),
+    ("dht-static", "duration=inf", "duration must be a finite number > 0"),
+    ("dht-static", "driver.silent_fraction=2", "silent_fraction must be in [0, 1]"),
+    ("dht-churn", "dht.bucket_refresh_interval=0", "bucket_refresh_interval must be"),
+    ("dht-churn", "dht.request_timeout=nan", "request_timeout must be"),
+    ("swarm", "duration=inf", "duration must be a finite number > 0"),
+    ("swarm", "model.hidden_size=0", "hidden_size must be at least 1"),
+    ("swarm", "model.dtype=int3", "unsupported dtype 'int3'"),
+    ("swarm", "model.compression=zzz", "unknown compression 'zzz'"),
+    ("swarm", "balance_check_period=0", "balance_check_period must be"),
+    ("swarm", "step_timeout=-1", "step_timeout must be"),
+    ("swarm", "graceful_fraction=2", "graceful_fraction must be in [0, 1]"),
+    ("swarm", "balance_quality=nan", "balance_quality must be"),
+])
+def test_values_a_run_cannot_use_are_refused_before_it_starts(capsys, scenario, option,
+                                                               message):
+    assert main(["run", scenario, "--duration", "60", *f"--set {option}".split(), "--quiet",
+                 "--no-plots",
+                 "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    last = option.split()[-1]
+    assert err.startswith(f"overlay-sim: {last}: ")  # the whole dotted path, as given
+    assert message in err and "Traceback" not in err
+
+
+def test_a_misspelt_sweep_metric_is_named_after_the_first_run(tmp_path, capsys):
+    """It only drew an empty panel, silently, once the whole sweep had run."""
+    assert main(["sweep", "dht-static", "--param", "nodes", "--values", "20,30",
+                 "--duration", "5", "--metrics", "lookup_sucess_rate,hops_p50", "--quiet",
+                 "--no-plots", "--out", str(tmp_path / "sweep")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("dht-static has no metric 'lookup_sucess_rate'") == 1
+    assert "hops_p50" not in err
+
+
+def test_a_rerun_into_the_same_out_leaves_nothing_of_the_last_one(tmp_path):
+    """The plots and timing.json of an earlier run stayed next to the new metrics.json."""
+    run = ["run", "dht-static", "--nodes", "20", "--duration", "5", "--quiet"]
+    assert main([*run, "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "timeseries.png").exists()
+    assert main([*run, "--no-plots", "--no-timing", "--out", str(tmp_path / "run")]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json", "metrics.json", "timeseries.csv"]
+    sweep = ["sweep", "dht-static", "--param", "nodes", "--values", "20", "--duration", "5",
+             "--quiet", "--out", str(tmp_path / "sweep")]
+    assert main(sweep) == 0 and (tmp_path / "sweep" / "sweep.png").exists()
+    assert main([*sweep, "--no-plots"]) == 0
+    assert not (tmp_path / "sweep" / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("args,counts", [
+    (["dht-static", "--nodes", "30", "--duration", "90"],
+     {"finds": "lookups", "gets": "gets", "requests": "requests", "bytes": "bytes"}),
+    (["swarm", "--servers", "6", "--duration", "100", "--set", "model.num_blocks=8",
+      "--set", "session_rate=0.1"], {}),
+])
+def test_the_time_series_covers_a_duration_that_is_not_a_whole_number_of_intervals(
+        tmp_path, args, counts):
+    """The last, shorter interval had no row: its lookups, requests, tokens were missing."""
+    out = tmp_path / "run"
+    assert main(["run", *args, "--quiet", "--no-plots", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "timeseries.csv").open()))
+    assert float(rows[-1]["time_s"]) == m["duration_s"]
+    for column, metric in counts.items():
+        assert sum(int(r[column]) for r in rows) == m[metric]
+    if args[0] == "swarm":
+        times = [float(r["time_s"]) for r in rows]
+        tokens = sum(float(r["tokens_per_s"]) * (b - a)
+                     for r, a, b in zip(rows[1:], times, times[1:]))
+        assert m["tokens_computed"] > 0 and tokens == pytest.approx(m["tokens_computed"])
+
+
+def test_the_progress_log_ends_at_100_percent(tmp_path, capsys):
+    """The engine reports every 8192 events, so a run ending mid-chunk stopped at 90%."""
+    assert main(["run", "dht-static", "--nodes", "50", "--duration", "30", "--no-plots",
+                 "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "% t=" in line]
+    assert lines[-1].startswith("dht-static: 100% t=62/62s")
+    assert sum("100%" in line for line in lines) == 1

@@ -89,6 +89,19 @@ def test_replay_beats_restart(failure_prob):
     assert replay["sessions_completed"] >= restart["sessions_completed"]
 
 
+def test_recovery_counts_include_the_sessions_still_running_at_the_end():
+    """replayed_tokens counted only finished sessions (recoveries counted all of them)."""
+    config = SwarmScenarioConfig(model=SMALL_MODEL, classes=CLASSES, servers=8, seed=1,
+                                 duration=900.0, session_rate=0.02, step_failure_prob=0.01)
+    scenario = SwarmScenario("swarm", config)
+    m = scenario.run().metrics
+    running = list(scenario.runner.active.values())
+    assert sum(s.replayed for s in running) > 0  # the case at stake: replays not yet done
+    every = [*scenario.finished, *running]
+    assert m["replayed_tokens"] == sum(s.replayed for s in every)
+    assert m["recoveries"] == sum(s.recoveries for s in every)
+
+
 def test_sessions_survive_a_mass_failure_by_replay():
     # Enough sessions (~90) that some are running when the servers fail, whatever the draws.
     m = _run(servers=12, seed=3, duration=1800.0, session_rate=0.05,
