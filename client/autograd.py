@@ -5,7 +5,9 @@ and its backward `SwarmTrainer.backward`, each on the client's background event 
 (client/sync_loop.py), which the calling thread waits on. Inputs that may require gradients:
 the hidden states, the deep prompts and every LoRA parameter (passed in so that autograd
 routes their gradients to the optimizer's tensors); the LoRA weights' values at forward time
-are snapshotted, so backward uses exactly the weights forward used.
+are snapshotted, so backward uses exactly the weights forward used. The activations kept for
+backward are autograd's saved tensors: as for any torch graph, a second backward through the
+same pass needs `retain_graph=True` on the first.
 
 This module may not do I/O itself.
 """
@@ -45,7 +47,10 @@ class RemoteBlocksFunction(torch.autograd.Function):
         tuning = Tuning(wire_prompts, snapshot, spec.adapter)
         out, record = spec.loop.run(spec.trainer.forward(
             hidden.detach(), spec.attention_mask, tuning, spec.start, spec.end))
-        ctx.spec, ctx.record = spec, record
+        # The boundary activations are autograd's saved tensors: freed after a backward
+        # unless retain_graph, and a second backward then gets torch's own error.
+        ctx.save_for_backward(*record.boundaries())
+        ctx.spec, ctx.record = spec, record.with_boundaries([None] * len(record.boundaries()))
         ctx.prompt_dtype = None if prompts is None else prompts.dtype
         ctx.lora_dtypes = [p.dtype for p in lora_params]
         return out
@@ -53,9 +58,8 @@ class RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         spec: RemotePass = ctx.spec
-        record: PassRecord = ctx.record
+        record: PassRecord = ctx.record.with_boundaries(ctx.saved_tensors)
         grads = spec.loop.run(spec.trainer.backward(record, grad_output))
-        ctx.record = None  # the boundary activations are not needed any more
         grad_prompts = None
         if ctx.prompt_dtype is not None and grads.prompts is not None:
             grad_prompts = grads.prompts.to(ctx.prompt_dtype)

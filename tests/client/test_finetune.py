@@ -323,6 +323,19 @@ class PrefillPromptHooks(PromptHooks):
         return prefill_only
 
 
+def test_retain_graph_allows_a_second_backward_and_without_it_torch_refuses(swarm):
+    ids = token_batch(2, 6, seed=15)
+    with open_model(swarm, tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN) as model:
+        prompts = model.tuning.ptune.prompt_embeddings
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        first = prompts.grad.clone()
+        loss.backward()  # the graph was kept: the same gradients again
+        assert relative_error(prompts.grad, 2 * first) <= GRAD_TOLERANCE
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()
+
+
 def test_bad_input_reaching_servers_leaves_them_serving(swarm):
     ids = token_batch(2, 5, seed=11)
     with open_model(swarm) as model:
