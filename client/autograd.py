@@ -14,6 +14,7 @@ This module may not do I/O itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,19 @@ class RemotePass:
     lora: RemoteLora | None = None
     start: int = 0
     end: int | None = None
+    check_open: Callable[[], None] | None = None  # raises once the model is closed
+
+    def ensure_open(self) -> None:
+        """Refuse a pass of a closed model at once, before a request fails and bans a server."""
+        if self.check_open is not None:
+            self.check_open()
 
 
 class RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: RemotePass, hidden: torch.Tensor,
                 prompts: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+        spec.ensure_open()
         dtype = hidden.dtype
         snapshot = None if spec.lora is None else spec.lora.snapshot(dtype)
         wire_prompts = None if prompts is None else prompts.detach().to(dtype)
@@ -58,6 +66,7 @@ class RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         spec: RemotePass = ctx.spec
+        spec.ensure_open()
         record: PassRecord = ctx.record.with_boundaries(ctx.saved_tensors)
         grads = spec.loop.run(spec.trainer.backward(record, grad_output))
         grad_prompts = None
@@ -83,6 +92,7 @@ def remote_blocks(spec: RemotePass, hidden: torch.Tensor,
         hidden.requires_grad or (prompts is not None and prompts.requires_grad)
         or any(p.requires_grad for p in params))
     if not needs_grad:
+        spec.ensure_open()
         dtype = hidden.dtype
         tuning = Tuning(None if prompts is None else prompts.detach().to(dtype),
                         None if spec.lora is None else spec.lora.snapshot(dtype), spec.adapter)

@@ -141,7 +141,8 @@ class ModelTuning(nn.Module):
             deep = self.ptune.deep(hidden.dtype, hidden.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(head.device)
-        spec = RemotePass(self.trainer, self._loop, attention_mask, self.adapter, self.lora)
+        spec = RemotePass(self.trainer, self._loop, attention_mask, self.adapter, self.lora,
+                          check_open=self._remote._check_open)
         out = remote_blocks(spec, hidden, deep)
         return out[:, prefix:] if prefix else out
 

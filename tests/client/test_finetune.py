@@ -19,6 +19,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import tensor_wire
 from blocks import protocol
 from client.causal_lm import DistributedModelForCausalLM
+from client.inference import InferenceError
 from client.local_swarm import LocalSwarm
 from client.training import AdapterUnavailableError
 from overlay.host import RemoteError
@@ -334,6 +335,20 @@ def test_retain_graph_allows_a_second_backward_and_without_it_torch_refuses(swar
         assert relative_error(prompts.grad, 2 * first) <= GRAD_TOLERANCE
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
             loss.backward()
+
+
+def test_training_a_closed_model_says_so_and_bans_no_server(swarm):
+    ids = token_batch(2, 6, seed=16)
+    model = open_model(swarm, tuning_mode="lora", lora_rank=RANK, lora_alpha=ALPHA)
+    loss = model(input_ids=ids, labels=ids).loss
+    model.close()
+    with pytest.raises(InferenceError, match="closed"):
+        loss.backward()
+    with pytest.raises(InferenceError, match="closed"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad(), pytest.raises(InferenceError, match="closed"):
+        model(input_ids=ids)
+    assert model.tuning.trainer.recoveries == 0  # no server was blamed for it
 
 
 def test_bad_input_reaching_servers_leaves_them_serving(swarm):
