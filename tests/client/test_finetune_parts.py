@@ -26,6 +26,11 @@ def test_bad_tuning_options(kwargs, match):
         TuningOptions.pop_from(dict(kwargs))
 
 
+def test_lora_targets_given_as_one_string_are_refused_by_name():
+    with pytest.raises(LoraConfigError, match=r"list of names, e.g. \['q_proj'\]"):
+        TuningOptions.pop_from({"tuning_mode": "lora", "lora_target_modules": "q_proj"})
+
+
 def test_tuning_options_leave_model_options_alone():
     kwargs = {"tuning_mode": "lora", "lora_rank": 4, "lora_alpha": 8, "compression": "float16"}
     options = TuningOptions.pop_from(kwargs)
