@@ -378,6 +378,28 @@ def test_bad_input_reaching_servers_leaves_them_serving(swarm):
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
 
 
+@pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
+def test_a_float32_client_trains_on_a_bfloat16_server(swarm, tmp_path, mode):
+    """The client's prompts and LoRA are float32 and the server runs bfloat16: converted as
+    hidden states are (both were refused as bad_input)."""
+    model_dir, _ = swarm
+    ids = token_batch(2, 6, seed=17)
+    with LocalSwarm(model_dir, [(0, NUM_LAYERS)], extra_serve_args=("--dtype", "bfloat16"),
+                    log_dir=tmp_path) as low:
+        kwargs = ({"tuning_mode": "lora", "lora_rank": RANK, "lora_alpha": ALPHA}
+                  if mode == "lora" else {"tuning_mode": mode, "pre_seq_len": PRE_SEQ_LEN})
+        with DistributedModelForCausalLM.from_pretrained(
+                model_dir, bootstrap=[low.bootstrap], dtype="float32", **kwargs) as model:
+            assert model.dtype == torch.float32
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads)
+            assert any(g.abs().sum() > 0 for g in grads)
+            generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+            assert generated.shape == (1, ids.shape[1] + 4)
+
+
 def test_backward_reroutes_around_a_server_killed_after_forward(swarm):
     """Runs last: it kills a server of the module's swarm."""
     from peft import get_peft_model_state_dict
