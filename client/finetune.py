@@ -67,6 +67,11 @@ class TuningOptions:
         if lora_fields or found.get("lora_path"):
             if mode != "lora":
                 raise ValueError("LoRA options need tuning_mode='lora'")
+            if found.get("lora_path") and (lora_fields or found.get("lora") is not None):
+                # they would be ignored: the saved adapter_config.json decides them
+                raise ValueError("lora_path loads the adapter's own rank, alpha and target "
+                                 "modules; give no lora / lora_rank / lora_alpha / "
+                                 "lora_target_modules with it")
             if "lora" in found:
                 raise ValueError("give lora=LoraConfig(...) or lora_rank/lora_alpha/"
                                  "lora_target_modules, not both")
