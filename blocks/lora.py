@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from blocks.protocol import LoraPutRequest, lora_scaling
-from blocks.span import BlockSpan
+from blocks.span import ACTIVATION_DTYPES, BlockSpan
 from model_parts.lora_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY, tensors_digest
 
 
@@ -98,6 +98,9 @@ def from_upload(request: LoraPutRequest, tensors: list[torch.Tensor],
     blocks = request.blocks
     if any(t.ndim != 2 for t in tensors):  # before the digest, which views them as bytes
         raise AdapterError("LoRA weights are matrices: A [rank, in] and B [out, rank]")
+    odd = [t.dtype for t in tensors if t.dtype not in ACTIVATION_DTYPES]
+    if odd:
+        raise AdapterError(f"LoRA weights are {odd[0]}, not float32, float16 or bfloat16")
     if tensors_digest(blocks.start, blocks.end, request.rank, request.alpha, request.rslora,
                       request.modules, tensors) != request.digest:
         raise AdapterError("the uploaded LoRA does not match its digest")
@@ -105,7 +108,9 @@ def from_upload(request: LoraPutRequest, tensors: list[torch.Tensor],
     for block in range(request.blocks.start, request.blocks.end):
         for name in request.modules:
             a, b = next(it), next(it)
-            weights[(block, name)] = (a.to(span.device).clone(), b.to(span.device).clone())
+            # converted to the span's precision, as hidden states are (the client's may differ)
+            weights[(block, name)] = (a.to(span.device, span.dtype).clone(),
+                                      b.to(span.device, span.dtype).clone())
     lora = LoraWeights(request.blocks.start, request.blocks.end, request.rank, request.alpha,
                        request.rslora, request.modules, weights)
     lora.check(span)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.lora import LoraWeights
-from blocks.span import BlockSpan, SpanInputError
+from blocks.span import ACTIVATION_DTYPES, BlockSpan, SpanInputError
 
 
 @dataclass(slots=True)
@@ -115,8 +115,9 @@ class SpanTuning:
                 f"deep prompts for blocks [{span.start}, {span.end}) of a batch of {batch} must "
                 f"be [{span.num_blocks}, 1 or {batch}, prefix, {span.hidden_size}], got "
                 f"{list(prompts.shape)}")
-        if prompts.dtype != span.dtype:
-            raise SpanInputError(f"deep prompts are {prompts.dtype}, this span runs {span.dtype}")
+        if prompts.dtype not in ACTIVATION_DTYPES:  # converted to the span's, as hidden states
+            raise SpanInputError(f"deep prompts are {prompts.dtype}, not float32, float16 or "
+                                 f"bfloat16")
 
     @contextlib.contextmanager
     def applied(self, span: BlockSpan, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -126,7 +127,7 @@ class SpanTuning:
             first = self.position
             last = min(self.prompts.shape[2], first + hidden.shape[1])
             if last > first:
-                part = self.prompts[:, :, first:last].to(hidden.device)
+                part = self.prompts[:, :, first:last].to(hidden.device, hidden.dtype)
                 # The first layer's part goes in with the input itself: the span's own hook
                 # substitutes that layer's input, so a pre-hook there could be overridden.
                 hidden = add_prefix(hidden, part[0])

@@ -5,13 +5,16 @@ and its backward `SwarmTrainer.backward`, each on the client's background event 
 (client/sync_loop.py), which the calling thread waits on. Inputs that may require gradients:
 the hidden states, the deep prompts and every LoRA parameter (passed in so that autograd
 routes their gradients to the optimizer's tensors); the LoRA weights' values at forward time
-are snapshotted, so backward uses exactly the weights forward used.
+are snapshotted, so backward uses exactly the weights forward used. The activations kept for
+backward are autograd's saved tensors: as for any torch graph, a second backward through the
+same pass needs `retain_graph=True` on the first.
 
 This module may not do I/O itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,19 +36,29 @@ class RemotePass:
     lora: RemoteLora | None = None
     start: int = 0
     end: int | None = None
+    check_open: Callable[[], None] | None = None  # raises once the model is closed
+
+    def ensure_open(self) -> None:
+        """Refuse a pass of a closed model at once, before a request fails and bans a server."""
+        if self.check_open is not None:
+            self.check_open()
 
 
 class RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: RemotePass, hidden: torch.Tensor,
                 prompts: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+        spec.ensure_open()
         dtype = hidden.dtype
         snapshot = None if spec.lora is None else spec.lora.snapshot(dtype)
         wire_prompts = None if prompts is None else prompts.detach().to(dtype)
         tuning = Tuning(wire_prompts, snapshot, spec.adapter)
         out, record = spec.loop.run(spec.trainer.forward(
             hidden.detach(), spec.attention_mask, tuning, spec.start, spec.end))
-        ctx.spec, ctx.record = spec, record
+        # The boundary activations are autograd's saved tensors: freed after a backward
+        # unless retain_graph, and a second backward then gets torch's own error.
+        ctx.save_for_backward(*record.boundaries())
+        ctx.spec, ctx.record = spec, record.with_boundaries([None] * len(record.boundaries()))
         ctx.prompt_dtype = None if prompts is None else prompts.dtype
         ctx.lora_dtypes = [p.dtype for p in lora_params]
         return out
@@ -53,9 +66,9 @@ class RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         spec: RemotePass = ctx.spec
-        record: PassRecord = ctx.record
+        spec.ensure_open()
+        record: PassRecord = ctx.record.with_boundaries(ctx.saved_tensors)
         grads = spec.loop.run(spec.trainer.backward(record, grad_output))
-        ctx.record = None  # the boundary activations are not needed any more
         grad_prompts = None
         if ctx.prompt_dtype is not None and grads.prompts is not None:
             grad_prompts = grads.prompts.to(ctx.prompt_dtype)
@@ -79,6 +92,7 @@ def remote_blocks(spec: RemotePass, hidden: torch.Tensor,
         hidden.requires_grad or (prompts is not None and prompts.requires_grad)
         or any(p.requires_grad for p in params))
     if not needs_grad:
+        spec.ensure_open()
         dtype = hidden.dtype
         tuning = Tuning(None if prompts is None else prompts.detach().to(dtype),
                         None if spec.lora is None else spec.lora.snapshot(dtype), spec.adapter)

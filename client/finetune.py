@@ -67,6 +67,11 @@ class TuningOptions:
         if lora_fields or found.get("lora_path"):
             if mode != "lora":
                 raise ValueError("LoRA options need tuning_mode='lora'")
+            if found.get("lora_path") and (lora_fields or found.get("lora") is not None):
+                # they would be ignored: the saved adapter_config.json decides them
+                raise ValueError("lora_path loads the adapter's own rank, alpha and target "
+                                 "modules; give no lora / lora_rank / lora_alpha / "
+                                 "lora_target_modules with it")
             if "lora" in found:
                 raise ValueError("give lora=LoraConfig(...) or lora_rank/lora_alpha/"
                                  "lora_target_modules, not both")
@@ -141,7 +146,8 @@ class ModelTuning(nn.Module):
             deep = self.ptune.deep(hidden.dtype, hidden.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(head.device)
-        spec = RemotePass(self.trainer, self._loop, attention_mask, self.adapter, self.lora)
+        spec = RemotePass(self.trainer, self._loop, attention_mask, self.adapter, self.lora,
+                          check_open=self._remote._check_open)
         out = remote_blocks(spec, hidden, deep)
         return out[:, prefix:] if prefix else out
 

@@ -59,6 +59,10 @@ class LoraConfig:
     rslora: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):  # tuple() would split it into letters
+            raise LoraConfigError(f"give the LoRA target modules as a list of names, e.g. "
+                                  f"[{self.target_modules!r}] (PEFT reads a string as a "
+                                  f"regular expression, which is not supported here)")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if not 1 <= self.rank <= MAX_LORA_RANK:
             raise LoraConfigError(f"LoRA rank must be in [1, {MAX_LORA_RANK}], got {self.rank}")

@@ -95,6 +95,19 @@ class PassRecord:
     tuning: Tuning
     chunks: list[_Chunk]
 
+    def boundaries(self) -> list[torch.Tensor]:
+        """The hidden states sent to each span, chunk by chunk (the bulk of the record)."""
+        return [run.inputs for chunk in self.chunks for run in chunk.runs]
+
+    def with_boundaries(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]
+                        ) -> PassRecord:
+        """A copy holding `tensors` (`boundaries()`'s order) as the spans' inputs, so that a
+        caller may keep those tensors elsewhere (autograd's saved tensors) and drop them."""
+        it = iter(tensors)
+        chunks = [_Chunk(c.rows, c.mask, c.prompts, [_Run(run.span, next(it)) for run in c.runs])
+                  for c in self.chunks]
+        return PassRecord(self.start, self.end, self.shape, self.tuning, chunks)
+
 
 @dataclass(slots=True)
 class Gradients:

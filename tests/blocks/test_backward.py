@@ -154,6 +154,33 @@ async def test_backward_matches_autograd_through_transformers_layers(served, ref
         assert mine.shape == theirs.shape and close(mine, theirs)
 
 
+async def test_prompts_and_lora_in_another_precision_are_converted(served):
+    """A client whose head runs another precision than the server sends its prompts and LoRA
+    in its own (as its hidden states): the server converts them (they were refused)."""
+    server, host, client = served
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 6, HIDDEN_SIZE, generator=g)
+    prompts = (torch.randn(4, 1, PREFIX, HIDDEN_SIZE, generator=g) * 0.3).to(torch.float16)
+    grad_out = torch.randn(2, 6, HIDDEN_SIZE, generator=g)
+    low = {key: (a.to(torch.bfloat16), b.to(torch.bfloat16))
+           for key, (a, b) in random_lora(6).items()}
+    same = {key: (a.float(), b.float()) for key, (a, b) in low.items()}
+    answers = []
+    for lora, deep in ((low, prompts), (same, prompts.float())):
+        payload, digest = put_message(lora)
+        await client.call(host.peer_id, protocol.METHOD_LORA_PUT, payload)
+        forward = await call(client, host, protocol.METHOD_FORWARD, [hidden, deep],
+                             prompts=True, lora=digest)
+        backward = await call(client, host, protocol.METHOD_BACKWARD, [hidden, grad_out, deep],
+                              prompts=True, lora=digest)
+        answers.append((forward.tensors, backward.tensors))
+    (low_forward, low_backward), (forward, backward) = answers
+    assert close(low_forward[0], forward[0])
+    assert low_backward[1].dtype == torch.float16  # the prompts' gradient, in their dtype
+    assert len(low_backward) == len(backward)
+    assert all(close(a.float(), b, tol=1e-3) for a, b in zip(low_backward, backward))
+
+
 async def test_sub_span_backward_and_per_row_prompts(served, reference):
     server, host, client = served
     g = torch.Generator().manual_seed(3)
@@ -233,8 +260,8 @@ BAD_BACKWARD = [
     ("prompts of the wrong shape", lambda h: [h, _grad(), torch.zeros(3, 1, 2, HIDDEN_SIZE)],
      {"prompts": True}, "deep prompts"),
     ("prompts of the wrong dtype",
-     lambda h: [h, _grad(), torch.zeros(4, 1, 2, HIDDEN_SIZE, dtype=torch.float16)],
-     {"prompts": True}, "float16"),
+     lambda h: [h, _grad(), torch.zeros(4, 1, 2, HIDDEN_SIZE, dtype=torch.float64)],
+     {"prompts": True}, "float64"),
     ("prompt batch mismatch", lambda h: [h, _grad(), torch.zeros(4, 3, 2, HIDDEN_SIZE)],
      {"prompts": True}, "deep prompts"),
     # integers cannot require gradients: refused before autograd (was an internal error)

@@ -19,6 +19,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import tensor_wire
 from blocks import protocol
 from client.causal_lm import DistributedModelForCausalLM
+from client.inference import InferenceError
 from client.local_swarm import LocalSwarm
 from client.training import AdapterUnavailableError
 from overlay.host import RemoteError
@@ -323,6 +324,33 @@ class PrefillPromptHooks(PromptHooks):
         return prefill_only
 
 
+def test_retain_graph_allows_a_second_backward_and_without_it_torch_refuses(swarm):
+    ids = token_batch(2, 6, seed=15)
+    with open_model(swarm, tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN) as model:
+        prompts = model.tuning.ptune.prompt_embeddings
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        first = prompts.grad.clone()
+        loss.backward()  # the graph was kept: the same gradients again
+        assert relative_error(prompts.grad, 2 * first) <= GRAD_TOLERANCE
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()
+
+
+def test_training_a_closed_model_says_so_and_bans_no_server(swarm):
+    ids = token_batch(2, 6, seed=16)
+    model = open_model(swarm, tuning_mode="lora", lora_rank=RANK, lora_alpha=ALPHA)
+    loss = model(input_ids=ids, labels=ids).loss
+    model.close()
+    with pytest.raises(InferenceError, match="closed"):
+        loss.backward()
+    with pytest.raises(InferenceError, match="closed"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad(), pytest.raises(InferenceError, match="closed"):
+        model(input_ids=ids)
+    assert model.tuning.trainer.recoveries == 0  # no server was blamed for it
+
+
 def test_bad_input_reaching_servers_leaves_them_serving(swarm):
     ids = token_batch(2, 5, seed=11)
     with open_model(swarm) as model:
@@ -348,6 +376,28 @@ def test_bad_input_reaching_servers_leaves_them_serving(swarm):
         embeds = hidden.clone().requires_grad_(True)
         model(inputs_embeds=embeds, labels=ids).loss.backward()
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
+def test_a_float32_client_trains_on_a_bfloat16_server(swarm, tmp_path, mode):
+    """The client's prompts and LoRA are float32 and the server runs bfloat16: converted as
+    hidden states are (both were refused as bad_input)."""
+    model_dir, _ = swarm
+    ids = token_batch(2, 6, seed=17)
+    with LocalSwarm(model_dir, [(0, NUM_LAYERS)], extra_serve_args=("--dtype", "bfloat16"),
+                    log_dir=tmp_path) as low:
+        kwargs = ({"tuning_mode": "lora", "lora_rank": RANK, "lora_alpha": ALPHA}
+                  if mode == "lora" else {"tuning_mode": mode, "pre_seq_len": PRE_SEQ_LEN})
+        with DistributedModelForCausalLM.from_pretrained(
+                model_dir, bootstrap=[low.bootstrap], dtype="float32", **kwargs) as model:
+            assert model.dtype == torch.float32
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads)
+            assert any(g.abs().sum() > 0 for g in grads)
+            generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+            assert generated.shape == (1, ids.shape[1] + 4)
 
 
 def test_backward_reroutes_around_a_server_killed_after_forward(swarm):

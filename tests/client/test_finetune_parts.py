@@ -20,10 +20,18 @@ from tests.model_factory import HIDDEN_SIZE, NUM_LAYERS, build_model, tiny_confi
     ({"lora_rank": 4}, "tuning_mode='lora'"),
     ({"tuning_mode": "lora", "lora": LoraConfig(), "lora_rank": 4}, "not both"),
     ({"tuning_mode": "lora", "adapter": "x"}, "not both"),
+    # the saved adapter's config decides these: they were silently ignored
+    ({"tuning_mode": "lora", "lora_path": "a", "lora_rank": 16}, "lora_path loads"),
+    ({"tuning_mode": "lora", "lora_path": "a", "lora": LoraConfig()}, "lora_path loads"),
 ])
 def test_bad_tuning_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TuningOptions.pop_from(dict(kwargs))
+
+
+def test_lora_targets_given_as_one_string_are_refused_by_name():
+    with pytest.raises(LoraConfigError, match=r"list of names, e.g. \['q_proj'\]"):
+        TuningOptions.pop_from({"tuning_mode": "lora", "lora_target_modules": "q_proj"})
 
 
 def test_tuning_options_leave_model_options_alone():
