@@ -391,6 +391,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         inputs: dict[str, Any] = {"past_key_values": past_key_values,
                                   "attention_mask": attention_mask,
                                   "logits_to_keep": kwargs.get("logits_to_keep", 0)}
+        for flag in ("output_attentions", "output_hidden_states"):  # forward refuses them
+            if kwargs.get(flag):
+                inputs[flag] = True
         if inputs_embeds is not None and first:
             inputs["inputs_embeds"] = inputs_embeds[:, position:]
         elif past_key_values is None:

@@ -355,6 +355,10 @@ class TestLlama(_Exactness):
                                 output_scores=True)
         assert torch.equal(remote.sequences, local.sequences)
         assert max(max_diff(a, b) for a, b in zip(remote.scores, local.scores)) <= TOLERANCE
+        for flag in ("output_hidden_states", "output_attentions"):  # not tuples of None
+            with pytest.raises(NotImplementedError, match="logits only"):
+                model.generate(ids, max_new_tokens=2, return_dict_in_generate=True,
+                               **{flag: True})
 
     def test_assisted_decoding_matches_local(self, model, reference):
         """Prompt lookup and an assistant model: the session rolls back the rejected draft
