@@ -15,10 +15,18 @@ import time
 import pytest
 import torch
 
-from client.inference import BlocksUnavailableError, InferenceError, _trim
+from client.inference import (
+    BlocksUnavailableError,
+    InferenceError,
+    InferenceSession,
+    SessionConfig,
+    _trim,
+)
 from client.local_swarm import LocalSwarm
 from client.model import ModelSession, RemoteModel
 from client.remote_blocks import ClientConfig, RemoteBlocks
+from client.routing import RouteNeeds
+from overlay.identity import PeerId
 from tests.model_factory import NUM_LAYERS, VOCAB_SIZE
 
 LOW, HIGH = 3, VOCAB_SIZE  # prompt token ids clear of pad, bos and eos
@@ -154,6 +162,37 @@ async def test_a_replacement_gets_the_replay_in_the_reordered_rows(swarm, model_
         assert (a - b).abs().max().item() <= 1e-4
     # both rows now continue row 1 (without the reorder they would differ)
     assert (clean[-1][0] - clean[-1][1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+async def test_a_server_whose_cache_is_full_is_replaced_when_opening(swarm, model_dir):
+    """A server that refuses a session for a reason of its own (`cache_full`: another session
+    holds its cache) is replaced as a lost one is; the session used to fail with the
+    server's RemoteError although other servers of its blocks had room."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        whole = next(PeerId.from_string(peer)
+                     for peer, info in (await model.blocks.view()).servers.items()
+                     if (info.start, info.end) == (2, NUM_LAYERS))
+        length = 6000  # two of them do not fit the 2 x 8192 block-tokens of one server
+        config = SessionConfig(max_length=length, wait_timeout=0.3)
+        rerouter = model.blocks.rerouter(RouteNeeds(cache_tokens=length))
+
+        def session_on_whole() -> InferenceSession:
+            return InferenceSession(model.swarm.host, model.model_id, [(whole, 2, NUM_LAYERS)],
+                                    config, rerouter=rerouter)
+
+        hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(8))
+        async with session_on_whole() as holder, session_on_whole() as refused:
+            assert [s.peer for s in holder.spans] == [whole]
+            assert [r.failed_peer for r in refused.recoveries] == [str(whole)]
+            assert "cache_full" in refused.recoveries[0].reason
+            assert whole not in [s.peer for s in refused.spans]
+            expected, got = await holder.step(hidden), await refused.step(hidden)
+        assert (expected - got).abs().max().item() <= 1e-4
+    finally:
+        await model.close()
 
 
 @pytest.mark.slow
