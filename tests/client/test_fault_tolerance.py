@@ -196,6 +196,21 @@ async def test_a_server_whose_cache_is_full_is_replaced_when_opening(swarm, mode
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01])
+async def test_closing_the_model_while_a_generation_opens_its_session(swarm, model_dir, delay):
+    """close() while generate is still opening its session: the generation ends with
+    InferenceError("the model has been closed"), as a step in flight does (it used to end
+    with whatever the closed swarm raised, DHTError "the DHT was closed")."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    generation = asyncio.ensure_future(model.generate(prompt(9), max_new_tokens=200,
+                                                      eos_token_id=None))
+    await asyncio.sleep(delay)
+    await model.close()
+    with pytest.raises(InferenceError, match="closed"):
+        await asyncio.wait_for(generation, 10)
+
+
+@pytest.mark.slow
 async def test_server_killed_mid_generation_is_replaced(swarm, model_dir, reference):
     ids, new_tokens, kill_after = prompt(1), 48, 12
     expected = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
