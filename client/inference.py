@@ -467,6 +467,7 @@ class InferenceSession:
         self._bans = bans if bans is not None else BanList()
         self._retry = RetryPolicy(rng or random.Random())
         self._closed = False
+        self._closing = asyncio.Event()  # wakes a recovery waiting for servers
         self._opened = False
         self._stepping = False  # a step is in flight (one at a time: each waits for answers)
 
@@ -585,6 +586,7 @@ class InferenceSession:
     def close_now(self) -> None:
         """Close every span at once (no await: see SpanSession.close_now)."""
         self._closed = True
+        self._closing.set()
         for span in self.spans:
             span.close_now()
 
@@ -606,12 +608,18 @@ class InferenceSession:
         attempt, refresh = 0, False
         reason = str(error)
         while True:
+            if self._closed:  # closed meanwhile: a replacement would hold a cache for nobody
+                raise InferenceError("the inference session was closed during recovery")
             now = time.monotonic()
             try:
                 route = await self._rerouter(failed.start, failed.end, self._bans.banned(now),
                                              refresh)
                 chain = [self._span(peer, start, end) for peer, start, end in route]
                 out = await self._run_chain(chain, replay, hidden, position)
+                if self._closed:
+                    for span in chain:
+                        span.close_now()
+                    continue
             except MissingBlocksError as e:
                 missing, reason = e.missing, str(e)
                 log.info("no replacement yet for blocks [%d, %d): %s", failed.start, failed.end,
@@ -635,7 +643,8 @@ class InferenceSession:
                     f"{self.config.recovery_timeout:g} s: {reason}{first}") from error
             attempt += 1
             refresh = True
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
         self.spans[index:index + 1] = chain
         record = Recovery(failed.start, failed.end, str(failed.peer),
                           tuple((str(s.peer), s.start, s.end) for s in chain),

@@ -24,6 +24,7 @@ from client.inference import (
 )
 from client.local_swarm import LocalSwarm
 from client.model import ModelSession, RemoteModel
+from client.recovery import BanList
 from client.remote_blocks import ClientConfig, RemoteBlocks
 from client.routing import RouteNeeds
 from overlay.identity import PeerId
@@ -208,6 +209,42 @@ async def test_closing_the_model_while_a_generation_opens_its_session(swarm, mod
     await model.close()
     with pytest.raises(InferenceError, match="closed"):
         await asyncio.wait_for(generation, 10)
+
+
+@pytest.mark.slow
+async def test_closing_a_session_ends_its_recovery(swarm, model_dir):
+    """close() while a step waits for a replacement server: the step ends with InferenceError
+    at once and opens nothing. Recovery used to go on, open a replacement (holding its cache
+    for a closed session) and answer the step."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        needs = RouteNeeds(cache_tokens=16)
+        route = await model.blocks.inference_route(0, NUM_LAYERS, needs)
+        bans = BanList()
+        for peer, info in (await model.blocks.view()).servers.items():
+            if info.end > 2:  # every replacement of the span holding block 2 is banned
+                bans.ban(peer, time.monotonic())
+        session = InferenceSession(
+            model.swarm.host, model.model_id,
+            [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route],
+            SessionConfig(max_length=16), rerouter=model.blocks.rerouter(needs), bans=bans)
+        await session.open()
+        hidden = torch.randn(1, 3, 64)
+        await session.step(hidden)
+        victim = next(s for s in session.spans if s.start <= 2 < s.end)
+        victim._stream.reset("test: injected failure")
+        step = asyncio.ensure_future(session.step(hidden[:, :1]))
+        await asyncio.sleep(0.5)  # the recovery now waits for the bans to end (15 s)
+        assert not step.done()
+        began = time.monotonic()
+        await session.close()
+        with pytest.raises(InferenceError, match="closed"):
+            await asyncio.wait_for(step, 5)
+        assert time.monotonic() - began < 1.0
+        assert all(s._stream is None for s in session.spans)
+    finally:
+        await model.close()
 
 
 @pytest.mark.slow
