@@ -28,10 +28,11 @@ Left-padded batches (prompts of different lengths, `attention_mask` with zeros) 
 passes and in `generate`: the session keeps the padding (client/padding.py).
 
 Beam search works: transformers reorders the cache after each step, and the servers reorder
-their caches' rows with the next one (docs/block_protocol.md, "Reordering").
+their caches' rows with the next one (docs/block_protocol.md, "Reordering"). So does assisted
+decoding (prompt lookup, a local assistant model): the session rolls back rejected drafts.
 
-Not supported (a clear error says so): strategies that copy or shrink caches (contrastive
-search, assisted decoding), `output_attentions` / `output_hidden_states`.
+Not supported (a clear error says so): strategies that copy or shrink caches' batches,
+`output_attentions` / `output_hidden_states`.
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ class RemoteSessionCache(Cache):
         return self.max_length
 
     def crop(self, max_length: int) -> None:
-        """Keep the first `max_length` positions (negative: drop that many from the end)."""
+        """Keep the first `max_length` positions; negative: drop that many from the end, and 0
+        drops none (transformers 5.24's assisted decoding crops by `-rejected`, often 0)."""
+        if max_length == 0:
+            return
         position = self.get_seq_length()
         keep = position + max_length if max_length < 0 else max_length
         if keep < position:
@@ -387,6 +391,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         inputs: dict[str, Any] = {"past_key_values": past_key_values,
                                   "attention_mask": attention_mask,
                                   "logits_to_keep": kwargs.get("logits_to_keep", 0)}
+        for flag in ("output_attentions", "output_hidden_states"):  # forward refuses them
+            if kwargs.get(flag):
+                inputs[flag] = True
         if inputs_embeds is not None and first:
             inputs["inputs_embeds"] = inputs_embeds[:, position:]
         elif past_key_values is None:

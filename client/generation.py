@@ -48,6 +48,10 @@ class GenerationParams:
     max_length: int | None = None  # of the session; default prompt + max_new_tokens
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k", "pad_token_id", "max_length"):
+            value = getattr(self, name)
+            if not (_is_int(value) or (value is None and name != "max_new_tokens")):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not self.temperature > 0:
@@ -90,14 +94,20 @@ def _config_token(config: PretrainedConfig | None, name: str) -> Any:
     return getattr(config.get_text_config(), name, None)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _token_tuple(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int):
+    if _is_int(value):
         return (value,)
     if isinstance(value, torch.Tensor):
-        return tuple(int(v) for v in value.flatten().tolist())
-    return tuple(int(v) for v in value)
+        value = value.flatten().tolist()
+    if not isinstance(value, list | tuple) or not all(_is_int(v) for v in value):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(value)
 
 
 def next_token_scores(logits: torch.Tensor, tokens: torch.Tensor,

@@ -14,11 +14,13 @@ versions) are relayed to, as before.
 
 Recovery (when the session was given a `Rerouter`): a span whose server fails during a step
 (lost connection, timeout, reset stream, malformed answer; never a `RemoteError`, which means
-the caller's input was refused) is banned (client/recovery.py `BanList`), exactly its block
-range is routed again around the bans, the replacement servers get the span's stored inputs
-(each replacement's outputs feeding the next) together with the current step, and they take
-the failed span's place in the chain. A range nobody serves is retried with `RetryPolicy`
-delays until `SessionConfig.recovery_timeout`, then `BlocksUnavailableError` names the blocks.
+the caller's input was refused), or refuses to open the session for a reason of its own
+(`OPENING_FAULTS`: a full cache, blocks it no longer serves), is banned (client/recovery.py
+`BanList`), exactly its block range is routed again around the bans, the replacement servers
+get the span's stored inputs (each replacement's outputs feeding the next) together with the
+current step, and they take the failed span's place in the chain. A range nobody serves is
+retried with `RetryPolicy` delays until `SessionConfig.recovery_timeout`, then
+`BlocksUnavailableError` names the blocks.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ RECOVERY_TIMEOUT = 60.0
 # Seconds one server may take to answer an inference step before it is replaced (a server
 # that froze, or left without closing its connection).
 STEP_TIMEOUT = 60.0
+
+# Codes with which a server refuses to open a session that another server may well open: its
+# cache is full, it is overloaded, or it no longer serves these blocks (it moved or restarted
+# since the announcement the route was read from). A session replaces such a server.
+OPENING_FAULTS = frozenset({protocol.CACHE_FULL, protocol.OVERLOADED, protocol.BAD_RANGE,
+                            protocol.UNKNOWN_MODEL})
 
 # A route as the session uses it: (server, first block, end block) per span.
 Route = list[tuple[PeerId, int, int]]
@@ -420,8 +428,14 @@ def _trim(inputs: list[torch.Tensor], position: int) -> None:
         total += length
 
 
+def _replaceable(error: BaseException) -> bool:
+    """A failure of the server, not of the request: another server may do better."""
+    return isinstance(error, InferenceError) or (isinstance(error, RemoteError)
+                                                 and error.code in OPENING_FAULTS)
+
+
 class _ChainFailed(Exception):
-    def __init__(self, span: SpanSession, error: InferenceError):
+    def __init__(self, span: SpanSession, error: InferenceError | RemoteError):
         self.span = span
         self.error = error
 
@@ -453,6 +467,7 @@ class InferenceSession:
         self._bans = bans if bans is not None else BanList()
         self._retry = RetryPolicy(rng or random.Random())
         self._closed = False
+        self._closing = asyncio.Event()  # wakes a recovery waiting for servers
         self._opened = False
         self._stepping = False  # a step is in flight (one at a time: each waits for answers)
 
@@ -472,7 +487,7 @@ class InferenceSession:
                                            return_exceptions=True)
             failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
             for _, error in failed:
-                if self._rerouter is None or not isinstance(error, InferenceError):
+                if self._rerouter is None or not _replaceable(error):
                     raise error
             for index, error in reversed(failed):  # from the end: indices stay valid
                 await self._recover(index, None, 0, error)
@@ -571,13 +586,15 @@ class InferenceSession:
     def close_now(self) -> None:
         """Close every span at once (no await: see SpanSession.close_now)."""
         self._closed = True
+        self._closing.set()
         for span in self.spans:
             span.close_now()
 
     # -- recovery ---------------------------------------------------------------------------------
 
     async def _recover(self, index: int, hidden: torch.Tensor | None, position: int,
-                       error: InferenceError) -> tuple[torch.Tensor | None, int]:
+                       error: InferenceError | RemoteError
+                       ) -> tuple[torch.Tensor | None, int]:
         """Replace span `index` by a fresh chain for its blocks, rebuild the chain's caches and
         run the current step (if any) through it; returns (its output, number of new spans)."""
         failed = self.spans[index]
@@ -591,12 +608,18 @@ class InferenceSession:
         attempt, refresh = 0, False
         reason = str(error)
         while True:
+            if self._closed:  # closed meanwhile: a replacement would hold a cache for nobody
+                raise InferenceError("the inference session was closed during recovery")
             now = time.monotonic()
             try:
                 route = await self._rerouter(failed.start, failed.end, self._bans.banned(now),
                                              refresh)
                 chain = [self._span(peer, start, end) for peer, start, end in route]
                 out = await self._run_chain(chain, replay, hidden, position)
+                if self._closed:
+                    for span in chain:
+                        span.close_now()
+                    continue
             except MissingBlocksError as e:
                 missing, reason = e.missing, str(e)
                 log.info("no replacement yet for blocks [%d, %d): %s", failed.start, failed.end,
@@ -614,12 +637,14 @@ class InferenceSession:
             delay = self._retry.next_delay(attempt, now, deadline,
                                            wake_at=self._bans.next_unban(now))
             if delay is None:
+                first = "" if reason == str(error) else f" (it failed with: {error})"
                 raise BlocksUnavailableError(
                     missing, f"could not replace blocks [{failed.start}, {failed.end}) within "
-                    f"{self.config.recovery_timeout:g} s: {reason}") from error
+                    f"{self.config.recovery_timeout:g} s: {reason}{first}") from error
             attempt += 1
             refresh = True
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
         self.spans[index:index + 1] = chain
         record = Recovery(failed.start, failed.end, str(failed.peer),
                           tuple((str(s.peer), s.start, s.end) for s in chain),
@@ -639,7 +664,7 @@ class InferenceSession:
         for span, result in zip(chain, results):
             if isinstance(result, BaseException):
                 await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)
-                if isinstance(result, InferenceError):
+                if _replaceable(result):
                     raise _ChainFailed(span, result)
                 raise result
         parts = [*replay, *([] if hidden is None else [hidden])]

@@ -253,10 +253,15 @@ class RemoteModel:
             session = await self.blocks.inference_session(
                 batch_size, max_length, start, end, wait_timeout=self.options.wait_timeout,
                 **tuning)
-        except BlocksUnavailableError:
+        except Exception as e:
+            if self._closed:  # closed meanwhile: say so, not what its closed swarm raised
+                raise InferenceError("the model has been closed") from e
+            if isinstance(e, MissingBlocksError) and not isinstance(e, BlocksUnavailableError):
+                raise ModelUnavailableError(self.model_id, e.missing, e.excluded) from None
             raise
-        except MissingBlocksError as e:
-            raise ModelUnavailableError(self.model_id, e.missing, e.excluded) from None
+        if self._closed:  # close() did not see this session: it must not stay open
+            session.close_now()
+            raise InferenceError("the model has been closed")
         self._last_session = session
         return session
 

@@ -355,6 +355,19 @@ class TestLlama(_Exactness):
                                 output_scores=True)
         assert torch.equal(remote.sequences, local.sequences)
         assert max(max_diff(a, b) for a, b in zip(remote.scores, local.scores)) <= TOLERANCE
+        for flag in ("output_hidden_states", "output_attentions"):  # not tuples of None
+            with pytest.raises(NotImplementedError, match="logits only"):
+                model.generate(ids, max_new_tokens=2, return_dict_in_generate=True,
+                               **{flag: True})
+
+    def test_assisted_decoding_matches_local(self, model, reference):
+        """Prompt lookup and an assistant model: the session rolls back the rejected draft
+        tokens (transformers 5.24 crops by `-rejected`, 0 when every draft was accepted)."""
+        ids = prompts(1, 6, seed=14).repeat(1, 2)  # a repeated prompt: lookups find drafts
+        expected = reference.generate(ids, max_new_tokens=16, do_sample=False)
+        for settings in ({"prompt_lookup_num_tokens": 3}, {"assistant_model": reference}):
+            got = model.generate(ids, max_new_tokens=16, do_sample=False, **settings)
+            assert torch.equal(got, expected), settings
 
     def test_sync_session_continues_across_generate_calls(self, model, reference):
         ids = prompts(1, 6, seed=12)

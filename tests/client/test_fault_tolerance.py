@@ -15,10 +15,19 @@ import time
 import pytest
 import torch
 
-from client.inference import BlocksUnavailableError, InferenceError, _trim
+from client.inference import (
+    BlocksUnavailableError,
+    InferenceError,
+    InferenceSession,
+    SessionConfig,
+    _trim,
+)
 from client.local_swarm import LocalSwarm
 from client.model import ModelSession, RemoteModel
+from client.recovery import BanList
 from client.remote_blocks import ClientConfig, RemoteBlocks
+from client.routing import RouteNeeds
+from overlay.identity import PeerId
 from tests.model_factory import NUM_LAYERS, VOCAB_SIZE
 
 LOW, HIGH = 3, VOCAB_SIZE  # prompt token ids clear of pad, bos and eos
@@ -154,6 +163,88 @@ async def test_a_replacement_gets_the_replay_in_the_reordered_rows(swarm, model_
         assert (a - b).abs().max().item() <= 1e-4
     # both rows now continue row 1 (without the reorder they would differ)
     assert (clean[-1][0] - clean[-1][1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+async def test_a_server_whose_cache_is_full_is_replaced_when_opening(swarm, model_dir):
+    """A server that refuses a session for a reason of its own (`cache_full`: another session
+    holds its cache) is replaced as a lost one is; the session used to fail with the
+    server's RemoteError although other servers of its blocks had room."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        whole = next(PeerId.from_string(peer)
+                     for peer, info in (await model.blocks.view()).servers.items()
+                     if (info.start, info.end) == (2, NUM_LAYERS))
+        length = 6000  # two of them do not fit the 2 x 8192 block-tokens of one server
+        config = SessionConfig(max_length=length, wait_timeout=0.3)
+        rerouter = model.blocks.rerouter(RouteNeeds(cache_tokens=length))
+
+        def session_on_whole() -> InferenceSession:
+            return InferenceSession(model.swarm.host, model.model_id, [(whole, 2, NUM_LAYERS)],
+                                    config, rerouter=rerouter)
+
+        hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(8))
+        async with session_on_whole() as holder, session_on_whole() as refused:
+            assert [s.peer for s in holder.spans] == [whole]
+            assert [r.failed_peer for r in refused.recoveries] == [str(whole)]
+            assert "cache_full" in refused.recoveries[0].reason
+            assert whole not in [s.peer for s in refused.spans]
+            expected, got = await holder.step(hidden), await refused.step(hidden)
+        assert (expected - got).abs().max().item() <= 1e-4
+    finally:
+        await model.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01])
+async def test_closing_the_model_while_a_generation_opens_its_session(swarm, model_dir, delay):
+    """close() while generate is still opening its session: the generation ends with
+    InferenceError("the model has been closed"), as a step in flight does (it used to end
+    with whatever the closed swarm raised, DHTError "the DHT was closed")."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    generation = asyncio.ensure_future(model.generate(prompt(9), max_new_tokens=200,
+                                                      eos_token_id=None))
+    await asyncio.sleep(delay)
+    await model.close()
+    with pytest.raises(InferenceError, match="closed"):
+        await asyncio.wait_for(generation, 10)
+
+
+@pytest.mark.slow
+async def test_closing_a_session_ends_its_recovery(swarm, model_dir):
+    """close() while a step waits for a replacement server: the step ends with InferenceError
+    at once and opens nothing. Recovery used to go on, open a replacement (holding its cache
+    for a closed session) and answer the step."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        needs = RouteNeeds(cache_tokens=16)
+        route = await model.blocks.inference_route(0, NUM_LAYERS, needs)
+        bans = BanList()
+        for peer, info in (await model.blocks.view()).servers.items():
+            if info.end > 2:  # every replacement of the span holding block 2 is banned
+                bans.ban(peer, time.monotonic())
+        session = InferenceSession(
+            model.swarm.host, model.model_id,
+            [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route],
+            SessionConfig(max_length=16), rerouter=model.blocks.rerouter(needs), bans=bans)
+        await session.open()
+        hidden = torch.randn(1, 3, 64)
+        await session.step(hidden)
+        victim = next(s for s in session.spans if s.start <= 2 < s.end)
+        victim._stream.reset("test: injected failure")
+        step = asyncio.ensure_future(session.step(hidden[:, :1]))
+        await asyncio.sleep(0.5)  # the recovery now waits for the bans to end (15 s)
+        assert not step.done()
+        began = time.monotonic()
+        await session.close()
+        with pytest.raises(InferenceError, match="closed"):
+            await asyncio.wait_for(step, 5)
+        assert time.monotonic() - began < 1.0
+        assert all(s._stream is None for s in session.spans)
+    finally:
+        await model.close()
 
 
 @pytest.mark.slow

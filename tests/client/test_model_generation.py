@@ -125,10 +125,19 @@ def test_parameters_from_keywords_and_config():
 @pytest.mark.parametrize("bad", [
     {"max_new_tokens": -1}, {"temperature": 0.0}, {"top_k": -2}, {"top_p": 0.0},
     {"top_p": 1.5}, {"repetition_penalty": 0.0},
+    # not integers: 2.5 new tokens was refused later as a session of max_length 8.5
+    {"max_new_tokens": 2.5}, {"max_new_tokens": None}, {"top_k": 5.0}, {"max_length": "64"},
+    {"pad_token_id": True},
 ])
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         GenerationParams(**bad)
+
+
+@pytest.mark.parametrize("eos", ["x", 2.0, [2, "3"], True])
+def test_bad_end_tokens_are_named(eos):
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        GenerationParams.from_kwargs(None, None, eos_token_id=eos)
 
 
 def test_model_options():
