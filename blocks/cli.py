@@ -64,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        metavar="SECONDS",
                        help="how often to refresh the DHT announcement; records expire after "
                             "twice that (default 60, as in Petals)")
-    serve.add_argument("--identity", metavar="PATH")
+    serve.add_argument("--identity", metavar="PATH",
+                       help="Ed25519 identity file, created when missing (default: a fresh key)")
     serve_placement.add_arguments(serve)
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                        help="host a PEFT LoRA adapter under NAME for clients to choose "

@@ -1,6 +1,6 @@
 """A background asyncio event loop, so that synchronous code can drive the asyncio client.
 
-The client is asyncio-native; the transformers-style wrapper (client/distributed.py) is
+The client is asyncio-native; the transformers-style wrapper (client/causal_lm.py) is
 synchronous. It does not run its own event loop per call (connections, DHT state and open
 inference sessions live on one loop and must stay there): it submits coroutines to one loop
 running on a daemon thread and waits for their results. One loop serves the whole process; it is

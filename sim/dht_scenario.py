@@ -80,15 +80,6 @@ class DHTScenarioConfig:
         if self.record_ttl > limits.max_ttl:
             raise ValueError(f"record_ttl={self.record_ttl:g} is over "
                              f"dht.limits.max_ttl={limits.max_ttl:g}")
-        # DHTConfig checks its counts, not its times: a zero refresh interval never let the
-        # run end, a NaN one silently turned refreshes off.
-        d = self.dht
-        positive(**{f"dht.{name}": getattr(d, name) for name in (
-            "bucket_refresh_interval", "republish_interval", "request_timeout",
-            "initial_soft_timeout")})
-        non_negative(**{f"dht.{name}": getattr(d, name) for name in (
-            "min_republish_interval", "backoff_base", "value_hedge_rtts",
-            "min_value_hedge_delay")})
         if self.join not in ("auto", "protocol", "prefilled"):
             raise ValueError(f"unknown join mode {self.join!r}")
         if not 0 <= self.find_share + self.store_share <= 1:

@@ -7,6 +7,7 @@ Based on the XOR Metric", IPTPS 2002 (the full version with section 4); "RFC 629
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Kademlia 2.2: k-bucket capacity, "chosen such that any given k nodes are very unlikely to
@@ -123,3 +124,13 @@ class DHTConfig:
             raise ValueError("k, alpha, num_replicas and value_quorum must be positive")
         if not 0 < self.min_soft_timeout <= self.max_soft_timeout:
             raise ValueError("need 0 < min_soft_timeout <= max_soft_timeout")
+        # A zero refresh interval would make a node refresh without end, a NaN one turn
+        # refreshes off silently (every comparison with NaN is false).
+        for name in ("bucket_refresh_interval", "republish_interval", "request_timeout",
+                     "initial_soft_timeout", "questionable_after"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("min_republish_interval", "backoff_base", "backoff_max", "value_hedge_rtts",
+                     "min_value_hedge_delay"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")

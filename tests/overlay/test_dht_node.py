@@ -400,3 +400,13 @@ def test_readers_that_merge_replicas_find_new_entries_despite_churn():
     dictionaries lacked the servers that joined since (10% of reads missed one, before)."""
     assert churned_reads(value_quorum=DHTConfig().k) == 0
     assert churned_reads(value_quorum=1) > 0  # the first value found: often outdated
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bucket_refresh_interval", 0.0), ("republish_interval", float("nan")),
+    ("request_timeout", float("inf")), ("backoff_base", -1.0), ("value_hedge_rtts", float("nan")),
+])
+def test_config_refuses_zero_nan_and_infinite_times(field, value):
+    # a zero refresh interval made a node refresh without end; NaN turned refreshes off
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        DHTConfig(**{field: value})
