@@ -59,8 +59,8 @@ class RemoteBlocksFunction(torch.autograd.Function):
         # unless retain_graph, and a second backward then gets torch's own error.
         ctx.save_for_backward(*record.boundaries())
         ctx.spec, ctx.record = spec, record.with_boundaries([None] * len(record.boundaries()))
-        ctx.prompt_dtype = None if prompts is None else prompts.dtype
-        ctx.lora_dtypes = [p.dtype for p in lora_params]
+        ctx.hidden_device = hidden.device
+        ctx.prompt_like = None if prompts is None else (prompts.device, prompts.dtype)
         return out
 
     @staticmethod
@@ -69,9 +69,11 @@ class RemoteBlocksFunction(torch.autograd.Function):
         spec.ensure_open()
         record: PassRecord = ctx.record.with_boundaries(ctx.saved_tensors)
         grads = spec.loop.run(spec.trainer.backward(record, grad_output))
+        # Answers arrive on the CPU; autograd wants each gradient on its input's device (a
+        # client running its head and trainable parameters on a GPU).
         grad_prompts = None
-        if ctx.prompt_dtype is not None and grads.prompts is not None:
-            grad_prompts = grads.prompts.to(ctx.prompt_dtype)
+        if ctx.prompt_like is not None and grads.prompts is not None:
+            grad_prompts = grads.prompts.to(*ctx.prompt_like)
         lora_grads: list[torch.Tensor | None] = []
         if spec.lora is not None:
             for key, a, b in zip(spec.lora.keys, spec.lora.lora_A, spec.lora.lora_B):
@@ -79,8 +81,9 @@ class RemoteBlocksFunction(torch.autograd.Function):
                 if pair is None:  # blocks outside [start, end): no gradient
                     lora_grads += [None, None]
                 else:
-                    lora_grads += [pair[0].to(a.dtype), pair[1].to(b.dtype)]
-        return (None, grads.hidden.to(grad_output.dtype), grad_prompts, *lora_grads)
+                    lora_grads += [pair[0].to(a.device, a.dtype), pair[1].to(b.device, b.dtype)]
+        return (None, grads.hidden.to(ctx.hidden_device, grad_output.dtype), grad_prompts,
+                *lora_grads)
 
 
 def remote_blocks(spec: RemotePass, hidden: torch.Tensor,

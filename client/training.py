@@ -398,7 +398,7 @@ class _Sums:
             tuning: Tuning) -> None:
         it = iter(extra)
         if chunk.prompts is not None and self.prompts is not None:
-            grad = next(it).to(self.prompts.dtype)
+            grad = next(it).to(self.prompts.device, self.prompts.dtype)  # answers: CPU
             target = self.prompts[span.start:span.end]
             if target.shape[1] == 1:
                 target += grad

@@ -400,6 +400,30 @@ def test_a_float32_client_trains_on_a_bfloat16_server(swarm, tmp_path, mode):
             assert generated.shape == (1, ids.shape[1] + 4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for the client's head")
+@pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
+def test_a_client_on_a_gpu_gets_its_gradients_there(swarm, mode):
+    """Servers answer with CPU tensors; autograd wants every gradient on its input's device.
+    The same pass with the head on the CPU gives the same gradients."""
+    ids = token_batch(2, 7, seed=17)
+    options = (dict(tuning_mode="lora", lora_rank=RANK, lora_alpha=ALPHA,
+                    lora_target_modules=TARGETS) if mode == "lora"
+               else dict(tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN))
+    grads = {}
+    for device in ("cuda", "cpu"):
+        with open_model(swarm, device=device, **options) as model:
+            generator = torch.Generator().manual_seed(23)  # the same values on both devices
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+            model(input_ids=ids.to(device), labels=ids.to(device)).loss.backward()
+            grads[device] = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["cuda"] and grads["cuda"].keys() == grads["cpu"].keys()
+    for name, grad in grads["cuda"].items():
+        assert grad.device.type == "cuda", name
+        assert relative_error(grad.cpu(), grads["cpu"][name]) <= GRAD_TOLERANCE, name
+
+
 def test_backward_reroutes_around_a_server_killed_after_forward(swarm):
     """Runs last: it kills a server of the module's swarm."""
     from peft import get_peft_model_state_dict
