@@ -27,6 +27,7 @@ from overlay.public_addrs import WILDCARD_HOSTS, expand_wildcards
 from overlay.rpc_codec import (
     KIND_STREAM,
     KIND_UNARY,
+    MAX_REQUEST_HEADER,
     STATUS_OK,
     RemoteError,
     RpcProtocolError,
@@ -34,6 +35,7 @@ from overlay.rpc_codec import (
     decode_request,
     encode_error,
     encode_request,
+    peek_request,
     reset_reason,
 )
 from overlay.streams import ConnectionLost, Stream, StreamClosed
@@ -106,6 +108,7 @@ class Host:
         self._addr_book: dict[PeerId, list[Multiaddr]] = {}
         self._unary: dict[str, UnaryHandler] = {}
         self._streaming: dict[str, StreamHandler] = {}
+        self._request_limits: dict[str, int] = {}  # method -> most payload bytes (add_handler)
         self._disconnect_callbacks: list[Callable[[PeerId], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._deadlines: Deadlines | None = None  # of calls and handlers; made on first use
@@ -175,8 +178,18 @@ class Host:
         return list(self._addr_book.get(peer, ()))
 
     # ------------------------------------------------------------------ handlers
-    def add_handler(self, method: str, handler: UnaryHandler) -> None:
+    def add_handler(self, method: str, handler: UnaryHandler, *,
+                    max_request: int | None = None) -> None:
+        """Serve unary `method`. `max_request` bounds its requests' payload in bytes (default:
+        the host's max_message_size): a larger request is refused (`too_large`) as soon as
+        its header is read, not after the whole of it was."""
+        if max_request is not None and max_request < 0:
+            raise ValueError(f"max_request must be at least 0, not {max_request}")
         self._unary[method] = handler
+        if max_request is None:
+            self._request_limits.pop(method, None)
+        else:
+            self._request_limits[method] = max_request
 
     def add_stream_handler(self, method: str, handler: StreamHandler) -> None:
         self._streaming[method] = handler
@@ -415,6 +428,10 @@ class Host:
             conn.reset_stream(stream_id, reset_reason("unknown_method",
                                                       f"no method {header.method!r}"))
             return
+        limit = self._request_limits.get(header.method)
+        if limit is not None and len(data) - offset > limit:
+            conn.reset_stream(stream_id, _too_large(header.method, limit))
+            return
         loop = conn.loop
         deadline = None if header.timeout is None else loop.time() + header.timeout
         ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
@@ -470,9 +487,33 @@ class Host:
         conn.answer(stream_id, parts)
 
     def _on_stream(self, stream: Stream) -> None:
+        stream.bound_first_message(self._request_bound, MAX_REQUEST_HEADER)
         task = asyncio.get_running_loop().create_task(self._serve(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _request_bound(self, head: bytes) -> tuple[int, str] | None:
+        """The most bytes of the request that starts with `head`, and the reason to refuse it
+        beyond them; None while its header is incomplete. A request to an unknown method or
+        with a malformed header is refused at its first byte; a streaming request's first
+        message is its header alone."""
+        try:
+            peeked = peek_request(head)
+        except RpcProtocolError as e:
+            return 0, reset_reason("bad_request", str(e))
+        if peeked is None:
+            return None
+        header, size = peeked
+        if header.kind == KIND_STREAM:
+            return size, reset_reason("bad_request", "a streaming request header carries "
+                                                     "no payload")
+        if header.method not in self._unary:
+            return 0, reset_reason("unknown_method", f"no method {header.method!r}")
+        limit = self._request_limits.get(header.method)
+        if limit is None:
+            limit = self.config.max_message_size  # (the multiplexer enforces it first)
+            return limit, f"message larger than {limit} bytes"
+        return size + limit, _too_large(header.method, limit)
 
     async def _serve(self, stream: Stream) -> None:
         conn = stream.connection
@@ -614,6 +655,10 @@ def _error_parts(ctx: RpcContext, error: Exception) -> tuple | None:
         return None
     log.error("handler %s failed for %s", ctx.method, ctx.peer, exc_info=error)
     return (encode_error("internal", f"{ctx.method} failed"),)
+
+
+def _too_large(method: str, limit: int) -> str:
+    return reset_reason("too_large", f"{method} requests carry at most {limit} bytes")
 
 
 async def _awaiting(awaitable):

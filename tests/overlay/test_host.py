@@ -23,7 +23,7 @@ from overlay.host import (
 from overlay.identity import Identity
 from overlay.multiaddr import Multiaddr
 from overlay.secure_handshake import PROLOGUE
-from overlay.streams import SEND_HIGH_WATER
+from overlay.streams import SEND_HIGH_WATER, Stream
 
 
 async def echo(ctx, payload: bytes) -> bytes:
@@ -424,3 +424,45 @@ async def test_a_message_cut_off_by_a_lost_connection_is_freed_at_once(pair):
     finally:
         tracemalloc.stop()
         gc.enable()
+
+
+def _unary_header(method: bytes) -> bytes:
+    return struct.pack(">BBI", 0, len(method), 0xFFFFFFFF) + method
+
+
+async def _send_unfinished(conn, fragments) -> Stream:
+    """Open a stream and send `fragments` of a request message that never ends."""
+    stream = conn.open_stream()
+    for fragment in fragments:
+        conn._mux.send(stream.stream_id, fragment, end=False)
+    conn._flush()
+    return stream
+
+
+async def test_a_request_over_its_methods_limit_is_refused_once_its_header_is_read(pair):
+    """A peer could send max_message_size (256 MiB) to a method whose requests are tiny: the
+    host read it whole before the handler's own check. Now the method's limit is checked as
+    the header arrives, even when the rest of the request never comes."""
+    server, client, addr = pair
+    server.add_handler("small", echo, max_request=1000)
+    assert await client.call(addr, "small", bytes(1000)) == bytes(1000)
+    for size in (1001, 3 << 20):  # one frame (served whole), and a request of many frames
+        with pytest.raises(RemoteError) as refused:
+            await client.call(addr, "small", bytes(size), timeout=5)
+        assert refused.value.code == "too_large" and "1000 bytes" in refused.value.message
+    conn = client.connection_to(server.peer_id)
+    header = _unary_header(b"small")
+    cases = [
+        ([header + bytes(1001)], "too_large"),  # the rest would follow
+        ([bytes([b]) for b in header] + [bytes(1001)], "too_large"),  # a header split up
+        ([_unary_header(b"nope") + b"x"], "unknown_method"),
+        ([b"\x07" + header[1:]], "bad_request"),  # not a request kind
+        ([struct.pack(">BBI", 1, 4, 0) + b"sink" + b"x"], "bad_request"),  # stream + payload
+    ]
+    for fragments, code in cases:
+        stream = await _send_unfinished(conn, fragments)
+        with pytest.raises(RemoteError) as refused:
+            await asyncio.wait_for(stream.recv(), 5)
+        assert refused.value.code == code
+    assert await client.call(addr, "small", b"still fine") == b"still fine"
+    assert await client.call(addr, "echo", bytes(3 << 20)) == bytes(3 << 20)  # no limit
