@@ -72,6 +72,9 @@ class HostConfig:
     max_streams_per_connection: int = 1024
     max_message_size: int = 256 << 20
     handshake_timeout: float = 10.0
+    # A stream the peer opened must bring its request header within this time; one left
+    # unused is reset, so that a peer cannot hold streams and handler tasks forever.
+    request_header_timeout: float = 10.0
     dial_timeout: float = 10.0
     default_call_timeout: float = 60.0
 
@@ -487,10 +490,25 @@ class Host:
         conn.answer(stream_id, parts)
 
     def _on_stream(self, stream: Stream) -> None:
-        stream.bound_first_message(self._request_bound, MAX_REQUEST_HEADER)
-        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        loop = stream.connection.loop
+        deadlines = self._deadlines_on(loop)
+        timer = deadlines.add(loop.time() + self.config.request_header_timeout,
+                              self._header_timed_out, stream)
+
+        def bound(head: bytes) -> tuple[int, str] | None:
+            decided = self._request_bound(head)
+            if decided is not None:  # the header is in
+                deadlines.cancel(timer)
+            return decided
+
+        stream.bound_first_message(bound, MAX_REQUEST_HEADER)
+        task = loop.create_task(self._serve(stream, timer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _header_timed_out(self, stream: Stream) -> None:
+        stream.reset(reset_reason("deadline_exceeded", "no request header within "
+                                  f"{self.config.request_header_timeout:g} s"))
 
     def _request_bound(self, head: bytes) -> tuple[int, str] | None:
         """The most bytes of the request that starts with `head`, and the reason to refuse it
@@ -515,15 +533,18 @@ class Host:
             return limit, f"message larger than {limit} bytes"
         return size + limit, _too_large(header.method, limit)
 
-    async def _serve(self, stream: Stream) -> None:
+    async def _serve(self, stream: Stream, header_timer: list) -> None:
         conn = stream.connection
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines_on(loop)
         try:
             request = await stream.recv()
             header, offset = decode_request(request or b"")
         except (RpcProtocolError, ConnectionLost, StreamClosed, RemoteError) as e:
             stream.reset(reset_reason("bad_request", str(e)))
             return
-        loop = asyncio.get_running_loop()
+        finally:
+            deadlines.cancel(header_timer)
         deadline = None if header.timeout is None else loop.time() + header.timeout
         ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
         if header.kind == KIND_STREAM:
@@ -541,7 +562,6 @@ class Host:
         # The deadline cancels this task (a shared timer, cheaper than asyncio.timeout_at on
         # the path of every call); `expired` tells its cancellation from a host shutdown.
         expired: list[bool] = []
-        deadlines = self._deadlines_on(loop)
         timer = None if deadline is None else deadlines.add(
             deadline, _expire_task, (asyncio.current_task(), expired))
         try:

@@ -466,3 +466,47 @@ async def test_a_request_over_its_methods_limit_is_refused_once_its_header_is_re
         assert refused.value.code == code
     assert await client.call(addr, "small", b"still fine") == b"still fine"
     assert await client.call(addr, "echo", bytes(3 << 20)) == bytes(3 << 20)  # no limit
+
+
+async def test_streams_opened_and_never_used_are_reset():
+    """A peer that opened streams (SYN) and sent no request held them, and a handler task
+    each, forever. Now they are reset after request_header_timeout; calls whose header came
+    in time are not bounded by it."""
+    server = Host(config=HostConfig(request_header_timeout=0.3))
+    client = Host()
+    try:
+        [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+
+        async def slow_echo(ctx, stream):
+            message = await stream.recv()
+            await asyncio.sleep(0.6)  # longer than the header timeout
+            await stream.send(message)
+
+        server.add_stream_handler("slow", slow_echo)
+        server.add_handler("slow_unary", lambda ctx, p: _later(0.6, p))
+        await client.connect(addr)
+        conn = client.connection_to(server.peer_id)
+        idle = [await _send_unfinished(conn, [b""]) for _ in range(50)]  # SYN, nothing else
+        cut = await _send_unfinished(conn, [_unary_header(b"slow_unary")[:3]])  # half a header
+        stream = await client.open_stream(addr, "slow")
+        await stream.send(b"hello")
+        call = asyncio.ensure_future(client.call(addr, "slow_unary", b"x"))
+        for waiting in [*idle, cut]:
+            with pytest.raises(RemoteError) as refused:
+                await asyncio.wait_for(waiting.recv(), 5)
+            assert refused.value.code == "deadline_exceeded"
+        assert await asyncio.wait_for(stream.recv(), 5) == b"hello"
+        assert await asyncio.wait_for(call, 5) == b"x"
+        await stream.close()
+        served = server.connection_to(client.peer_id)
+        async with asyncio.timeout(5):
+            while served.num_streams or server._tasks:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def _later(delay: float, value):
+    await asyncio.sleep(delay)
+    return value
