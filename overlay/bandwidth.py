@@ -62,7 +62,7 @@ def decode_request(data: bytes | None, max_bytes: int = MAX_TRANSFER_BYTES) -> T
     if data is None:
         raise BandwidthTestError(BAD_REQUEST, "the stream ended before the request")
     obj = _unpack_map(data, "request")
-    if obj.get("v") != VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != VERSION:  # not 1.0, not true
         raise BandwidthTestError(BAD_REQUEST, f"unsupported version {obj.get('v')!r}")
     op, nbytes = obj.get("op"), obj.get("bytes")
     if op not in (UPLOAD, DOWNLOAD):

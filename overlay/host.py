@@ -27,6 +27,7 @@ from overlay.public_addrs import WILDCARD_HOSTS, expand_wildcards
 from overlay.rpc_codec import (
     KIND_STREAM,
     KIND_UNARY,
+    MAX_REQUEST_HEADER,
     STATUS_OK,
     RemoteError,
     RpcProtocolError,
@@ -34,6 +35,7 @@ from overlay.rpc_codec import (
     decode_request,
     encode_error,
     encode_request,
+    peek_request,
     reset_reason,
 )
 from overlay.streams import ConnectionLost, Stream, StreamClosed
@@ -70,6 +72,9 @@ class HostConfig:
     max_streams_per_connection: int = 1024
     max_message_size: int = 256 << 20
     handshake_timeout: float = 10.0
+    # A stream the peer opened must bring its request header within this time; one left
+    # unused is reset, so that a peer cannot hold streams and handler tasks forever.
+    request_header_timeout: float = 10.0
     dial_timeout: float = 10.0
     default_call_timeout: float = 60.0
 
@@ -106,6 +111,7 @@ class Host:
         self._addr_book: dict[PeerId, list[Multiaddr]] = {}
         self._unary: dict[str, UnaryHandler] = {}
         self._streaming: dict[str, StreamHandler] = {}
+        self._request_limits: dict[str, int] = {}  # method -> most payload bytes (add_handler)
         self._disconnect_callbacks: list[Callable[[PeerId], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._deadlines: Deadlines | None = None  # of calls and handlers; made on first use
@@ -175,8 +181,18 @@ class Host:
         return list(self._addr_book.get(peer, ()))
 
     # ------------------------------------------------------------------ handlers
-    def add_handler(self, method: str, handler: UnaryHandler) -> None:
+    def add_handler(self, method: str, handler: UnaryHandler, *,
+                    max_request: int | None = None) -> None:
+        """Serve unary `method`. `max_request` bounds its requests' payload in bytes (default:
+        the host's max_message_size): a larger request is refused (`too_large`) as soon as
+        its header is read, not after the whole of it was."""
+        if max_request is not None and max_request < 0:
+            raise ValueError(f"max_request must be at least 0, not {max_request}")
         self._unary[method] = handler
+        if max_request is None:
+            self._request_limits.pop(method, None)
+        else:
+            self._request_limits[method] = max_request
 
     def add_stream_handler(self, method: str, handler: StreamHandler) -> None:
         self._streaming[method] = handler
@@ -415,6 +431,10 @@ class Host:
             conn.reset_stream(stream_id, reset_reason("unknown_method",
                                                       f"no method {header.method!r}"))
             return
+        limit = self._request_limits.get(header.method)
+        if limit is not None and len(data) - offset > limit:
+            conn.reset_stream(stream_id, _too_large(header.method, limit))
+            return
         loop = conn.loop
         deadline = None if header.timeout is None else loop.time() + header.timeout
         ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
@@ -470,19 +490,61 @@ class Host:
         conn.answer(stream_id, parts)
 
     def _on_stream(self, stream: Stream) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        loop = stream.connection.loop
+        deadlines = self._deadlines_on(loop)
+        timer = deadlines.add(loop.time() + self.config.request_header_timeout,
+                              self._header_timed_out, stream)
+
+        def bound(head: bytes) -> tuple[int, str] | None:
+            decided = self._request_bound(head)
+            if decided is not None:  # the header is in
+                deadlines.cancel(timer)
+            return decided
+
+        stream.bound_first_message(bound, MAX_REQUEST_HEADER)
+        task = loop.create_task(self._serve(stream, timer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, stream: Stream) -> None:
+    def _header_timed_out(self, stream: Stream) -> None:
+        stream.reset(reset_reason("deadline_exceeded", "no request header within "
+                                  f"{self.config.request_header_timeout:g} s"))
+
+    def _request_bound(self, head: bytes) -> tuple[int, str] | None:
+        """The most bytes of the request that starts with `head`, and the reason to refuse it
+        beyond them; None while its header is incomplete. A request to an unknown method or
+        with a malformed header is refused at its first byte; a streaming request's first
+        message is its header alone."""
+        try:
+            peeked = peek_request(head)
+        except RpcProtocolError as e:
+            return 0, reset_reason("bad_request", str(e))
+        if peeked is None:
+            return None
+        header, size = peeked
+        if header.kind == KIND_STREAM:
+            return size, reset_reason("bad_request", "a streaming request header carries "
+                                                     "no payload")
+        if header.method not in self._unary:
+            return 0, reset_reason("unknown_method", f"no method {header.method!r}")
+        limit = self._request_limits.get(header.method)
+        if limit is None:
+            limit = self.config.max_message_size  # (the multiplexer enforces it first)
+            return limit, f"message larger than {limit} bytes"
+        return size + limit, _too_large(header.method, limit)
+
+    async def _serve(self, stream: Stream, header_timer: list) -> None:
         conn = stream.connection
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines_on(loop)
         try:
             request = await stream.recv()
             header, offset = decode_request(request or b"")
         except (RpcProtocolError, ConnectionLost, StreamClosed, RemoteError) as e:
             stream.reset(reset_reason("bad_request", str(e)))
             return
-        loop = asyncio.get_running_loop()
+        finally:
+            deadlines.cancel(header_timer)
         deadline = None if header.timeout is None else loop.time() + header.timeout
         ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
         if header.kind == KIND_STREAM:
@@ -500,7 +562,6 @@ class Host:
         # The deadline cancels this task (a shared timer, cheaper than asyncio.timeout_at on
         # the path of every call); `expired` tells its cancellation from a host shutdown.
         expired: list[bool] = []
-        deadlines = self._deadlines_on(loop)
         timer = None if deadline is None else deadlines.add(
             deadline, _expire_task, (asyncio.current_task(), expired))
         try:
@@ -614,6 +675,10 @@ def _error_parts(ctx: RpcContext, error: Exception) -> tuple | None:
         return None
     log.error("handler %s failed for %s", ctx.method, ctx.peer, exc_info=error)
     return (encode_error("internal", f"{ctx.method} failed"),)
+
+
+def _too_large(method: str, limit: int) -> str:
+    return reset_reason("too_large", f"{method} requests carry at most {limit} bytes")
 
 
 async def _awaiting(awaitable):

@@ -46,7 +46,9 @@ class Multiaddr:
         host = _check_host(proto, host, text)
         if transport != "tcp":
             raise MultiaddrError(f"only /tcp is supported, got /{transport} in {text!r}")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        # ASCII digits only: str.isdigit() is also true of "²" (which int() refuses) and of
+        # other scripts' digits (which int() takes, but other implementations do not).
+        if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
             raise MultiaddrError(f"invalid TCP port {port_text!r} in {text!r}")
         peer_id = None
         if len(parts) == 6:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import msgpack
 
 MAX_METHOD_LENGTH = 128
+MAX_REQUEST_HEADER = 6 + MAX_METHOD_LENGTH  # bytes
 MAX_ERROR_MESSAGE = 900
 
 KIND_UNARY = 0
@@ -94,6 +95,17 @@ def decode_request(data: bytes | memoryview) -> tuple[RequestHeader, int]:
         _decoded.clear()
     _decoded[raw] = header
     return header, end
+
+
+def peek_request(head: bytes) -> tuple[RequestHeader, int] | None:
+    """The header of a request from its first bytes (`head`, of which any part may follow the
+    header), and its length; None while more bytes are needed to know it. Raises
+    RpcProtocolError for a header that cannot become valid. (The host bounds a request by its
+    method before reading the rest of it.)"""
+    size = _REQUEST.size
+    if len(head) < size or (len(head) < size + head[1] and 0 < head[1] <= MAX_METHOD_LENGTH):
+        return None
+    return decode_request(head[:size + head[1]])
 
 
 def _decode_request(data: bytes | memoryview) -> tuple[RequestHeader, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from overlay.mux import MuxError
@@ -52,6 +53,19 @@ def _released(buf) -> bool:
     return True
 
 
+class _FirstMessageBound:
+    """State of Stream.bound_first_message: the head seen so far, then the limit."""
+
+    __slots__ = ("decide", "head", "head_bytes", "limit", "reason")
+
+    def __init__(self, decide: Callable[[bytes], tuple[int, str] | None], head_bytes: int):
+        self.decide = decide
+        self.head_bytes = head_bytes
+        self.head = b""
+        self.limit: int | None = None
+        self.reason = ""
+
+
 class ConnectionLost(ConnectionError):
     """The peer vanished, could not be reached, or the connection was closed."""
 
@@ -66,6 +80,7 @@ class Stream:
     __slots__ = (
         "_acked_partial",
         "_asm",
+        "_bound",
         "_conn",
         "_ended",
         "_error",
@@ -111,6 +126,7 @@ class Stream:
         self._send_waiter: asyncio.Future | None = None
         self._send_closed = False
         self._gone_waiters: list[asyncio.Future] | None = None
+        self._bound: _FirstMessageBound | None = None
 
     @property
     def peer(self):
@@ -166,7 +182,37 @@ class Stream:
         if credit:
             self._conn.acknowledge(self.stream_id, credit)
 
+    def bound_first_message(self, decide: Callable[[bytes], tuple[int, str] | None],
+                            head_bytes: int) -> None:
+        """Call `decide(head)` with the first bytes of the first message as they arrive
+        (`head_bytes` at most) until it answers (limit, reason); the stream is then reset with
+        `reason` as soon as that message exceeds `limit` bytes, before the rest of it is
+        read (the host's per-method request limit). Set before any data came."""
+        self._bound = _FirstMessageBound(decide, head_bytes)
+
+    def _over_bound(self, data, end: bool) -> bool:
+        """Whether `data` takes the first message over its bound: the stream is then reset."""
+        bound = self._bound
+        if bound.limit is None:
+            if len(bound.head) < bound.head_bytes:
+                bound.head += bytes(data[:bound.head_bytes - len(bound.head)])
+            decided = bound.decide(bound.head)
+            if decided is None:
+                if end:
+                    self._bound = None
+                return False
+            bound.limit, bound.reason = decided
+        if self._partial_size + len(data) > bound.limit:
+            self._bound = None
+            self.reset(bound.reason)
+            return True
+        if end:
+            self._bound = None
+        return False
+
     def _on_data(self, data, end: bool) -> None:
+        if self._bound is not None and self._over_bound(data, end):
+            return
         size = len(data)
         asm = self._asm
         if asm is not None:

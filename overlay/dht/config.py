@@ -65,6 +65,10 @@ class StoreLimits:
     max_subkeys_per_key: int = 1024
     # Accounted bytes (key + subkey + value + signature + a fixed overhead) of all records.
     max_total_bytes: int = 64 * 1024 * 1024
+    # What the records stored by one peer (the sender of the STORE) may take of that: one
+    # peer cannot fill the store, evicting or refusing everyone else's records. (A block
+    # server's announcements are some 1 KiB per block.)
+    max_bytes_per_peer: int = 4 * 1024 * 1024
     # Expirations further ahead are refused: no record outlives its owner by more than a day
     # (Kademlia 2.5 has the original publisher republish every 24 hours).
     max_ttl: float = 24 * 3600.0

@@ -39,6 +39,7 @@ from overlay.dht.effects import (
 )
 from overlay.dht.ids import key_id_of
 from overlay.dht.messages import (
+    MAX_MESSAGE_BYTES,
     RPC_METHOD,
     MessageError,
     decode_request,
@@ -121,7 +122,8 @@ class DHT:
         )
         dht = cls(host, node)
         if serve:
-            host.add_handler(RPC_METHOD, dht._handle)
+            # No DHT message is larger: a larger request is refused before it is read.
+            host.add_handler(RPC_METHOD, dht._handle, max_request=MAX_MESSAGE_BYTES)
         seeds = await dht._dial_bootstrap(list(bootstrap), bootstrap_timeout)
         if bootstrap and not seeds:
             await dht.close()

@@ -310,7 +310,8 @@ def _unpack(data: bytes) -> dict:
         raise MessageError(f"not a valid msgpack message: {type(e).__name__}") from None
     if not isinstance(body, dict):
         raise MessageError("message is not a map")
-    if body.get("v") != PROTOCOL_VERSION:
+    version = body.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not true
         raise MessageError(f"unsupported DHT protocol version {body.get('v')!r}")
     return body
 

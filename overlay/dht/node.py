@@ -282,9 +282,10 @@ class DHTNode:
         self._effects.append(SendRequest(req_id, contact, request, timeout))
         return req_id
 
-    def store_local(self, record: Record, now: float) -> bool:
-        """Keep a record we are one of the closest nodes for; True when we now hold it."""
-        outcome = self.records.store(record, now)
+    def store_local(self, record: Record, now: float, storer: PeerId | None = None) -> bool:
+        """Keep a record we are one of the closest nodes for; True when we now hold it.
+        `storer`: the peer that asked (None: our own record), bounded by its quota."""
+        outcome = self.records.store(record, now, storer)
         return outcome is StoreOutcome.STORED or self._holds(record)
 
     def _holds(self, record: Record) -> bool:
@@ -348,7 +349,7 @@ class DHTNode:
                     log.info("refusing a record from %s: %s", sender.short(), e)
                     stored.append(False)
                     continue
-                stored.append(self.store_local(record, now))
+                stored.append(self.store_local(record, now, sender))
             return StoreResponse(tuple(stored))
         raise DHTProtocolError(f"unsupported request {type(request).__name__}")
 

@@ -13,9 +13,10 @@ absolute expiration (hivemind/Petals style). Rules, checked by every node on eve
    whatever its expiration. Otherwise plain <-> dictionary follows rule 1 on the
    dictionary's latest expiration.
 4. Limits: key, subkey and value sizes, subkeys per key, expiration at most `max_ttl` ahead,
-   total bytes per node. When full, entries expiring sooner than the new one are evicted;
-   a full dictionary makes room for an owned entry by dropping its soonest-expiring
-   unowned entry.
+   total bytes per node, bytes per storing peer (`max_bytes_per_peer`: a peer's records
+   beyond it are refused, whatever room is left). When full, entries expiring sooner than
+   the new one are evicted; a full dictionary makes room for an owned entry by dropping its
+   soonest-expiring unowned entry.
 5. Values must be valid msgpack (the API stores msgpack-encodable objects).
 
 Records are immutable once stored, so they are verified when stored, not when served.
@@ -165,12 +166,14 @@ class StoreOutcome(enum.Enum):
     OUTDATED = "outdated"  # an entry with a later or equal expiration is already there
     PROTECTED = "protected"  # rule 3: would wipe owned entries
     FULL = "full"
+    OVER_QUOTA = "over_quota"  # the storing peer's records would exceed max_bytes_per_peer
 
 
 class RecordStore:
     """The records one node holds for the network."""
 
-    __slots__ = ("_bytes", "_data", "_heap", "_live", "_seq", "limits")
+    __slots__ = ("_by_storer", "_bytes", "_data", "_heap", "_live", "_seq", "_storers",
+                 "limits")
 
     def __init__(self, limits: StoreLimits):
         self.limits = limits
@@ -181,6 +184,9 @@ class RecordStore:
         # (expiration, seq, key, subkey), stale entries skipped when popped
         self._heap: list[tuple[float, int, bytes, str | None]] = []
         self._seq = count()
+        # Who stored each record (None: this node itself) and the bytes of each storer.
+        self._storers: dict[tuple[bytes, str | None], object] = {}
+        self._by_storer: dict[object, int] = {}
 
     def __len__(self) -> int:
         return self._live
@@ -221,8 +227,14 @@ class RecordStore:
 
     # -- writing -------------------------------------------------------------------------
 
-    def store(self, record: Record, now: float) -> StoreOutcome:
-        """Apply rules 1, 3 and 4 to an already validated record (see `check_record`)."""
+    def stored_by(self, storer: object) -> int:
+        """Accounted bytes of the records `storer` stored here."""
+        return self._by_storer.get(storer, 0)
+
+    def store(self, record: Record, now: float, storer: object = None) -> StoreOutcome:
+        """Apply rules 1, 3 and 4 to an already validated record (see `check_record`).
+        `storer` is the peer that asks (its records count against max_bytes_per_peer);
+        None for this node's own records, which no quota bounds."""
         self.purge(now)
         key = record.key
         entry = self._data.get(key)
@@ -236,23 +248,29 @@ class RecordStore:
                     return StoreOutcome.PROTECTED
                 if record.expiration <= max(r.expiration for r in entry.values()):
                     return StoreOutcome.OUTDATED
+            if not self._within_quota(record, entry, storer):
+                return StoreOutcome.OVER_QUOTA
             if not self._make_room(record, entry, now):
                 return StoreOutcome.FULL
             if entry is not None:
                 self._drop_key(key)
-            self._add(record)
+            self._add(record, storer)
             return StoreOutcome.STORED
         if isinstance(entry, Record):
             if not owned and record.expiration <= entry.expiration:
                 return StoreOutcome.OUTDATED
+            if not self._within_quota(record, entry, storer):
+                return StoreOutcome.OVER_QUOTA
             if not self._make_room(record, entry, now):
                 return StoreOutcome.FULL
             self._drop_key(key)
-            self._add(record)
+            self._add(record, storer)
             return StoreOutcome.STORED
         old = None if entry is None else entry.get(record.subkey)
         if old is not None and record.expiration <= old.expiration:
             return StoreOutcome.OUTDATED
+        if not self._within_quota(record, old, storer):
+            return StoreOutcome.OVER_QUOTA
         if entry is not None and old is None and len(entry) >= self.limits.max_subkeys_per_key:
             unowned = [r for r in entry.values() if r.signature is None]
             if not owned or not unowned:
@@ -262,10 +280,25 @@ class RecordStore:
             return StoreOutcome.FULL
         if old is not None:
             self._drop(key, record.subkey)
-        self._add(record)
+        self._add(record, storer)
         return StoreOutcome.STORED
 
-    def _add(self, record: Record) -> None:
+    def _within_quota(self, record: Record, replaced, storer: object) -> bool:
+        """Whether `storer`'s records still fit max_bytes_per_peer once `record` replaces
+        `replaced` (a Record, a key's dictionary, or None): only what `storer` itself
+        stored is freed for it."""
+        if storer is None:
+            return True
+        if isinstance(replaced, dict):
+            replaced = list(replaced.values())
+        elif replaced is not None:
+            replaced = [replaced]
+        freed = sum(r.size() for r in replaced or ()
+                    if self._storers.get((r.key, r.subkey)) == storer)
+        used = self._by_storer.get(storer, 0) - freed + record.size()
+        return used <= self.limits.max_bytes_per_peer
+
+    def _add(self, record: Record, storer: object = None) -> None:
         if record.subkey is None:
             self._data[record.key] = record
         else:
@@ -276,6 +309,9 @@ class RecordStore:
             entry[record.subkey] = record
         self._bytes += record.size()
         self._live += 1
+        if storer is not None:
+            self._storers[(record.key, record.subkey)] = storer
+            self._by_storer[storer] = self._by_storer.get(storer, 0) + record.size()
         heapq.heappush(
             self._heap, (record.expiration, next(self._seq), record.key, record.subkey)
         )
@@ -300,6 +336,13 @@ class RecordStore:
                 del self._data[key]
         self._bytes -= record.size()
         self._live -= 1
+        storer = self._storers.pop((key, subkey), None)
+        if storer is not None:
+            left = self._by_storer[storer] - record.size()
+            if left:
+                self._by_storer[storer] = left
+            else:
+                del self._by_storer[storer]
 
     def _drop_key(self, key: bytes) -> None:
         entry = self._data.get(key)

@@ -53,6 +53,8 @@ def test_requests_and_answers_round_trip():
     {"v": 1, "op": "delete", "bytes": 10},
     {"v": 1, "op": 3, "bytes": 10},
     {"v": 2, "op": "upload", "bytes": 10},
+    {"v": 1.0, "op": "upload", "bytes": 10},  # the version is the integer 1
+    {"v": True, "op": "upload", "bytes": 10},
     {"op": "upload", "bytes": 10},
     [1, "upload", 10],
     "upload",

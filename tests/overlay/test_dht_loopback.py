@@ -115,6 +115,10 @@ async def test_garbage_and_lying_peers_are_failures_not_crashes():
             with pytest.raises(RemoteError) as refused:
                 await liars[0].call(hosts[0].addrs[0], RPC_METHOD, b"\x00\x01garbage")
             assert refused.value.code == "bad_request"
+            # and one larger than any DHT message is refused before it is read whole
+            with pytest.raises(RemoteError) as refused:
+                await liars[0].call(hosts[0].addrs[0], RPC_METHOD, bytes(64 << 20))
+            assert refused.value.code == "too_large"
         finally:
             for liar in liars:
                 await liar.close()

@@ -170,6 +170,8 @@ def body(**fields):
 
 @pytest.mark.parametrize("data, reason", [
     (body(v=2), "version"),
+    (body(v=1.0), "version"),  # the version is the integer 1: not a float, not true
+    (body(v=True), "version"),
     (body(op="explode"), "unknown"),
     (body(srv="yes"), "srv"),
     (body(ids=[]), "without targets"),

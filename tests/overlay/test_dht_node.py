@@ -182,6 +182,22 @@ def test_owned_subkeys_are_signed_and_forgeries_are_ignored():
             assert response == StoreResponse((False,))
 
 
+def test_store_requests_count_against_the_senders_share():
+    """One peer's STOREs could fill a node's whole store; each sender now has its share."""
+    from overlay.dht.config import StoreLimits
+
+    record_size = Record(b"k00", None, V("x"), 2000.0).size()
+    limits = StoreLimits(max_total_bytes=100 * record_size, max_bytes_per_peer=5 * record_size)
+    node = DHTNode(Identity.generate().peer_id, DHTConfig(limits=limits),
+                   rng=random.Random(1), now=1000.0)
+    hog, other = Identity.generate().peer_id, Identity.generate().peer_id
+    flood = Store(tuple(Record(b"k%02d" % i, None, V("x"), 2000.0) for i in range(20)))
+    answer = node.handle_request(hog, flood, 1000.0)
+    assert answer.stored == (True,) * 5 + (False,) * 15
+    answer = node.handle_request(other, Store((Record(b"o", None, V("x"), 2000.0),)), 1000.0)
+    assert answer.stored == (True,)
+
+
 def test_owner_republishes_before_expiry():
     config = DHTConfig(min_republish_interval=10.0)
     net = MemoryNetwork(seed=9, config=config)

@@ -157,6 +157,32 @@ def test_total_bytes_limit_evicts_soonest_expiring_first():
     assert store.total_bytes <= 3 * one
 
 
+def test_one_peer_cannot_take_more_than_its_share_of_the_store():
+    """One peer could fill the whole max_total_bytes with its records, so that everyone
+    else's were evicted or refused; now each storing peer has max_bytes_per_peer."""
+    one = plain(key=b"h0").size()  # (every key here has two bytes)
+    store = RecordStore(StoreLimits(max_total_bytes=10 * one, max_bytes_per_peer=3 * one))
+    hog, other = "hog", "other"
+    for i in range(3):
+        assert store.store(plain(key=b"h%d" % i, exp=NOW + 99), NOW, hog) is StoreOutcome.STORED
+    assert store.store(plain(key=b"h3", exp=NOW + 99), NOW, hog) is StoreOutcome.OVER_QUOTA
+    assert store.stored_by(hog) == 3 * one
+    # refreshing its own record frees its old one first; another peer's still counts
+    assert store.store(plain(key=b"h0", exp=NOW + 120), NOW, hog) is StoreOutcome.STORED
+    for i in range(2):
+        assert store.store(plain(key=b"o%d" % i), NOW, other) is StoreOutcome.STORED
+    assert store.store(plain(key=b"o0", exp=NOW + 99), NOW, hog) is StoreOutcome.OVER_QUOTA
+    assert store.store(sub("s", key=b"o1", exp=NOW + 99), NOW, hog) is StoreOutcome.OVER_QUOTA
+    # the node's own records and whatever expires or is replaced give the quota back
+    assert store.store(plain(key=b"mine", exp=NOW + 99), NOW) is StoreOutcome.STORED
+    assert store.store(plain(key=b"h1", exp=NOW + 130), NOW, other) is StoreOutcome.STORED
+    assert (store.stored_by(hog), store.stored_by(other)) == (2 * one, 3 * one)
+    store.purge(NOW + 100)
+    assert (store.stored_by(hog), store.stored_by(other)) == (one, one)
+    store.purge(NOW + 200)
+    assert store.stored_by(hog) == store.stored_by(other) == 0 and len(store) == 0
+
+
 def test_heap_garbage_stays_bounded():
     store = RecordStore(StoreLimits())
     for i in range(2000):

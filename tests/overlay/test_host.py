@@ -23,7 +23,7 @@ from overlay.host import (
 from overlay.identity import Identity
 from overlay.multiaddr import Multiaddr
 from overlay.secure_handshake import PROLOGUE
-from overlay.streams import SEND_HIGH_WATER
+from overlay.streams import SEND_HIGH_WATER, Stream
 
 
 async def echo(ctx, payload: bytes) -> bytes:
@@ -424,3 +424,89 @@ async def test_a_message_cut_off_by_a_lost_connection_is_freed_at_once(pair):
     finally:
         tracemalloc.stop()
         gc.enable()
+
+
+def _unary_header(method: bytes) -> bytes:
+    return struct.pack(">BBI", 0, len(method), 0xFFFFFFFF) + method
+
+
+async def _send_unfinished(conn, fragments) -> Stream:
+    """Open a stream and send `fragments` of a request message that never ends."""
+    stream = conn.open_stream()
+    for fragment in fragments:
+        conn._mux.send(stream.stream_id, fragment, end=False)
+    conn._flush()
+    return stream
+
+
+async def test_a_request_over_its_methods_limit_is_refused_once_its_header_is_read(pair):
+    """A peer could send max_message_size (256 MiB) to a method whose requests are tiny: the
+    host read it whole before the handler's own check. Now the method's limit is checked as
+    the header arrives, even when the rest of the request never comes."""
+    server, client, addr = pair
+    server.add_handler("small", echo, max_request=1000)
+    assert await client.call(addr, "small", bytes(1000)) == bytes(1000)
+    for size in (1001, 3 << 20):  # one frame (served whole), and a request of many frames
+        with pytest.raises(RemoteError) as refused:
+            await client.call(addr, "small", bytes(size), timeout=5)
+        assert refused.value.code == "too_large" and "1000 bytes" in refused.value.message
+    conn = client.connection_to(server.peer_id)
+    header = _unary_header(b"small")
+    cases = [
+        ([header + bytes(1001)], "too_large"),  # the rest would follow
+        ([bytes([b]) for b in header] + [bytes(1001)], "too_large"),  # a header split up
+        ([_unary_header(b"nope") + b"x"], "unknown_method"),
+        ([b"\x07" + header[1:]], "bad_request"),  # not a request kind
+        ([struct.pack(">BBI", 1, 4, 0) + b"sink" + b"x"], "bad_request"),  # stream + payload
+    ]
+    for fragments, code in cases:
+        stream = await _send_unfinished(conn, fragments)
+        with pytest.raises(RemoteError) as refused:
+            await asyncio.wait_for(stream.recv(), 5)
+        assert refused.value.code == code
+    assert await client.call(addr, "small", b"still fine") == b"still fine"
+    assert await client.call(addr, "echo", bytes(3 << 20)) == bytes(3 << 20)  # no limit
+
+
+async def test_streams_opened_and_never_used_are_reset():
+    """A peer that opened streams (SYN) and sent no request held them, and a handler task
+    each, forever. Now they are reset after request_header_timeout; calls whose header came
+    in time are not bounded by it."""
+    server = Host(config=HostConfig(request_header_timeout=0.3))
+    client = Host()
+    try:
+        [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+
+        async def slow_echo(ctx, stream):
+            message = await stream.recv()
+            await asyncio.sleep(0.6)  # longer than the header timeout
+            await stream.send(message)
+
+        server.add_stream_handler("slow", slow_echo)
+        server.add_handler("slow_unary", lambda ctx, p: _later(0.6, p))
+        await client.connect(addr)
+        conn = client.connection_to(server.peer_id)
+        idle = [await _send_unfinished(conn, [b""]) for _ in range(50)]  # SYN, nothing else
+        cut = await _send_unfinished(conn, [_unary_header(b"slow_unary")[:3]])  # half a header
+        stream = await client.open_stream(addr, "slow")
+        await stream.send(b"hello")
+        call = asyncio.ensure_future(client.call(addr, "slow_unary", b"x"))
+        for waiting in [*idle, cut]:
+            with pytest.raises(RemoteError) as refused:
+                await asyncio.wait_for(waiting.recv(), 5)
+            assert refused.value.code == "deadline_exceeded"
+        assert await asyncio.wait_for(stream.recv(), 5) == b"hello"
+        assert await asyncio.wait_for(call, 5) == b"x"
+        await stream.close()
+        served = server.connection_to(client.peer_id)
+        async with asyncio.timeout(5):
+            while served.num_streams or server._tasks:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def _later(delay: float, value):
+    await asyncio.sleep(delay)
+    return value

@@ -54,6 +54,11 @@ def test_fields_and_peer_handling():
         ("/ip4/1.2.3.4/tcp/65536", "invalid TCP port"),
         ("/ip4/1.2.3.4/tcp/-1", "invalid TCP port"),
         ("/ip4/1.2.3.4/tcp/x", "invalid TCP port"),
+        # str.isdigit() is true of these: "²" crashed int() (a ValueError, not this error,
+        # so a DHT request announcing it got `internal`), Arabic-Indic digits were taken
+        # and the text spread to other peers as the sender's address
+        ("/ip4/1.2.3.4/tcp/\u00b2", "invalid TCP port"),
+        ("/ip4/1.2.3.4/tcp/\u0661\u0662", "invalid TCP port"),
         ("/unix/sock/tcp/1", "unsupported protocol"),
         ("/ip4/1.2.3.4/tcp/1/p2p/notapeer", "invalid peer id"),
         ("/ip4/1.2.3.4/tcp/1/quic/x", "expected /p2p"),
