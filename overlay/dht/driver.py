@@ -331,11 +331,14 @@ def _dialable(addrs: tuple[str, ...], ctx: RpcContext) -> tuple[str, ...]:
     """The sender's announced addresses that others could dial, wildcards replaced by the
     observed one. The core hands its contacts' addresses to every peer that looks them up:
     without this, one peer made an honest node spread text that is no multiaddr, port 0,
-    multicast or broadcast hosts, or a /p2p suffix naming another peer."""
+    multicast or broadcast hosts, or a /p2p suffix naming another peer. Each is kept once:
+    wildcards of both families (a dual-stack listener) become the same observed address."""
     if any(_is_wildcard(a) for a in addrs):
         addrs = _observed(addrs, ctx)
     out = []
     for text in addrs:
+        if text in out:
+            continue
         try:
             maddr = Multiaddr.parse(text)
         except MultiaddrError:

@@ -3,8 +3,8 @@
 Every message is one msgpack map carried as the payload of an RPC named "dht". Requests:
 
     {"v": 1, "op": "ping" | "find_node" | "find_value" | "store",
-     "addrs": [multiaddr str, ...],   # where the sender listens
-     "srv": bool,                     # the sender serves DHT requests (may enter tables)
+     "addrs": [multiaddr str, ...],   # where the sender listens (required; may be empty)
+     "srv": bool,                     # the sender serves DHT requests (required)
      "ids":  [32-byte id, ...],       # find_node: targets (batched)
      "keys": [key bytes, ...],        # find_value: raw keys (batched)
      "near": true,                    # find_value, optional: closer peers also with records
@@ -18,6 +18,18 @@ Responses repeat "v" and "op" and carry, in request order:
                 (a node holding records for a key lists no closer peers for it unless the
                 request has "near": true, which a reader merging several replicas sends)
     store:      "ok":    [bool, ...]                                         one per record
+
+Field types: keys, values and signatures are msgpack bin, subkeys and addresses str.
+"Peer id bytes" are the 38-byte binary peer id (`00 24 08 01 12 20` + Ed25519 key), an id
+is SHA-256 of a key's bytes or of those peer id bytes; a value is itself the msgpack
+encoding of the stored object (a value that is not valid msgpack is refused); an
+expiration is absolute Unix seconds (float; an integer is accepted), a signature 64 bytes.
+Limits of the codec (a message beyond them is answered `bad_request`): message 1 MiB;
+at most 64 ids or keys, 256 records, 8 addresses of at most 256 characters, 64 peers per
+list; keys at most 4096 bytes, subkeys 1024 characters, values 256 KiB; maps at most 32
+entries; no msgpack extension types. A record refused by the store's own rules (bad
+signature, past or too distant expiration, smaller store limits: `records`) is `false` in
+"ok", with no reason on the wire.
 
 Decoding trusts nothing: sizes are bounded before and while parsing, every field is
 type-checked, and any defect raises `MessageError` (never another exception). Unknown map

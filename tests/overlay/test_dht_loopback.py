@@ -172,3 +172,18 @@ def test_wildcard_addresses_are_replaced_by_the_observed_one():
     peer = "12D3KooWEtQ5j9AYhEQNRpZXpMkyR4dMm4jPotWUdqzYzKvv71Ri"
     addrs = (f"/ip4/0.0.0.0/tcp/4001/p2p/{peer}", "/ip4/192.168.1.5/tcp/4001")
     assert _observed(addrs, ctx) == (f"/ip4/10.1.2.3/tcp/4001/p2p/{peer}", addrs[1])
+
+
+def test_dialable_addresses_are_given_out_once():
+    """A dual-stack listener announces `/ip4/0.0.0.0/tcp/P` and `/ip6/::/tcp/P`: both became
+    the observed address, and the table handed the same text out twice (a dial tried twice,
+    a slot of the 8-address limit spent), unlike the host's own `expand_wildcards`."""
+    from types import SimpleNamespace
+
+    from overlay.dht.driver import _dialable
+
+    ctx = SimpleNamespace(peer=None,
+                          connection=SimpleNamespace(remote_address=("10.1.2.3", 50000)))
+    addrs = ("/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001", "/ip4/10.1.2.3/tcp/4001",
+             "/ip4/10.1.2.3/tcp/4002")
+    assert _dialable(addrs, ctx) == ("/ip4/10.1.2.3/tcp/4001", "/ip4/10.1.2.3/tcp/4002")
