@@ -12,6 +12,8 @@ server runs last.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -376,6 +378,31 @@ def test_bad_input_reaching_servers_leaves_them_serving(swarm):
         embeds = hidden.clone().requires_grad_(True)
         model(inputs_embeds=embeds, labels=ids).loss.backward()
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+
+def test_a_chunk_refused_by_a_server_cancels_the_other_chunks(swarm):
+    """A pass split into chunks (one row each here) whose first chunk is refused (bad_input:
+    NaN in its output gradients): the other chunks' requests are cancelled before the error
+    is raised. They used to run on, their results dropped."""
+    ids = token_batch(4, 48, seed=18)
+    with open_model(swarm, chunk_tokens=48) as model:
+        trainer = model.tuning.trainer
+        hidden = model.embed(ids)
+
+        async def backward_with_a_bad_row():
+            out, record = await trainer.forward(hidden)
+            assert len(record.chunks) == 4
+            grad = torch.ones_like(out)
+            grad[0, 0, 0] = float("nan")
+            before = asyncio.all_tasks()
+            with pytest.raises(RemoteError) as info:
+                await trainer.backward(record, grad)
+            running = [t for t in asyncio.all_tasks() - before if not t.done()]
+            return info.value.code, running
+
+        code, running = model._run(backward_with_a_bad_row())
+    assert code == protocol.BAD_INPUT
+    assert running == []
 
 
 @pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
