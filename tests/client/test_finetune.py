@@ -380,6 +380,26 @@ def test_bad_input_reaching_servers_leaves_them_serving(swarm):
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
 
 
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_malformed_inputs_embeds_are_refused_clearly(swarm, mode):
+    """inputs_embeds of the wrong hidden size or rank, with prompts to prepend: a ValueError
+    naming the expected shape, in full passes and sessions alike. They used to reach
+    torch.cat with the prompts and fail with its own RuntimeError."""
+    with open_model(swarm, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN) as model:
+        hidden = model.config.hidden_size
+        for bad in (torch.randn(2, 5, hidden // 2), torch.randn(5, hidden),
+                    torch.randn(1, 2, 5, hidden)):
+            with pytest.raises(ValueError, match=rf"\[batch, length, {hidden}\]"):
+                model(inputs_embeds=bad)
+            with torch.no_grad(), pytest.raises(ValueError, match="inputs_embeds"):
+                model(inputs_embeds=bad)
+            with model.inference_session(max_length=16) as session, \
+                    pytest.raises(ValueError, match="inputs_embeds"):
+                model(inputs_embeds=bad, past_key_values=session)
+        good = model(inputs_embeds=model.embed(token_batch(1, 3, seed=19)))  # still serving
+        assert good.logits.shape == (1, 3, VOCAB_SIZE)
+
+
 def test_a_chunk_refused_by_a_server_cancels_the_other_chunks(swarm):
     """A pass split into chunks (one row each here) whose first chunk is refused (bad_input:
     NaN in its output gradients): the other chunks' requests are cancelled before the error
