@@ -152,6 +152,10 @@ class RemoteSessionCache(Cache):
         on the first call. `attention_mask` [batch, new]: 0 marks padding."""
         if self._closed:
             raise InferenceError("the inference session is closed")
+        total = self.get_seq_length() + hidden.shape[1]
+        if total > self.max_length:  # here: the session's own count includes tuned prompts
+            raise InferenceError(f"{total} tokens exceed the session's max_length "
+                                 f"{self.max_length}")
         model = self._model
         prompts = None
         if self._session is None:

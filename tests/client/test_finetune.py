@@ -400,6 +400,20 @@ def test_malformed_inputs_embeds_are_refused_clearly(swarm, mode):
         assert good.logits.shape == (1, 3, VOCAB_SIZE)
 
 
+def test_a_session_past_its_max_length_names_the_callers_lengths(swarm):
+    """With ptune the session holds the prompts too; a step past max_length is refused with
+    the caller's own counts (it said "11 tokens exceed the session's max_length 10" for 9
+    tokens in a session of 8, the prompts counted in)."""
+    with open_model(swarm, tuning_mode="ptune", pre_seq_len=2) as model, \
+            model.inference_session(max_length=8) as session:
+        model(input_ids=token_batch(1, 4, seed=20), past_key_values=session)
+        with pytest.raises(InferenceError, match=r"^9 tokens exceed the session's max_length 8$"):
+            model(input_ids=token_batch(1, 5, seed=21), past_key_values=session)
+        assert session.get_seq_length() == 4  # nothing was sent
+        model(input_ids=token_batch(1, 4, seed=22), past_key_values=session)  # fits exactly
+        assert session.get_seq_length() == 8
+
+
 def test_a_chunk_refused_by_a_server_cancels_the_other_chunks(swarm):
     """A pass split into chunks (one row each here) whose first chunk is refused (bad_input:
     NaN in its output gradients): the other chunks' requests are cancelled before the error
