@@ -96,8 +96,9 @@ def from_upload(request: LoraPutRequest, tensors: list[torch.Tensor],
                 span: BlockSpan) -> LoraWeights:
     """LoRA weights from a blocks.lora_put request, checked against `span` and the digest."""
     blocks = request.blocks
-    if any(t.ndim != 2 for t in tensors):  # before the digest, which views them as bytes
-        raise AdapterError("LoRA weights are matrices: A [rank, in] and B [out, rank]")
+    # before the digest, which views them as bytes (and cannot view an empty matrix)
+    if any(t.ndim != 2 or t.numel() == 0 for t in tensors):
+        raise AdapterError("LoRA weights are non-empty matrices: A [rank, in] and B [out, rank]")
     odd = [t.dtype for t in tensors if t.dtype not in ACTIVATION_DTYPES]
     if odd:
         raise AdapterError(f"LoRA weights are {odd[0]}, not float32, float16 or bfloat16")

@@ -152,6 +152,10 @@ class RemoteSessionCache(Cache):
         on the first call. `attention_mask` [batch, new]: 0 marks padding."""
         if self._closed:
             raise InferenceError("the inference session is closed")
+        total = self.get_seq_length() + hidden.shape[1]
+        if total > self.max_length:  # here: the session's own count includes tuned prompts
+            raise InferenceError(f"{total} tokens exceed the session's max_length "
+                                 f"{self.max_length}")
         model = self._model
         prompts = None
         if self._session is None:
@@ -349,8 +353,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         head = self.remote.head
         grad = False
         if past_key_values is None:
-            hidden = (head.embed(input_ids, None, attention_mask) if inputs_embeds is None
-                      else inputs_embeds.to(head.device, head.dtype))
+            hidden = self.remote._inputs_to_hidden(input_ids, inputs_embeds, None, attention_mask)
             grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
                 p.requires_grad for p in self.tuning.parameters()))
             if grad or self.tuning.active:
@@ -359,10 +362,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden = self.forward_blocks(hidden, attention_mask=attention_mask)
         else:
             position = past_key_values.get_seq_length()
+            if inputs_embeds is not None:
+                inputs_embeds = self.remote._inputs_to_hidden(None, inputs_embeds, None)
             new = input_ids if inputs_embeds is None else inputs_embeds
             positions, step_mask = _session_positions(attention_mask, position, new.shape[1])
             hidden = (head.embed(input_ids, positions) if inputs_embeds is None
-                      else inputs_embeds.to(head.device, head.dtype))
+                      else inputs_embeds)
             hidden = past_key_values.step(hidden, step_mask)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

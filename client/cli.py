@@ -43,7 +43,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                      choices=["none", "float16", "bfloat16", "int8_blockwise"])
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object as the last line (key new_tokens: a list of "
-                          "ids, or one list per prompt for a batch)")
+                          "ids, or one list per prompt for a batch, each up to and including "
+                          "its end token)")
     gen.set_defaults(func=run_generate)
 
 
@@ -107,6 +108,7 @@ async def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from client.generation import GenerationParams
     from client.inference import InferenceError
     from client.model import RemoteModel
     from client.routing import MissingBlocksError
@@ -179,10 +181,12 @@ async def run_generate(args: argparse.Namespace) -> int:
             print(flush=True)  # the streamed text ends its line
 
     try:
+        params = GenerationParams.from_kwargs(None, model.config,
+                                              max_new_tokens=args.max_new_tokens, **sampling)
         began = time.perf_counter()
         output = await model.generate(
-            input_ids, max_new_tokens=args.max_new_tokens, on_tokens=show,
-            attention_mask=None if bool(attention_mask.all()) else attention_mask, **sampling)
+            input_ids, params, on_tokens=show,
+            attention_mask=None if bool(attention_mask.all()) else attention_mask)
         elapsed = time.perf_counter() - began
         route = [f"{s.peer_id}[{s.start}:{s.end})" for s in model.last_route]
         if stream is not None:
@@ -201,7 +205,8 @@ async def run_generate(args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(Exception):
             await model.close()
-    new_rows = output[:, width:].tolist()
+    # a row that ended is padded until the others end too: its tokens stop at its end token
+    new_rows = [_through_end(row, params.eos_token_id) for row in output[:, width:].tolist()]
     steps = output.shape[1] - width
     ms_per_token = elapsed * 1000 / max(steps, 1)
     if args.json:
@@ -215,6 +220,14 @@ async def run_generate(args: argparse.Namespace) -> int:
         print(f"{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
               f"{' -> '.join(route) or 'none (no step to run)'}", file=sys.stderr)
     return 0
+
+
+def _through_end(row: list[int], ends: tuple[int, ...]) -> list[int]:
+    """The tokens of `row` up to and including its first end token."""
+    for i, token in enumerate(row):
+        if token in ends:
+            return row[:i + 1]
+    return row
 
 
 def _load_tokenizer(model_dir: str):

@@ -475,10 +475,14 @@ class InferenceSession:
         return SpanSession(self.host, peer, self.model_id, start, end, self.config,
                            self.mailbox, self._tuning, self.padding)
 
-    async def open(self) -> InferenceSession:
+    async def open(self, deadline: float | None = None) -> InferenceSession:
         """Open every span; with a rerouter, spans whose server cannot be reached are replaced
         (a server may have died since the swarm view was read). Opening twice is a no-op
-        (`async with await blocks.inference_session(...)` opens in both places)."""
+        (`async with await blocks.inference_session(...)` opens in both places).
+
+        `deadline` (time.monotonic()): when replacing them gives up, by default
+        `recovery_timeout` from now; one deadline for all of them, which a caller that already
+        waited for the route passes on, so that the whole opening stays within one timeout."""
         if self._opened:
             return self
         self._opened = True
@@ -489,8 +493,10 @@ class InferenceSession:
             for _, error in failed:
                 if self._rerouter is None or not _replaceable(error):
                     raise error
+            if deadline is None:
+                deadline = time.monotonic() + self.config.recovery_timeout
             for index, error in reversed(failed):  # from the end: indices stay valid
-                await self._recover(index, None, 0, error)
+                await self._recover(index, None, 0, error, deadline)
         except BaseException:
             await self.close()
             raise
@@ -593,13 +599,15 @@ class InferenceSession:
     # -- recovery ---------------------------------------------------------------------------------
 
     async def _recover(self, index: int, hidden: torch.Tensor | None, position: int,
-                       error: InferenceError | RemoteError
+                       error: InferenceError | RemoteError, deadline: float | None = None
                        ) -> tuple[torch.Tensor | None, int]:
         """Replace span `index` by a fresh chain for its blocks, rebuild the chain's caches and
-        run the current step (if any) through it; returns (its output, number of new spans)."""
+        run the current step (if any) through it; returns (its output, number of new spans).
+        Gives up at `deadline` (by default `recovery_timeout` from now), after one attempt."""
         failed = self.spans[index]
         began = time.monotonic()
-        deadline = began + self.config.recovery_timeout
+        if deadline is None:
+            deadline = began + self.config.recovery_timeout
         self._bans.ban(str(failed.peer), began)
         await failed.close()
         log.warning("%s failed: %s; replacing it", failed._where(), error)

@@ -210,8 +210,14 @@ class RemoteModel:
         if (input_ids is None) == (inputs_embeds is None):
             raise ModelInputError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
-            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3:
-                raise ModelInputError("inputs_embeds must be a [batch, length, hidden] tensor")
+            # checked here: tuned prompts are concatenated with them before any server sees them
+            size = self.head.hidden_size
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or \
+                    inputs_embeds.shape[2] != size or not inputs_embeds.is_floating_point():
+                shape = (list(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor)
+                         else type(inputs_embeds).__name__)
+                raise ModelInputError(f"inputs_embeds must be a floating-point [batch, length, "
+                                      f"{size}] tensor, got {shape}")
             return inputs_embeds.to(self.head.device, self.head.dtype)
         return self.head.embed(input_ids, position, attention_mask)
 

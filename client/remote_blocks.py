@@ -147,14 +147,16 @@ class RemoteBlocks:
         return await self._route_retrying(
             lambda banned: self.forward_route(start, end, banned=banned, needs=needs), patient)
 
-    async def _route_retrying(self, plan, patient: bool) -> list[RouteSpan]:
+    async def _route_retrying(self, plan, patient: bool,
+                              deadline: float | None = None) -> list[RouteSpan]:
         """`await plan(banned)` around the banned servers; while it raises MissingBlocksError,
-        re-reads the swarm and retries (RetryPolicy delays) until `recovery_timeout`, then
-        raises BlocksUnavailableError naming the blocks.
+        re-reads the swarm and retries (RetryPolicy delays) until `deadline` (by default
+        `recovery_timeout` from now), then raises BlocksUnavailableError naming the blocks.
 
         Not `patient` (a first route while no server of this client is banned, e.g. a model
         nobody serves): one retry on a fresh view, then the MissingBlocksError itself."""
-        deadline = time.monotonic() + self.config.recovery_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.config.recovery_timeout
         patient = patient or bool(self.bans.banned(time.monotonic()))
         attempt = 0
         while True:
@@ -199,9 +201,12 @@ class RemoteBlocks:
         fine-tuned weights add to each span's session (client/finetune.py)."""
         end = self.num_blocks if end is None else end
         needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter)
+        # one deadline for the route and the replacement of servers found dead when opening:
+        # a ban that lifts late in the wait must not start a second full timeout
+        deadline = time.monotonic() + self.config.recovery_timeout
         route = await self._route_retrying(
             lambda banned: self.inference_route(start, end, needs, banned=banned),
-            patient=False)
+            patient=False, deadline=deadline)
         log.info("route: %s", " -> ".join(f"{s.peer_id[-6:]}[{s.start}:{s.end})" for s in route))
         config = SessionConfig(batch_size=batch_size, max_length=max_length,
                                wait_timeout=wait_timeout, step_timeout=self.config.step_timeout,
@@ -216,7 +221,7 @@ class RemoteBlocks:
             [(PeerId.from_string(s.peer_id), s.start, s.end) for s in route], config,
             rerouter=self.rerouter(needs), bans=self.bans, rng=self._rng, tuning=tuning,
         )
-        return await session.open()
+        return await session.open(deadline)
 
 
 # Codes of a server that cannot run a request routed to it (a stale announcement, a server

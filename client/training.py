@@ -25,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -169,9 +169,9 @@ class SwarmTrainer:
             raise ValueError("hidden states must be a non-empty [batch, length, hidden] tensor")
         chunks = self._chunks(hidden, attention_mask, tuning.prompts)
         try:
-            results = await asyncio.gather(*(
+            results = await _all_or_cancel(
                 self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep)
-                for c in chunks))
+                for c in chunks)
         except MissingBlocksError:
             if tuning.adapter is not None:
                 await check_adapter(self.blocks, tuning.adapter, start, end)
@@ -248,10 +248,10 @@ class SwarmTrainer:
         prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
         lora: dict[tuple[int, str], list[torch.Tensor]] = {}
         sums = _Sums(prompts, lora)
-        results = await asyncio.gather(*(
+        results = await _all_or_cancel(
             self._backward_runs(chunk.runs, grad_output[chunk.rows[0]:chunk.rows[1]].to(
                 chunk.runs[0].inputs.dtype), chunk, tuning, sums)
-            for chunk in record.chunks))
+            for chunk in record.chunks)
         hidden = torch.cat(results, dim=0) if len(results) > 1 else results[0]
         return Gradients(hidden, sums.prompts, sums.lora)
 
@@ -387,6 +387,20 @@ class SwarmTrainer:
         self.recoveries += 1
         log.warning("%s on %s failed: %s; re-routing", what, fault.span.peer_id[-6:],
                     fault.error)
+
+
+async def _all_or_cancel(coros: Iterable[Awaitable]) -> list:
+    """The results of `coros`, run concurrently (a pass's chunks). The first to fail cancels
+    the others, whose results would be dropped, and is raised once they have ended; gather
+    alone let them run on, holding servers and connections for nothing."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass(slots=True)

@@ -302,6 +302,8 @@ def _bad_lora(kind):
         lora[(0, MODULES[0])] = tuple(t.double() for t in lora[(0, MODULES[0])])
     elif kind == "a scalar":  # the digest views tensors as bytes: was an internal error
         lora[(0, MODULES[0])] = (torch.tensor(1.0), lora[(0, MODULES[0])][1])
+    elif kind == "an empty matrix":  # no bytes view of it either: was an internal error too
+        lora[(1, MODULES[1])] = (lora[(1, MODULES[1])][0], torch.zeros(0, RANK))
     return lora
 
 
@@ -310,6 +312,7 @@ BAD_PUTS = [
     ("out_features mismatch", {}, protocol.BAD_INPUT, "B is"),
     ("wrong dtype", {}, protocol.BAD_INPUT, "float64"),
     ("a scalar", {"digest": "b" * 64}, protocol.BAD_INPUT, "matrices"),
+    ("an empty matrix", {"digest": "b" * 64}, protocol.BAD_INPUT, "non-empty matrices"),
     ("unknown module", {"modules": ["self_attn.q_proj", "self_attn.nothing"]},
      protocol.BAD_INPUT, "no module"),
     ("not a linear module", {"modules": ["self_attn.q_proj", "input_layernorm"]},
@@ -322,11 +325,12 @@ BAD_PUTS = [
 async def test_bad_lora_uploads_are_refused(served, kind, changes, code, match):
     server, host, client = served
     lora = _bad_lora(kind)
-    if kind == "a scalar":  # no digest can be computed of it: a made-up one
+    made_up = kind in ("a scalar", "an empty matrix")  # no digest can be computed of them
+    if made_up:
         payload, _ = put_message(lora, **changes)
     else:
         payload, _ = put_message(lora)
-    if changes and kind != "a scalar":
+    if changes and not made_up:
         tensors, meta = tensor_wire.decode_message(payload)
         meta.update(changes)
         if "modules" in changes:

@@ -130,7 +130,8 @@ def test_generate_streams_the_prompts_continuation_as_text(swarm, model_dir):
 
 def test_generate_a_batch_of_prompts_of_different_lengths(swarm, model_dir):
     """Several --input-ids: left-padded into one batch, each row as transformers generates it
-    given the padding mask; one list of new tokens per prompt."""
+    given the padding mask; one list of new tokens per prompt, ending at its end token (2):
+    the padding after it while the other rows go on used to be listed too."""
     rows = [[5, 17, 99, 3, 42], [8, 9], [30, 31, 32]]
     args = [arg for row in rows for arg in ("--input-ids", ",".join(map(str, row)))]
     result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap, *args,
@@ -140,12 +141,16 @@ def test_generate_a_batch_of_prompts_of_different_lengths(swarm, model_dir):
     ids = torch.tensor([[0] * (5 - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (5 - len(r)) + [1] * len(r) for r in rows])
     with torch.no_grad():
-        expected = build_model("llama").generate(ids, attention_mask=mask, max_new_tokens=10,
-                                                 do_sample=False)[:, 5:].tolist()
+        full = build_model("llama").generate(ids, attention_mask=mask, max_new_tokens=10,
+                                             do_sample=False, pad_token_id=0)[:, 5:].tolist()
+    expected = [row[:row.index(2) + 1] if 2 in row else row for row in full]
+    assert [len(row) for row in expected] == [10, 10, 6]  # the last row ends early
     assert new_tokens == expected
     text = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap, *args,
-                   "--max-new-tokens", "3")
-    assert text.returncode == 0 and text.stdout.startswith("[0] "), text.stderr
+                   "--max-new-tokens", "10")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines() == [f"[{i}] " + ",".join(map(str, row))
+                                        for i, row in enumerate(expected)]
 
 
 def test_serve_refuses_bad_arguments(model_dir, swarm):

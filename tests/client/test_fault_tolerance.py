@@ -24,7 +24,7 @@ from client.inference import (
 )
 from client.local_swarm import LocalSwarm
 from client.model import ModelSession, RemoteModel
-from client.recovery import BanList
+from client.recovery import BanConfig, BanList
 from client.remote_blocks import ClientConfig, RemoteBlocks
 from client.routing import RouteNeeds
 from overlay.identity import PeerId
@@ -312,6 +312,39 @@ async def test_forward_reruns_a_failed_span_elsewhere(swarm, model_dir):
     assert dead <= banned  # it was routed to, failed, and is avoided afterwards
     for out in outputs[1:]:
         assert (out - outputs[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+async def test_opening_a_session_waits_one_recovery_timeout_in_all(swarm, model_dir):
+    """The route waits for a ban to lift, the server it names is found dead when opening and
+    nobody else may serve its blocks: the session fails at the one deadline of the request.
+    The route's wait and the opening's recovery used to take a full timeout each."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        view = await model.blocks.view(refresh=True)
+        dead = dead_peers(swarm)
+        if not dead:  # run alone: kill one of the single-block servers
+            servers = [p for p in swarm.processes if p.name.startswith("server")]
+            index = next(i for i, p in enumerate(servers) if p.name.startswith("server-2-3"))
+            swarm.kill_server(index)
+            dead = dead_peers(swarm)
+        victim = next(iter(dead))
+        info = view.servers[victim]
+        blocks = RemoteBlocks(model.swarm, model.model_id, NUM_LAYERS,
+                              ClientConfig(recovery_timeout=4.0))
+        blocks.bans = BanList(BanConfig(base=3.0))
+        now = time.monotonic()
+        blocks.bans.ban(victim, now)  # lifts 3 s from now, while the route still waits
+        for peer, other in view.servers.items():
+            if peer != victim and other.start < info.end and info.start < other.end:
+                blocks.bans.ban(peer, now + 600)  # every replacement: banned throughout
+        began = time.monotonic()
+        with pytest.raises(BlocksUnavailableError):
+            await blocks.inference_session(1, 16)
+        waited = time.monotonic() - began
+    finally:
+        await model.close()
+    assert 3.0 <= waited < 5.5  # it was 7: 3 s for the route, then 4 for the recovery
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ server runs last.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -376,6 +378,65 @@ def test_bad_input_reaching_servers_leaves_them_serving(swarm):
         embeds = hidden.clone().requires_grad_(True)
         model(inputs_embeds=embeds, labels=ids).loss.backward()
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_malformed_inputs_embeds_are_refused_clearly(swarm, mode):
+    """inputs_embeds of the wrong hidden size or rank, with prompts to prepend: a ValueError
+    naming the expected shape, in full passes and sessions alike. They used to reach
+    torch.cat with the prompts and fail with its own RuntimeError."""
+    with open_model(swarm, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN) as model:
+        hidden = model.config.hidden_size
+        for bad in (torch.randn(2, 5, hidden // 2), torch.randn(5, hidden),
+                    torch.randn(1, 2, 5, hidden)):
+            with pytest.raises(ValueError, match=rf"\[batch, length, {hidden}\]"):
+                model(inputs_embeds=bad)
+            with torch.no_grad(), pytest.raises(ValueError, match="inputs_embeds"):
+                model(inputs_embeds=bad)
+            with model.inference_session(max_length=16) as session, \
+                    pytest.raises(ValueError, match="inputs_embeds"):
+                model(inputs_embeds=bad, past_key_values=session)
+        good = model(inputs_embeds=model.embed(token_batch(1, 3, seed=19)))  # still serving
+        assert good.logits.shape == (1, 3, VOCAB_SIZE)
+
+
+def test_a_session_past_its_max_length_names_the_callers_lengths(swarm):
+    """With ptune the session holds the prompts too; a step past max_length is refused with
+    the caller's own counts (it said "11 tokens exceed the session's max_length 10" for 9
+    tokens in a session of 8, the prompts counted in)."""
+    with open_model(swarm, tuning_mode="ptune", pre_seq_len=2) as model, \
+            model.inference_session(max_length=8) as session:
+        model(input_ids=token_batch(1, 4, seed=20), past_key_values=session)
+        with pytest.raises(InferenceError, match=r"^9 tokens exceed the session's max_length 8$"):
+            model(input_ids=token_batch(1, 5, seed=21), past_key_values=session)
+        assert session.get_seq_length() == 4  # nothing was sent
+        model(input_ids=token_batch(1, 4, seed=22), past_key_values=session)  # fits exactly
+        assert session.get_seq_length() == 8
+
+
+def test_a_chunk_refused_by_a_server_cancels_the_other_chunks(swarm):
+    """A pass split into chunks (one row each here) whose first chunk is refused (bad_input:
+    NaN in its output gradients): the other chunks' requests are cancelled before the error
+    is raised. They used to run on, their results dropped."""
+    ids = token_batch(4, 48, seed=18)
+    with open_model(swarm, chunk_tokens=48) as model:
+        trainer = model.tuning.trainer
+        hidden = model.embed(ids)
+
+        async def backward_with_a_bad_row():
+            out, record = await trainer.forward(hidden)
+            assert len(record.chunks) == 4
+            grad = torch.ones_like(out)
+            grad[0, 0, 0] = float("nan")
+            before = asyncio.all_tasks()
+            with pytest.raises(RemoteError) as info:
+                await trainer.backward(record, grad)
+            running = [t for t in asyncio.all_tasks() - before if not t.done()]
+            return info.value.code, running
+
+        code, running = model._run(backward_with_a_bad_row())
+    assert code == protocol.BAD_INPUT
+    assert running == []
 
 
 @pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
