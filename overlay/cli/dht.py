@@ -81,14 +81,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="give up after this many seconds (default 30)")
 
 
-async def _client(args: argparse.Namespace) -> tuple[Host, DHT]:
+async def _client(args: argparse.Namespace, deadline: float) -> tuple[Host, DHT]:
+    """Join as a client by `deadline` (loop time): --timeout covers dialing the bootstrap
+    peers too, which alone could otherwise take the dial timeout (10 s) per attempt."""
     host = Host()
     try:
-        dht = await DHT.start(host, args.bootstrap, serve=False)
+        async with asyncio.timeout_at(deadline):
+            dht = await DHT.start(host, args.bootstrap, serve=False)
     except DHTError as e:
         await host.close()
         raise SystemExit(f"overlay-node dht: {e}") from None
+    except TimeoutError:
+        await host.close()
+        raise SystemExit(f"overlay-node dht {args.dht_command}: no answer within "
+                         f"{args.timeout:g} s") from None
     return host, dht
+
+
+def _deadline(args: argparse.Namespace) -> float:
+    return asyncio.get_running_loop().time() + args.timeout
 
 
 async def run_put(args: argparse.Namespace) -> int:
@@ -103,9 +114,10 @@ async def run_put(args: argparse.Namespace) -> int:
         return _refused(e)
     except UnicodeEncodeError:  # bytes of another encoding in argv
         return _refused("key and value must be UTF-8 text")
-    host, dht = await _client(args)
+    deadline = _deadline(args)
+    host, dht = await _client(args, deadline)
     try:
-        async with asyncio.timeout(args.timeout):
+        async with asyncio.timeout_at(deadline):
             stored = await dht.store_many(
                 [(args.key, args.value, expiration, None)], republish=False
             )
@@ -137,9 +149,10 @@ async def run_get(args: argparse.Namespace) -> int:
         print(f"overlay-node dht get: a key has 1 to {LIMITS.max_key_bytes} bytes, not "
               f"{len(key)}", file=sys.stderr)
         return BAD_ARGUMENT
-    host, dht = await _client(args)
+    deadline = _deadline(args)
+    host, dht = await _client(args, deadline)
     try:
-        async with asyncio.timeout(args.timeout):
+        async with asyncio.timeout_at(deadline):
             value = await dht.get(args.key)
     except TimeoutError:
         print(f"overlay-node dht get: no answer within {args.timeout:g} s", file=sys.stderr)

@@ -103,3 +103,24 @@ def test_get_refuses_a_key_no_node_would_hold():
         assert got.returncode == 2 and "Traceback" not in got.stderr
         last = got.stderr.strip().splitlines()[-1]
         assert last.startswith("overlay-node dht get: ") and message in last
+
+
+@pytest.mark.parametrize("command", [["get", "k"], ["put", "k", "v"]])
+def test_timeout_covers_dialing_a_silent_bootstrap_peer(command):
+    """A peer that accepts TCP but never answers the handshake: --timeout 2 gives up after
+    about 2 s (it used to wait out the 10 s dial timeout first), with one clear line."""
+    import socket
+    import time
+
+    from overlay.identity import Identity
+
+    with socket.socket() as silent:  # the kernel accepts connections; nobody ever reads
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        addr = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/{Identity.generate().peer_id}"
+        began = time.monotonic()
+        done = cli("-q", "dht", *command, "--bootstrap", addr, "--timeout", "2")
+        elapsed = time.monotonic() - began
+    assert done.returncode == 1, done.stderr
+    assert elapsed < 7, elapsed
+    assert done.stderr.strip() == f"overlay-node dht {command[0]}: no answer within 2 s"
