@@ -19,6 +19,7 @@ import time
 
 import msgpack
 
+from overlay.cli.arguments import positive_seconds
 from overlay.dht.config import StoreLimits
 from overlay.dht.driver import DHT, DHTError, encode_key
 from overlay.dht.records import Record, RecordError, SignatureVerifier, check_record
@@ -77,7 +78,7 @@ def _ttl(text: str) -> float:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
                         help="a node of the network (repeatable)")
-    parser.add_argument("--timeout", type=float, default=30.0,
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0,
                         help="give up after this many seconds (default 30)")
 
 

@@ -89,6 +89,16 @@ def test_put_refuses_a_record_no_node_would_accept(args, message):
     assert last.startswith("overlay-node dht put: ") and message in last
 
 
+@pytest.mark.parametrize("command", [["get", "k"], ["put", "k", "v"]])
+@pytest.mark.parametrize("timeout", ["nan", "0", "-1", "inf"])
+def test_timeout_must_be_finite_positive_seconds(command, timeout):
+    """Refused while parsing: nan used to end in a traceback, -1 in 'no answer within -1 s'."""
+    bad = cli("dht", *command, "--bootstrap", UNDIALED, "--timeout", timeout)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1].endswith(
+        f"argument --timeout: must be a finite number of seconds > 0, got {timeout}")
+
+
 def test_put_help_names_the_limits():
     usage = cli("dht", "put", "--help")
     assert usage.returncode == 0
