@@ -171,6 +171,17 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
         assert bad.returncode == 2 and "--bootstrap: multiaddr must start with '/'" in bad.stderr
 
 
+def test_generate_prompt_without_a_tokenizer_is_one_line(model_dir):
+    """Refused before dialing (the address is never dialed); transformers' reason used to
+    spread over five lines."""
+    bad = run_cli("generate", str(model_dir), "--bootstrap", "/ip4/127.0.0.1/tcp/1",
+                  "--prompt", "hi")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    [line] = bad.stderr.splitlines()
+    assert line.startswith("overlay-node generate: ") and "has no tokenizer" in line
+    assert line.endswith("use --input-ids instead")
+
+
 def test_generate_without_servers_says_why(model_dir, swarm):
     """Blocks nobody serves: the reason on standard error and exit 1, not a traceback."""
     result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
