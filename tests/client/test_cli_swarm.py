@@ -241,3 +241,13 @@ def test_demo_runs_and_checks_itself(tmp_path):
     assert "OK: identical to the same model run locally" in result.stdout
     assert "stopped every process" in result.stdout
     assert time.monotonic() - began < 300
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "x"])
+def test_demo_refuses_a_bad_token_count_before_starting(tmp_path, count):
+    """Refused while parsing: -1 used to start the whole swarm, then end in a traceback."""
+    result = run_cli("demo", "--max-new-tokens", count, "--cache-dir", str(tmp_path),
+                     timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --max-new-tokens" in result.stderr.splitlines()[-1]
+    assert not any(tmp_path.iterdir())  # no model written, no process started
