@@ -236,5 +236,6 @@ def _load_tokenizer(model_dir: str):
 
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # any failure: the directory has no usable tokenizer
-        raise SystemExit(f"overlay-node generate: {model_dir} has no tokenizer ({e}); "
+        reason = " ".join(str(e).split())  # transformers' reasons span lines: keep one
+        raise SystemExit(f"overlay-node generate: {model_dir} has no tokenizer ({reason}); "
                          "use --input-ids instead") from None

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from overlay.cli.node import positive_int
+
 DEMO_CONFIG = {  # Llama family, ~0.4 M parameters: loads in a blink, exercises every code path
     "vocab_size": 512,
     "hidden_size": 64,
@@ -38,7 +40,9 @@ DEMO_SEED = 20231120
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run a local swarm and generate through it",
                           description=__doc__.splitlines()[0])
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    # checked while parsing: a bad count found after the swarm has started costs its start
+    demo.add_argument("--max-new-tokens", type=positive_int, default=32,
+                      help="tokens to generate, at least 1 (default 32)")
     demo.add_argument("--cache-dir", default=None,
                       help="where the demo model is written (default ~/.cache/overlay-node)")
     demo.add_argument("--keep-logs", metavar="DIR", help="write each process's log here")

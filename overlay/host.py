@@ -259,8 +259,13 @@ class Host:
         if pending is None:
             pending = asyncio.ensure_future(self._dial(maddr, timeout))
             self._dials[key] = pending
-            pending.add_done_callback(lambda _f: self._dials.pop(key, None))
+            pending.add_done_callback(lambda f: self._dial_done(key, f))
         return await asyncio.shield(pending)
+
+    def _dial_done(self, key: object, dial: asyncio.Future) -> None:
+        self._dials.pop(key, None)
+        if not dial.cancelled():
+            dial.exception()  # retrieved: every caller may have been cancelled (a timeout)
 
     async def _dial(self, maddr: Multiaddr, timeout: float | None) -> Connection:
         if self._closing:

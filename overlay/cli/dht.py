@@ -19,6 +19,7 @@ import time
 
 import msgpack
 
+from overlay.cli.arguments import positive_seconds
 from overlay.dht.config import StoreLimits
 from overlay.dht.driver import DHT, DHTError, encode_key
 from overlay.dht.records import Record, RecordError, SignatureVerifier, check_record
@@ -77,18 +78,29 @@ def _ttl(text: str) -> float:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
                         help="a node of the network (repeatable)")
-    parser.add_argument("--timeout", type=float, default=30.0,
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0,
                         help="give up after this many seconds (default 30)")
 
 
-async def _client(args: argparse.Namespace) -> tuple[Host, DHT]:
+async def _client(args: argparse.Namespace, deadline: float) -> tuple[Host, DHT]:
+    """Join as a client by `deadline` (loop time): --timeout covers dialing the bootstrap
+    peers too, which alone could otherwise take the dial timeout (10 s) per attempt."""
     host = Host()
     try:
-        dht = await DHT.start(host, args.bootstrap, serve=False)
+        async with asyncio.timeout_at(deadline):
+            dht = await DHT.start(host, args.bootstrap, serve=False)
     except DHTError as e:
         await host.close()
         raise SystemExit(f"overlay-node dht: {e}") from None
+    except TimeoutError:
+        await host.close()
+        raise SystemExit(f"overlay-node dht {args.dht_command}: no answer within "
+                         f"{args.timeout:g} s") from None
     return host, dht
+
+
+def _deadline(args: argparse.Namespace) -> float:
+    return asyncio.get_running_loop().time() + args.timeout
 
 
 async def run_put(args: argparse.Namespace) -> int:
@@ -103,9 +115,10 @@ async def run_put(args: argparse.Namespace) -> int:
         return _refused(e)
     except UnicodeEncodeError:  # bytes of another encoding in argv
         return _refused("key and value must be UTF-8 text")
-    host, dht = await _client(args)
+    deadline = _deadline(args)
+    host, dht = await _client(args, deadline)
     try:
-        async with asyncio.timeout(args.timeout):
+        async with asyncio.timeout_at(deadline):
             stored = await dht.store_many(
                 [(args.key, args.value, expiration, None)], republish=False
             )
@@ -137,9 +150,10 @@ async def run_get(args: argparse.Namespace) -> int:
         print(f"overlay-node dht get: a key has 1 to {LIMITS.max_key_bytes} bytes, not "
               f"{len(key)}", file=sys.stderr)
         return BAD_ARGUMENT
-    host, dht = await _client(args)
+    deadline = _deadline(args)
+    host, dht = await _client(args, deadline)
     try:
-        async with asyncio.timeout(args.timeout):
+        async with asyncio.timeout_at(deadline):
             value = await dht.get(args.key)
     except TimeoutError:
         print(f"overlay-node dht get: no answer within {args.timeout:g} s", file=sys.stderr)

@@ -12,6 +12,7 @@ import sys
 import time
 
 from overlay.bandwidth_service import BandwidthTestService, measure_link
+from overlay.cli.arguments import non_negative_seconds, positive_seconds
 from overlay.cli.dht import start_dht
 from overlay.host import ConnectionLost, Host
 from overlay.identity import Identity, IdentityError
@@ -38,8 +39,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ping.add_argument("address", metavar="MADDR")
     ping.add_argument("--count", "-c", type=positive_int, default=4,
                       help="pings to send, at least 1 (default 4)")
-    ping.add_argument("--interval", type=float, default=0.5, help="seconds between pings")
-    ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    ping.add_argument("--interval", type=non_negative_seconds, default=0.5,
+                      help="seconds between pings (default 0.5)")
+    ping.add_argument("--timeout", type=positive_seconds, default=10.0,
+                      help="seconds to wait for the connection and for each answer (default 10)")
     ping.add_argument("--bandwidth", action="store_true",
                       help="then measure upload and download against the node (about a "
                            "second, a few MiB; what `serve` announces as its link)")

@@ -176,6 +176,17 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
         assert bad.returncode == 2 and "--bootstrap: multiaddr must start with '/'" in bad.stderr
 
 
+def test_generate_prompt_without_a_tokenizer_is_one_line(model_dir):
+    """Refused before dialing (the address is never dialed); transformers' reason used to
+    spread over five lines."""
+    bad = run_cli("generate", str(model_dir), "--bootstrap", "/ip4/127.0.0.1/tcp/1",
+                  "--prompt", "hi")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    [line] = bad.stderr.splitlines()
+    assert line.startswith("overlay-node generate: ") and "has no tokenizer" in line
+    assert line.endswith("use --input-ids instead")
+
+
 def test_generate_without_servers_says_why(model_dir, swarm):
     """Blocks nobody serves: the reason on standard error and exit 1, not a traceback."""
     result = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
@@ -235,3 +246,13 @@ def test_demo_runs_and_checks_itself(tmp_path):
     assert "OK: identical to the same model run locally" in result.stdout
     assert "stopped every process" in result.stdout
     assert time.monotonic() - began < 300
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "x"])
+def test_demo_refuses_a_bad_token_count_before_starting(tmp_path, count):
+    """Refused while parsing: -1 used to start the whole swarm, then end in a traceback."""
+    result = run_cli("demo", "--max-new-tokens", count, "--cache-dir", str(tmp_path),
+                     timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --max-new-tokens" in result.stderr.splitlines()[-1]
+    assert not any(tmp_path.iterdir())  # no model written, no process started

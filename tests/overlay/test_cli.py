@@ -128,6 +128,20 @@ def test_ping_count_must_be_at_least_one(count):
     assert bad.returncode == 2 and "--count/-c: must be at least 1" in bad.stderr
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--timeout", "nan", "> 0, got nan"), ("--timeout", "0", "> 0, got 0"),
+    ("--timeout", "-1", "> 0, got -1"), ("--timeout", "inf", "> 0, got inf"),
+    ("--interval", "nan", ">= 0, got nan"), ("--interval", "-0.5", ">= 0, got -0.5"),
+])
+def test_ping_times_must_be_finite_seconds(option, value, message):
+    """Refused while parsing: nan used to end in a traceback, a timeout <= 0 in a dial that
+    'timed out after 0 s'."""
+    bad = run_cli("ping", "/ip4/127.0.0.1/tcp/1", option, value, timeout=30)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1].endswith(f"argument {option}: must be a finite number "
+                                                f"of seconds {message}")
+
+
 @pytest.mark.parametrize("command", [["id"], ["join", "--listen", "/ip4/127.0.0.1/tcp/0"]])
 def test_unwritable_identity_path_is_one_clear_line(tmp_path, command):
     in_the_way = tmp_path / "file"

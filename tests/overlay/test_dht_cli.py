@@ -89,6 +89,16 @@ def test_put_refuses_a_record_no_node_would_accept(args, message):
     assert last.startswith("overlay-node dht put: ") and message in last
 
 
+@pytest.mark.parametrize("command", [["get", "k"], ["put", "k", "v"]])
+@pytest.mark.parametrize("timeout", ["nan", "0", "-1", "inf"])
+def test_timeout_must_be_finite_positive_seconds(command, timeout):
+    """Refused while parsing: nan used to end in a traceback, -1 in 'no answer within -1 s'."""
+    bad = cli("dht", *command, "--bootstrap", UNDIALED, "--timeout", timeout)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1].endswith(
+        f"argument --timeout: must be a finite number of seconds > 0, got {timeout}")
+
+
 def test_put_help_names_the_limits():
     usage = cli("dht", "put", "--help")
     assert usage.returncode == 0
@@ -103,3 +113,24 @@ def test_get_refuses_a_key_no_node_would_hold():
         assert got.returncode == 2 and "Traceback" not in got.stderr
         last = got.stderr.strip().splitlines()[-1]
         assert last.startswith("overlay-node dht get: ") and message in last
+
+
+@pytest.mark.parametrize("command", [["get", "k"], ["put", "k", "v"]])
+def test_timeout_covers_dialing_a_silent_bootstrap_peer(command):
+    """A peer that accepts TCP but never answers the handshake: --timeout 2 gives up after
+    about 2 s (it used to wait out the 10 s dial timeout first), with one clear line."""
+    import socket
+    import time
+
+    from overlay.identity import Identity
+
+    with socket.socket() as silent:  # the kernel accepts connections; nobody ever reads
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        addr = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/{Identity.generate().peer_id}"
+        began = time.monotonic()
+        done = cli("-q", "dht", *command, "--bootstrap", addr, "--timeout", "2")
+        elapsed = time.monotonic() - began
+    assert done.returncode == 1, done.stderr
+    assert elapsed < 7, elapsed
+    assert done.stderr.strip() == f"overlay-node dht {command[0]}: no answer within 2 s"

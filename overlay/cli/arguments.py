@@ -1,0 +1,28 @@
+"""argparse types for the numbers the overlay's subcommands take: refused while parsing
+(exit 2, one line) rather than failing later with a traceback, or timing out at once."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_seconds(text: str) -> float:
+    """Timeouts: a finite number > 0."""
+    return _seconds(text, allow_zero=False)
+
+
+def non_negative_seconds(text: str) -> float:
+    """Waits between actions: a finite number >= 0."""
+    return _seconds(text, allow_zero=True)
+
+
+def _seconds(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    low_ok = value >= 0 if allow_zero else value > 0  # both false for nan
+    if not (low_ok and value < float("inf")):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds {bound}, got {text}")
+    return value
