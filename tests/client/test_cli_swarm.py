@@ -176,10 +176,13 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
         assert bad.returncode == 2 and "--bootstrap: multiaddr must start with '/'" in bad.stderr
 
 
-def test_generate_prompt_without_a_tokenizer_is_one_line(model_dir):
+def test_generate_prompt_without_a_tokenizer_is_one_line(model_dir, tmp_path):
     """Refused before dialing (the address is never dialed); transformers' reason used to
-    spread over five lines."""
-    bad = run_cli("generate", str(model_dir), "--bootstrap", "/ip4/127.0.0.1/tcp/1",
+    spread over five lines. Its own directory: another test saves a tokenizer in model_dir."""
+    import shutil
+
+    shutil.copy(model_dir / "config.json", tmp_path / "config.json")
+    bad = run_cli("generate", str(tmp_path), "--bootstrap", "/ip4/127.0.0.1/tcp/1",
                   "--prompt", "hi")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     [line] = bad.stderr.splitlines()
