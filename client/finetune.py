@@ -116,6 +116,11 @@ class ModelTuning(nn.Module):
                 self.lora = RemoteLora.from_pretrained(options.lora_path, config)
             else:
                 self.lora = RemoteLora(config, options.lora or LoraConfig())
+        # The trained values live where the head runs, so that an optimizer over
+        # `model.parameters()` works on that device (float32 master copies either way).
+        for module in (self.ptune, self.lora):
+            if module is not None:
+                module.to(head.device)
 
     @property
     def pre_seq_len(self) -> int:

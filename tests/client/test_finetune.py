@@ -16,6 +16,7 @@ import asyncio
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import tensor_wire
@@ -463,9 +464,10 @@ def test_a_float32_client_trains_on_a_bfloat16_server(swarm, tmp_path, mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for the client's head")
 @pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
-def test_a_client_on_a_gpu_gets_its_gradients_there(swarm, mode):
+def test_a_client_on_a_gpu_gets_its_gradients_there(swarm, mode, tmp_path):
     """Servers answer with CPU tensors; autograd wants every gradient on its input's device.
-    The same pass with the head on the CPU gives the same gradients."""
+    The trained parameters live with the head; the same pass with the head on the CPU gives the
+    same gradients, and a LoRA trained on the GPU saves as the CPU one does."""
     ids = token_batch(2, 7, seed=17)
     options = (dict(tuning_mode="lora", lora_rank=RANK, lora_alpha=ALPHA,
                     lora_target_modules=TARGETS) if mode == "lora"
@@ -479,10 +481,17 @@ def test_a_client_on_a_gpu_gets_its_gradients_there(swarm, mode):
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
             model(input_ids=ids.to(device), labels=ids.to(device)).loss.backward()
             grads[device] = {n: p.grad for n, p in model.named_parameters()}
+            if mode == "lora":
+                model.save_adapter(tmp_path / device)
     assert grads["cuda"] and grads["cuda"].keys() == grads["cpu"].keys()
     for name, grad in grads["cuda"].items():
         assert grad.device.type == "cuda", name
         assert relative_error(grad.cpu(), grads["cpu"][name]) <= GRAD_TOLERANCE, name
+    if mode == "lora":
+        saved = [load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in grads]
+        assert saved[0].keys() == saved[1].keys()
+        for name, tensor in saved[0].items():  # both models were given the same values
+            assert tensor.device.type == "cpu" and torch.equal(tensor, saved[1][name]), name
 
 
 def test_backward_reroutes_around_a_server_killed_after_forward(swarm):
