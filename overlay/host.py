@@ -75,6 +75,11 @@ class HostConfig:
     # A stream the peer opened must bring its request header within this time; one left
     # unused is reset, so that a peer cannot hold streams and handler tasks forever.
     request_header_timeout: float = 10.0
+    # A unary request to a method with its own `max_request` (small by design: the DHT's)
+    # must arrive whole, header to FIN, within this time from the SYN; one sent at a trickle
+    # or never finished is reset, so that a peer cannot hold streams and tasks with it.
+    # Methods without a limit take uploads of any length, bounded by the caller's deadline.
+    request_timeout: float = 30.0
     dial_timeout: float = 10.0
     default_call_timeout: float = 60.0
 
@@ -497,14 +502,21 @@ class Host:
     def _on_stream(self, stream: Stream) -> None:
         loop = stream.connection.loop
         deadlines = self._deadlines_on(loop)
-        timer = deadlines.add(loop.time() + self.config.request_header_timeout,
-                              self._header_timed_out, stream)
+        opened = loop.time()
+        # The one timer of the request, swapped as it arrives: its header, then (methods with
+        # a limit) the whole of it, then the FIN after it (_serve).
+        timer: list = [deadlines.add(opened + self.config.request_header_timeout,
+                                     self._header_timed_out, stream)]
 
         def bound(head: bytes) -> tuple[int, str] | None:
             decided = self._request_bound(head)
-            if decided is not None:  # the header is in
-                deadlines.cancel(timer)
-            return decided
+            if decided is None:
+                return None
+            limit, reason, whole = decided  # the header is in
+            deadlines.cancel(timer[0])
+            timer[0] = deadlines.add(opened + self.config.request_timeout,
+                                     self._request_timed_out, stream) if whole else None
+            return limit, reason
 
         stream.bound_first_message(bound, MAX_REQUEST_HEADER)
         task = loop.create_task(self._serve(stream, timer))
@@ -515,30 +527,35 @@ class Host:
         stream.reset(reset_reason("deadline_exceeded", "no request header within "
                                   f"{self.config.request_header_timeout:g} s"))
 
-    def _request_bound(self, head: bytes) -> tuple[int, str] | None:
-        """The most bytes of the request that starts with `head`, and the reason to refuse it
-        beyond them; None while its header is incomplete. A request to an unknown method or
-        with a malformed header is refused at its first byte; a streaming request's first
-        message is its header alone."""
+    def _request_timed_out(self, stream: Stream) -> None:
+        stream.reset(reset_reason("deadline_exceeded", "request not complete (header, payload "
+                                  f"and FIN) within {self.config.request_timeout:g} s"))
+
+    def _request_bound(self, head: bytes) -> tuple[int, str, bool] | None:
+        """The most bytes of the request that starts with `head`, the reason to refuse it
+        beyond them, and whether it must arrive whole within `request_timeout` (a unary call
+        to a method with its own limit); None while its header is incomplete. A request to an
+        unknown method or with a malformed header is refused at its first byte; a streaming
+        request's first message is its header alone."""
         try:
             peeked = peek_request(head)
         except RpcProtocolError as e:
-            return 0, reset_reason("bad_request", str(e))
+            return 0, reset_reason("bad_request", str(e)), False
         if peeked is None:
             return None
         header, size = peeked
         if header.kind == KIND_STREAM:
             return size, reset_reason("bad_request", "a streaming request header carries "
-                                                     "no payload")
+                                                     "no payload"), False
         if header.method not in self._unary:
-            return 0, reset_reason("unknown_method", f"no method {header.method!r}")
+            return 0, reset_reason("unknown_method", f"no method {header.method!r}"), False
         limit = self._request_limits.get(header.method)
         if limit is None:
             limit = self.config.max_message_size  # (the multiplexer enforces it first)
-            return limit, f"message larger than {limit} bytes"
-        return size + limit, _too_large(header.method, limit)
+            return limit, f"message larger than {limit} bytes", False
+        return size + limit, _too_large(header.method, limit), True
 
-    async def _serve(self, stream: Stream, header_timer: list) -> None:
+    async def _serve(self, stream: Stream, timer: list) -> None:
         conn = stream.connection
         loop = asyncio.get_running_loop()
         deadlines = self._deadlines_on(loop)
@@ -549,7 +566,8 @@ class Host:
             stream.reset(reset_reason("bad_request", str(e)))
             return
         finally:
-            deadlines.cancel(header_timer)
+            if timer[0] is not None:
+                deadlines.cancel(timer[0])
         deadline = None if header.timeout is None else loop.time() + header.timeout
         ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
         if header.kind == KIND_STREAM:

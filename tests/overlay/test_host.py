@@ -510,3 +510,36 @@ async def test_streams_opened_and_never_used_are_reset():
 async def _later(delay: float, value):
     await asyncio.sleep(delay)
     return value
+
+
+async def test_a_request_to_a_method_with_a_limit_must_arrive_whole_in_time():
+    """A peer that sent a small method's request header and then the payload at a trickle,
+    or never its end, held the stream and its handler task forever (the header timeout
+    stopped at the header). Now such a request must be whole within request_timeout;
+    requests to methods without a limit (uploads) are not bounded by it."""
+    server = Host(config=HostConfig(request_header_timeout=5, request_timeout=0.3))
+    client = Host()
+    try:
+        [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+        server.add_handler("small", echo, max_request=1000)
+        server.add_handler("echo", echo)
+        await client.connect(addr)
+        conn = client.connection_to(server.peer_id)
+        stalled = await _send_unfinished(conn, [_unary_header(b"small") + b"x" * 10])
+        upload = await _send_unfinished(conn, [_unary_header(b"echo") + b"a"])
+        with pytest.raises(RemoteError) as refused:
+            await asyncio.wait_for(stalled.recv(), 5)
+        assert refused.value.code == "deadline_exceeded"
+        assert "within 0.3 s" in refused.value.message
+        await asyncio.sleep(0.2)  # the upload is now older than request_timeout
+        conn._mux.send(upload.stream_id, b"b", end=True, fin=True)
+        conn._flush()
+        assert await asyncio.wait_for(upload.recv(), 5) == b"\x00ab"
+        assert await client.call(addr, "small", b"in time") == b"in time"
+        served = server.connection_to(client.peer_id)
+        async with asyncio.timeout(5):
+            while served.num_streams or server._tasks:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
