@@ -531,6 +531,10 @@ class Host:
         stream.reset(reset_reason("deadline_exceeded", "request not complete (header, payload "
                                   f"and FIN) within {self.config.request_timeout:g} s"))
 
+    def _fin_timed_out(self, stream: Stream) -> None:
+        stream.reset(reset_reason("bad_request", "a unary request ends with FIN: none came "
+                                  f"within {self.config.request_header_timeout:g} s"))
+
     def _request_bound(self, head: bytes) -> tuple[int, str, bool] | None:
         """The most bytes of the request that starts with `head`, the reason to refuse it
         beyond them, and whether it must arrive whole within `request_timeout` (a unary call
@@ -562,6 +566,8 @@ class Host:
         try:
             request = await stream.recv()
             header, offset = decode_request(request or b"")
+            if header.kind == KIND_UNARY and not await self._unary_ended(stream, timer):
+                return
         except (RpcProtocolError, ConnectionLost, StreamClosed, RemoteError) as e:
             stream.reset(reset_reason("bad_request", str(e)))
             return
@@ -606,6 +612,20 @@ class Host:
         finally:
             if timer is not None:
                 deadlines.cancel(timer)
+
+    async def _unary_ended(self, stream: Stream, timer: list) -> bool:
+        """Whether the unary request just read is followed by FIN alone, as PROTOCOL.md (4)
+        has it; otherwise the stream is reset. Usually the FIN came with the request (no
+        wait); a FIN that follows apart is waited for up to `request_header_timeout` (or
+        what is left of `request_timeout`)."""
+        if timer[0] is None:  # no deadline running: the FIN gets one of its own
+            loop = stream.connection.loop
+            timer[0] = self._deadlines_on(loop).add(
+                loop.time() + self.config.request_header_timeout, self._fin_timed_out, stream)
+        if await stream.recv() is None:
+            return True
+        stream.reset(reset_reason("bad_request", "a unary request is one message, then FIN"))
+        return False
 
     @staticmethod
     def _answer(stream: Stream, *parts) -> None:

@@ -543,3 +543,38 @@ async def test_a_request_to_a_method_with_a_limit_must_arrive_whole_in_time():
     finally:
         await client.close()
         await server.close()
+
+
+async def test_a_unary_request_is_one_message_then_fin():
+    """A unary request with no FIN, or with a second message, was answered all the same
+    (and one without FIN held its stream until the connection closed). Now both are reset
+    as bad_request; a FIN that comes in a frame of its own after the request is waited for."""
+    server = Host(config=HostConfig(request_header_timeout=0.3))
+    client = Host()
+    try:
+        [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+        server.add_handler("echo", echo)
+        await client.connect(addr)
+        conn = client.connection_to(server.peer_id)
+        no_fin = conn.open_stream()
+        conn._mux.send(no_fin.stream_id, _unary_header(b"echo") + b"hi", end=True)
+        two = conn.open_stream()
+        conn._mux.send(two.stream_id, _unary_header(b"echo") + b"one", end=True)
+        conn._mux.send(two.stream_id, b"two", end=True, fin=True)
+        fin_apart = conn.open_stream()
+        conn._mux.send(fin_apart.stream_id, _unary_header(b"echo") + b"ok", end=True)
+        conn._flush()
+        await asyncio.sleep(0.05)
+        conn.end_stream(fin_apart.stream_id)
+        for stream, reason in ((no_fin, "ends with FIN"), (two, "one message")):
+            with pytest.raises(RemoteError) as refused:
+                await asyncio.wait_for(stream.recv(), 5)
+            assert refused.value.code == "bad_request" and reason in refused.value.message
+        assert await asyncio.wait_for(fin_apart.recv(), 5) == b"\x00ok"
+        served = server.connection_to(client.peer_id)
+        async with asyncio.timeout(5):
+            while served.num_streams or server._tasks:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
