@@ -36,13 +36,17 @@ from overlay.bandwidth import (
 )
 from overlay.host import Host, RpcContext
 from overlay.identity import PeerId
-from overlay.rpc_codec import RemoteError
+from overlay.rpc_codec import RemoteError, reset_reason
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 
 log = logging.getLogger("overlay.bandwidth")
 
 _ZEROS = memoryview(bytes(CHUNK_BYTES))  # what is sent: encrypted on the wire, so never sparse
 BUSY_RETRY_DELAY = (0.05, 0.2)  # seconds before asking a busy peer again, uniform
+# PROTOCOL.md (6): bulk messages carry at most CHUNK_BYTES; a larger one is refused as it
+# arrives, not buffered whole first (up to the host's max_message_size, 256 MiB).
+_CHUNK_REASON = reset_reason(BAD_REQUEST, f"bandwidth-test messages carry at most "
+                                          f"{CHUNK_BYTES} bytes")
 _FAILURES = (RemoteError, ConnectionLost, StreamClosed, BandwidthTestError, TimeoutError, OSError)
 
 
@@ -64,6 +68,7 @@ class BandwidthTestService:
         refused = self.gate.admit(request.nbytes, time.monotonic())
         if refused is not None:
             raise RemoteError(*refused)
+        stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON)
         limit = self.gate.config.max_transfer_seconds
         try:
             async with asyncio.timeout(limit):
@@ -187,6 +192,7 @@ async def _download(host: Host, peer: PeerId, nbytes: int) -> float:
     stream = await host.open_stream(peer, METHOD, timeout=MAX_TRANSFER_SECONDS)
     try:
         await stream.send(encode_request(DOWNLOAD, nbytes), end_stream=True)
+        stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON)
         received = 0
         while received < nbytes and (message := await stream.recv_buffer()) is not None:
             received += len(message)
@@ -194,8 +200,8 @@ async def _download(host: Host, peer: PeerId, nbytes: int) -> float:
         elapsed = time.perf_counter() - began
         if received != nbytes:
             raise BandwidthTestError(BAD_REQUEST, f"the node sent {received} of {nbytes} bytes")
-        while await stream.recv() is not None:  # to its end, so the stream is released
-            pass
+        if await stream.recv() is not None:  # then its end, so the stream is released
+            raise BandwidthTestError(BAD_REQUEST, f"the node sent more than {nbytes} bytes")
     except BaseException:
         stream.reset("cancel: the tester gave up")
         raise

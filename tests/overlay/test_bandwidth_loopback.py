@@ -21,9 +21,10 @@ from overlay.bandwidth import (
     decode_received,
     encode_request,
 )
-from overlay.bandwidth_service import BandwidthTestService, measure_link
+from overlay.bandwidth_service import BandwidthTestService, _download, measure_link
 from overlay.host import Host, RemoteError
 from overlay.identity import Identity
+from overlay.streams import StreamClosed
 
 
 async def started(config: GateConfig | None = None):
@@ -107,6 +108,32 @@ async def test_bad_input_gets_bad_request_and_the_node_keeps_serving(pair, first
     assert not service.gate.active  # nothing left holding the slot
     measured, _ = await measure_link(tester, [node.peer_id])
     assert measured is not None and measured.bps > 0
+
+
+async def test_messages_over_the_documented_size_are_refused_both_ways(pair):
+    """Bulk messages of the test may carry at most CHUNK_BYTES (PROTOCOL.md, 6), yet a node
+    counted an upload sent as one 4 MiB message, after buffering it whole, and a tester took
+    a download of that kind. Now either side resets the stream as such a message arrives."""
+    node, tester, service = pair
+    with pytest.raises(RemoteError) as e:
+        await answer_to(tester, node, encode_request(UPLOAD, 4 << 20), bytes(4 << 20))
+    assert e.value.code == BAD_REQUEST and str(CHUNK_BYTES) in e.value.message
+    assert decode_received(await answer_to(tester, node, encode_request(UPLOAD, CHUNK_BYTES),
+                                           bytes(CHUNK_BYTES))) == CHUNK_BYTES
+
+    async def hostile(ctx, stream):
+        await stream.recv()
+        await stream.send(bytes(CHUNK_BYTES + 1), end_stream=True)
+
+    liar = Host()
+    try:
+        await liar.listen("/ip4/127.0.0.1/tcp/0")
+        liar.add_stream_handler(METHOD, hostile)
+        tester.add_peer_addrs(liar.peer_id, liar.addrs)
+        with pytest.raises(StreamClosed, match=str(CHUNK_BYTES)):
+            await asyncio.wait_for(_download(tester, liar.peer_id, 1 << 20), 5)
+    finally:
+        await liar.close()
 
 
 async def test_the_method_is_streaming_only(pair):
