@@ -61,15 +61,21 @@ class BandwidthTestService:
         host.add_stream_handler(METHOD, self._handle)
 
     async def _handle(self, ctx: RpcContext, stream: Stream) -> None:
+        limit = self.gate.config.max_transfer_seconds
         try:
-            request = decode_request(await stream.recv(), self.gate.config.max_transfer_bytes)
+            # (bounded: a tester that opened streams and sent no request held them, and a
+            # task each, for as long as its connection lasted)
+            async with asyncio.timeout(limit):
+                message = await stream.recv()
+            request = decode_request(message, self.gate.config.max_transfer_bytes)
+        except TimeoutError:
+            raise RemoteError("deadline_exceeded", f"no request within {limit:g} s") from None
         except BandwidthTestError as e:
             raise RemoteError(e.code, str(e)) from None
         refused = self.gate.admit(request.nbytes, time.monotonic())
         if refused is not None:
             raise RemoteError(*refused)
         stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON)
-        limit = self.gate.config.max_transfer_seconds
         try:
             async with asyncio.timeout(limit):
                 if request.op == UPLOAD:

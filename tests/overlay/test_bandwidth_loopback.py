@@ -189,6 +189,25 @@ async def test_a_stalled_reader_is_cut_off_and_frees_the_slot():
         await node.close()
 
 
+async def test_streams_that_never_send_a_request_are_cut_off():
+    """A tester that opened bandwidth-test streams with no deadline and sent no request held
+    them, and a handler task each, until its connection closed. Now the wait for the
+    request is bounded by max_transfer_seconds too."""
+    node, tester, _ = await started(GateConfig(max_transfer_seconds=0.3))
+    try:
+        idle = [await tester.open_stream(node.peer_id, METHOD) for _ in range(20)]
+        for stream in idle:
+            with pytest.raises(RemoteError) as e:
+                await asyncio.wait_for(stream.recv(), 5)
+            assert e.value.code == "deadline_exceeded" and "no request" in e.value.message
+        await wait_for(lambda: not node._tasks)
+        measured, _ = await measure_link(tester, [node.peer_id])
+        assert measured is not None
+    finally:
+        await tester.close()
+        await node.close()
+
+
 async def test_a_spent_budget_refuses_with_rate_limited():
     node, tester, service = await started(GateConfig(budget_bytes=CHUNK_BYTES))
     try:
