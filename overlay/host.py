@@ -114,6 +114,7 @@ class Host:
         self._all: dict[Connection, None] = {}  # oldest first (_make_room)
         self._dials: dict[object, asyncio.Future] = {}
         self._addr_book: dict[PeerId, list[Multiaddr]] = {}
+        self._reached: dict[PeerId, Multiaddr] = {}  # where a dial last found each peer
         self._unary: dict[str, UnaryHandler] = {}
         self._streaming: dict[str, StreamHandler] = {}
         self._request_limits: dict[str, int] = {}  # method -> most payload bytes (add_handler)
@@ -169,18 +170,39 @@ class Host:
         return [a.with_peer(self.peer_id) for a in added]
 
     def add_peer_addrs(self, peer: PeerId, addrs: Iterable[Multiaddr | str]) -> None:
+        """Remember where `peer` may be dialed, newest first, behind the address a dial last
+        reached it at: the DHT hands in addresses that third parties claim for a peer, and
+        one that blackholes, put first, made every dial by peer id time out; at the limit of
+        MAX_ADDRS_PER_PEER such claims also pushed the real address out."""
         if peer == self.peer_id:
             return
         known = self._addr_book.get(peer)
         if known is None:
             if len(self._addr_book) >= MAX_ADDRESS_BOOK:
-                self._addr_book.pop(next(iter(self._addr_book)))
+                self._reached.pop(self._forget_oldest(), None)
             known = self._addr_book[peer] = []
+        reached = self._reached.get(peer)
         for addr in addrs:
             maddr = Multiaddr.parse(addr).without_peer()
             if maddr not in known:
-                known.insert(0, maddr)
+                known.insert(1 if known and known[0] == reached else 0, maddr)
         del known[MAX_ADDRS_PER_PEER:]
+
+    def _forget_oldest(self) -> PeerId:
+        peer = next(iter(self._addr_book))
+        del self._addr_book[peer]
+        return peer
+
+    def _reached_at(self, peer: PeerId, maddr: Multiaddr) -> None:
+        """A dial of `maddr` reached `peer` (its handshake proved it): dial there first."""
+        if peer == self.peer_id:
+            return
+        maddr = maddr.without_peer()
+        self._reached[peer] = maddr
+        known = self._addr_book.get(peer)
+        if known is not None and maddr in known:
+            known.remove(maddr)
+        self.add_peer_addrs(peer, [maddr])
 
     def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
         return list(self._addr_book.get(peer, ()))
@@ -278,6 +300,8 @@ class Host:
         loop = asyncio.get_running_loop()
         timeout = self.config.dial_timeout if timeout is None else timeout
         conn: Connection | None = None
+        if maddr.peer_id is not None and self._reached.get(maddr.peer_id) == maddr.without_peer():
+            del self._reached[maddr.peer_id]  # again once this dial succeeds (a peer may move)
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
@@ -293,7 +317,7 @@ class Host:
             raise ConnectionLost(f"dial {maddr}: {e.strerror or e}") from None
         except ConnectionLost as e:
             raise ConnectionLost(f"dial {maddr}: {e}") from None
-        self.add_peer_addrs(conn.remote_peer, [maddr])
+        self._reached_at(conn.remote_peer, maddr)
         return conn
 
     def _new_connection(self, *, initiator: bool, expected_peer: PeerId | None) -> Connection:

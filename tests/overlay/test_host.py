@@ -578,3 +578,37 @@ async def test_a_unary_request_is_one_message_then_fin():
     finally:
         await client.close()
         await server.close()
+
+
+async def test_addresses_others_claim_for_a_peer_go_behind_the_one_it_was_reached_at():
+    """The DHT hands the host addresses that third parties claim for a peer; each went to
+    the front of the book and was dialed first, so one silent address made every call by
+    peer id time out, and eight pushed the real one out. Now the address a dial last
+    reached the peer at is tried first, until a dial of it fails (the peer moved)."""
+    silent = socket.socket()  # accepts connections at the kernel, never speaks
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    victim, client = Host(), Host()
+    try:
+        [addr] = await victim.listen("/ip4/127.0.0.1/tcp/0")
+        victim.add_handler("echo", echo)
+        assert await client.call(addr, "echo", b"1") == b"1"
+        client.connection_to(victim.peer_id).close()
+        port = silent.getsockname()[1]
+        client.add_peer_addrs(victim.peer_id, [f"/ip4/127.0.0.1/tcp/{port}"] + [
+            f"/ip4/127.0.0.{i}/tcp/{port}" for i in range(2, 10)])
+        book = client.peer_addrs(victim.peer_id)
+        assert book[0] == addr.without_peer() and len(book) == 8
+        assert await client.call(victim.peer_id, "echo", b"2", timeout=3) == b"2"
+        await victim.close()  # gone from there: a dial of it fails, and it is first no more
+        async with asyncio.timeout(5):
+            while client.connection_to(victim.peer_id) is not None:
+                await asyncio.sleep(0.01)
+        with pytest.raises(ConnectionLost):
+            await client.connect(addr)
+        client.add_peer_addrs(victim.peer_id, ["/ip4/127.0.0.1/tcp/9"])
+        assert str(client.peer_addrs(victim.peer_id)[0]) == "/ip4/127.0.0.1/tcp/9"
+    finally:
+        await client.close()
+        await victim.close()
+        silent.close()
