@@ -20,6 +20,7 @@ from overlay.bandwidth import (
     BUSY,
     CHUNK_BYTES,
     DOWNLOAD,
+    MAX_REQUEST_BYTES,
     MAX_TRANSFER_SECONDS,
     METHOD,
     UPLOAD,
@@ -47,6 +48,8 @@ BUSY_RETRY_DELAY = (0.05, 0.2)  # seconds before asking a busy peer again, unifo
 # arrives, not buffered whole first (up to the host's max_message_size, 256 MiB).
 _CHUNK_REASON = reset_reason(BAD_REQUEST, f"bandwidth-test messages carry at most "
                                           f"{CHUNK_BYTES} bytes")
+_REQUEST_REASON = reset_reason(BAD_REQUEST, f"a request map has at most {MAX_REQUEST_BYTES} "
+                                            "bytes")
 _FAILURES = (RemoteError, ConnectionLost, StreamClosed, BandwidthTestError, TimeoutError, OSError)
 
 
@@ -65,6 +68,7 @@ class BandwidthTestService:
         try:
             # (bounded: a tester that opened streams and sent no request held them, and a
             # task each, for as long as its connection lasted)
+            stream.bound_messages(MAX_REQUEST_BYTES, _REQUEST_REASON)
             async with asyncio.timeout(limit):
                 message = await stream.recv()
             request = decode_request(message, self.gate.config.max_transfer_bytes)

@@ -13,6 +13,7 @@ from overlay.bandwidth import (
     BUSY,
     CHUNK_BYTES,
     DOWNLOAD,
+    MAX_REQUEST_BYTES,
     MAX_TRANSFER_BYTES,
     METHOD,
     RATE_LIMITED,
@@ -134,6 +135,21 @@ async def test_messages_over_the_documented_size_are_refused_both_ways(pair):
             await asyncio.wait_for(_download(tester, liar.peer_id, 1 << 20), 5)
     finally:
         await liar.close()
+
+
+async def test_an_oversized_request_map_is_refused_as_it_arrives(pair):
+    """The request map was read whole before it was checked: a tester could make the node
+    buffer up to the host's message limit (256 MiB) per stream. Now it is bounded by what
+    the largest valid map takes (16 fields of 64-character strings)."""
+    node, tester, _ = pair
+    widest = {f"{i:064d}": "x" * 64 for i in range(13)}
+    widest.update(v=1, op=UPLOAD, bytes=10)
+    assert len(msgpack.packb(widest)) <= MAX_REQUEST_BYTES
+    assert decode_received(await answer_to(tester, node, msgpack.packb(widest),
+                                           bytes(10))) == 10
+    with pytest.raises(RemoteError) as e:
+        await answer_to(tester, node, b"\x81" + bytes(4 << 20))
+    assert e.value.code == BAD_REQUEST and f"at most {MAX_REQUEST_BYTES}" in e.value.message
 
 
 async def test_the_method_is_streaming_only(pair):
