@@ -37,6 +37,8 @@ RATE_LIMITED = "rate_limited"  # the node's budget is spent: ask another node
 BAD_REQUEST = "bad_request"
 
 MAX_MAP_FIELDS = 16  # unknown fields are ignored (forward compatibility), up to this many
+# The request map's largest encoding: 16 fields of str keys and values of at most 64 chars.
+MAX_REQUEST_BYTES = 1 + MAX_MAP_FIELDS * 2 * (2 + 64)
 
 
 class BandwidthTestError(ValueError):

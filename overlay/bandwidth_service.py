@@ -20,6 +20,7 @@ from overlay.bandwidth import (
     BUSY,
     CHUNK_BYTES,
     DOWNLOAD,
+    MAX_REQUEST_BYTES,
     MAX_TRANSFER_SECONDS,
     METHOD,
     UPLOAD,
@@ -36,13 +37,19 @@ from overlay.bandwidth import (
 )
 from overlay.host import Host, RpcContext
 from overlay.identity import PeerId
-from overlay.rpc_codec import RemoteError
+from overlay.rpc_codec import RemoteError, reset_reason
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 
 log = logging.getLogger("overlay.bandwidth")
 
 _ZEROS = memoryview(bytes(CHUNK_BYTES))  # what is sent: encrypted on the wire, so never sparse
 BUSY_RETRY_DELAY = (0.05, 0.2)  # seconds before asking a busy peer again, uniform
+# PROTOCOL.md (6): bulk messages carry at most CHUNK_BYTES; a larger one is refused as it
+# arrives, not buffered whole first (up to the host's max_message_size, 256 MiB).
+_CHUNK_REASON = reset_reason(BAD_REQUEST, f"bandwidth-test messages carry at most "
+                                          f"{CHUNK_BYTES} bytes")
+_REQUEST_REASON = reset_reason(BAD_REQUEST, f"a request map has at most {MAX_REQUEST_BYTES} "
+                                            "bytes")
 _FAILURES = (RemoteError, ConnectionLost, StreamClosed, BandwidthTestError, TimeoutError, OSError)
 
 
@@ -57,14 +64,22 @@ class BandwidthTestService:
         host.add_stream_handler(METHOD, self._handle)
 
     async def _handle(self, ctx: RpcContext, stream: Stream) -> None:
+        limit = self.gate.config.max_transfer_seconds
         try:
-            request = decode_request(await stream.recv(), self.gate.config.max_transfer_bytes)
+            # (bounded: a tester that opened streams and sent no request held them, and a
+            # task each, for as long as its connection lasted)
+            stream.bound_messages(MAX_REQUEST_BYTES, _REQUEST_REASON)
+            async with asyncio.timeout(limit):
+                message = await stream.recv()
+            request = decode_request(message, self.gate.config.max_transfer_bytes)
+        except TimeoutError:
+            raise RemoteError("deadline_exceeded", f"no request within {limit:g} s") from None
         except BandwidthTestError as e:
             raise RemoteError(e.code, str(e)) from None
         refused = self.gate.admit(request.nbytes, time.monotonic())
         if refused is not None:
             raise RemoteError(*refused)
-        limit = self.gate.config.max_transfer_seconds
+        stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON)
         try:
             async with asyncio.timeout(limit):
                 if request.op == UPLOAD:
@@ -187,6 +202,7 @@ async def _download(host: Host, peer: PeerId, nbytes: int) -> float:
     stream = await host.open_stream(peer, METHOD, timeout=MAX_TRANSFER_SECONDS)
     try:
         await stream.send(encode_request(DOWNLOAD, nbytes), end_stream=True)
+        stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON)
         received = 0
         while received < nbytes and (message := await stream.recv_buffer()) is not None:
             received += len(message)
@@ -194,8 +210,8 @@ async def _download(host: Host, peer: PeerId, nbytes: int) -> float:
         elapsed = time.perf_counter() - began
         if received != nbytes:
             raise BandwidthTestError(BAD_REQUEST, f"the node sent {received} of {nbytes} bytes")
-        while await stream.recv() is not None:  # to its end, so the stream is released
-            pass
+        if await stream.recv() is not None:  # then its end, so the stream is released
+            raise BandwidthTestError(BAD_REQUEST, f"the node sent more than {nbytes} bytes")
     except BaseException:
         stream.reset("cancel: the tester gave up")
         raise

@@ -75,6 +75,11 @@ class HostConfig:
     # A stream the peer opened must bring its request header within this time; one left
     # unused is reset, so that a peer cannot hold streams and handler tasks forever.
     request_header_timeout: float = 10.0
+    # A unary request to a method with its own `max_request` (small by design: the DHT's)
+    # must arrive whole, header to FIN, within this time from the SYN; one sent at a trickle
+    # or never finished is reset, so that a peer cannot hold streams and tasks with it.
+    # Methods without a limit take uploads of any length, bounded by the caller's deadline.
+    request_timeout: float = 30.0
     dial_timeout: float = 10.0
     default_call_timeout: float = 60.0
 
@@ -109,6 +114,7 @@ class Host:
         self._all: dict[Connection, None] = {}  # oldest first (_make_room)
         self._dials: dict[object, asyncio.Future] = {}
         self._addr_book: dict[PeerId, list[Multiaddr]] = {}
+        self._reached: dict[PeerId, Multiaddr] = {}  # where a dial last found each peer
         self._unary: dict[str, UnaryHandler] = {}
         self._streaming: dict[str, StreamHandler] = {}
         self._request_limits: dict[str, int] = {}  # method -> most payload bytes (add_handler)
@@ -164,18 +170,39 @@ class Host:
         return [a.with_peer(self.peer_id) for a in added]
 
     def add_peer_addrs(self, peer: PeerId, addrs: Iterable[Multiaddr | str]) -> None:
+        """Remember where `peer` may be dialed, newest first, behind the address a dial last
+        reached it at: the DHT hands in addresses that third parties claim for a peer, and
+        one that blackholes, put first, made every dial by peer id time out; at the limit of
+        MAX_ADDRS_PER_PEER such claims also pushed the real address out."""
         if peer == self.peer_id:
             return
         known = self._addr_book.get(peer)
         if known is None:
             if len(self._addr_book) >= MAX_ADDRESS_BOOK:
-                self._addr_book.pop(next(iter(self._addr_book)))
+                self._reached.pop(self._forget_oldest(), None)
             known = self._addr_book[peer] = []
+        reached = self._reached.get(peer)
         for addr in addrs:
             maddr = Multiaddr.parse(addr).without_peer()
             if maddr not in known:
-                known.insert(0, maddr)
+                known.insert(1 if known and known[0] == reached else 0, maddr)
         del known[MAX_ADDRS_PER_PEER:]
+
+    def _forget_oldest(self) -> PeerId:
+        peer = next(iter(self._addr_book))
+        del self._addr_book[peer]
+        return peer
+
+    def _reached_at(self, peer: PeerId, maddr: Multiaddr) -> None:
+        """A dial of `maddr` reached `peer` (its handshake proved it): dial there first."""
+        if peer == self.peer_id:
+            return
+        maddr = maddr.without_peer()
+        self._reached[peer] = maddr
+        known = self._addr_book.get(peer)
+        if known is not None and maddr in known:
+            known.remove(maddr)
+        self.add_peer_addrs(peer, [maddr])
 
     def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
         return list(self._addr_book.get(peer, ()))
@@ -273,6 +300,8 @@ class Host:
         loop = asyncio.get_running_loop()
         timeout = self.config.dial_timeout if timeout is None else timeout
         conn: Connection | None = None
+        if maddr.peer_id is not None and self._reached.get(maddr.peer_id) == maddr.without_peer():
+            del self._reached[maddr.peer_id]  # again once this dial succeeds (a peer may move)
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
@@ -288,7 +317,7 @@ class Host:
             raise ConnectionLost(f"dial {maddr}: {e.strerror or e}") from None
         except ConnectionLost as e:
             raise ConnectionLost(f"dial {maddr}: {e}") from None
-        self.add_peer_addrs(conn.remote_peer, [maddr])
+        self._reached_at(conn.remote_peer, maddr)
         return conn
 
     def _new_connection(self, *, initiator: bool, expected_peer: PeerId | None) -> Connection:
@@ -497,14 +526,21 @@ class Host:
     def _on_stream(self, stream: Stream) -> None:
         loop = stream.connection.loop
         deadlines = self._deadlines_on(loop)
-        timer = deadlines.add(loop.time() + self.config.request_header_timeout,
-                              self._header_timed_out, stream)
+        opened = loop.time()
+        # The one timer of the request, swapped as it arrives: its header, then (methods with
+        # a limit) the whole of it, then the FIN after it (_serve).
+        timer: list = [deadlines.add(opened + self.config.request_header_timeout,
+                                     self._header_timed_out, stream)]
 
         def bound(head: bytes) -> tuple[int, str] | None:
             decided = self._request_bound(head)
-            if decided is not None:  # the header is in
-                deadlines.cancel(timer)
-            return decided
+            if decided is None:
+                return None
+            limit, reason, whole = decided  # the header is in
+            deadlines.cancel(timer[0])
+            timer[0] = deadlines.add(opened + self.config.request_timeout,
+                                     self._request_timed_out, stream) if whole else None
+            return limit, reason
 
         stream.bound_first_message(bound, MAX_REQUEST_HEADER)
         task = loop.create_task(self._serve(stream, timer))
@@ -515,41 +551,53 @@ class Host:
         stream.reset(reset_reason("deadline_exceeded", "no request header within "
                                   f"{self.config.request_header_timeout:g} s"))
 
-    def _request_bound(self, head: bytes) -> tuple[int, str] | None:
-        """The most bytes of the request that starts with `head`, and the reason to refuse it
-        beyond them; None while its header is incomplete. A request to an unknown method or
-        with a malformed header is refused at its first byte; a streaming request's first
-        message is its header alone."""
+    def _request_timed_out(self, stream: Stream) -> None:
+        stream.reset(reset_reason("deadline_exceeded", "request not complete (header, payload "
+                                  f"and FIN) within {self.config.request_timeout:g} s"))
+
+    def _fin_timed_out(self, stream: Stream) -> None:
+        stream.reset(reset_reason("bad_request", "a unary request ends with FIN: none came "
+                                  f"within {self.config.request_header_timeout:g} s"))
+
+    def _request_bound(self, head: bytes) -> tuple[int, str, bool] | None:
+        """The most bytes of the request that starts with `head`, the reason to refuse it
+        beyond them, and whether it must arrive whole within `request_timeout` (a unary call
+        to a method with its own limit); None while its header is incomplete. A request to an
+        unknown method or with a malformed header is refused at its first byte; a streaming
+        request's first message is its header alone."""
         try:
             peeked = peek_request(head)
         except RpcProtocolError as e:
-            return 0, reset_reason("bad_request", str(e))
+            return 0, reset_reason("bad_request", str(e)), False
         if peeked is None:
             return None
         header, size = peeked
         if header.kind == KIND_STREAM:
             return size, reset_reason("bad_request", "a streaming request header carries "
-                                                     "no payload")
+                                                     "no payload"), False
         if header.method not in self._unary:
-            return 0, reset_reason("unknown_method", f"no method {header.method!r}")
+            return 0, reset_reason("unknown_method", f"no method {header.method!r}"), False
         limit = self._request_limits.get(header.method)
         if limit is None:
             limit = self.config.max_message_size  # (the multiplexer enforces it first)
-            return limit, f"message larger than {limit} bytes"
-        return size + limit, _too_large(header.method, limit)
+            return limit, f"message larger than {limit} bytes", False
+        return size + limit, _too_large(header.method, limit), True
 
-    async def _serve(self, stream: Stream, header_timer: list) -> None:
+    async def _serve(self, stream: Stream, timer: list) -> None:
         conn = stream.connection
         loop = asyncio.get_running_loop()
         deadlines = self._deadlines_on(loop)
         try:
             request = await stream.recv()
             header, offset = decode_request(request or b"")
+            if header.kind == KIND_UNARY and not await self._unary_ended(stream, timer):
+                return
         except (RpcProtocolError, ConnectionLost, StreamClosed, RemoteError) as e:
             stream.reset(reset_reason("bad_request", str(e)))
             return
         finally:
-            deadlines.cancel(header_timer)
+            if timer[0] is not None:
+                deadlines.cancel(timer[0])
         deadline = None if header.timeout is None else loop.time() + header.timeout
         ctx = RpcContext(conn.remote_peer, header.method, deadline, conn)
         if header.kind == KIND_STREAM:
@@ -588,6 +636,20 @@ class Host:
         finally:
             if timer is not None:
                 deadlines.cancel(timer)
+
+    async def _unary_ended(self, stream: Stream, timer: list) -> bool:
+        """Whether the unary request just read is followed by FIN alone, as PROTOCOL.md (4)
+        has it; otherwise the stream is reset. Usually the FIN came with the request (no
+        wait); a FIN that follows apart is waited for up to `request_header_timeout` (or
+        what is left of `request_timeout`)."""
+        if timer[0] is None:  # no deadline running: the FIN gets one of its own
+            loop = stream.connection.loop
+            timer[0] = self._deadlines_on(loop).add(
+                loop.time() + self.config.request_header_timeout, self._fin_timed_out, stream)
+        if await stream.recv() is None:
+            return True
+        stream.reset(reset_reason("bad_request", "a unary request is one message, then FIN"))
+        return False
 
     @staticmethod
     def _answer(stream: Stream, *parts) -> None:

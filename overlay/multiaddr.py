@@ -73,7 +73,7 @@ class Multiaddr:
     @classmethod
     def from_socket_address(cls, host: str, port: int, peer_id: PeerId | None = None) -> Multiaddr:
         proto = "ip6" if ":" in host else "ip4"
-        return cls(proto, str(ipaddress.ip_address(host)), port, peer_id)
+        return cls(proto, _check_host(proto, host, host), port, peer_id)
 
 
 def _check_host(proto: str, host: str, text: str) -> str:
@@ -84,9 +84,15 @@ def _check_host(proto: str, host: str, text: str) -> str:
             raise MultiaddrError(f"invalid IPv4 address {host!r} in {text!r}") from None
     if proto == "ip6":
         try:
-            return str(ipaddress.IPv6Address(host))
+            address = ipaddress.IPv6Address(host)
         except ValueError:
             raise MultiaddrError(f"invalid IPv6 address {host!r} in {text!r}") from None
+        if address.scope_id is not None:
+            # ipaddress takes "fe80::1%eth0", but the zone names an interface of one machine:
+            # no other can dial it, and multiaddrs spell zones /ip6zone/, which we do not use.
+            raise MultiaddrError(f"IPv6 zone id %{address.scope_id} in {text!r}: an address "
+                                 "scoped to one machine's interface cannot be dialed by others")
+        return str(address)
     if not _DNS_NAME.match(host):
         raise MultiaddrError(f"invalid DNS name {host!r} in {text!r}")
     return host

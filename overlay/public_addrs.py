@@ -32,7 +32,7 @@ def default_route_host(protocol: str) -> str | None:
     with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect((probe, _PROBE_PORT))
         host = sock.getsockname()[0]
-        if host not in (WILDCARD_HOSTS[protocol], ""):
+        if host not in (WILDCARD_HOSTS[protocol], "") and "%" not in host:  # (a zone: local)
             return host
     return None
 

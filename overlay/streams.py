@@ -54,16 +54,19 @@ def _released(buf) -> bool:
 
 
 class _FirstMessageBound:
-    """State of Stream.bound_first_message: the head seen so far, then the limit."""
+    """State of Stream.bound_first_message: the head seen so far, then the limit (of every
+    message when `each`: Stream.bound_messages)."""
 
-    __slots__ = ("decide", "head", "head_bytes", "limit", "reason")
+    __slots__ = ("decide", "each", "head", "head_bytes", "limit", "reason")
 
-    def __init__(self, decide: Callable[[bytes], tuple[int, str] | None], head_bytes: int):
+    def __init__(self, decide: Callable[[bytes], tuple[int, str] | None] | None,
+                 head_bytes: int):
         self.decide = decide
         self.head_bytes = head_bytes
         self.head = b""
         self.limit: int | None = None
         self.reason = ""
+        self.each = False
 
 
 class ConnectionLost(ConnectionError):
@@ -190,6 +193,13 @@ class Stream:
         read (the host's per-method request limit). Set before any data came."""
         self._bound = _FirstMessageBound(decide, head_bytes)
 
+    def bound_messages(self, limit: int, reason: str) -> None:
+        """Reset the stream with `reason` as soon as a message from now on exceeds `limit`
+        bytes, before the rest of it is read (a protocol whose messages have a documented
+        size). Set between messages, once any first-message bound is over."""
+        bound = self._bound = _FirstMessageBound(None, 0)
+        bound.limit, bound.reason, bound.each = limit, reason, True
+
     def _over_bound(self, data, end: bool) -> bool:
         """Whether `data` takes the first message over its bound: the stream is then reset."""
         bound = self._bound
@@ -206,7 +216,7 @@ class Stream:
             self._bound = None
             self.reset(bound.reason)
             return True
-        if end:
+        if end and not bound.each:
             self._bound = None
         return False
 

@@ -359,16 +359,27 @@ def _is_wildcard(text: str) -> bool:
 
 
 def _observed(addrs: tuple[str, ...], ctx: RpcContext) -> tuple[str, ...]:
-    """Replace wildcard listen hosts (0.0.0.0, ::) by the address the request came from."""
+    """Replace wildcard listen hosts (0.0.0.0, ::) by the address the request came from, when
+    it is of the wildcard's family; a wildcard of the other family is dropped (its host is
+    unknown here). A listener on :: is not one on 0.0.0.0: asyncio binds it IPv6-only, so the
+    sender's IPv4 address with that port named a socket nobody listens on."""
     remote = getattr(ctx.connection, "remote_address", None)
+    seen = None
+    if remote:
+        with contextlib.suppress(ValueError):
+            seen = ipaddress.ip_address(remote[0])
+            if seen.version == 6 and seen.ipv4_mapped is not None:  # a dual-stack socket's
+                seen = seen.ipv4_mapped
     out = []
     for text in addrs:
         if not _is_wildcard(text):
             out.append(text)
             continue
-        if not remote:
+        if seen is None:
             continue
         with contextlib.suppress(MultiaddrError, ValueError):
             maddr = Multiaddr.parse(text)
-            out.append(str(Multiaddr.from_socket_address(remote[0], maddr.port, maddr.peer_id)))
+            if maddr.protocol == f"ip{seen.version}":
+                out.append(str(Multiaddr.from_socket_address(str(seen), maddr.port,
+                                                             maddr.peer_id)))
     return tuple(out)

@@ -246,7 +246,9 @@ class MuxConnection:
         self._control.append(HEADER.pack(PING, 0, 0, opaque & 0xFFFFFFFF))
 
     def close(self, code: int = GoAwayCode.NORMAL) -> None:
-        """Announce GO_AWAY: no new streams; open ones may finish."""
+        """Queue GO_AWAY and refuse new streams. Open streams do not finish: the peer ends
+        the connection at once when it reads GO_AWAY (PROTOCOL.md, 3), so call this only
+        after the answers this side waits for."""
         if not self._going_away and not self._closed:
             self._going_away = True
             self._control.append(HEADER.pack(GO_AWAY, 0, 0, int(code)))

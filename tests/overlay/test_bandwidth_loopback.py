@@ -13,6 +13,7 @@ from overlay.bandwidth import (
     BUSY,
     CHUNK_BYTES,
     DOWNLOAD,
+    MAX_REQUEST_BYTES,
     MAX_TRANSFER_BYTES,
     METHOD,
     RATE_LIMITED,
@@ -21,9 +22,10 @@ from overlay.bandwidth import (
     decode_received,
     encode_request,
 )
-from overlay.bandwidth_service import BandwidthTestService, measure_link
+from overlay.bandwidth_service import BandwidthTestService, _download, measure_link
 from overlay.host import Host, RemoteError
 from overlay.identity import Identity
+from overlay.streams import StreamClosed
 
 
 async def started(config: GateConfig | None = None):
@@ -109,6 +111,47 @@ async def test_bad_input_gets_bad_request_and_the_node_keeps_serving(pair, first
     assert measured is not None and measured.bps > 0
 
 
+async def test_messages_over_the_documented_size_are_refused_both_ways(pair):
+    """Bulk messages of the test may carry at most CHUNK_BYTES (PROTOCOL.md, 6), yet a node
+    counted an upload sent as one 4 MiB message, after buffering it whole, and a tester took
+    a download of that kind. Now either side resets the stream as such a message arrives."""
+    node, tester, service = pair
+    with pytest.raises(RemoteError) as e:
+        await answer_to(tester, node, encode_request(UPLOAD, 4 << 20), bytes(4 << 20))
+    assert e.value.code == BAD_REQUEST and str(CHUNK_BYTES) in e.value.message
+    assert decode_received(await answer_to(tester, node, encode_request(UPLOAD, CHUNK_BYTES),
+                                           bytes(CHUNK_BYTES))) == CHUNK_BYTES
+
+    async def hostile(ctx, stream):
+        await stream.recv()
+        await stream.send(bytes(CHUNK_BYTES + 1), end_stream=True)
+
+    liar = Host()
+    try:
+        await liar.listen("/ip4/127.0.0.1/tcp/0")
+        liar.add_stream_handler(METHOD, hostile)
+        tester.add_peer_addrs(liar.peer_id, liar.addrs)
+        with pytest.raises(StreamClosed, match=str(CHUNK_BYTES)):
+            await asyncio.wait_for(_download(tester, liar.peer_id, 1 << 20), 5)
+    finally:
+        await liar.close()
+
+
+async def test_an_oversized_request_map_is_refused_as_it_arrives(pair):
+    """The request map was read whole before it was checked: a tester could make the node
+    buffer up to the host's message limit (256 MiB) per stream. Now it is bounded by what
+    the largest valid map takes (16 fields of 64-character strings)."""
+    node, tester, _ = pair
+    widest = {f"{i:064d}": "x" * 64 for i in range(13)}
+    widest.update(v=1, op=UPLOAD, bytes=10)
+    assert len(msgpack.packb(widest)) <= MAX_REQUEST_BYTES
+    assert decode_received(await answer_to(tester, node, msgpack.packb(widest),
+                                           bytes(10))) == 10
+    with pytest.raises(RemoteError) as e:
+        await answer_to(tester, node, b"\x81" + bytes(4 << 20))
+    assert e.value.code == BAD_REQUEST and f"at most {MAX_REQUEST_BYTES}" in e.value.message
+
+
 async def test_the_method_is_streaming_only(pair):
     node, tester, _ = pair
     with pytest.raises(RemoteError) as e:
@@ -155,6 +198,25 @@ async def test_a_stalled_reader_is_cut_off_and_frees_the_slot():
             while await stream.recv() is not None:
                 pass
         assert e.value.code == "deadline_exceeded"
+        measured, _ = await measure_link(tester, [node.peer_id])
+        assert measured is not None
+    finally:
+        await tester.close()
+        await node.close()
+
+
+async def test_streams_that_never_send_a_request_are_cut_off():
+    """A tester that opened bandwidth-test streams with no deadline and sent no request held
+    them, and a handler task each, until its connection closed. Now the wait for the
+    request is bounded by max_transfer_seconds too."""
+    node, tester, _ = await started(GateConfig(max_transfer_seconds=0.3))
+    try:
+        idle = [await tester.open_stream(node.peer_id, METHOD) for _ in range(20)]
+        for stream in idle:
+            with pytest.raises(RemoteError) as e:
+                await asyncio.wait_for(stream.recv(), 5)
+            assert e.value.code == "deadline_exceeded" and "no request" in e.value.message
+        await wait_for(lambda: not node._tasks)
         measured, _ = await measure_link(tester, [node.peer_id])
         assert measured is not None
     finally:

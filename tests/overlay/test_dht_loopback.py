@@ -187,3 +187,25 @@ def test_dialable_addresses_are_given_out_once():
     addrs = ("/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001", "/ip4/10.1.2.3/tcp/4001",
              "/ip4/10.1.2.3/tcp/4002")
     assert _dialable(addrs, ctx) == ("/ip4/10.1.2.3/tcp/4001", "/ip4/10.1.2.3/tcp/4002")
+
+
+def test_a_wildcard_becomes_the_observed_address_of_its_own_family_only():
+    """`/ip6/::/tcp/P` announced over IPv4 became `/ip4/<sender>/tcp/P`, but asyncio binds
+    :: IPv6-only: nothing listens there for IPv4. A wildcard is now replaced only by an
+    observed address of its family (an IPv4-mapped one counts as IPv4), else dropped; so is
+    an observed link-local address with a zone, which nobody else could dial."""
+    from types import SimpleNamespace
+
+    from overlay.dht.driver import _observed
+
+    def seen_from(*remote):
+        return SimpleNamespace(connection=SimpleNamespace(remote_address=remote))
+
+    addrs = ("/ip6/::/tcp/4001", "/ip4/0.0.0.0/tcp/4002", "/dns/example.org/tcp/1")
+    assert _observed(addrs, seen_from("192.0.2.7", 5)) == (
+        "/ip4/192.0.2.7/tcp/4002", addrs[2])
+    assert _observed(addrs, seen_from("::ffff:192.0.2.7", 5, 0, 0)) == (
+        "/ip4/192.0.2.7/tcp/4002", addrs[2])
+    assert _observed(addrs, seen_from("2001:db8::7", 5, 0, 0)) == (
+        "/ip6/2001:db8::7/tcp/4001", addrs[2])
+    assert _observed(addrs, seen_from("fe80::7%eth0", 5, 0, 2)) == (addrs[2],)

@@ -510,3 +510,105 @@ async def test_streams_opened_and_never_used_are_reset():
 async def _later(delay: float, value):
     await asyncio.sleep(delay)
     return value
+
+
+async def test_a_request_to_a_method_with_a_limit_must_arrive_whole_in_time():
+    """A peer that sent a small method's request header and then the payload at a trickle,
+    or never its end, held the stream and its handler task forever (the header timeout
+    stopped at the header). Now such a request must be whole within request_timeout;
+    requests to methods without a limit (uploads) are not bounded by it."""
+    server = Host(config=HostConfig(request_header_timeout=5, request_timeout=0.3))
+    client = Host()
+    try:
+        [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+        server.add_handler("small", echo, max_request=1000)
+        server.add_handler("echo", echo)
+        await client.connect(addr)
+        conn = client.connection_to(server.peer_id)
+        stalled = await _send_unfinished(conn, [_unary_header(b"small") + b"x" * 10])
+        upload = await _send_unfinished(conn, [_unary_header(b"echo") + b"a"])
+        with pytest.raises(RemoteError) as refused:
+            await asyncio.wait_for(stalled.recv(), 5)
+        assert refused.value.code == "deadline_exceeded"
+        assert "within 0.3 s" in refused.value.message
+        await asyncio.sleep(0.2)  # the upload is now older than request_timeout
+        conn._mux.send(upload.stream_id, b"b", end=True, fin=True)
+        conn._flush()
+        assert await asyncio.wait_for(upload.recv(), 5) == b"\x00ab"
+        assert await client.call(addr, "small", b"in time") == b"in time"
+        served = server.connection_to(client.peer_id)
+        async with asyncio.timeout(5):
+            while served.num_streams or server._tasks:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_a_unary_request_is_one_message_then_fin():
+    """A unary request with no FIN, or with a second message, was answered all the same
+    (and one without FIN held its stream until the connection closed). Now both are reset
+    as bad_request; a FIN that comes in a frame of its own after the request is waited for."""
+    server = Host(config=HostConfig(request_header_timeout=0.3))
+    client = Host()
+    try:
+        [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+        server.add_handler("echo", echo)
+        await client.connect(addr)
+        conn = client.connection_to(server.peer_id)
+        no_fin = conn.open_stream()
+        conn._mux.send(no_fin.stream_id, _unary_header(b"echo") + b"hi", end=True)
+        two = conn.open_stream()
+        conn._mux.send(two.stream_id, _unary_header(b"echo") + b"one", end=True)
+        conn._mux.send(two.stream_id, b"two", end=True, fin=True)
+        fin_apart = conn.open_stream()
+        conn._mux.send(fin_apart.stream_id, _unary_header(b"echo") + b"ok", end=True)
+        conn._flush()
+        await asyncio.sleep(0.05)
+        conn.end_stream(fin_apart.stream_id)
+        for stream, reason in ((no_fin, "ends with FIN"), (two, "one message")):
+            with pytest.raises(RemoteError) as refused:
+                await asyncio.wait_for(stream.recv(), 5)
+            assert refused.value.code == "bad_request" and reason in refused.value.message
+        assert await asyncio.wait_for(fin_apart.recv(), 5) == b"\x00ok"
+        served = server.connection_to(client.peer_id)
+        async with asyncio.timeout(5):
+            while served.num_streams or server._tasks:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_addresses_others_claim_for_a_peer_go_behind_the_one_it_was_reached_at():
+    """The DHT hands the host addresses that third parties claim for a peer; each went to
+    the front of the book and was dialed first, so one silent address made every call by
+    peer id time out, and eight pushed the real one out. Now the address a dial last
+    reached the peer at is tried first, until a dial of it fails (the peer moved)."""
+    silent = socket.socket()  # accepts connections at the kernel, never speaks
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    victim, client = Host(), Host()
+    try:
+        [addr] = await victim.listen("/ip4/127.0.0.1/tcp/0")
+        victim.add_handler("echo", echo)
+        assert await client.call(addr, "echo", b"1") == b"1"
+        client.connection_to(victim.peer_id).close()
+        port = silent.getsockname()[1]
+        client.add_peer_addrs(victim.peer_id, [f"/ip4/127.0.0.1/tcp/{port}"] + [
+            f"/ip4/127.0.0.{i}/tcp/{port}" for i in range(2, 10)])
+        book = client.peer_addrs(victim.peer_id)
+        assert book[0] == addr.without_peer() and len(book) == 8
+        assert await client.call(victim.peer_id, "echo", b"2", timeout=3) == b"2"
+        await victim.close()  # gone from there: a dial of it fails, and it is first no more
+        async with asyncio.timeout(5):
+            while client.connection_to(victim.peer_id) is not None:
+                await asyncio.sleep(0.01)
+        with pytest.raises(ConnectionLost):
+            await client.connect(addr)
+        client.add_peer_addrs(victim.peer_id, ["/ip4/127.0.0.1/tcp/9"])
+        assert str(client.peer_addrs(victim.peer_id)[0]) == "/ip4/127.0.0.1/tcp/9"
+    finally:
+        await client.close()
+        await victim.close()
+        silent.close()

@@ -38,6 +38,8 @@ def test_fields_and_peer_handling():
     assert Multiaddr.parse(m) is m
     assert Multiaddr.parse(f"/ip4/1.2.3.4/tcp/1/ipfs/{PEER}").peer_id == PEER
     assert str(Multiaddr.from_socket_address("::1", 7)) == "/ip6/::1/tcp/7"
+    with pytest.raises(MultiaddrError, match="zone id"):
+        Multiaddr.from_socket_address("fe80::1%2", 7)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,10 @@ def test_fields_and_peer_handling():
         ("/unix/sock/tcp/1", "unsupported protocol"),
         ("/ip4/1.2.3.4/tcp/1/p2p/notapeer", "invalid peer id"),
         ("/ip4/1.2.3.4/tcp/1/quic/x", "expected /p2p"),
+        # ipaddress takes a zone id, which no other machine can dial: it was accepted, and
+        # a DHT node spread it as the sender's address
+        ("/ip6/fe80::1%eth0/tcp/4001", "zone id %eth0"),
+        ("/ip6/fe80::1%25/tcp/1", "zone id"),
     ],
 )
 def test_malformed(text, message):
