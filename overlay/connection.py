@@ -40,6 +40,7 @@ from overlay.mux import (
     StreamOpened,
     StreamReset,
 )
+from overlay.mux.budget import PartialBudget
 from overlay.mux.frames import DATA, HEADER, HEADER_SIZE, SYN
 from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
@@ -87,6 +88,7 @@ class Connection(asyncio.BufferedProtocol):
         initiator: bool,
         expected_peer: PeerId | None,
         mux_config: MuxConfig,
+        partial_budget: PartialBudget | None = None,
         handshake_timeout: float,
         on_ready: Callable[[Connection], None],
         on_stream: Callable[[Stream], None],
@@ -105,6 +107,7 @@ class Connection(asyncio.BufferedProtocol):
         self._identity = identity
         self._expected_peer = expected_peer
         self._mux_config = mux_config
+        self._partial_budget = partial_budget
         self._handshake_timeout = handshake_timeout
         self._on_ready = on_ready
         self._on_stream = on_stream
@@ -317,7 +320,7 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_buffer = None
         self._writer = RecordWriter(session.transport, _plaintext_scratch())
         self._reader = RecordReader(session.transport)
-        self._mux = MuxConnection(self.initiator, self._mux_config)
+        self._mux = MuxConnection(self.initiator, self._mux_config, self._partial_budget)
         self._on_ready(self)
         if self.closed:
             return
@@ -589,6 +592,8 @@ class Connection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self.closed = True
+        if self._mux is not None:
+            self._mux.release_budget()  # (this connection's unfinished messages are dropped)
         error = ConnectionLost(f"connection to {self.remote_peer or 'peer'} lost: "
                                f"{self._close_reason}")
         if not self.ready.done():

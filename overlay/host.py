@@ -23,6 +23,7 @@ from overlay.identity import Identity, IdentityError, PeerId
 from overlay.link_delay import delay_from_env
 from overlay.multiaddr import Multiaddr, MultiaddrError
 from overlay.mux import MuxConfig
+from overlay.mux.budget import PartialBudget
 from overlay.public_addrs import WILDCARD_HOSTS, expand_wildcards
 from overlay.rpc_codec import (
     KIND_STREAM,
@@ -71,6 +72,11 @@ class HostConfig:
     max_connections: int = 1024
     max_streams_per_connection: int = 1024
     max_message_size: int = 256 << 20
+    # Bytes of unfinished messages (fragments held until their END) one connection may hold,
+    # and all of them together: beyond, the stream whose fragment goes over is reset
+    # (overlay/mux/budget.py says why, and how the total is shared fairly).
+    max_partial_bytes: int = 1 << 30
+    max_partial_bytes_total: int = 4 << 30
     handshake_timeout: float = 10.0
     # A stream the peer opened must bring its request header within this time; one left
     # unused is reset, so that a peer cannot hold streams and handler tasks forever.
@@ -106,7 +112,9 @@ class Host:
         self._mux_config = MuxConfig(
             max_streams=self.config.max_streams_per_connection,
             max_message_size=self.config.max_message_size,
+            max_partial_bytes=self.config.max_partial_bytes,
         )
+        self._partial_budget = PartialBudget(self.config.max_partial_bytes_total)
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_addrs: list[Multiaddr] = []
         self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
@@ -326,6 +334,7 @@ class Host:
             initiator=initiator,
             expected_peer=expected_peer,
             mux_config=self._mux_config,
+            partial_budget=self._partial_budget,
             handshake_timeout=self.config.handshake_timeout,
             on_ready=self._on_ready,
             on_stream=self._on_stream,

@@ -5,10 +5,13 @@ Rules of this module (sans-IO, like h11 and aioquic):
    of `data_to_send`, and what happened comes out of `next_event`.
 2. A peer can cost us at most: its frames are bounded by MAX_FRAME_PAYLOAD, its streams by
    `max_streams`, the unread bytes of each stream by the flow-control window, each message
-   by `max_message_size`, and the answers it solicits (PING acks, refusals of streams over
-   the limit) and does not read by MAX_QUEUED_CONTROL. A violation of the protocol ends the
-   connection (GO_AWAY), never anything else; an oversized message or a stream over the limit
-   resets only that stream.
+   by `max_message_size`, the fragments of its unfinished messages (credit comes back for
+   them, so windows do not bound them) by `max_partial_bytes` and, across the connections of
+   a host, by a shared PartialBudget (overlay/mux/budget.py), and the answers it solicits
+   (PING acks, refusals of streams over the limit) and does not read by MAX_QUEUED_CONTROL.
+   A violation of the protocol ends the connection (GO_AWAY), never anything else; an
+   oversized message, a fragment over the budget of unfinished messages or a stream over the
+   limit resets only that stream.
 3. Fairness: `data_to_send` takes one frame per ready stream in turn, so a large transfer cannot
    starve small requests on the same connection.
 The frame format is documented in overlay/PROTOCOL.md.
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from overlay.mux.budget import PartialBudget
 from overlay.mux.events import (
     ConnectionTerminated,
     DataReceived,
@@ -85,6 +89,12 @@ class MuxConfig:
     # The sum over a connection's streams of what their windows grew beyond INITIAL_WINDOW:
     # bounds what one peer can make us buffer (max_streams x 1 MiB + this).
     max_window_growth: int = 64 << 20
+    # Fragments of unfinished messages this side holds for the peer, summed over streams. A
+    # fragment that would take the sum beyond it resets its stream (`too_large`) instead of
+    # waiting for credit: withheld credit would deadlock streams that each hold part of the
+    # budget and each wait for more to finish. Four of the largest messages: an honest peer
+    # sends a handful of large requests at once (training chunks, pushes of long prompts).
+    max_partial_bytes: int = 1 << 30
 
 
 class _Stream:
@@ -121,8 +131,12 @@ class _Stream:
 class MuxConnection:
     """One side of a multiplexed connection. `initiator` is the side that dialed."""
 
-    def __init__(self, initiator: bool, config: MuxConfig | None = None):
+    def __init__(self, initiator: bool, config: MuxConfig | None = None,
+                 budget: PartialBudget | None = None):
+        """`budget`: shared with the host's other connections (overlay/mux/budget.py)."""
         self.config = config or MuxConfig()
+        self._budget = budget
+        self._partial = 0  # bytes of unfinished messages held, over this connection's streams
         self._initiator = initiator
         self._own_parity = 1 if initiator else 0  # of the ids of the streams we open
         # Read on every frame: plain attributes, not config lookups.
@@ -155,6 +169,19 @@ class MuxConnection:
         """Bytes accepted by `send` for this stream that are not yet in `data_to_send` output."""
         stream = self._streams.get(stream_id)
         return stream.queued_bytes if stream is not None else 0
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of the peer's unfinished messages this side holds (max_partial_bytes)."""
+        return self._partial
+
+    def release_budget(self) -> None:
+        """The driver dropped this connection: what it held leaves the shared budget."""
+        if self._budget is not None and self._partial:
+            self._budget.give(self._partial, self._partial)
+        self._partial = 0
+        for stream in self._streams.values():
+            stream.message_bytes = 0
 
     def has_data_to_send(self) -> bool:
         return bool(self._control or self._ready)
@@ -427,14 +454,14 @@ class MuxConnection:
         if size > stream.recv_credit:
             return self._protocol_error(f"stream {stream_id} exceeded its flow-control window")
         stream.recv_credit -= size
-        stream.message_bytes += size
-        if stream.message_bytes > self._max_message_size:
-            reason = f"message larger than {self._max_message_size} bytes"
-            self.reset_stream(stream_id, reason)
-            self.events.append(StreamReset(stream_id, reason, local=True))
-            return
+        held = stream.message_bytes  # the fragments before this one, held until END
+        if held + size > self._max_message_size:
+            return self._refuse_message(stream, f"message larger than {self._max_message_size}"
+                                                " bytes")
         if flags & END:
-            stream.message_bytes = 0
+            if held:
+                self._release(held)
+                stream.message_bytes = 0
             if flags & FIN:  # the last message and the end of the stream: one event
                 stream.fin_received = True
                 self.events.append(_new_event(LastMessage, (stream_id, payload)))
@@ -443,12 +470,35 @@ class MuxConnection:
                 return
             self.events.append(_new_event(DataReceived, (stream_id, payload, True)))
         elif size:
+            if self._partial + size > self.config.max_partial_bytes:
+                return self._refuse_message(
+                    stream, f"too_large: unfinished messages on this connection take at most "
+                            f"{self.config.max_partial_bytes} bytes")
+            budget = self._budget
+            if budget is not None:
+                if not budget.admits(self._partial, size):
+                    return self._refuse_message(
+                        stream, f"busy: the node holds {budget.limit} bytes of unfinished "
+                                "messages; send again later")
+                budget.take(self._partial, size)
+            self._partial += size
+            stream.message_bytes = held + size
             self.events.append(_new_event(DataReceived, (stream_id, payload, False)))
         if flags & FIN:
             stream.fin_received = True
             self.events.append(StreamEnded(stream_id))
             if stream.fin_sent:
                 self._remove(stream)
+
+    def _refuse_message(self, stream: _Stream, reason: str) -> None:
+        """Reset a stream whose message we will not hold, and tell the driver."""
+        self.reset_stream(stream.stream_id, reason)
+        self.events.append(StreamReset(stream.stream_id, reason, local=True))
+
+    def _release(self, size: int) -> None:
+        if self._budget is not None:
+            self._budget.give(self._partial, size)
+        self._partial -= size
 
     def _on_window_update(self, stream_id: int, credit: int) -> None:
         stream = self._streams.get(stream_id)
@@ -505,6 +555,9 @@ class MuxConnection:
         if self._streams.pop(stream.stream_id, None) is None:
             return
         self._window_growth -= stream.recv_window - INITIAL_WINDOW
+        if stream.message_bytes:
+            self._release(stream.message_bytes)
+            stream.message_bytes = 0
         if (stream.stream_id & 1) == self._own_parity:
             self._local_open -= 1
         else:

@@ -339,6 +339,44 @@ async def test_idle_connections_cannot_lock_others_out():
             await host.close()
 
 
+async def test_unfinished_requests_are_bounded_per_connection():
+    """Credit comes back for the fragments of unfinished messages, so each of a peer's 1024
+    streams could hold a message of up to max_message_size (256 MiB) it never finished."""
+    server = Host(config=HostConfig(max_partial_bytes=8 << 20))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    client = Host()
+    try:
+        big = bytes(2 << 20)
+        answers = await asyncio.gather(*(client.call(addr, "echo", big) for _ in range(3)))
+        assert answers == [big] * 3  # honest concurrent requests fit the budget
+        conn = client.connection_to(server.peer_id)
+        header = struct.pack(">BBI", 0, 4, 0xFFFFFFFF) + b"echo"
+        streams = [conn.open_stream() for _ in range(4)]
+        for stream in streams:
+            conn._mux.send(stream.stream_id, header, end=False)
+            conn._mux.send(stream.stream_id, bytes(3 << 20), end=False)
+        conn._flush()
+        for _ in range(200):
+            if sum(s._error is not None for s in streams) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        errors = [s._error for s in streams if s._error is not None]
+        assert len(errors) >= 2 and "unfinished messages" in str(errors[0])
+        served = server.connection_to(client.peer_id)
+        assert served._mux.partial_bytes <= 8 << 20
+        assert await client.call(addr, "echo", b"still served") == b"still served"
+        await client.close()
+        for _ in range(100):
+            if not server._partial_budget.held:
+                break
+            await asyncio.sleep(0.02)
+        assert server._partial_budget.held == 0  # a closed connection holds nothing
+    finally:
+        await client.close()
+        await server.close()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:

@@ -21,6 +21,7 @@ from overlay.mux import (
     StreamOpened,
     StreamReset,
 )
+from overlay.mux.budget import PartialBudget
 from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD, MAX_QUEUED_CONTROL
 from overlay.mux.frames import HEADER, Flag, FrameType
 
@@ -441,3 +442,69 @@ def test_frame_message_refuses_what_must_wait_and_writes_nothing():
     a.send(sid, b"", fin=True)
     assert not a.frame_message(sid, (b"after fin",), out, fin=False)
     assert len(out) == HEADER.size + 3
+
+
+def fragment(stream_id: int, size: int, flags: int = 0) -> bytes:
+    return frame(FrameType.DATA, flags, stream_id, size, b"x" * size)
+
+
+def test_unfinished_messages_over_the_connection_budget_reset_the_stream_that_goes_over():
+    b = MuxConnection(False, MuxConfig(max_partial_bytes=3000))
+    b.receive_data(fragment(1, 1000, Flag.SYN) + fragment(3, 1000, Flag.SYN))
+    b.receive_data(fragment(1, 1000) + fragment(3, 1001))
+    got = events(b)
+    resets = [e for e in got if isinstance(e, StreamReset)]
+    assert [(e.stream_id, e.local) for e in resets] == [(3, True)]
+    assert resets[0].reason.startswith("too_large: unfinished messages")
+    assert b.partial_bytes == 2000  # stream 3's fragments were dropped with it
+    b.receive_data(fragment(1, 1000, Flag.END))  # what is held, once finished, frees the budget
+    assert b.partial_bytes == 0
+    b.receive_data(fragment(5, 2999, Flag.SYN))
+    assert not any(isinstance(e, StreamReset) for e in events(b)[1:])
+    assert b.partial_bytes == 2999
+
+
+def test_whole_messages_never_count_against_the_budget():
+    b = MuxConnection(False, MuxConfig(max_partial_bytes=100))
+    for sid in (1, 3, 5):
+        b.receive_data(fragment(sid, 5000, Flag.SYN | Flag.END))
+    assert not any(isinstance(e, StreamReset) for e in events(b))
+    assert b.partial_bytes == 0
+
+
+def test_a_reset_or_finished_stream_gives_its_fragments_back():
+    budget = PartialBudget(10_000)
+    b = MuxConnection(False, budget=budget)
+    b.receive_data(fragment(1, 700, Flag.SYN) + fragment(3, 300, Flag.SYN))
+    assert (b.partial_bytes, budget.held, budget.holders) == (1000, 1000, 1)
+    b.receive_data(frame(FrameType.RESET, 0, 1, 0))
+    assert (b.partial_bytes, budget.held) == (300, 300)
+    b.release_budget()  # the driver dropped the connection
+    assert (budget.held, budget.holders) == (0, 0)
+
+
+def test_the_host_wide_budget_refuses_the_hog_first():
+    budget = PartialBudget(4000)
+    hog, honest = MuxConnection(False, budget=budget), MuxConnection(False, budget=budget)
+    hog.receive_data(fragment(1, 3000, Flag.SYN) + fragment(3, 900, Flag.SYN))
+    honest.receive_data(fragment(1, 1500, Flag.SYN))  # over the total, under half of it
+    assert not any(isinstance(e, StreamReset) for e in events(honest))
+    hog.receive_data(fragment(5, 100, Flag.SYN))  # over the total and over its share
+    resets = [e for e in events(hog) if isinstance(e, StreamReset)]
+    assert [e.stream_id for e in resets] == [5] and resets[0].reason.startswith("busy: ")
+    assert budget.held == 5400 and budget.holders == 2
+    honest.receive_data(fragment(1, 600))  # over its share of 2000 as well
+    assert [type(e) for e in events(honest)] == [StreamReset]
+    assert budget.held == 3900
+
+
+def test_partial_budget_arithmetic():
+    budget = PartialBudget(100)
+    assert budget.admits(0, 100) and not budget.admits(0, 101)
+    budget.take(0, 90)
+    assert budget.admits(90, 10) and not budget.admits(90, 11)
+    assert budget.admits(0, 50) and not budget.admits(0, 51)  # a newcomer's share: 100 / 2
+    budget.give(90, 90)
+    assert (budget.held, budget.holders) == (0, 0)
+    with pytest.raises(ValueError):
+        PartialBudget(0)

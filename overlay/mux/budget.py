@@ -1,0 +1,49 @@
+"""The bytes a host holds in unfinished messages, across all its connections (sans-IO).
+
+A receiver keeps every fragment of a message until its END arrives, and returns flow-control
+credit for those fragments as they come (a message may be larger than a window), so what a
+peer makes us hold is bounded by the messages it leaves unfinished, not by the windows. Each
+`MuxConnection` bounds its own share (`MuxConfig.max_partial_bytes`); one `PartialBudget`,
+shared by the connections of a host, bounds their sum.
+
+Why a fair share and not first come, first served: with a plain total, a few connections
+that fill the budget with messages they never finish would have every other peer's large
+request refused. Once the total is reached, a connection may still add to its unfinished
+messages while it holds less than an equal share of the budget (`limit` divided by the
+connections holding any), so the hogs are refused first and honest peers go on. The total
+can pass `limit` by at most one frame per connection.
+"""
+
+from __future__ import annotations
+
+
+class PartialBudget:
+    """Bytes held in unfinished messages by the connections of one host (see module doc)."""
+
+    __slots__ = ("held", "holders", "limit")
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the budget must be positive, got {limit}")
+        self.limit = limit
+        self.held = 0  # bytes, over all connections
+        self.holders = 0  # connections holding at least one byte
+
+    def admits(self, conn_held: int, size: int) -> bool:
+        """Whether a connection that holds `conn_held` bytes may hold `size` more."""
+        if self.held + size <= self.limit:
+            return True
+        holders = self.holders + (conn_held == 0)
+        return conn_held + size <= self.limit // holders
+
+    def take(self, conn_held: int, size: int) -> None:
+        """The connection (holding `conn_held` before) now holds `size` more."""
+        if conn_held == 0 and size:
+            self.holders += 1
+        self.held += size
+
+    def give(self, conn_held: int, size: int) -> None:
+        """The connection (holding `conn_held` before) now holds `size` less."""
+        self.held -= size
+        if conn_held and conn_held == size:
+            self.holders -= 1
