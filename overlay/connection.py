@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from overlay import timeline
+from overlay.admission import address_group
 from overlay.identity import PeerId
 from overlay.link_delay import DelayedTransport
 from overlay.mux import (
@@ -94,10 +95,13 @@ class Connection(asyncio.BufferedProtocol):
         on_stream: Callable[[Stream], None],
         on_closed: Callable[[Connection], None],
         on_request: Callable[[Connection, int, memoryview], None] | None = None,
+        admit: Callable[[Connection], str | None] | None = None,
     ):
         """`on_request(conn, stream_id, data)` receives streams that arrive whole in one
         frame (opened, one message, half-closed: a small unary request) without a Stream
-        object; it must answer or reset that stream id. Without it they become Streams."""
+        object; it must answer or reset that stream id. Without it they become Streams.
+        `admit(conn)`, called once the socket is connected (its address known), returns why
+        the connection is refused, or None to go on."""
         self.loop = asyncio.get_running_loop()
         self.initiator = initiator
         self.remote_peer: PeerId | None = None
@@ -113,6 +117,11 @@ class Connection(asyncio.BufferedProtocol):
         self._on_stream = on_stream
         self._on_closed = on_closed
         self._on_request = on_request
+        self._admit = admit
+        self.address_group: str | None = None  # overlay/admission.py
+        # Streams the peer opened whose request header has not arrived (the host keeps it):
+        # a connection with only those is unused (overlay/admission.py, rule 2).
+        self.headerless: set[int] = set()
         # Small messages are framed straight into this plaintext (mux.frame_message); while
         # received records are processed (`_corked`) their answers accumulate here and leave
         # as one record and one write, when the processing is over.
@@ -132,7 +141,6 @@ class Connection(asyncio.BufferedProtocol):
         self._pings: dict[int, asyncio.Future] = {}
         self._next_ping = 1
         self._close_reason = "closed"
-        self._refused: str | None = None
         self._reading_paused = False
         # The stream whose message is being assembled in place (Stream._place): the record
         # after one of its fragments is decrypted straight into that message's buffer.
@@ -145,22 +153,20 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self.closed:
             self._transport.pause_reading()
 
-    def refuse(self, reason: str) -> None:
-        """Drop this connection as soon as it is made (the host is at its limit or closing)."""
-        self._refused = reason
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.link_delay:
             transport = DelayedTransport(transport, self.link_delay)  # type: ignore[arg-type]
         self._transport = transport  # type: ignore[assignment]
-        if self._refused is not None:
+        self.remote_address = transport.get_extra_info("peername")
+        self.address_group = address_group(self.remote_address)
+        refused = None if self._admit is None else self._admit(self)
+        if refused is not None:
             self._on_closed = None
-            self.abort(f"refused: {self._refused}")
+            self.abort(f"refused: {refused}")
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.remote_address = transport.get_extra_info("peername")
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if self._reading_paused:
             transport.pause_reading()
@@ -431,6 +437,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def reset_stream(self, stream_id: int, reason: str) -> None:
         self._streams.pop(stream_id, None)
+        self.headerless.discard(stream_id)
         if not self.closed:
             self._mux.reset_stream(stream_id, reason)
             self._flush()
@@ -444,6 +451,7 @@ class Connection(asyncio.BufferedProtocol):
     def release_stream(self, stream_id: int) -> None:
         """Forget a stream whose both halves are finished."""
         self._streams.pop(stream_id, None)
+        self.headerless.discard(stream_id)
 
     @property
     def num_streams(self) -> int:
@@ -453,6 +461,25 @@ class Connection(asyncio.BufferedProtocol):
     def idle(self) -> bool:
         """No stream open in either direction: closing it interrupts nothing."""
         return not self._streams and (self._mux is None or not self._mux.stream_ids())
+
+    @property
+    def inbound_handshaking(self) -> bool:
+        """A connection the peer dialed that has not finished its handshake."""
+        return not (self.initiator or self.ready.done())
+
+    @property
+    def unused(self) -> bool:
+        """Closing it interrupts no request: no stream open, or only streams the peer
+        opened that have not brought their request header (`headerless`)."""
+        headerless = self.headerless
+        if not headerless:
+            return self.idle
+        mux = self._mux
+        if len(self._streams) > len(headerless) or (
+                mux is not None and mux.num_streams > len(headerless)):
+            return False
+        return all(i in headerless for i in self._streams) and (
+            mux is None or all(i in headerless for i in mux.stream_ids()))
 
     async def ping(self, timeout: float = 10.0) -> float:
         """Round-trip time of a multiplexer PING, in seconds."""
@@ -505,6 +532,7 @@ class Connection(asyncio.BufferedProtocol):
                 if stream is not None:
                     stream._on_end()
             elif kind is StreamReset:
+                self.headerless.discard(event.stream_id)
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream._on_error(parse_reset_reason(event.reason))
@@ -600,6 +628,7 @@ class Connection(asyncio.BufferedProtocol):
             self.ready.set_exception(error)
             self.ready.exception()  # mark retrieved: a failed dial is reported by its caller
         streams, self._streams = self._streams, {}
+        self.headerless.clear()
         for stream in streams.values():
             stream._on_error(error)
         for future in self._pings.values():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import NamedTuple
 
+from overlay.admission import choose_victim
 from overlay.connection import Connection
 from overlay.deadlines import Deadlines
 from overlay.eager import resume
@@ -340,33 +341,40 @@ class Host:
             on_stream=self._on_stream,
             on_closed=self._on_closed,
             on_request=self._on_request,
+            admit=self._admit,
         )
         if self._link_delay:
             conn.link_delay = self._link_delay
-        if self._closing or not self._make_room():
-            conn.refuse("host is closing" if self._closing else "too many connections")
-        else:
-            self._all[conn] = None
-            if self._frozen:
-                conn.pause_reading()
         return conn
 
-    def _make_room(self) -> bool:
-        """Whether one more connection fits, closing an idle one at the limit: the oldest
-        inbound one still handshaking, else the oldest with no stream open. Refusing every
-        newcomer instead let one peer lock all others out for good by holding
-        max_connections idle connections (1024 handshakes take it two seconds)."""
+    def _admit(self, conn: Connection) -> str | None:
+        """A connection's socket is connected: why it is refused, or None (it is counted)."""
+        if self._closing:
+            return "host is closing"
+        if not self._make_room(conn):
+            return "too many connections"
+        self._all[conn] = None
+        if self._frozen:
+            conn.pause_reading()
+        return None
+
+    def _make_room(self, newcomer: Connection) -> bool:
+        """Whether one more connection fits, closing one at the limit as
+        overlay/admission.py chooses. Refusing every newcomer instead let one peer lock all
+        others out for good by holding max_connections idle connections (1024 handshakes
+        take it two seconds); keeping every connection with a stream open let it do so with
+        one stream without a request header on each."""
         if len(self._all) < self.config.max_connections:
             return True
-        victim = next((c for c in self._all if not (c.initiator or c.ready.done())), None)
-        if victim is not None:
+        victim = choose_victim(list(self._all), newcomer.address_group)
+        if victim is None:
+            return False
+        if victim.inbound_handshaking:
             victim.abort("closed to make room: the host is at its connection limit")
         else:
-            victim = next((c for c in self._all if c.idle), None)
-            if victim is None:
-                return False
-            log.info("closing idle connection to %s: the host is at its connection limit",
-                     victim.remote_peer)
+            log.info("closing connection to %s (%s) to make room for %s: the host is at its "
+                     "connection limit", victim.remote_peer, victim.remote_address,
+                     newcomer.remote_address)
             victim.close()
         self._all.pop(victim, None)
         return True
@@ -468,6 +476,7 @@ class Host:
             return
         if header.kind != KIND_UNARY:  # a streaming call that ended in its first frame
             self._on_stream(conn.stream_from_whole(stream_id, data))
+            conn.headerless.discard(stream_id)  # (its header came with it)
             return
         handler = self._unary.get(header.method)
         if handler is None:
@@ -540,12 +549,15 @@ class Host:
         # a limit) the whole of it, then the FIN after it (_serve).
         timer: list = [deadlines.add(opened + self.config.request_header_timeout,
                                      self._header_timed_out, stream)]
+        conn = stream.connection
+        conn.headerless.add(stream.stream_id)
 
         def bound(head: bytes) -> tuple[int, str] | None:
             decided = self._request_bound(head)
             if decided is None:
                 return None
             limit, reason, whole = decided  # the header is in
+            conn.headerless.discard(stream.stream_id)
             deadlines.cancel(timer[0])
             timer[0] = deadlines.add(opened + self.config.request_timeout,
                                      self._request_timed_out, stream) if whole else None

@@ -377,6 +377,35 @@ async def test_unfinished_requests_are_bounded_per_connection():
         await server.close()
 
 
+async def test_streams_without_a_request_header_cannot_lock_others_out():
+    """At the limit only connections with no stream open made room: a peer that kept one
+    stream without a request header open on each of its connections (a fresh one before the
+    header timeout reset the last) refused every other peer."""
+    server = Host(config=HostConfig(max_connections=8))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    hoarders = [Host() for _ in range(8)]
+    client = Host()
+    try:
+        for hoarder in hoarders:
+            conn = hoarder.connection_to(await hoarder.connect(addr))
+            stream = conn.open_stream()
+            conn._mux.send(stream.stream_id, b"", end=False)  # a SYN, and no header
+            conn._flush()
+        for _ in range(100):
+            served = [c for c in server._all if c.headerless]
+            if len(served) == 8:
+                break
+            await asyncio.sleep(0.02)
+        assert len(served) == 8 and all(c.unused for c in served)
+        assert await client.call(addr, "echo", b"in", timeout=5) == b"in"
+        conn = server.connection_to(client.peer_id)
+        assert conn is not None and not conn.headerless and len(server._all) == 8
+    finally:
+        for host in (*hoarders, client, server):
+            await host.close()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:

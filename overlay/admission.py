@@ -1,0 +1,70 @@
+"""Which connection a host at its connection limit closes to admit a newcomer (pure logic).
+
+A host holds at most `max_connections` connections. Refusing every newcomer at the limit lets
+whoever holds the connections lock everyone else out, so a newcomer closes one, chosen by
+these rules, in order (the first that finds a connection wins):
+
+1. The oldest inbound connection still in its handshake: it serves nobody yet.
+2. The oldest unused connection: no stream open, or only streams the peer opened that have not
+   brought their request header (those serve nothing either, and a peer that keeps one such
+   stream open on each of its connections, a fresh one before the request header timeout
+   resets the last, held them all busy for good).
+3. The newest connection of the address group that holds the most connections, if it holds
+   at least two more than the newcomer's group (so that closing it spreads the connections
+   more evenly, never just the other way round): a peer that keeps real requests going on
+   each of its connections can hold the host's connections only from as many address groups.
+   Otherwise the newcomer is refused.
+
+Why not a fixed limit of connections per address: the nodes of a local swarm (tests, the
+demo, benchmarks with a hundred DHT nodes) all come from 127.0.0.1, and an operator's own
+machines may share an address behind NAT; rule 3 only ever applies at the limit, and only
+takes from the most represented group. An address group is one IPv4 address or one IPv6 /64
+(what one subscriber typically holds: counting IPv6 addresses one by one would give an
+attacker 2^64 groups).
+
+Candidates are the host's connections, oldest first: objects with the attributes
+`inbound_handshaking`, `unused` and `address_group` (overlay/connection.py has them).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Sequence
+
+IPV6_GROUP_PREFIX = 64
+
+
+def address_group(address) -> str | None:
+    """The group of a socket address (host, port, ...): the IPv4 address, or the /64 of an
+    IPv6 one (an IPv4-mapped IPv6 address counts as its IPv4 address); None when unknown."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{IPV6_GROUP_PREFIX}", strict=False))
+    return str(ip)
+
+
+def choose_victim(connections: Sequence, newcomer_group: str | None):
+    """The connection to close so that a newcomer from `newcomer_group` fits (rules of the
+    module docstring), or None: then the newcomer is refused."""
+    for conn in connections:
+        if conn.inbound_handshaking:
+            return conn
+    for conn in connections:
+        if conn.unused:
+            return conn
+    counts = Counter(conn.address_group for conn in connections)
+    counts.pop(None, None)  # (addresses unknown: not a group)
+    if not counts:
+        return None
+    group, most = counts.most_common(1)[0]
+    if most < counts.get(newcomer_group, 0) + 2:
+        return None
+    return next(conn for conn in reversed(connections) if conn.address_group == group)

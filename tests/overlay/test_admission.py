@@ -1,0 +1,56 @@
+"""Which connection a host at its limit closes for a newcomer (overlay/admission.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from overlay.admission import address_group, choose_victim
+
+
+@dataclass
+class Conn:
+    address_group: str | None
+    unused: bool = False
+    inbound_handshaking: bool = False
+
+
+def test_a_handshaking_connection_goes_first_then_an_unused_one():
+    busy, unused, shaking = Conn("10.0.0.1"), Conn("10.0.0.2", unused=True), Conn("10.0.0.3")
+    shaking.inbound_handshaking = True
+    assert choose_victim([busy, unused, shaking], "10.0.0.9") is shaking
+    assert choose_victim([busy, unused], "10.0.0.9") is unused
+    later_unused = Conn("10.0.0.4", unused=True)
+    assert choose_victim([busy, unused, later_unused], None) is unused  # the oldest
+
+
+def test_busy_connections_give_way_only_from_the_most_represented_group():
+    honest = [Conn(f"10.0.1.{i}") for i in range(4)]
+    hog = [Conn("10.0.0.66") for _ in range(4)]
+    conns = [*hog[:2], *honest, *hog[2:]]
+    assert choose_victim(conns, "10.0.0.9") is hog[-1]  # the newest of the hog's
+    assert choose_victim(conns, "10.0.0.66") is None  # the hog only competes with itself
+    assert choose_victim(conns, "10.0.1.0") is hog[-1]  # 4 > 1 + 1
+    assert choose_victim(honest, "10.0.0.9") is None  # one each: nobody is over
+    two = [Conn("a"), Conn("a"), Conn("b")]
+    assert choose_victim(two, "b") is None  # 2 vs 1: closing would only swap them
+    assert choose_victim(two, "c") is two[1]
+
+
+def test_unknown_addresses_are_no_group():
+    conns = [Conn(None), Conn(None), Conn(None)]
+    assert choose_victim(conns, "10.0.0.1") is None
+    assert choose_victim([], "10.0.0.1") is None
+
+
+@pytest.mark.parametrize(("address", "group"), [
+    (("203.0.113.7", 4001), "203.0.113.7"),
+    (("2001:db8:1:2:aaaa::1", 4001, 0, 0), "2001:db8:1:2::/64"),
+    (("2001:db8:1:2:bbbb::9%eth0", 4001, 0, 3), "2001:db8:1:2::/64"),
+    (("::ffff:198.51.100.4", 4001, 0, 0), "198.51.100.4"),
+    (("not an address", 1), None),
+    (None, None),
+])
+def test_address_groups(address, group):
+    assert address_group(address) == group
