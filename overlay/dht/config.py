@@ -122,6 +122,10 @@ class DHTConfig:
     # not return it, so a popular or recently read value survives the loss of its replicas.
     cache_on_path: bool = True
     limits: StoreLimits = field(default_factory=StoreLimits)
+    # Failing signature checks a storing peer gets, then one per this many seconds; beyond,
+    # its owned records are refused unchecked (records.BadSignatureBudget says why).
+    bad_signature_burst: int = 4
+    bad_signature_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1 or self.num_replicas < 1 or self.value_quorum < 1:
@@ -131,7 +135,7 @@ class DHTConfig:
         # A zero refresh interval would make a node refresh without end, a NaN one turn
         # refreshes off silently (every comparison with NaN is false).
         for name in ("bucket_refresh_interval", "republish_interval", "request_timeout",
-                     "initial_soft_timeout", "questionable_after"):
+                     "initial_soft_timeout", "questionable_after", "bad_signature_interval"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         for name in ("min_republish_interval", "backoff_base", "backoff_max", "value_hedge_rtts",

@@ -48,9 +48,11 @@ from overlay.dht.operations import (
 )
 from overlay.dht.peer_health import PeerHealth
 from overlay.dht.records import (
+    BadSignatureBudget,
     Record,
     RecordError,
     RecordStore,
+    SignatureError,
     SignatureVerifier,
     StoreOutcome,
     check_record,
@@ -119,6 +121,8 @@ class DHTNode:
         self.random_bits = rng.getrandbits
         self._sign = sign
         self.verifier = verifier or SignatureVerifier()
+        self.bad_signatures = BadSignatureBudget(
+            config.bad_signature_burst, config.bad_signature_interval, config.max_tracked_peers)
         self.table = RoutingTable(self.node_id, config, now)
         self.health = PeerHealth(config)
         self.records = RecordStore(config.limits)
@@ -342,10 +346,16 @@ class DHTNode:
             return FindValueResponse(tuple(results))
         if isinstance(request, Store):
             stored = []
+            budget = self.bad_signatures
             for record in request.records:
+                if not budget.may_check(sender, now) and owner_of(record.subkey) is not None:
+                    stored.append(False)  # it sent bad signatures: not worth checking
+                    continue
                 try:
                     record = check_record(record, now, self.config.limits, self.verifier)
                 except RecordError as e:
+                    if isinstance(e, SignatureError):
+                        budget.failed(sender, now)
                     log.info("refusing a record from %s: %s", sender.short(), e)
                     stored.append(False)
                     continue
