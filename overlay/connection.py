@@ -435,6 +435,10 @@ class Connection(asyncio.BufferedProtocol):
             if self._mux.has_data_to_send():
                 self._flush()
 
+    def reserve(self, stream_id: int, nbytes: int) -> bool:
+        """May this stream hold a buffer of `nbytes` for the message arriving (mux.reserve)?"""
+        return not self.closed and self._mux.reserve(stream_id, nbytes)
+
     def reset_stream(self, stream_id: int, reason: str) -> None:
         self._streams.pop(stream_id, None)
         self.headerless.discard(stream_id)

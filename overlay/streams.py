@@ -8,7 +8,10 @@ connection's max_message_size).
 Bulk data is not joined: a message that starts on a stream whose previous message had several
 fragments gets a buffer of that size at its first fragment, and the connection decrypts the
 records that follow straight into it (`_place`). `recv_buffer()` hands that buffer over as is
-(`recv()` copies it into bytes). Such buffers are at most PREALLOCATE_LIMIT bytes; a stream
+(`recv()` copies it into bytes). Such buffers are at most PREALLOCATE_LIMIT bytes, and count
+against the connection's budget of unfinished messages as soon as they are taken (a peer
+that sent one large message on each stream, then one byte of the next, made us allocate the
+whole of each next one while that budget counted one byte: `Connection.reserve`); a stream
 holds the one of the message arriving and keeps the last two it handed over, to reuse one
 once the application has released its message (dropped when messages of another kind come,
 and when the stream ends).
@@ -238,7 +241,7 @@ class Stream:
                 self._partial = [asm[HEADER_SIZE:HEADER_SIZE + filled], data]
                 self._drop_assembly()
         elif (not end and not self._partial and size < self._last_size <= PREALLOCATE_LIMIT
-              and self._error is None):
+              and self._error is None and self._conn.reserve(self.stream_id, self._last_size)):
             # Likely a message as large as the previous one: assemble it in place.
             need = HEADER_SIZE + self._last_size
             for buf in self._spare:

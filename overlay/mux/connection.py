@@ -99,6 +99,7 @@ class MuxConfig:
 
 class _Stream:
     __slots__ = (
+        "charged",
         "fin_queued",
         "fin_received",
         "fin_sent",
@@ -126,6 +127,9 @@ class _Stream:
         self.fin_sent = False
         self.fin_received = False
         self.message_bytes = 0
+        # What the unfinished message counts against the budgets: its fragments so far, or
+        # more when the driver reserved a buffer for all of it (`reserve`).
+        self.charged = 0
 
 
 class MuxConnection:
@@ -190,7 +194,7 @@ class MuxConnection:
             self._budget.give(self._partial, self._partial)
         self._partial = 0
         for stream in self._streams.values():
-            stream.message_bytes = 0
+            stream.charged = 0
 
     def has_data_to_send(self) -> bool:
         return bool(self._control or self._ready)
@@ -472,9 +476,10 @@ class MuxConnection:
             return self._refuse_message(stream, f"message larger than {self._max_message_size}"
                                                 " bytes")
         if flags & END:
-            if held:
-                self._release(held)
-                stream.message_bytes = 0
+            stream.message_bytes = 0
+            if stream.charged:
+                self._release(stream.charged)
+                stream.charged = 0
             if flags & FIN:  # the last message and the end of the stream: one event
                 stream.fin_received = True
                 self.events.append(_new_event(LastMessage, (stream_id, payload)))
@@ -483,19 +488,15 @@ class MuxConnection:
                 return
             self.events.append(_new_event(DataReceived, (stream_id, payload, True)))
         elif size:
-            if self._partial + size > self.config.max_partial_bytes:
-                return self._refuse_message(
-                    stream, f"too_large: unfinished messages on this connection take at most "
-                            f"{self.config.max_partial_bytes} bytes")
-            budget = self._budget
-            if budget is not None:
-                if not budget.admits(self._partial, size):
-                    return self._refuse_message(
-                        stream, f"busy: the node holds {budget.limit} bytes of unfinished "
-                                "messages; send again later")
-                budget.take(self._partial, size)
-            self._partial += size
-            stream.message_bytes = held + size
+            total = held + size
+            extra = total - stream.charged
+            if extra > 0:
+                refusal = self._over_budget(extra)
+                if refusal is not None:
+                    return self._refuse_message(stream, refusal)
+                self._charge(extra)
+                stream.charged = total
+            stream.message_bytes = total
             self.events.append(_new_event(DataReceived, (stream_id, payload, False)))
         if flags & FIN:
             stream.fin_received = True
@@ -507,6 +508,38 @@ class MuxConnection:
         """Reset a stream whose message we will not hold, and tell the driver."""
         self.reset_stream(stream.stream_id, reason)
         self.events.append(StreamReset(stream.stream_id, reason, local=True))
+
+    def reserve(self, stream_id: int, nbytes: int) -> bool:
+        """The driver means to hold `nbytes` for the message arriving on this stream (a
+        buffer sized ahead of its fragments): they count against the budgets as fragments
+        would, until its END. False, with nothing counted, when the budgets do not admit
+        them (then the driver holds only the fragments as they come)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self._closed:
+            return False
+        extra = nbytes - stream.charged
+        if extra > 0:
+            if self._over_budget(extra) is not None:
+                return False
+            self._charge(extra)
+            stream.charged = nbytes
+        return True
+
+    def _over_budget(self, extra: int) -> str | None:
+        """Why `extra` more bytes of unfinished messages may not be held, or None."""
+        if self._partial + extra > self.config.max_partial_bytes:
+            return (f"too_large: unfinished messages on this connection take at most "
+                    f"{self.config.max_partial_bytes} bytes")
+        budget = self._budget
+        if budget is not None and not budget.admits(self._partial, extra):
+            return (f"busy: the node holds {budget.limit} bytes of unfinished messages; "
+                    "send again later")
+        return None
+
+    def _charge(self, size: int) -> None:
+        if self._budget is not None:
+            self._budget.take(self._partial, size)
+        self._partial += size
 
     def _release(self, size: int) -> None:
         if self._budget is not None:
@@ -568,9 +601,9 @@ class MuxConnection:
         if self._streams.pop(stream.stream_id, None) is None:
             return
         self._window_growth -= stream.recv_window - INITIAL_WINDOW
-        if stream.message_bytes:
-            self._release(stream.message_bytes)
-            stream.message_bytes = 0
+        if stream.charged:
+            self._release(stream.charged)
+            stream.charged = 0
         if (stream.stream_id & 1) == self._own_parity:
             self._local_open -= 1
         else:

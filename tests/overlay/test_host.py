@@ -406,6 +406,43 @@ async def test_streams_without_a_request_header_cannot_lock_others_out():
             await host.close()
 
 
+async def test_buffers_sized_ahead_count_against_the_budget_of_unfinished_messages():
+    """A stream whose previous message came in several fragments gets a buffer of that size
+    at the next message's first fragment: a peer that sent one such message on each stream,
+    then one byte of the next, had us allocate the whole of each while the budget of
+    unfinished messages counted one byte per stream."""
+    server = Host(config=HostConfig(max_partial_bytes=6 << 20))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    opened: list[Stream] = []
+
+    async def sink(ctx, stream):
+        opened.append(stream)
+        while await stream.recv() is not None:
+            pass
+
+    server.add_stream_handler("sink", sink)
+    client = Host()
+    try:
+        streams = [await client.open_stream(addr, "sink") for _ in range(4)]
+        for stream in streams:
+            await stream.send(bytes(2 << 20))
+        conn = client.connection_to(server.peer_id)
+        for stream in streams:
+            conn._mux.send(stream.stream_id, b"x", end=False)
+        conn._flush()
+        for _ in range(200):
+            if len(opened) == 4 and all(s._partial_size == 1 for s in opened):
+                break
+            await asyncio.sleep(0.02)
+        assert all(s._partial_size == 1 for s in opened)
+        sized = sum(len(s._asm) - 10 for s in opened if s._asm is not None)
+        served = server.connection_to(client.peer_id)
+        assert sized >= 2 << 20 and sized <= served._mux.partial_bytes <= 6 << 20
+    finally:
+        await client.close()
+        await server.close()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:

@@ -537,3 +537,20 @@ def test_a_frame_trickling_in_a_byte_at_a_time_is_parsed_once(monkeypatch):
     got = events(b)
     assert messages(got, 1) == [b"x" * 5000]
     assert b.data_to_send() == frame(FrameType.PING, Flag.ACK, 0, 7)
+
+
+def test_a_reserved_buffer_counts_against_the_budget_until_its_message_ends():
+    budget = PartialBudget(1 << 20)
+    b = MuxConnection(False, MuxConfig(max_partial_bytes=10_000), budget)
+    b.receive_data(fragment(1, 100, Flag.SYN) + fragment(3, 100, Flag.SYN))
+    assert b.reserve(1, 6000) and b.partial_bytes == 6100
+    assert not b.reserve(3, 5000) and b.partial_bytes == 6100  # would take 11,000
+    b.receive_data(fragment(1, 3000))  # inside what was reserved: nothing more counted
+    assert b.partial_bytes == 6100 and budget.held == 6100
+    b.receive_data(fragment(1, 3000))  # 6,100 received: beyond the reservation
+    assert b.partial_bytes == 6200
+    b.receive_data(fragment(1, 10, Flag.END))
+    assert b.partial_bytes == 100 and budget.held == 100
+    assert b.reserve(3, 9000) and not b.reserve(99, 10)
+    b.receive_data(frame(FrameType.RESET, 0, 3, 0))
+    assert b.partial_bytes == 0 and (budget.held, budget.holders) == (0, 0)
