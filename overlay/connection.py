@@ -90,6 +90,7 @@ class Connection(asyncio.BufferedProtocol):
         expected_peer: PeerId | None,
         mux_config: MuxConfig,
         partial_budget: PartialBudget | None = None,
+        unsent_budget: PartialBudget | None = None,
         handshake_timeout: float,
         on_ready: Callable[[Connection], None],
         on_stream: Callable[[Stream], None],
@@ -112,6 +113,7 @@ class Connection(asyncio.BufferedProtocol):
         self._expected_peer = expected_peer
         self._mux_config = mux_config
         self._partial_budget = partial_budget
+        self._unsent_budget = unsent_budget
         self._handshake_timeout = handshake_timeout
         self._on_ready = on_ready
         self._on_stream = on_stream
@@ -326,7 +328,8 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_buffer = None
         self._writer = RecordWriter(session.transport, _plaintext_scratch())
         self._reader = RecordReader(session.transport)
-        self._mux = MuxConnection(self.initiator, self._mux_config, self._partial_budget)
+        self._mux = MuxConnection(self.initiator, self._mux_config, self._partial_budget,
+                                  self._unsent_budget)
         self._on_ready(self)
         if self.closed:
             return
@@ -434,6 +437,15 @@ class Connection(asyncio.BufferedProtocol):
             self._mux.acknowledge(stream_id, nbytes)
             if self._mux.has_data_to_send():
                 self._flush()
+
+    def backlogged(self, limit: int) -> bool:
+        """More than `limit` bytes we sent wait unsent (the peer is not reading), or more
+        than this connection's share of the host's budget of them (overlay/mux/budget.py)."""
+        unsent = self._mux.unsent_bytes
+        if unsent <= 0:
+            return False
+        budget = self._unsent_budget
+        return unsent > limit or (budget is not None and not budget.admits(unsent, 0))
 
     def reserve(self, stream_id: int, nbytes: int) -> bool:
         """May this stream hold a buffer of `nbytes` for the message arriving (mux.reserve)?"""

@@ -78,6 +78,13 @@ class HostConfig:
     # (overlay/mux/budget.py says why, and how the total is shared fairly).
     max_partial_bytes: int = 1 << 30
     max_partial_bytes_total: int = 4 << 30
+    # A peer must read its answers: while more than this much of what we sent on its
+    # connection waits unsent (or more than its share of the total, over all connections),
+    # its new requests are refused with `busy`. Tiny requests can ask for large answers (a
+    # find_value of 50 bytes, 1 MiB): a peer that read none had us queue 1 GiB per
+    # connection. One largest message per connection always fits.
+    max_unsent_bytes: int = 256 << 20
+    max_unsent_bytes_total: int = 2 << 30
     handshake_timeout: float = 10.0
     # A stream the peer opened must bring its request header within this time; one left
     # unused is reset, so that a peer cannot hold streams and handler tasks forever.
@@ -116,6 +123,7 @@ class Host:
             max_partial_bytes=self.config.max_partial_bytes,
         )
         self._partial_budget = PartialBudget(self.config.max_partial_bytes_total)
+        self._unsent_budget = PartialBudget(self.config.max_unsent_bytes_total)
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_addrs: list[Multiaddr] = []
         self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
@@ -336,6 +344,7 @@ class Host:
             expected_peer=expected_peer,
             mux_config=self._mux_config,
             partial_budget=self._partial_budget,
+            unsent_budget=self._unsent_budget,
             handshake_timeout=self.config.handshake_timeout,
             on_ready=self._on_ready,
             on_stream=self._on_stream,
@@ -469,6 +478,9 @@ class Host:
         """A stream that came whole in one frame (a small unary request), served with no
         Stream object. The handler's coroutine runs at once, here; only if it has to wait
         does a task take it over (overlay/eager.py): most handlers never wait."""
+        if conn.backlogged(self.config.max_unsent_bytes):
+            conn.reset_stream(stream_id, _BACKLOGGED)
+            return
         try:
             header, offset = decode_request(data)
         except RpcProtocolError as e:
@@ -542,6 +554,9 @@ class Host:
         conn.answer(stream_id, parts)
 
     def _on_stream(self, stream: Stream) -> None:
+        if stream.connection.backlogged(self.config.max_unsent_bytes):
+            stream.reset(_BACKLOGGED)
+            return
         loop = stream.connection.loop
         deadlines = self._deadlines_on(loop)
         opened = loop.time()
@@ -763,6 +778,9 @@ def _error_parts(ctx: RpcContext, error: Exception) -> tuple | None:
         return None
     log.error("handler %s failed for %s", ctx.method, ctx.peer, exc_info=error)
     return (encode_error("internal", f"{ctx.method} failed"),)
+
+
+_BACKLOGGED = reset_reason("busy", "answers to your requests wait unread: read them first")
 
 
 def _too_large(method: str, limit: int) -> str:

@@ -136,10 +136,16 @@ class MuxConnection:
     """One side of a multiplexed connection. `initiator` is the side that dialed."""
 
     def __init__(self, initiator: bool, config: MuxConfig | None = None,
-                 budget: PartialBudget | None = None):
-        """`budget`: shared with the host's other connections (overlay/mux/budget.py)."""
+                 budget: PartialBudget | None = None,
+                 unsent_budget: PartialBudget | None = None):
+        """`budget` (unfinished messages received) and `unsent_budget` (bytes queued by
+        `send` and not yet framed): shared with the host's other connections
+        (overlay/mux/budget.py). The multiplexer only counts what it queues; the driver
+        decides what to do about a peer that does not read (`unsent_bytes`)."""
         self.config = config or MuxConfig()
         self._budget = budget
+        self._unsent_budget = unsent_budget
+        self._unsent = 0  # bytes given to `send`, over all streams, not yet framed
         self._partial = 0  # bytes of unfinished messages held, over this connection's streams
         self._initiator = initiator
         self._own_parity = 1 if initiator else 0  # of the ids of the streams we open
@@ -188,13 +194,19 @@ class MuxConnection:
         """Bytes of the peer's unfinished messages this side holds (max_partial_bytes)."""
         return self._partial
 
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes given to `send` on any stream that are not yet in `data_to_send` output."""
+        return self._unsent
+
     def release_budget(self) -> None:
-        """The driver dropped this connection: what it held leaves the shared budget."""
+        """The driver dropped this connection: what it held leaves the shared budgets."""
         if self._budget is not None and self._partial:
             self._budget.give(self._partial, self._partial)
         self._partial = 0
+        self._unqueued(self._unsent)
         for stream in self._streams.values():
-            stream.charged = 0
+            stream.charged = stream.queued_bytes = 0
 
     def has_data_to_send(self) -> bool:
         return bool(self._control or self._ready)
@@ -228,6 +240,9 @@ class MuxConnection:
         was_idle = not stream.queue
         stream.queue.append([view, 0, end, fin])
         stream.queued_bytes += len(view)
+        if self._unsent_budget is not None:
+            self._unsent_budget.take(self._unsent, len(view))
+        self._unsent += len(view)
         stream.fin_queued = fin
         if was_idle and (stream.send_window > 0 or len(view) == 0):
             self._ready.append(stream_id)
@@ -323,6 +338,8 @@ class MuxConnection:
         ready = self._ready
         streams = self._streams
         pack_into = HEADER.pack_into
+        data_start = pos
+        headers = 0
         while ready and budget - pos > HEADER_SIZE:
             stream = streams.get(ready.popleft())
             if stream is None or not stream.queue:
@@ -346,6 +363,7 @@ class MuxConnection:
                 item[1] = offset + size
             pack_into(out, pos, DATA, flags, stream.stream_id, size)
             pos += HEADER_SIZE
+            headers += HEADER_SIZE
             if size:
                 out[pos:pos + size] = view[offset:offset + size]
                 pos += size
@@ -358,7 +376,14 @@ class MuxConnection:
                 continue
             if stream.queue and (stream.send_window > 0 or _empty(stream.queue[0])):
                 ready.append(stream.stream_id)
+        self._unqueued(pos - data_start - headers)
         return pos
+
+    def _unqueued(self, size: int) -> None:
+        if size:
+            if self._unsent_budget is not None:
+                self._unsent_budget.give(self._unsent, size)
+            self._unsent -= size
 
     # ------------------------------------------------------------------ input
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -601,6 +626,9 @@ class MuxConnection:
         if self._streams.pop(stream.stream_id, None) is None:
             return
         self._window_growth -= stream.recv_window - INITIAL_WINDOW
+        if stream.queued_bytes:
+            self._unqueued(stream.queued_bytes)
+            stream.queued_bytes = 0
         if stream.charged:
             self._release(stream.charged)
             stream.charged = 0

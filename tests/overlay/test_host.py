@@ -443,6 +443,42 @@ async def test_buffers_sized_ahead_count_against_the_budget_of_unfinished_messag
         await server.close()
 
 
+async def test_a_peer_that_reads_no_answers_gets_no_more_of_them_queued():
+    """Tiny requests can ask for large answers: a peer that sent 1,000 find_value requests
+    of 50 bytes and read nothing had the node queue 1 GiB of answers on its connection."""
+    server = Host(config=HostConfig(max_unsent_bytes=4 << 20))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    answer = bytes(1 << 20)
+
+    async def large(ctx, payload):
+        return answer
+
+    server.add_handler("large", large)
+    client = Host()
+    try:
+        conn = client.connection_to(await client.connect(addr))
+        conn._transport.pause_reading()  # and reads nothing
+        calls = [asyncio.ensure_future(client.call(addr, "large", b"", timeout=30))
+                 for _ in range(40)]
+        served = server.connection_to(client.peer_id)
+        for _ in range(200):
+            if served._mux.stream_ids() and served._mux.unsent_bytes >= 4 << 20:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert 4 << 20 <= served._mux.unsent_bytes <= 6 << 20
+        conn._transport.resume_reading()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, RemoteError)]
+        assert refused and all(r.code == "busy" for r in refused)
+        assert sum(r == answer for r in results) == 40 - len(refused) >= 4
+        assert await client.call(addr, "large", b"") == answer  # read again: served again
+        assert server._unsent_budget.held <= 1 << 20
+    finally:
+        await client.close()
+        await server.close()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:

@@ -554,3 +554,21 @@ def test_a_reserved_buffer_counts_against_the_budget_until_its_message_ends():
     assert b.reserve(3, 9000) and not b.reserve(99, 10)
     b.receive_data(frame(FrameType.RESET, 0, 3, 0))
     assert b.partial_bytes == 0 and (budget.held, budget.holders) == (0, 0)
+
+
+def test_unsent_bytes_are_counted_until_framed_or_dropped():
+    budget = PartialBudget(1 << 30)
+    a = MuxConnection(True, unsent_budget=budget)
+    s1, s2 = a.open_stream(), a.open_stream()
+    a.send(s1, b"x" * 200_000)
+    a.send(s2, b"y" * 50_000)
+    assert a.unsent_bytes == 250_000 and (budget.held, budget.holders) == (250_000, 1)
+    a.data_to_send(100_000)
+    assert a.unsent_bytes == 250_000 - (100_000 - 2 * 10)  # two frames' headers
+    a.reset_stream(s1)
+    assert a.unsent_bytes == budget.held
+    a.data_to_send(1 << 20)
+    assert a.unsent_bytes == 0 and (budget.held, budget.holders) == (0, 0)
+    a.send(s2, b"z" * 10)
+    a.release_budget()
+    assert (budget.held, budget.holders) == (0, 0)
