@@ -229,6 +229,7 @@ def _contact_size(contact: Contact) -> int:
     return size
 
 
+contact_size = _contact_size  # (public: what one contact adds to a peer list's encoding)
 _cached_size = attrgetter("wire_size")
 
 

@@ -36,6 +36,7 @@ from overlay.dht.messages import (
     Response,
     Store,
     StoreResponse,
+    contact_size,
 )
 from overlay.dht.operations import (
     BootstrapOperation,
@@ -74,6 +75,8 @@ _RESPONSE_TYPES = {
 _PING_RESPONSE = PingResponse()
 # Room kept for the closer-peer lists when filling a FIND_VALUE answer with records.
 _PEERS_ALLOWANCE = 64 * 1024
+# What an answer's map, op name and list headers take besides its records and contacts.
+_ANSWER_ENVELOPE = 4 * 1024
 # At most this many buckets are refreshed by one periodic refresh.
 _MAX_REFRESH_TARGETS = 32
 
@@ -323,12 +326,15 @@ class DHTNode:
         closest = self.table.closest_except
         if kind is FindNode:
             targets = request.targets  # type: ignore[union-attr]
-            if len(targets) == 1:  # the common case, without the generator
+            if len(targets) == 1:  # the common case (k contacts always fit), no generator
                 return FindNodeResponse((tuple(closest(targets[0], k, sender_id)),))
-            return FindNodeResponse(tuple(tuple(closest(t, k, sender_id)) for t in targets))
+            room = (MAX_MESSAGE_BYTES - _ANSWER_ENVELOPE) // len(targets)
+            return FindNodeResponse(tuple(_within(closest(t, k, sender_id), room)
+                                          for t in targets))
         if isinstance(request, FindValue):
             budget = (MAX_MESSAGE_BYTES - _PEERS_ALLOWANCE) // len(request.keys)
-            results = []
+            found = []
+            used_total = 0
             for key in request.keys:
                 records = []
                 used = 0
@@ -337,11 +343,17 @@ class DHTNode:
                     if used > budget:
                         break
                     records.append(record)
+                    used_total += record.size()
+                found.append(records)
+            # The closer peers share what the records left of the message.
+            room = (MAX_MESSAGE_BYTES - _ANSWER_ENVELOPE - used_total) // len(request.keys)
+            results = []
+            for key, records in zip(request.keys, found, strict=True):
                 # Kademlia 2.3: a node that holds the value "just returns the stored value";
                 # a reader that merges replicas asks for the closer peers too ("near"), or
                 # its lookup could reach no replica beyond the first ones it knew.
-                peers = () if records and not request.near else tuple(
-                    closest(key_id_of(key), k, sender_id))
+                peers = () if records and not request.near else _within(
+                    closest(key_id_of(key), k, sender_id), room)
                 results.append(FoundValue(tuple(records), peers))
             return FindValueResponse(tuple(results))
         if isinstance(request, Store):
@@ -524,3 +536,17 @@ class DHTNode:
         self._owned_next = upcoming
         if due:
             self._run(StoreOperation(self, self._new_op_id(), due, now, internal=True), now)
+
+
+def _within(contacts: Iterable[Contact], room: int) -> tuple[Contact, ...]:
+    """The first of `contacts` (nearest first) whose encoding takes at most `room` bytes. A
+    contact may carry 8 addresses of 256 characters (2 KiB): k of them for each of 64
+    targets made a 2.6 KB FIND_NODE draw a 2.7 MB answer, over the message limit that
+    every requester enforces, so batched lookups failed wherever such contacts were known."""
+    out = []
+    for contact in contacts:
+        room -= contact_size(contact)
+        if room < 0:
+            break
+        out.append(contact)
+    return tuple(out)

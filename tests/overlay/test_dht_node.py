@@ -14,7 +14,17 @@ from overlay.dht.contact import Contact
 from overlay.dht.effects import GetResult, SendRequest, StoreResult
 from overlay.dht.ids import key_id_of
 from overlay.dht.memnet import MemoryNetwork
-from overlay.dht.messages import FindNode, Ping, PingResponse, Store, StoreResponse
+from overlay.dht.messages import (
+    MAX_MESSAGE_BYTES,
+    FindNode,
+    FindValue,
+    Ping,
+    PingResponse,
+    Store,
+    StoreResponse,
+    decode_response,
+    encode_response,
+)
 from overlay.dht.node import DHTNode
 from overlay.dht.records import Record, SignatureVerifier, sign_record
 from overlay.identity import Identity
@@ -227,6 +237,41 @@ def test_a_sender_of_bad_signatures_gets_few_of_them_checked():
     assert CountingVerifier.checks == 5
     node.handle_request(forger.peer_id, forged, 1010.0)  # one more, ten seconds later
     assert CountingVerifier.checks == 6
+
+
+def _node_knowing(n: int, addrs_of) -> DHTNode:
+    node = DHTNode(Identity.generate().peer_id, rng=random.Random(2), now=0.0)
+    for i in range(n):
+        node.handle_request(Identity.generate().peer_id, Ping(addrs=addrs_of(i), serves=True),
+                            0.0)
+    return node
+
+
+def test_batched_answers_stay_within_the_message_limit_whatever_the_contacts():
+    """Contacts may carry 8 addresses of 256 characters: a FIND_NODE for 64 targets (2.2 KB)
+    drew a 2.7 MB answer, and a FIND_VALUE for 64 keys (348 B) too, over the limit that the
+    requester enforces: batched lookups failed wherever such contacts were known."""
+    def fat(i):
+        return tuple(f"/dns/{'a' * 230}{i:03d}{j}.example/tcp/{4000 + j}" for j in range(8))
+
+    node = _node_knowing(400, fat)
+    rng = random.Random(3)
+    asker = Identity.generate().peer_id
+    for request in (FindNode(tuple(rng.getrandbits(256) for _ in range(64)), serves=False),
+                    FindValue(tuple(b"k%d" % i for i in range(64)), serves=False)):
+        wire = encode_response(node.handle_request(asker, request, 1.0))
+        assert len(wire) <= MAX_MESSAGE_BYTES
+        decode_response(wire, request)
+    single = node.handle_request(asker, FindNode((rng.getrandbits(256),), serves=False), 1.0)
+    assert len(single.peers[0]) == node.config.k  # one target: k fat contacts fit
+
+
+def test_batched_answers_with_ordinary_contacts_are_not_trimmed():
+    node = _node_knowing(400, lambda i: (f"/ip4/10.0.{i // 256}.{i % 256}/tcp/4001",))
+    rng = random.Random(4)
+    request = FindNode(tuple(rng.getrandbits(256) for _ in range(64)), serves=False)
+    answer = node.handle_request(Identity.generate().peer_id, request, 1.0)
+    assert all(len(peers) == node.config.k for peers in answer.peers)
 
 
 def test_owner_republishes_before_expiry():
