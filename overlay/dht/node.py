@@ -359,6 +359,7 @@ class DHTNode:
         if isinstance(request, Store):
             stored = []
             budget = self.bad_signatures
+            refused: RecordError | None = None
             for record in request.records:
                 if not budget.may_check(sender, now) and owner_of(record.subkey) is not None:
                     stored.append(False)  # it sent bad signatures: not worth checking
@@ -368,10 +369,15 @@ class DHTNode:
                 except RecordError as e:
                     if isinstance(e, SignatureError):
                         budget.failed(sender, now)
-                    log.info("refusing a record from %s: %s", sender.short(), e)
+                    refused = refused or e
                     stored.append(False)
                     continue
                 stored.append(self.store_local(record, now, sender))
+            if refused is not None:
+                # One line per request, not per record: 256 refused records made 256 lines
+                # at the default level, 9 ms of logging for a STORE of 5 KB.
+                log.info("refusing %d of %d records from %s, the first because: %s",
+                         stored.count(False), len(stored), sender.short(), refused)
             return StoreResponse(tuple(stored))
         raise DHTProtocolError(f"unsupported request {type(request).__name__}")
 

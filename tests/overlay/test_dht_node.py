@@ -274,6 +274,17 @@ def test_batched_answers_with_ordinary_contacts_are_not_trimmed():
     assert all(len(peers) == node.config.k for peers in answer.peers)
 
 
+def test_a_store_of_refused_records_logs_one_line(caplog):
+    """Each refused record was logged at INFO (the default level): a STORE of 256 expired
+    records, 5 KB, wrote 256 lines and spent 9 ms on them."""
+    node = DHTNode(Identity.generate().peer_id, rng=random.Random(1), now=1000.0)
+    expired = Store(tuple(Record(b"k%d" % i, None, V(1), 999.0) for i in range(256)))
+    with caplog.at_level("INFO", logger="overlay.dht"):
+        answer = node.handle_request(Identity.generate().peer_id, expired, 1000.0)
+    assert answer.stored == (False,) * 256
+    assert len(caplog.records) == 1 and "256 of 256" in caplog.records[0].getMessage()
+
+
 def test_owner_republishes_before_expiry():
     config = DHTConfig(min_republish_interval=10.0)
     net = MemoryNetwork(seed=9, config=config)
