@@ -91,6 +91,7 @@ class Connection(asyncio.BufferedProtocol):
         mux_config: MuxConfig,
         partial_budget: PartialBudget | None = None,
         unsent_budget: PartialBudget | None = None,
+        stream_budget: PartialBudget | None = None,
         handshake_timeout: float,
         on_ready: Callable[[Connection], None],
         on_stream: Callable[[Stream], None],
@@ -114,6 +115,7 @@ class Connection(asyncio.BufferedProtocol):
         self._mux_config = mux_config
         self._partial_budget = partial_budget
         self._unsent_budget = unsent_budget
+        self._stream_budget = stream_budget
         self._handshake_timeout = handshake_timeout
         self._on_ready = on_ready
         self._on_stream = on_stream
@@ -329,7 +331,7 @@ class Connection(asyncio.BufferedProtocol):
         self._writer = RecordWriter(session.transport, _plaintext_scratch())
         self._reader = RecordReader(session.transport)
         self._mux = MuxConnection(self.initiator, self._mux_config, self._partial_budget,
-                                  self._unsent_budget)
+                                  self._unsent_budget, self._stream_budget)
         self._on_ready(self)
         if self.closed:
             return

@@ -72,6 +72,9 @@ class RpcTimeout(TimeoutError):
 class HostConfig:
     max_connections: int = 1024
     max_streams_per_connection: int = 1024
+    # Streams peers may have open on all connections together; once reached, a connection
+    # holding more than an equal share has its new streams refused (overlay/mux/budget.py).
+    max_streams_total: int = 65536
     max_message_size: int = 256 << 20
     # Bytes of unfinished messages (fragments held until their END) one connection may hold,
     # and all of them together: beyond, the stream whose fragment goes over is reset
@@ -124,6 +127,7 @@ class Host:
         )
         self._partial_budget = PartialBudget(self.config.max_partial_bytes_total)
         self._unsent_budget = PartialBudget(self.config.max_unsent_bytes_total)
+        self._stream_budget = PartialBudget(self.config.max_streams_total)
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_addrs: list[Multiaddr] = []
         self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
@@ -345,6 +349,7 @@ class Host:
             mux_config=self._mux_config,
             partial_budget=self._partial_budget,
             unsent_budget=self._unsent_budget,
+            stream_budget=self._stream_budget,
             handshake_timeout=self.config.handshake_timeout,
             on_ready=self._on_ready,
             on_stream=self._on_stream,

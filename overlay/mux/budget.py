@@ -1,4 +1,6 @@
-"""The bytes a host holds in unfinished messages, across all its connections (sans-IO).
+"""What the connections of a host hold together, shared fairly (sans-IO): the bytes of
+unfinished messages received (below), the bytes queued to send, and the streams peers opened
+(HostConfig.max_unsent_bytes_total and max_streams_total: the same rule, other units).
 
 A receiver keeps every fragment of a message until its END arrives, and returns flow-control
 credit for those fragments as they come (a message may be larger than a window), so what a
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 
 class PartialBudget:
-    """Bytes held in unfinished messages by the connections of one host (see module doc)."""
+    """Units (bytes, streams) held by the connections of one host (see module doc)."""
 
     __slots__ = ("held", "holders", "limit")
 

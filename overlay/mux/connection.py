@@ -137,14 +137,19 @@ class MuxConnection:
 
     def __init__(self, initiator: bool, config: MuxConfig | None = None,
                  budget: PartialBudget | None = None,
-                 unsent_budget: PartialBudget | None = None):
-        """`budget` (unfinished messages received) and `unsent_budget` (bytes queued by
-        `send` and not yet framed): shared with the host's other connections
-        (overlay/mux/budget.py). The multiplexer only counts what it queues; the driver
-        decides what to do about a peer that does not read (`unsent_bytes`)."""
+                 unsent_budget: PartialBudget | None = None,
+                 stream_budget: PartialBudget | None = None):
+        """`budget` (unfinished messages received), `unsent_budget` (bytes queued by `send`
+        and not yet framed) and `stream_budget` (streams the peer opened): shared with the
+        host's other connections (overlay/mux/budget.py). The multiplexer only counts what it
+        queues; the driver decides what to do about a peer that does not read
+        (`unsent_bytes`). A SYN beyond the stream budget is refused like one over
+        max_streams: a host otherwise held up to max_streams x its connections (a million
+        streams at the defaults, some 5 KiB and a task each)."""
         self.config = config or MuxConfig()
         self._budget = budget
         self._unsent_budget = unsent_budget
+        self._stream_budget = stream_budget
         self._unsent = 0  # bytes given to `send`, over all streams, not yet framed
         self._partial = 0  # bytes of unfinished messages held, over this connection's streams
         self._initiator = initiator
@@ -200,11 +205,15 @@ class MuxConnection:
         return self._unsent
 
     def release_budget(self) -> None:
-        """The driver dropped this connection: what it held leaves the shared budgets."""
+        """The driver dropped this connection: what it held leaves the shared budgets, and
+        this connection counts against them no more."""
         if self._budget is not None and self._partial:
             self._budget.give(self._partial, self._partial)
         self._partial = 0
         self._unqueued(self._unsent)
+        if self._stream_budget is not None and self._remote_open:
+            self._stream_budget.give(self._remote_open, self._remote_open)
+        self._budget = self._unsent_budget = self._stream_budget = None
         for stream in self._streams.values():
             stream.charged = stream.queued_bytes = 0
 
@@ -472,10 +481,14 @@ class MuxConnection:
             if stream_id <= self._last_remote_id:
                 return self._protocol_error(f"peer reused stream id {stream_id}")
             self._last_remote_id = stream_id
-            if self._going_away or self._remote_open >= self._max_streams:
+            streams = self._stream_budget
+            if self._going_away or self._remote_open >= self._max_streams or (
+                    streams is not None and not streams.admits(self._remote_open, 1)):
                 # Refuse this stream only: the connection and its other streams go on.
                 self._solicited(self._reset_frame(stream_id, "stream limit reached"))
                 return
+            if streams is not None:
+                streams.take(self._remote_open, 1)
             stream = self._streams[stream_id] = _Stream(stream_id, False)
             self._remote_open += 1
             size = len(payload)
@@ -635,6 +648,8 @@ class MuxConnection:
         if (stream.stream_id & 1) == self._own_parity:
             self._local_open -= 1
         else:
+            if self._stream_budget is not None:
+                self._stream_budget.give(self._remote_open, 1)
             self._remote_open -= 1
 
     @staticmethod

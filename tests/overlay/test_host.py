@@ -479,6 +479,37 @@ async def test_a_peer_that_reads_no_answers_gets_no_more_of_them_queued():
         await server.close()
 
 
+async def test_streams_are_bounded_across_connections():
+    """Each connection could hold max_streams_per_connection streams, whatever the others
+    held: a million streams at the defaults, some 5 KiB and a task each."""
+    server = Host(config=HostConfig(max_streams_total=8))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+    hog, client = Host(), Host()
+    try:
+        conn = hog.connection_to(await hog.connect(addr))
+        streams = [conn.open_stream() for _ in range(20)]
+        for stream in streams:
+            conn._mux.send(stream.stream_id, b"", end=False)  # SYN-only streams
+        conn._flush()
+        for _ in range(100):
+            if sum(s._error is not None for s in streams) >= 12:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(s._error is not None for s in streams) == 12
+        assert server._stream_budget.held == 8
+        assert await client.call(addr, "echo", b"fits", timeout=5) == b"fits"
+        await hog.close()
+        for _ in range(100):
+            if server._stream_budget.held == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server._stream_budget.held == 0
+    finally:
+        for host in (hog, client, server):
+            await host.close()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:

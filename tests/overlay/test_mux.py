@@ -572,3 +572,20 @@ def test_unsent_bytes_are_counted_until_framed_or_dropped():
     a.send(s2, b"z" * 10)
     a.release_budget()
     assert (budget.held, budget.holders) == (0, 0)
+
+
+def test_streams_over_the_hosts_total_are_refused_to_the_connection_holding_most():
+    streams = PartialBudget(4)
+    hog, honest = MuxConnection(False, stream_budget=streams), MuxConnection(
+        False, stream_budget=streams)
+    hog.receive_data(b"".join(fragment(sid, 0, Flag.SYN) for sid in (1, 3, 5)))
+    honest.receive_data(fragment(1, 0, Flag.SYN) + fragment(3, 0, Flag.SYN))  # its share: 2
+    assert streams.held == 5 and not any(isinstance(e, StreamReset) for e in events(honest))
+    hog.receive_data(fragment(7, 0, Flag.SYN))
+    assert hog.data_to_send() == frame(FrameType.RESET, 0, 7, 20, b"stream limit reached")
+    hog.receive_data(frame(FrameType.RESET, 0, 1, 0))
+    assert streams.held == 4
+    hog.release_budget()
+    assert (streams.held, streams.holders) == (2, 1)
+    hog.receive_data(frame(FrameType.RESET, 0, 3, 0))  # (released: counted no more)
+    assert streams.held == 2
