@@ -441,7 +441,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._flush()
 
     def backlogged(self, limit: int) -> bool:
-        """More than `limit` bytes we sent wait unsent (the peer is not reading), or more
+        """More than `limit` bytes of our answers wait unsent (the peer is not reading), or more
         than this connection's share of the host's budget of them (overlay/mux/budget.py)."""
         unsent = self._mux.unsent_bytes
         if unsent <= 0:

@@ -81,8 +81,8 @@ class HostConfig:
     # (overlay/mux/budget.py says why, and how the total is shared fairly).
     max_partial_bytes: int = 1 << 30
     max_partial_bytes_total: int = 4 << 30
-    # A peer must read its answers: while more than this much of what we sent on its
-    # connection waits unsent (or more than its share of the total, over all connections),
+    # A peer must read its answers: while more than this much of what we sent on streams it
+    # opened waits unsent (or more than its share of the total, over all connections),
     # its new requests are refused with `busy`. Tiny requests can ask for large answers (a
     # find_value of 50 bytes, 1 MiB): a peer that read none had us queue 1 GiB per
     # connection. One largest message per connection always fits.

@@ -108,6 +108,7 @@ class _Stream:
         "queued_bytes",
         "recv_credit",
         "recv_window",
+        "remote",
         "send_window",
         "stream_id",
         "syn_pending",
@@ -123,6 +124,7 @@ class _Stream:
         self.queue: deque[list] = deque()  # [buffer, bytes already sent, end_of_message, fin]
         self.queued_bytes = 0
         self.syn_pending = local
+        self.remote = not local  # the peer opened it: what we send on it answers the peer
         self.fin_queued = False
         self.fin_sent = False
         self.fin_received = False
@@ -150,7 +152,7 @@ class MuxConnection:
         self._budget = budget
         self._unsent_budget = unsent_budget
         self._stream_budget = stream_budget
-        self._unsent = 0  # bytes given to `send`, over all streams, not yet framed
+        self._unsent = 0  # bytes given to `send` on streams the peer opened, not yet framed
         self._partial = 0  # bytes of unfinished messages held, over this connection's streams
         self._initiator = initiator
         self._own_parity = 1 if initiator else 0  # of the ids of the streams we open
@@ -201,7 +203,9 @@ class MuxConnection:
 
     @property
     def unsent_bytes(self) -> int:
-        """Bytes given to `send` on any stream that are not yet in `data_to_send` output."""
+        """Bytes given to `send` on streams the peer opened (our answers to it) that are not
+        yet in `data_to_send` output. What we send on our own streams (requests, uploads)
+        does not count: the peer did not ask for it."""
         return self._unsent
 
     def release_budget(self) -> None:
@@ -249,9 +253,10 @@ class MuxConnection:
         was_idle = not stream.queue
         stream.queue.append([view, 0, end, fin])
         stream.queued_bytes += len(view)
-        if self._unsent_budget is not None:
-            self._unsent_budget.take(self._unsent, len(view))
-        self._unsent += len(view)
+        if stream.remote:
+            if self._unsent_budget is not None:
+                self._unsent_budget.take(self._unsent, len(view))
+            self._unsent += len(view)
         stream.fin_queued = fin
         if was_idle and (stream.send_window > 0 or len(view) == 0):
             self._ready.append(stream_id)
@@ -347,8 +352,7 @@ class MuxConnection:
         ready = self._ready
         streams = self._streams
         pack_into = HEADER.pack_into
-        data_start = pos
-        headers = 0
+        answered = 0  # payload bytes sent on streams the peer opened
         while ready and budget - pos > HEADER_SIZE:
             stream = streams.get(ready.popleft())
             if stream is None or not stream.queue:
@@ -372,10 +376,11 @@ class MuxConnection:
                 item[1] = offset + size
             pack_into(out, pos, DATA, flags, stream.stream_id, size)
             pos += HEADER_SIZE
-            headers += HEADER_SIZE
             if size:
                 out[pos:pos + size] = view[offset:offset + size]
                 pos += size
+                if stream.remote:
+                    answered += size
             stream.send_window -= size
             stream.queued_bytes -= size
             if last and fin:
@@ -385,7 +390,7 @@ class MuxConnection:
                 continue
             if stream.queue and (stream.send_window > 0 or _empty(stream.queue[0])):
                 ready.append(stream.stream_id)
-        self._unqueued(pos - data_start - headers)
+        self._unqueued(answered)
         return pos
 
     def _unqueued(self, size: int) -> None:
@@ -640,7 +645,8 @@ class MuxConnection:
             return
         self._window_growth -= stream.recv_window - INITIAL_WINDOW
         if stream.queued_bytes:
-            self._unqueued(stream.queued_bytes)
+            if stream.remote:
+                self._unqueued(stream.queued_bytes)
             stream.queued_bytes = 0
         if stream.charged:
             self._release(stream.charged)

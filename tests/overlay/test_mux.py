@@ -556,22 +556,33 @@ def test_a_reserved_buffer_counts_against_the_budget_until_its_message_ends():
     assert b.partial_bytes == 0 and (budget.held, budget.holders) == (0, 0)
 
 
-def test_unsent_bytes_are_counted_until_framed_or_dropped():
+def test_unsent_answers_are_counted_until_framed_or_dropped():
     budget = PartialBudget(1 << 30)
-    a = MuxConnection(True, unsent_budget=budget)
-    s1, s2 = a.open_stream(), a.open_stream()
-    a.send(s1, b"x" * 200_000)
-    a.send(s2, b"y" * 50_000)
-    assert a.unsent_bytes == 250_000 and (budget.held, budget.holders) == (250_000, 1)
-    a.data_to_send(100_000)
-    assert a.unsent_bytes == 250_000 - (100_000 - 2 * 10)  # two frames' headers
-    a.reset_stream(s1)
-    assert a.unsent_bytes == budget.held
-    a.data_to_send(1 << 20)
-    assert a.unsent_bytes == 0 and (budget.held, budget.holders) == (0, 0)
-    a.send(s2, b"z" * 10)
-    a.release_budget()
+    b = MuxConnection(False, unsent_budget=budget)
+    b.receive_data(fragment(1, 0, Flag.SYN) + fragment(3, 0, Flag.SYN))  # the peer's streams
+    b.send(1, b"x" * 200_000)
+    b.send(3, b"y" * 50_000)
+    ours = b.open_stream()
+    b.send(ours, b"z" * 70_000)  # a request of ours: the peer did not ask for it
+    assert b.unsent_bytes == 250_000 and (budget.held, budget.holders) == (250_000, 1)
+    sent = b.data_to_send(100_000)
+    answers = sum(length for kind, _, sid, length in _frames(sent) if sid in (1, 3))
+    assert b.unsent_bytes == 250_000 - answers
+    b.reset_stream(1)
+    assert b.unsent_bytes == budget.held
+    b.data_to_send(1 << 20)
+    assert b.unsent_bytes == 0 and (budget.held, budget.holders) == (0, 0)
+    b.send(3, b"z" * 10)
+    b.release_budget()
     assert (budget.held, budget.holders) == (0, 0)
+
+
+def _frames(wire: bytes):
+    pos = 0
+    while pos < len(wire):
+        kind, flags, sid, length = HEADER.unpack_from(wire, pos)
+        yield kind, flags, sid, length
+        pos += HEADER.size + (length if kind in (FrameType.DATA, FrameType.RESET) else 0)
 
 
 def test_streams_over_the_hosts_total_are_refused_to_the_connection_holding_most():
