@@ -51,6 +51,7 @@ from overlay.unary import PendingCall
 
 if TYPE_CHECKING:
     from overlay.identity import Identity
+    from overlay.noise.dh import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,14 @@ class Connection(asyncio.BufferedProtocol):
         on_closed: Callable[[Connection], None],
         on_request: Callable[[Connection, int, memoryview], None] | None = None,
         admit: Callable[[Connection], str | None] | None = None,
+        static: tuple[KeyPair, bytes] | None = None,
     ):
         """`on_request(conn, stream_id, data)` receives streams that arrive whole in one
         frame (opened, one message, half-closed: a small unary request) without a Stream
         object; it must answer or reset that stream id. Without it they become Streams.
         `admit(conn)`, called once the socket is connected (its address known), returns why
-        the connection is refused, or None to go on."""
+        the connection is refused, or None to go on. `static`: the Noise static key pair and
+        its signed identity payload, shared by the host's handshakes (SecureHandshake)."""
         self.loop = asyncio.get_running_loop()
         self.initiator = initiator
         self.remote_peer: PeerId | None = None
@@ -122,6 +125,7 @@ class Connection(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self._on_request = on_request
         self._admit = admit
+        self._static = static
         self.address_group: str | None = None  # overlay/admission.py
         # Streams the peer opened whose request header has not arrived (the host keeps it):
         # a connection with only those is unused (overlay/admission.py, rule 2).
@@ -176,11 +180,14 @@ class Connection(asyncio.BufferedProtocol):
             transport.pause_reading()
         self._timer = self.loop.call_later(self._handshake_timeout, self._handshake_timed_out)
         try:
+            static, payload = self._static or (None, None)
             self._handshake = SecureHandshake(
                 self._identity,
                 initiator=self.initiator,
                 rng=os.urandom,
                 expected_peer=self._expected_peer,
+                static=static,
+                payload=payload,
             )
         except Exception as e:  # pragma: no cover - construction does not fail on valid input
             self.abort(f"handshake setup failed: {e}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from overlay.link_delay import delay_from_env
 from overlay.multiaddr import Multiaddr, MultiaddrError
 from overlay.mux import MuxConfig
 from overlay.mux.budget import PartialBudget
+from overlay.noise.dh import KeyPair
 from overlay.public_addrs import WILDCARD_HOSTS, expand_wildcards
 from overlay.rpc_codec import (
     KIND_STREAM,
@@ -40,6 +42,7 @@ from overlay.rpc_codec import (
     peek_request,
     reset_reason,
 )
+from overlay.secure_handshake import encode_identity_payload
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 from overlay.unary import PendingCall
 
@@ -125,6 +128,10 @@ class Host:
             max_message_size=self.config.max_message_size,
             max_partial_bytes=self.config.max_partial_bytes,
         )
+        # The Noise static key is per process (DESIGN.md, wire protocol 4): made and signed
+        # once, not for every connection.
+        static = KeyPair.generate(os.urandom)
+        self._static = (static, encode_identity_payload(self.identity, static.public))
         self._partial_budget = PartialBudget(self.config.max_partial_bytes_total)
         self._unsent_budget = PartialBudget(self.config.max_unsent_bytes_total)
         self._stream_budget = PartialBudget(self.config.max_streams_total)
@@ -356,6 +363,7 @@ class Host:
             on_closed=self._on_closed,
             on_request=self._on_request,
             admit=self._admit,
+            static=self._static,
         )
         if self._link_delay:
             conn.link_delay = self._link_delay

@@ -510,6 +510,19 @@ async def test_streams_are_bounded_across_connections():
             await host.close()
 
 
+async def test_a_host_uses_one_static_key_for_all_its_connections(pair):
+    server, client, addr = pair
+    other = Host()
+    try:
+        await client.connect(addr)
+        await other.connect(addr)
+        seen = {h.connection_to(server.peer_id)._reader._cipher.remote_static
+                for h in (client, other)}
+        assert seen == {server._static[0].public}
+    finally:
+        await other.close()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:
