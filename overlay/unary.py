@@ -46,6 +46,10 @@ class PendingCall:
         future = self.future
         if not future.done():
             future.set_result(answer)
+        # The answer came without FIN (ours send it in the answer's last frame): nothing more
+        # is wanted on this stream, and waiting for a FIN a hostile peer never sends kept it
+        # open for good, until the connection's 1,024 streams were all taken.
+        self._conn.reset_stream(self.stream_id, "answered: nothing more is read")
 
     def _on_last(self, data) -> None:
         """The answer's last fragment and the end of the stream (mux LastMessage)."""

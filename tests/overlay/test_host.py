@@ -523,6 +523,19 @@ async def test_a_host_uses_one_static_key_for_all_its_connections(pair):
         await other.close()
 
 
+async def test_an_answer_without_fin_does_not_keep_the_call_open(pair):
+    """A callee that answered without FIN kept each call's stream open on the caller until
+    all 1,024 were taken and every call to it failed."""
+    server, client, addr = pair
+    await client.connect(addr)
+    served = server.connection_to(client.peer_id)
+    served.answer = lambda stream_id, parts: served.mux_send_parts(stream_id, parts, False)
+    conn = client.connection_to(server.peer_id)
+    for i in range(3):
+        assert await client.call(addr, "echo", b"%d" % i) == b"%d" % i
+    assert conn.num_streams == 0 and not conn._mux.stream_ids()
+
+
 async def test_unreachable_address_is_a_clear_error():
     host = Host()
     with socket.socket() as s:
