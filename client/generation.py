@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PretrainedConfig
 
+from client.padding import token_mask
 from model_parts.skeleton import ModelInputError
 
 if TYPE_CHECKING:
@@ -185,8 +186,9 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
         raise ModelInputError(f"input ids must be integers, not {input_ids.dtype}")  # not cut
     tokens = input_ids.to(torch.long)
     batch, length = tokens.shape
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                       or tuple(attention_mask.shape) != (batch, length)):
+    if attention_mask is not None:  # 0/1 of any dtype, as transformers takes it
+        attention_mask = token_mask(attention_mask)
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
         raise ModelInputError(f"attention_mask must have the shape of input_ids, "
                               f"{(batch, length)}")
     if params.max_new_tokens == 0:

@@ -41,6 +41,7 @@ from client.inference import (
     InferenceSession,
 )
 from client.local_head import LocalHead
+from client.padding import token_mask
 from client.remote_blocks import ClientConfig, RemoteBlocks
 from client.routing import MissingBlocksError, RouteSpan
 from client.swarm import SwarmClient
@@ -240,6 +241,8 @@ class RemoteModel:
 
         `attention_mask` ([batch, length], 0 = padding) allows left-padded batches.
         """
+        if attention_mask is not None:
+            attention_mask = token_mask(attention_mask)
         hidden = self._inputs_to_hidden(input_ids, inputs_embeds, None, attention_mask)
         hidden = await self.forward_blocks(hidden, attention_mask=attention_mask)
         return await self.head_logits(hidden)

@@ -31,6 +31,7 @@ from client.inference import (
     SessionConfig,
     SessionTuning,
 )
+from client.padding import token_mask
 from client.recovery import BanList, RetryPolicy, splice_route
 from client.routing import (
     MissingBlocksError,
@@ -109,6 +110,8 @@ class RemoteBlocks:
         fails is banned and re-run on a route found again for exactly its blocks."""
         end = self.num_blocks if end is None else end
         dtype = hidden.dtype
+        if attention_mask is not None:  # servers take integers: 0/1 floats are converted
+            attention_mask = token_mask(attention_mask)
         route = await self._forward_route_retrying(start, end, patient=False)
         index = 0
         while index < len(route):

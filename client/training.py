@@ -33,6 +33,7 @@ import torch
 import tensor_wire
 from blocks import protocol
 from client.lora import LoraSnapshot
+from client.padding import token_mask
 from client.recovery import splice_route
 from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks, _BadAnswer
 from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
@@ -167,6 +168,8 @@ class SwarmTrainer:
         end = self.blocks.num_blocks if end is None else end
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.numel() == 0:
             raise ValueError("hidden states must be a non-empty [batch, length, hidden] tensor")
+        if attention_mask is not None:  # servers take integers: 0/1 floats are converted
+            attention_mask = token_mask(attention_mask)
         chunks = self._chunks(hidden, attention_mask, tuning.prompts)
         try:
             results = await _all_or_cancel(

@@ -360,6 +360,41 @@ class TestLlama(_Exactness):
                 model.generate(ids, max_new_tokens=2, return_dict_in_generate=True,
                                **{flag: True})
 
+    def test_float_and_bool_masks_are_taken_like_transformers_takes_them(self, model, reference,
+                                                                         swarm):
+        """transformers' causal LMs take 0.0/1.0 float masks (and booleans): so do forward,
+        generate and the asyncio API, with the results of the integer mask; other values are
+        a clear ValueError, not a guess."""
+        ids = prompts(2, 7, seed=16)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        expected = reference.generate(ids, attention_mask=mask, **settings)
+        with torch.no_grad():
+            logits = reference(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        for dtype in (torch.float32, torch.float16, torch.bool):
+            typed = mask.to(dtype)
+            assert torch.equal(model.generate(ids, attention_mask=typed, **settings), expected)
+            got = model(input_ids=ids, attention_mask=typed).logits
+            assert max_diff(got[real], logits[real]) <= TOLERANCE, dtype
+        model_dir, local_swarm = swarm
+
+        async def run():
+            async with await RemoteModel.open(model_dir, [local_swarm.bootstrap]) as remote:
+                got = await remote.logits(ids, attention_mask=mask.float())
+                return got, await remote.generate(ids, attention_mask=mask.float(), **settings)
+
+        got, tokens = asyncio.run(run())
+        assert max_diff(got[real], logits[real]) <= TOLERANCE
+        assert torch.equal(tokens, expected)
+        for bad in (mask * 0.5, mask * 2, torch.full_like(mask, float("nan"), dtype=torch.float)):
+            with pytest.raises(ValueError, match=r"only 0 \(padding\) and 1"):
+                model(input_ids=ids, attention_mask=bad)
+            with pytest.raises(ValueError, match=r"only 0 \(padding\) and 1"):
+                model.generate(ids, attention_mask=bad, **settings)
+
     def test_assisted_decoding_matches_local(self, model, reference):
         """Prompt lookup and an assistant model: the session rolls back the rejected draft
         tokens (transformers 5.24 crops by `-rejected`, 0 when every draft was accepted)."""
