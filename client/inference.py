@@ -645,10 +645,12 @@ class InferenceSession:
             delay = self._retry.next_delay(attempt, now, deadline,
                                            wake_at=self._bans.next_unban(now))
             if delay is None:
+                # the time really spent: a deadline shared with the route's wait leaves less
+                # than recovery_timeout
                 first = "" if reason == str(error) else f" (it failed with: {error})"
                 raise BlocksUnavailableError(
-                    missing, f"could not replace blocks [{failed.start}, {failed.end}) within "
-                    f"{self.config.recovery_timeout:g} s: {reason}{first}") from error
+                    missing, f"could not replace blocks [{failed.start}, {failed.end}) after "
+                    f"{now - began:.1f} s: {reason}{first}") from error
             attempt += 1
             refresh = True
             with contextlib.suppress(TimeoutError):

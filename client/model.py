@@ -251,7 +251,7 @@ class RemoteModel:
                                   start: int = 0, end: int | None = None,
                                   **tuning: Any) -> InferenceSession:
         """An inference session over blocks [start, end) fed with the caller's hidden states.
-        It replaces failed servers by itself (client/inference.py), within recovery_timeout.
+        It replaces failed servers by itself (client/inference.py), each within recovery_timeout.
         `tuning`: `adapter=` / `tuning=` of RemoteBlocks.inference_session (fine-tuning)."""
         self._check_open()
         max_length = self.options.max_length if max_length is None else max_length

@@ -158,9 +158,10 @@ class RemoteBlocks:
 
         Not `patient` (a first route while no server of this client is banned, e.g. a model
         nobody serves): one retry on a fresh view, then the MissingBlocksError itself."""
+        began = time.monotonic()
         if deadline is None:
-            deadline = time.monotonic() + self.config.recovery_timeout
-        patient = patient or bool(self.bans.banned(time.monotonic()))
+            deadline = began + self.config.recovery_timeout
+        patient = patient or bool(self.bans.banned(began))
         attempt = 0
         while True:
             now = time.monotonic()
@@ -174,9 +175,9 @@ class RemoteBlocks:
                 now = time.monotonic()
                 delay = self._retry.next_delay(attempt, now, deadline,
                                                wake_at=self.bans.next_unban(now))
-                if delay is None:
+                if delay is None:  # what was waited: a caller's deadline may leave less
                     raise BlocksUnavailableError(
-                        e.missing, f"{e} (waited {self.config.recovery_timeout:g} s)") from e
+                        e.missing, f"{e} (waited {now - began:.1f} s)") from e
                 attempt += 1
                 await asyncio.sleep(delay)
 
