@@ -32,7 +32,7 @@ from client.inference import (
     SessionTuning,
 )
 from client.padding import token_mask
-from client.recovery import BanList, RetryPolicy, splice_route
+from client.recovery import BanList, PassDeadline, RetryPolicy, splice_route
 from client.routing import (
     MissingBlocksError,
     RouteNeeds,
@@ -107,12 +107,14 @@ class RemoteBlocks:
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run full sequences through blocks [start, end) (no cache). A span whose server
-        fails is banned and re-run on a route found again for exactly its blocks."""
+        fails is banned and re-run on a route found again for exactly its blocks; all of that
+        within one recovery_timeout from the first failure (then BlocksUnavailableError)."""
         end = self.num_blocks if end is None else end
         dtype = hidden.dtype
         if attention_mask is not None:  # servers take integers: 0/1 floats are converted
             attention_mask = token_mask(attention_mask)
         route = await self._forward_route_retrying(start, end, patient=False)
+        recovery = PassDeadline(self.config.recovery_timeout)
         index = 0
         while index < len(route):
             span = route[index]
@@ -138,17 +140,24 @@ class RemoteBlocks:
                 hidden = hidden_out
                 index += 1
                 continue
-            self.bans.ban(span.peer_id, time.monotonic())
+            now = time.monotonic()
+            self.bans.ban(span.peer_id, now)
+            deadline = recovery.failed(now)
+            if deadline is None:
+                raise give_up(span, now - recovery.began, failure)
             log.warning("forward on %s[%d:%d) failed: %s; re-routing", span.peer_id[-6:],
                         span.start, span.end, failure)
-            replacement = await self._forward_route_retrying(span.start, span.end)
+            replacement = await self._forward_route_retrying(span.start, span.end,
+                                                             deadline=deadline)
             route = splice_route(route, index, replacement)
         return hidden.to(dtype)  # servers may run another precision
 
     async def _forward_route_retrying(self, start: int, end: int, patient: bool = True,
-                                      needs: RouteNeeds | None = None) -> list[RouteSpan]:
+                                      needs: RouteNeeds | None = None,
+                                      deadline: float | None = None) -> list[RouteSpan]:
         return await self._route_retrying(
-            lambda banned: self.forward_route(start, end, banned=banned, needs=needs), patient)
+            lambda banned: self.forward_route(start, end, banned=banned, needs=needs), patient,
+            deadline)
 
     async def _route_retrying(self, plan, patient: bool,
                               deadline: float | None = None) -> list[RouteSpan]:
@@ -232,6 +241,16 @@ class RemoteBlocks:
 # shutting down or overloaded): another server may. Any other code refuses the request itself.
 _SERVER_FAULTS = frozenset({protocol.UNKNOWN_MODEL, protocol.BAD_RANGE, protocol.OVERLOADED,
                             "deadline_exceeded", "unknown_method"})
+
+
+def give_up(span: RouteSpan, waited: float, failure: BaseException) -> BlocksUnavailableError:
+    """The error of a pass whose recovery deadline passed with `span` failing again."""
+    error = BlocksUnavailableError(
+        list(range(span.start, span.end)),
+        f"could not run blocks [{span.start}, {span.end}) after {waited:.1f} s of re-routing: "
+        f"{span.peer_id[-6:]} failed with {failure}")
+    error.__cause__ = failure
+    return error
 
 
 class _BadAnswer(RuntimeError):

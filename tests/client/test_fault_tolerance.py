@@ -383,6 +383,49 @@ async def test_missing_blocks_are_named_after_the_deadline(swarm, model_dir):
     assert forward_error.value.missing in ([2], [3], [2, 3])
 
 
+# -- passes without a session whose servers keep failing -------------------------------------
+
+@pytest.fixture(scope="module")
+def failing_swarm(model_dir, tmp_path_factory):
+    """[2, 4) served by one server only, killed by the test that uses it (still announced)."""
+    local = LocalSwarm(model_dir, [(0, 2), (2, NUM_LAYERS)],
+                       log_dir=tmp_path_factory.mktemp("failing-logs"))
+    with local:
+        yield local
+
+
+@pytest.mark.slow
+async def test_passes_whose_server_keeps_failing_give_up_at_one_deadline(failing_swarm,
+                                                                        model_dir):
+    """The only server of blocks [2, 4) dies and stays announced; its bans are short, so a
+    route to it is found again and again. Forward, a training forward and a backward each
+    give up one recovery_timeout after the first failure; they used to retry forever (each
+    re-route started a timeout of its own)."""
+    from client.training import SwarmTrainer
+
+    model = await RemoteModel.open(model_dir, [failing_swarm.bootstrap])
+    try:
+        blocks = RemoteBlocks(model.swarm, model.model_id, NUM_LAYERS,
+                              ClientConfig(recovery_timeout=2.0))
+        blocks.bans = BanList(BanConfig(base=0.2, max_ban=0.4))
+        trainer = SwarmTrainer(blocks)
+        hidden = torch.randn(2, 5, model.config.hidden_size)
+        _, record = await trainer.forward(hidden)
+        failing_swarm.kill_server(1)
+        passes = {"forward": lambda: blocks.forward(hidden),
+                  "training forward": lambda: trainer.forward(hidden),
+                  "backward": lambda: trainer.backward(record, torch.ones_like(hidden))}
+        for name, run in passes.items():
+            began = time.monotonic()
+            with pytest.raises(BlocksUnavailableError, match=r"blocks (2-3|\[2, 4\))") as caught:
+                await asyncio.wait_for(run(), 15.0)
+            waited = time.monotonic() - began
+            assert 2.0 <= waited < 5.0, (name, waited)
+            assert caught.value.missing == [2, 3], name
+    finally:
+        await model.close()
+
+
 # -- chaos --------------------------------------------------------------------------------------
 
 CHAOS_SPANS = [(0, 2), (2, NUM_LAYERS), (0, NUM_LAYERS), (0, 2), (2, NUM_LAYERS)]
