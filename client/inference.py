@@ -384,15 +384,17 @@ class SpanSession:
             timer.cancel()
 
     async def close(self) -> None:
+        """close_now, then wait for the reader task to end: none outlives the span."""
         self.close_now()
+        await _ended(self._reader)
 
     def close_now(self) -> None:
         """Half-close the stream (the server frees the session) and wake a step waiting on
-        this span. Synchronous: a cancellation arriving during cleanup cannot stop it half
-        way, which left the server's session, and its cache, open."""
+        this span; the reader task is cancelled (`close` also waits for it to end).
+        Synchronous: a cancellation arriving during cleanup cannot stop it half way, which
+        left the server's session, and its cache, open."""
         if self._reader is not None:
             self._reader.cancel()
-            self._reader = None
         if self._mailbox is not None:
             self._mailbox.close(self)
         stream, self._stream = self._stream, None
@@ -406,6 +408,14 @@ class SpanSession:
 
     def _where(self) -> str:
         return f"blocks [{self.start}, {self.end}) on {self.peer.short()}"
+
+
+async def _ended(*tasks: asyncio.Task | None) -> None:
+    """Wait until `tasks` (cancelled readers) have ended, without raising what they raised:
+    a task left pending past its session's close could be destroyed pending with its loop."""
+    pending = {task for task in tasks if task is not None and not task.done()}
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _expire(stream: Stream, message: str) -> None:
@@ -587,7 +597,9 @@ class InferenceSession:
         self.padding.reorder(index)
 
     async def close(self) -> None:
+        """close_now, then wait for the spans' reader tasks to end."""
         self.close_now()
+        await _ended(*(span._reader for span in self.spans))
 
     def close_now(self) -> None:
         """Close every span at once (no await: see SpanSession.close_now)."""

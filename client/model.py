@@ -310,6 +310,7 @@ class RemoteModel:
         sessions, self._sessions = list(self._sessions), set()
         for session in sessions:
             session.close_now()
+        await asyncio.gather(*(session.close() for session in sessions))  # their tasks end
         if self._owns_swarm:
             await self.swarm.close()
 
@@ -396,7 +397,8 @@ class ModelSession:
         self.blocks_session.reorder(beam_idx)
 
     async def close(self) -> None:
-        self.close_now()
+        self.model._sessions.discard(self)
+        await self.blocks_session.close()
 
     def close_now(self) -> None:
         self.model._sessions.discard(self)
