@@ -206,7 +206,7 @@ class RemoteModel:
         return self.head.greedy_tokens(hidden)
 
     def _inputs_to_hidden(self, input_ids: torch.Tensor | None,
-                          inputs_embeds: torch.Tensor | None, position: int | None,
+                          inputs_embeds: torch.Tensor | None, position: int | torch.Tensor | None,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ModelInputError("give exactly one of input_ids and inputs_embeds")
