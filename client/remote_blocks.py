@@ -82,6 +82,7 @@ class RemoteBlocks:
                               banned=frozenset(), measure: bool = True) -> list[RouteSpan]:
         """Minimum-latency route; `measure=False` (recovery, in a hurry) uses only round-trip
         times measured earlier instead of pinging servers now (up to PING_TIMEOUT each)."""
+        self._check_range(start, end)  # before view.covering(b) reads past the last block
         needs = needs or RouteNeeds()
         view = await self.view()
         covering = {s.peer_id for b in range(start, end) for s in view.covering(b)
@@ -95,6 +96,10 @@ class RemoteBlocks:
         planner = RoutePlanner(view, RoutingConfig(relay=not self.config.push))
         return planner.inference_route(start, end, client_rtts=rtts, banned=banned,
                                        needs=needs)
+
+    def _check_range(self, start: int, end: int) -> None:
+        if not 0 <= start <= end <= self.num_blocks:
+            raise ValueError(f"block range [{start}, {end}) not in [0, {self.num_blocks})")
 
     async def forward_route(self, start: int, end: int, banned=frozenset(),
                             needs: RouteNeeds | None = None) -> list[RouteSpan]:

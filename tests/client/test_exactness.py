@@ -513,6 +513,10 @@ class TestBadInput(_Served):
         self.check_still_serving(model, reference)
 
     def test_bad_session_arguments(self, model):
+        remote = model.remote
+        for start, end in ((0, NUM_LAYERS + 3), (-1, 2), (3, 1)):  # past the end: IndexError
+            with pytest.raises(ValueError, match=rf"block range \[{start}, {end}\) not in"):
+                model._run(remote.open_blocks_session(1, 8, start, end))
         with pytest.raises(TypeError, match="RemoteSessionCache"):
             from transformers import DynamicCache
 
