@@ -499,6 +499,24 @@ class TestBadInput(_Served):
         with pytest.raises(RemoteError) as caught:
             model._run(too_long())
         assert caught.value.code in (TOO_LONG, BAD_INPUT) and "max" in str(caught.value)
+        # the asyncio generate: refused before any step (it failed after three, tokens lost)
+        steps = []
+
+        async def short_session(**where):
+            return await model.remote.generate(ids[:, :2], max_new_tokens=5,
+                                               on_tokens=steps.append, **where)
+
+        with pytest.raises(ModelInputError, match="max_length >= 6, not 3"):
+            model._run(short_session(max_length=3))
+
+        async def in_short_session():
+            async with await model.remote.inference_session(1, 4) as session:
+                return await short_session(session=session)
+
+        with pytest.raises(ModelInputError, match="max_length >= 6, not 4"):
+            model._run(in_short_session())
+        assert steps == []
+        assert model._run(short_session(max_length=6)).shape == (1, 7)  # exactly enough
         self.check_still_serving(model, reference)
 
     def test_steps_on_a_closed_session(self, model, reference):
