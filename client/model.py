@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ class RemoteModel:
         self.options = options
         self._owns_swarm = owns_swarm
         self._sessions: set[ModelSession] = set()
+        # every blocks session opened here, so that close() ends those the caller left open
+        # (weak: one the caller closed and dropped is not kept alive)
+        self._blocks_sessions: weakref.WeakSet[InferenceSession] = weakref.WeakSet()
         self._closed = False
         self._last_session: InferenceSession | None = None
 
@@ -271,6 +275,7 @@ class RemoteModel:
         if self._closed:  # close() did not see this session: it must not stay open
             session.close_now()
             raise InferenceError("the model has been closed")
+        self._blocks_sessions.add(session)
         self._last_session = session
         return session
 
@@ -303,14 +308,19 @@ class RemoteModel:
             raise InferenceError("the model has been closed")
 
     async def close(self) -> None:
-        """Close every session still open and, if this model joined the swarm, leave it."""
+        """Close every session still open (open_blocks_session's too) and, if this model
+        joined the swarm, leave it."""
         if self._closed:
             return
         self._closed = True
         sessions, self._sessions = list(self._sessions), set()
+        blocks_sessions = list(self._blocks_sessions)  # open_blocks_session's too
         for session in sessions:
             session.close_now()
-        await asyncio.gather(*(session.close() for session in sessions))  # their tasks end
+        for blocks_session in blocks_sessions:
+            blocks_session.close_now()
+        await asyncio.gather(*(session.close() for session in sessions),  # their tasks end
+                             *(s.close() for s in blocks_sessions))
         if self._owns_swarm:
             await self.swarm.close()
 

@@ -566,6 +566,24 @@ class TestBadInput(_Served):
         with pytest.raises(InferenceError, match="closed"):
             model(input_ids=prompts(1, 1, seed=28), past_key_values=session)
         model.close()  # idempotent
+        # sessions of open_blocks_session are closed with their model (they stayed open, the
+        # servers' caches taken, when the swarm was shared)
+        from client.swarm import SwarmClient
+
+        async def blocks_session_left_open():
+            swarm = await SwarmClient.connect([local_swarm.bootstrap])
+            try:
+                shared = await RemoteModel.open(model_dir, swarm=swarm)
+                session = await shared.open_blocks_session(1, 8, 0, 2)
+                await session.step(torch.randn(1, 2, HIDDEN_SIZE))
+                await shared.close()
+                with pytest.raises(InferenceError, match="closed"):
+                    await session.step(torch.randn(1, 1, HIDDEN_SIZE))
+                return session
+            finally:
+                await swarm.close()
+
+        assert asyncio.run(blocks_session_left_open())._closed
         # a model that is dropped without close() is closed by the garbage collector
         dropped = DistributedModelForCausalLM.from_pretrained(
             model_dir, bootstrap=local_swarm.bootstrap)
