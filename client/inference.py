@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -134,7 +135,10 @@ class Mailbox:
     __slots__ = ("_queues", "_waiter")
 
     def __init__(self):
-        self._queues: dict[SpanSession, deque] = {}
+        # weak: a span replaced after a failure, and the replay inputs it holds, must not
+        # stay alive for the rest of the session through its queue
+        self._queues: weakref.WeakKeyDictionary[SpanSession, deque] = \
+            weakref.WeakKeyDictionary()
         self._waiter: asyncio.Future | None = None
 
     def post(self, span: SpanSession, item: bytes | BaseException | None) -> None:

@@ -8,10 +8,13 @@ Every swarm is a LocalSwarm, stopped (its processes killed by pid) when its fixt
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import random
 import re
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -164,6 +167,35 @@ async def test_a_replacement_gets_the_replay_in_the_reordered_rows(swarm, model_
         assert (a - b).abs().max().item() <= 1e-4
     # both rows now continue row 1 (without the reorder they would differ)
     assert (clean[-1][0] - clean[-1][1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+async def test_a_replaced_span_and_its_replay_inputs_are_let_go(swarm, model_dir):
+    """The session's mailbox held every replaced span (with the inputs it kept for replay:
+    the whole history of its blocks) until the session ended, one more per recovery."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        session = await model.blocks.inference_session(1, 16)
+        await session.step(torch.randn(1, 4, model.config.hidden_size))
+        victim = next(s for s in session.spans if s.start <= 2 < s.end)
+        assert victim.push_token is not None  # its messages went through the mailbox
+        gone = weakref.ref(victim)
+        victim._stream.reset("test: injected failure")
+        del victim
+        quiet = logging.getLogger("client.inference")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # pytest keeps the records (their errors hold the span)
+        try:
+            await session.step(torch.randn(1, 1, model.config.hidden_size))
+        finally:
+            quiet.setLevel(level)
+        assert len(session.recoveries) == 1
+        gc.collect()
+        assert gone() is None
+        await session.close()
+    finally:
+        await model.close()
 
 
 @pytest.mark.slow
