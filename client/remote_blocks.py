@@ -47,6 +47,11 @@ from overlay.streams import ConnectionLost, StreamClosed
 
 log = logging.getLogger(__name__)
 
+# Ours: batch x length of one forward request; half of what servers take by default
+# (blocks.server.ServingConfig.max_request_tokens, 16384), so a large batch is split, not
+# refused. A single longer row still goes whole (and the server says it is too long).
+FORWARD_CHUNK_TOKENS = 8192
+
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
@@ -111,15 +116,38 @@ class RemoteBlocks:
 
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run full sequences through blocks [start, end) (no cache). A span whose server
-        fails is banned and re-run on a route found again for exactly its blocks; all of that
-        within one recovery_timeout from the first failure (then BlocksUnavailableError)."""
+        """Run full sequences through blocks [start, end) (no cache). A batch of more than
+        FORWARD_CHUNK_TOKENS is split by rows, the chunks run concurrently (each on its own
+        route). A span whose server fails is banned and re-run on a route found again for
+        exactly its blocks; all of that within one recovery_timeout from the pass's first
+        failure (then BlocksUnavailableError)."""
         end = self.num_blocks if end is None else end
         dtype = hidden.dtype
         if attention_mask is not None:  # servers take integers: 0/1 floats are converted
             attention_mask = token_mask(attention_mask)
-        route = await self._forward_route_retrying(start, end, patient=False)
         recovery = PassDeadline(self.config.recovery_timeout)
+        rows = hidden.shape[0] if hidden.ndim != 3 else \
+            max(1, FORWARD_CHUNK_TOKENS // max(1, hidden.shape[1]))
+        if hidden.ndim != 3 or hidden.shape[0] <= rows:
+            out = await self._forward_rows(hidden, start, end, attention_mask, recovery)
+            return out.to(dtype)  # servers may run another precision
+        tasks = [asyncio.ensure_future(self._forward_rows(
+            hidden[r:r + rows], start, end,
+            None if attention_mask is None else attention_mask[r:r + rows], recovery))
+            for r in range(0, hidden.shape[0], rows)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except BaseException:  # the first failure ends the others: their results are lost
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return torch.cat(outs, dim=0).to(dtype)
+
+    async def _forward_rows(self, hidden: torch.Tensor, start: int, end: int,
+                            attention_mask: torch.Tensor | None,
+                            recovery: PassDeadline) -> torch.Tensor:
+        route = await self._forward_route_retrying(start, end, patient=False)
         index = 0
         while index < len(route):
             span = route[index]
@@ -155,7 +183,7 @@ class RemoteBlocks:
             replacement = await self._forward_route_retrying(span.start, span.end,
                                                              deadline=deadline)
             route = splice_route(route, index, replacement)
-        return hidden.to(dtype)  # servers may run another precision
+        return hidden
 
     async def _forward_route_retrying(self, start: int, end: int, patient: bool = True,
                                       needs: RouteNeeds | None = None,

@@ -360,6 +360,13 @@ class TestLlama(_Exactness):
                 model.generate(ids, max_new_tokens=2, return_dict_in_generate=True,
                                **{flag: True})
 
+    def test_a_forward_larger_than_a_servers_request_limit_is_split(self, model, reference):
+        """17500 tokens: servers take 16384 in one request; it was refused (bad_input)."""
+        ids = prompts(70, 250, seed=17)
+        with torch.no_grad():
+            expected = reference(ids).logits
+        assert max_diff(model(input_ids=ids).logits, expected) <= TOLERANCE
+
     def test_float_and_bool_masks_are_taken_like_transformers_takes_them(self, model, reference,
                                                                          swarm):
         """transformers' causal LMs take 0.0/1.0 float masks (and booleans): so do forward,
