@@ -63,6 +63,10 @@ RECOVERY_TIMEOUT = 60.0
 # Seconds one server may take to answer an inference step before it is replaced (a server
 # that froze, or left without closing its connection).
 STEP_TIMEOUT = 60.0
+# Ours: batch x positions of one step request; half of what servers take by default
+# (blocks.server.ServingConfig.max_request_tokens, 16384). A longer prompt, or the replay
+# into a replacement server, is sent as several steps of at most this many.
+STEP_CHUNK_TOKENS = 8192
 
 # Codes with which a server refuses to open a session that another server may well open: its
 # cache is full, it is overloaded, or it no longer serves these blocks (it moved or restarted
@@ -442,6 +446,21 @@ def _trim(inputs: list[torch.Tensor], position: int) -> None:
         total += length
 
 
+def _positions_per_step(hidden: torch.Tensor) -> int:
+    return max(1, STEP_CHUNK_TOKENS // max(1, hidden.shape[0]))
+
+
+async def _step_in_pieces(span: SpanSession, data: torch.Tensor) -> torch.Tensor:
+    """A replay from position 0 into `span`, as steps of at most STEP_CHUNK_TOKENS (servers
+    refuse larger requests: a long session could not be replayed)."""
+    per_step = _positions_per_step(data)
+    if data.shape[1] <= per_step:
+        return await span.step(data, 0)
+    outs = [await span.step(data[:, i:i + per_step], i)
+            for i in range(0, data.shape[1], per_step)]
+    return torch.cat(outs, dim=1)
+
+
 def _replaceable(error: BaseException) -> bool:
     """A failure of the server, not of the request: another server may do better."""
     return isinstance(error, InferenceError) or (isinstance(error, RemoteError)
@@ -536,8 +555,24 @@ class InferenceSession:
             raise InferenceError("a step of this session is already running: await it before "
                                  "the next (open another session for concurrent generation)")
         self._stepping = True
+        position = self.position
         try:
-            return await self._step(hidden, attention_mask)
+            per_step = _positions_per_step(hidden)
+            if hidden.ndim != 3 or hidden.shape[1] <= per_step:
+                return await self._step(hidden, attention_mask)
+            # too many for one request: in pieces, each checked and recorded as its own step
+            if position + hidden.shape[1] > self.config.max_length:
+                raise InferenceError(f"{position + hidden.shape[1]} tokens exceed the "
+                                     f"session's max_length {self.config.max_length}")
+            mask = self.padding.check(attention_mask, hidden.shape[1])
+            outs = []
+            for i in range(0, hidden.shape[1], per_step):
+                outs.append(await self._step(hidden[:, i:i + per_step],
+                                             None if mask is None else mask[:, i:i + per_step]))
+            return torch.cat(outs, dim=1)
+        except BaseException:
+            self.position = min(self.position, position)  # a step is whole or not at all
+            raise
         finally:
             self._stepping = False
 
@@ -699,7 +734,7 @@ class InferenceSession:
         data = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for span in chain:
             try:
-                data = await span.step(data, 0)
+                data = await _step_in_pieces(span, data)
             except InferenceError as e:
                 await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)
                 raise _ChainFailed(span, e) from None

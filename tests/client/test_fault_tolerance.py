@@ -415,6 +415,47 @@ async def test_missing_blocks_are_named_after_the_deadline(swarm, model_dir):
     assert forward_error.value.missing in ([2], [3], [2, 3])
 
 
+# -- sessions larger than one request -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def roomy_swarm(model_dir, tmp_path_factory):
+    """Servers with room for 20000 cache tokens: more than one request may carry (16384)."""
+    local = LocalSwarm(model_dir, [(0, 2), (2, NUM_LAYERS), (2, NUM_LAYERS)],
+                       extra_serve_args=("--cache-tokens", "20000"),
+                       log_dir=tmp_path_factory.mktemp("roomy-logs"))
+    with local:
+        yield local
+
+
+@pytest.mark.slow
+async def test_a_prompt_and_a_replay_larger_than_a_request_are_sent_in_pieces(roomy_swarm,
+                                                                             model_dir,
+                                                                             reference):
+    """A 20 x 900 prompt (18000 positions) was refused ('exceed 16384'), and so would be the
+    replay of such a session into a replacement server; both go as several steps now, with
+    the tokens of transformers' generate."""
+    ids = torch.randint(LOW, HIGH, (20, 900), generator=torch.Generator().manual_seed(40))
+    with torch.no_grad():
+        expected = reference.generate(ids, max_new_tokens=3, do_sample=False)
+    model = await RemoteModel.open(model_dir, [roomy_swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 3)
+        failed = []
+
+        def fail_once(_chosen):  # after the prompt: the next step replays it
+            if not failed:
+                session = model._last_session
+                failed.append(next(s for s in session.spans if s.start == 2))
+                failed[0]._stream.reset("test: injected failure")
+
+        got = await model.generate(ids, max_new_tokens=3, on_tokens=fail_once)
+        assert len(model._last_session.recoveries) == 1
+        assert model._last_session.recoveries[0].replayed == 900  # 18000 positions
+    finally:
+        await model.close()
+    assert torch.equal(got, expected)
+
+
 # -- passes without a session whose servers keep failing -------------------------------------
 
 @pytest.fixture(scope="module")
