@@ -52,7 +52,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.finetune import ModelTuning, TuningOptions
 from client.inference import InferenceError
 from client.model import ModelOptions, ModelSession, RemoteModel
-from client.padding import generation_positions
+from client.padding import generation_positions, token_mask
 from client.sync_loop import BackgroundLoop, LoopClosedError, shared_loop
 from model_parts.skeleton import ModelInputError
 
@@ -352,8 +352,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                             f"model.inference_session()), not {type(past_key_values).__name__}")
         head = self.remote.head
         grad = False
+        if attention_mask is not None:  # 0/1 of any dtype, as transformers takes it
+            attention_mask = token_mask(attention_mask)
         if past_key_values is None:
-            hidden = self.remote._inputs_to_hidden(input_ids, inputs_embeds, None, attention_mask)
+            positions = None
+            if self.tuning.ptune is not None and attention_mask is not None and \
+                    input_ids is not None and not bool(attention_mask.all()):
+                # tokens at generation's positions (see ModelTuning.full_pass)
+                positions = generation_positions(attention_mask)
+            hidden = self.remote._inputs_to_hidden(input_ids, inputs_embeds, positions,
+                                                   attention_mask)
             grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
                 p.requires_grad for p in self.tuning.parameters()))
             if grad or self.tuning.active:

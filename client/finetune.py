@@ -10,7 +10,9 @@ runs when something must be differentiable.
 "ptune" / "deep_ptune" (client/ptune.py) or the LoRA weights of "lora" (client/lora.py), and
 optionally the name of an adapter the servers host. Its `full_pass` prepends the prompts,
 runs the remote blocks as a differentiable function (client/autograd.py) and drops the
-prompt positions again, so logits and labels line up with the caller's input.
+prompt positions again, so logits and labels line up with the caller's input. With padding,
+each row's tokens follow the prompts directly (the padding moved after them, and back in the
+output), as generation's positions, which skip padding, have them.
 """
 
 from __future__ import annotations
@@ -142,6 +144,16 @@ class ModelTuning(nn.Module):
         batch = hidden.shape[0]
         prefix = self.pre_seq_len
         deep = None
+        order = None
+        if self.ptune is not None and attention_mask is not None and \
+                not bool(attention_mask.all()):
+            # Generation puts [prompts, padding, tokens] in a session whose positions skip
+            # padding: the tokens sit right after the prompts. A full pass counts every
+            # position, so the padding goes after the tokens here (causal attention never
+            # reaches it) and the prompts are trained at the distances generation uses.
+            order = _tokens_first(attention_mask.to(hidden.device))
+            hidden = _take(hidden, order)
+            attention_mask = attention_mask.to(order.device).gather(1, order)
         if self.ptune is not None:
             hidden = torch.cat([self.ptune.shallow(batch, hidden.dtype, hidden.device), hidden],
                                dim=1)
@@ -154,7 +166,8 @@ class ModelTuning(nn.Module):
         spec = RemotePass(self.trainer, self._loop, attention_mask, self.adapter, self.lora,
                           check_open=self._remote._check_open)
         out = remote_blocks(spec, hidden, deep)
-        return out[:, prefix:] if prefix else out
+        out = out[:, prefix:] if prefix else out
+        return out if order is None else _take(out, order.argsort(dim=1))
 
     # ------------------------------------------------------------------ inference sessions
     def session_kwargs(self) -> dict[str, Any]:
@@ -187,3 +200,13 @@ class ModelTuning(nn.Module):
         if self.lora is None:
             raise ModelInputError("only tuning_mode='lora' has an adapter to save")
         return self.lora.save_pretrained(directory, base_model)
+
+
+def _tokens_first(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the positions of its tokens in order, then those of its padding."""
+    return torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+
+
+def _take(hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """hidden[b, order[b, i]] at [b, i] (differentiable)."""
+    return hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PretrainedConfig
 
+from client.padding import token_mask
 from model_parts.skeleton import ModelInputError
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class GenerationParams:
     repetition_penalty: float = 1.0  # 1.0: off; applies to greedy decoding too
     eos_token_id: tuple[int, ...] = ()  # a sequence ends after one of these tokens
     pad_token_id: int | None = None  # what ended sequences are padded with (default: an eos)
-    max_length: int | None = None  # of the session; default prompt + max_new_tokens
+    max_length: int | None = None  # of the session, >= prompt + max_new_tokens - 1 (default: sum)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "top_k", "pad_token_id", "max_length"):
@@ -185,13 +186,22 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
         raise ModelInputError(f"input ids must be integers, not {input_ids.dtype}")  # not cut
     tokens = input_ids.to(torch.long)
     batch, length = tokens.shape
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                       or tuple(attention_mask.shape) != (batch, length)):
+    if attention_mask is not None:  # 0/1 of any dtype, as transformers takes it
+        attention_mask = token_mask(attention_mask)
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
         raise ModelInputError(f"attention_mask must have the shape of input_ids, "
                               f"{(batch, length)}")
     if params.max_new_tokens == 0:
         return tokens
+    # the prompt's step, then one per new token but the last: checked before any of them runs
+    # (a session too short failed mid-way, its tokens lost)
+    needed = length + params.max_new_tokens - 1
     own_session = session is None
+    held = params.max_length if session is None else session.max_length
+    if held is not None and held < needed:
+        raise ModelInputError(f"a prompt of {length} tokens and max_new_tokens="
+                              f"{params.max_new_tokens} need a session of max_length >= "
+                              f"{needed}, not {held}")
     if session is None:
         max_length = params.max_length or length + params.max_new_tokens
         session = await model.inference_session(batch, max_length)

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ RECOVERY_TIMEOUT = 60.0
 # Seconds one server may take to answer an inference step before it is replaced (a server
 # that froze, or left without closing its connection).
 STEP_TIMEOUT = 60.0
+# Ours: batch x positions of one step request; half of what servers take by default
+# (blocks.server.ServingConfig.max_request_tokens, 16384). A longer prompt, or the replay
+# into a replacement server, is sent as several steps of at most this many.
+STEP_CHUNK_TOKENS = 8192
 
 # Codes with which a server refuses to open a session that another server may well open: its
 # cache is full, it is overloaded, or it no longer serves these blocks (it moved or restarted
@@ -134,7 +139,10 @@ class Mailbox:
     __slots__ = ("_queues", "_waiter")
 
     def __init__(self):
-        self._queues: dict[SpanSession, deque] = {}
+        # weak: a span replaced after a failure, and the replay inputs it holds, must not
+        # stay alive for the rest of the session through its queue
+        self._queues: weakref.WeakKeyDictionary[SpanSession, deque] = \
+            weakref.WeakKeyDictionary()
         self._waiter: asyncio.Future | None = None
 
     def post(self, span: SpanSession, item: bytes | BaseException | None) -> None:
@@ -384,15 +392,17 @@ class SpanSession:
             timer.cancel()
 
     async def close(self) -> None:
+        """close_now, then wait for the reader task to end: none outlives the span."""
         self.close_now()
+        await _ended(self._reader)
 
     def close_now(self) -> None:
         """Half-close the stream (the server frees the session) and wake a step waiting on
-        this span. Synchronous: a cancellation arriving during cleanup cannot stop it half
-        way, which left the server's session, and its cache, open."""
+        this span; the reader task is cancelled (`close` also waits for it to end).
+        Synchronous: a cancellation arriving during cleanup cannot stop it half way, which
+        left the server's session, and its cache, open."""
         if self._reader is not None:
             self._reader.cancel()
-            self._reader = None
         if self._mailbox is not None:
             self._mailbox.close(self)
         stream, self._stream = self._stream, None
@@ -406,6 +416,14 @@ class SpanSession:
 
     def _where(self) -> str:
         return f"blocks [{self.start}, {self.end}) on {self.peer.short()}"
+
+
+async def _ended(*tasks: asyncio.Task | None) -> None:
+    """Wait until `tasks` (cancelled readers) have ended, without raising what they raised:
+    a task left pending past its session's close could be destroyed pending with its loop."""
+    pending = {task for task in tasks if task is not None and not task.done()}
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _expire(stream: Stream, message: str) -> None:
@@ -426,6 +444,21 @@ def _trim(inputs: list[torch.Tensor], position: int) -> None:
                 del inputs[i]
             return
         total += length
+
+
+def _positions_per_step(hidden: torch.Tensor) -> int:
+    return max(1, STEP_CHUNK_TOKENS // max(1, hidden.shape[0]))
+
+
+async def _step_in_pieces(span: SpanSession, data: torch.Tensor) -> torch.Tensor:
+    """A replay from position 0 into `span`, as steps of at most STEP_CHUNK_TOKENS (servers
+    refuse larger requests: a long session could not be replayed)."""
+    per_step = _positions_per_step(data)
+    if data.shape[1] <= per_step:
+        return await span.step(data, 0)
+    outs = [await span.step(data[:, i:i + per_step], i)
+            for i in range(0, data.shape[1], per_step)]
+    return torch.cat(outs, dim=1)
 
 
 def _replaceable(error: BaseException) -> bool:
@@ -522,8 +555,24 @@ class InferenceSession:
             raise InferenceError("a step of this session is already running: await it before "
                                  "the next (open another session for concurrent generation)")
         self._stepping = True
+        position = self.position
         try:
-            return await self._step(hidden, attention_mask)
+            per_step = _positions_per_step(hidden)
+            if hidden.ndim != 3 or hidden.shape[1] <= per_step:
+                return await self._step(hidden, attention_mask)
+            # too many for one request: in pieces, each checked and recorded as its own step
+            if position + hidden.shape[1] > self.config.max_length:
+                raise InferenceError(f"{position + hidden.shape[1]} tokens exceed the "
+                                     f"session's max_length {self.config.max_length}")
+            mask = self.padding.check(attention_mask, hidden.shape[1])
+            outs = []
+            for i in range(0, hidden.shape[1], per_step):
+                outs.append(await self._step(hidden[:, i:i + per_step],
+                                             None if mask is None else mask[:, i:i + per_step]))
+            return torch.cat(outs, dim=1)
+        except BaseException:
+            self.position = min(self.position, position)  # a step is whole or not at all
+            raise
         finally:
             self._stepping = False
 
@@ -587,7 +636,9 @@ class InferenceSession:
         self.padding.reorder(index)
 
     async def close(self) -> None:
+        """close_now, then wait for the spans' reader tasks to end."""
         self.close_now()
+        await _ended(*(span._reader for span in self.spans))
 
     def close_now(self) -> None:
         """Close every span at once (no await: see SpanSession.close_now)."""
@@ -645,10 +696,12 @@ class InferenceSession:
             delay = self._retry.next_delay(attempt, now, deadline,
                                            wake_at=self._bans.next_unban(now))
             if delay is None:
+                # the time really spent: a deadline shared with the route's wait leaves less
+                # than recovery_timeout
                 first = "" if reason == str(error) else f" (it failed with: {error})"
                 raise BlocksUnavailableError(
-                    missing, f"could not replace blocks [{failed.start}, {failed.end}) within "
-                    f"{self.config.recovery_timeout:g} s: {reason}{first}") from error
+                    missing, f"could not replace blocks [{failed.start}, {failed.end}) after "
+                    f"{now - began:.1f} s: {reason}{first}") from error
             attempt += 1
             refresh = True
             with contextlib.suppress(TimeoutError):
@@ -681,7 +734,7 @@ class InferenceSession:
         data = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for span in chain:
             try:
-                data = await span.step(data, 0)
+                data = await _step_in_pieces(span, data)
             except InferenceError as e:
                 await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)
                 raise _ChainFailed(span, e) from None

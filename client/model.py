@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from client.inference import (
     InferenceSession,
 )
 from client.local_head import LocalHead
+from client.padding import token_mask
 from client.remote_blocks import ClientConfig, RemoteBlocks
 from client.routing import MissingBlocksError, RouteSpan
 from client.swarm import SwarmClient
@@ -120,6 +122,9 @@ class RemoteModel:
         self.options = options
         self._owns_swarm = owns_swarm
         self._sessions: set[ModelSession] = set()
+        # every blocks session opened here, so that close() ends those the caller left open
+        # (weak: one the caller closed and dropped is not kept alive)
+        self._blocks_sessions: weakref.WeakSet[InferenceSession] = weakref.WeakSet()
         self._closed = False
         self._last_session: InferenceSession | None = None
 
@@ -205,7 +210,7 @@ class RemoteModel:
         return self.head.greedy_tokens(hidden)
 
     def _inputs_to_hidden(self, input_ids: torch.Tensor | None,
-                          inputs_embeds: torch.Tensor | None, position: int | None,
+                          inputs_embeds: torch.Tensor | None, position: int | torch.Tensor | None,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ModelInputError("give exactly one of input_ids and inputs_embeds")
@@ -240,6 +245,8 @@ class RemoteModel:
 
         `attention_mask` ([batch, length], 0 = padding) allows left-padded batches.
         """
+        if attention_mask is not None:
+            attention_mask = token_mask(attention_mask)
         hidden = self._inputs_to_hidden(input_ids, inputs_embeds, None, attention_mask)
         hidden = await self.forward_blocks(hidden, attention_mask=attention_mask)
         return await self.head_logits(hidden)
@@ -248,7 +255,7 @@ class RemoteModel:
                                   start: int = 0, end: int | None = None,
                                   **tuning: Any) -> InferenceSession:
         """An inference session over blocks [start, end) fed with the caller's hidden states.
-        It replaces failed servers by itself (client/inference.py), within recovery_timeout.
+        It replaces failed servers by itself (client/inference.py), each within recovery_timeout.
         `tuning`: `adapter=` / `tuning=` of RemoteBlocks.inference_session (fine-tuning)."""
         self._check_open()
         max_length = self.options.max_length if max_length is None else max_length
@@ -268,6 +275,7 @@ class RemoteModel:
         if self._closed:  # close() did not see this session: it must not stay open
             session.close_now()
             raise InferenceError("the model has been closed")
+        self._blocks_sessions.add(session)
         self._last_session = session
         return session
 
@@ -300,13 +308,19 @@ class RemoteModel:
             raise InferenceError("the model has been closed")
 
     async def close(self) -> None:
-        """Close every session still open and, if this model joined the swarm, leave it."""
+        """Close every session still open (open_blocks_session's too) and, if this model
+        joined the swarm, leave it."""
         if self._closed:
             return
         self._closed = True
         sessions, self._sessions = list(self._sessions), set()
+        blocks_sessions = list(self._blocks_sessions)  # open_blocks_session's too
         for session in sessions:
             session.close_now()
+        for blocks_session in blocks_sessions:
+            blocks_session.close_now()
+        await asyncio.gather(*(session.close() for session in sessions),  # their tasks end
+                             *(s.close() for s in blocks_sessions))
         if self._owns_swarm:
             await self.swarm.close()
 
@@ -393,7 +407,8 @@ class ModelSession:
         self.blocks_session.reorder(beam_idx)
 
     async def close(self) -> None:
-        self.close_now()
+        self.model._sessions.discard(self)
+        await self.blocks_session.close()
 
     def close_now(self) -> None:
         self.model._sessions.discard(self)

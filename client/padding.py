@@ -15,6 +15,19 @@ import torch
 from model_parts.skeleton import ModelInputError
 
 
+def token_mask(mask: object) -> torch.Tensor:
+    """`mask` (1 = token, 0 = padding) as an int64 tensor on its own device. Booleans, integers
+    and floats are taken if every value is exactly 0 or 1 (transformers' causal LMs take float
+    masks of 0.0 / 1.0 too); anything else is a ModelInputError, never a guess."""
+    if not isinstance(mask, torch.Tensor) or mask.is_complex():
+        kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ModelInputError(f"the attention mask must be a tensor of 0 (padding) and 1 "
+                              f"(token), not {kind}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ModelInputError("the attention mask must hold only 0 (padding) and 1 (token)")
+    return mask.to(torch.long)
+
+
 def generation_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for an attention mask [batch, length] as transformers' generate derives
     them: each token counts the tokens before it in its row, padding gets 0."""
@@ -42,12 +55,7 @@ class PaddingMask:
         shape = (self.batch_size, length)
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
             raise ModelInputError(f"the attention mask of a step must have shape {shape}")
-        if mask.is_floating_point() or mask.is_complex():
-            raise ModelInputError("the attention mask must hold integers or booleans")
-        mask = mask.detach().to("cpu", torch.long)
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ModelInputError("the attention mask must hold only 0 (padding) and 1 (token)")
-        return mask
+        return token_mask(mask.detach()).cpu()
 
     def record(self, position: int, mask: torch.Tensor | None, length: int) -> None:
         """A step of `length` positions from `position` on, with padding `mask` (checked)."""

@@ -5,6 +5,8 @@
 - `RetryPolicy`: when no route can be completed (blocks missing, everyone banned), the
   client waits and retries with jittered exponential delays until a deadline it was given,
   then gives up and reports the missing blocks.
+- `PassDeadline`: one deadline for all the re-routing of a pass without a session (a forward
+  or backward pass, all its chunks), so servers that keep failing cannot keep it going.
 - `splice_route`: after re-routing exactly the failed range, put the replacement in place.
 
 Pure: no asyncio, no clock (`now` is passed in), randomness injected.
@@ -144,6 +146,30 @@ class RetryPolicy:
         if wake_at is not None and now <= wake_at:
             delay = min(delay, wake_at - now)
         return max(0.0, min(delay, deadline - now))
+
+
+@dataclass(slots=True)
+class PassDeadline:
+    """The recovery deadline of one pass: `timeout` after its first failure, shared by every
+    later failure and re-route of the pass (as an inference session's opening shares one), so
+    a pass whose servers keep failing gives up instead of retrying on and on."""
+
+    timeout: float
+    began: float | None = None  # the first failure
+
+    @property
+    def deadline(self) -> float | None:
+        """None until a failure started the recovery."""
+        return None if self.began is None else self.began + self.timeout
+
+    def failed(self, now: float) -> float | None:
+        """A failure at `now`: the deadline to re-route by, or None if it has passed (give up).
+        The first failure always gets one attempt."""
+        if self.began is None:
+            self.began = now
+            return now + self.timeout
+        deadline = self.began + self.timeout
+        return deadline if now < deadline else None
 
 
 def splice_route(

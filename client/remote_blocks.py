@@ -31,7 +31,8 @@ from client.inference import (
     SessionConfig,
     SessionTuning,
 )
-from client.recovery import BanList, RetryPolicy, splice_route
+from client.padding import token_mask
+from client.recovery import BanList, PassDeadline, RetryPolicy, splice_route
 from client.routing import (
     MissingBlocksError,
     RouteNeeds,
@@ -45,6 +46,11 @@ from overlay.identity import PeerId
 from overlay.streams import ConnectionLost, StreamClosed
 
 log = logging.getLogger(__name__)
+
+# Ours: batch x length of one forward request; half of what servers take by default
+# (blocks.server.ServingConfig.max_request_tokens, 16384), so a large batch is split, not
+# refused. A single longer row still goes whole (and the server says it is too long).
+FORWARD_CHUNK_TOKENS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,7 @@ class RemoteBlocks:
                               banned=frozenset(), measure: bool = True) -> list[RouteSpan]:
         """Minimum-latency route; `measure=False` (recovery, in a hurry) uses only round-trip
         times measured earlier instead of pinging servers now (up to PING_TIMEOUT each)."""
+        self._check_range(start, end)  # before view.covering(b) reads past the last block
         needs = needs or RouteNeeds()
         view = await self.view()
         covering = {s.peer_id for b in range(start, end) for s in view.covering(b)
@@ -95,6 +102,10 @@ class RemoteBlocks:
         return planner.inference_route(start, end, client_rtts=rtts, banned=banned,
                                        needs=needs)
 
+    def _check_range(self, start: int, end: int) -> None:
+        if not 0 <= start <= end <= self.num_blocks:
+            raise ValueError(f"block range [{start}, {end}) not in [0, {self.num_blocks})")
+
     async def forward_route(self, start: int, end: int, banned=frozenset(),
                             needs: RouteNeeds | None = None) -> list[RouteSpan]:
         view = await self.view()
@@ -105,10 +116,37 @@ class RemoteBlocks:
 
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run full sequences through blocks [start, end) (no cache). A span whose server
-        fails is banned and re-run on a route found again for exactly its blocks."""
+        """Run full sequences through blocks [start, end) (no cache). A batch of more than
+        FORWARD_CHUNK_TOKENS is split by rows, the chunks run concurrently (each on its own
+        route). A span whose server fails is banned and re-run on a route found again for
+        exactly its blocks; all of that within one recovery_timeout from the pass's first
+        failure (then BlocksUnavailableError)."""
         end = self.num_blocks if end is None else end
         dtype = hidden.dtype
+        if attention_mask is not None:  # servers take integers: 0/1 floats are converted
+            attention_mask = token_mask(attention_mask)
+        recovery = PassDeadline(self.config.recovery_timeout)
+        rows = hidden.shape[0] if hidden.ndim != 3 else \
+            max(1, FORWARD_CHUNK_TOKENS // max(1, hidden.shape[1]))
+        if hidden.ndim != 3 or hidden.shape[0] <= rows:
+            out = await self._forward_rows(hidden, start, end, attention_mask, recovery)
+            return out.to(dtype)  # servers may run another precision
+        tasks = [asyncio.ensure_future(self._forward_rows(
+            hidden[r:r + rows], start, end,
+            None if attention_mask is None else attention_mask[r:r + rows], recovery))
+            for r in range(0, hidden.shape[0], rows)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except BaseException:  # the first failure ends the others: their results are lost
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return torch.cat(outs, dim=0).to(dtype)
+
+    async def _forward_rows(self, hidden: torch.Tensor, start: int, end: int,
+                            attention_mask: torch.Tensor | None,
+                            recovery: PassDeadline) -> torch.Tensor:
         route = await self._forward_route_retrying(start, end, patient=False)
         index = 0
         while index < len(route):
@@ -135,17 +173,24 @@ class RemoteBlocks:
                 hidden = hidden_out
                 index += 1
                 continue
-            self.bans.ban(span.peer_id, time.monotonic())
+            now = time.monotonic()
+            self.bans.ban(span.peer_id, now)
+            deadline = recovery.failed(now)
+            if deadline is None:
+                raise give_up(span, now - recovery.began, failure)
             log.warning("forward on %s[%d:%d) failed: %s; re-routing", span.peer_id[-6:],
                         span.start, span.end, failure)
-            replacement = await self._forward_route_retrying(span.start, span.end)
+            replacement = await self._forward_route_retrying(span.start, span.end,
+                                                             deadline=deadline)
             route = splice_route(route, index, replacement)
-        return hidden.to(dtype)  # servers may run another precision
+        return hidden
 
     async def _forward_route_retrying(self, start: int, end: int, patient: bool = True,
-                                      needs: RouteNeeds | None = None) -> list[RouteSpan]:
+                                      needs: RouteNeeds | None = None,
+                                      deadline: float | None = None) -> list[RouteSpan]:
         return await self._route_retrying(
-            lambda banned: self.forward_route(start, end, banned=banned, needs=needs), patient)
+            lambda banned: self.forward_route(start, end, banned=banned, needs=needs), patient,
+            deadline)
 
     async def _route_retrying(self, plan, patient: bool,
                               deadline: float | None = None) -> list[RouteSpan]:
@@ -155,9 +200,10 @@ class RemoteBlocks:
 
         Not `patient` (a first route while no server of this client is banned, e.g. a model
         nobody serves): one retry on a fresh view, then the MissingBlocksError itself."""
+        began = time.monotonic()
         if deadline is None:
-            deadline = time.monotonic() + self.config.recovery_timeout
-        patient = patient or bool(self.bans.banned(time.monotonic()))
+            deadline = began + self.config.recovery_timeout
+        patient = patient or bool(self.bans.banned(began))
         attempt = 0
         while True:
             now = time.monotonic()
@@ -171,9 +217,9 @@ class RemoteBlocks:
                 now = time.monotonic()
                 delay = self._retry.next_delay(attempt, now, deadline,
                                                wake_at=self.bans.next_unban(now))
-                if delay is None:
+                if delay is None:  # what was waited: a caller's deadline may leave less
                     raise BlocksUnavailableError(
-                        e.missing, f"{e} (waited {self.config.recovery_timeout:g} s)") from e
+                        e.missing, f"{e} (waited {now - began:.1f} s)") from e
                 attempt += 1
                 await asyncio.sleep(delay)
 
@@ -228,6 +274,16 @@ class RemoteBlocks:
 # shutting down or overloaded): another server may. Any other code refuses the request itself.
 _SERVER_FAULTS = frozenset({protocol.UNKNOWN_MODEL, protocol.BAD_RANGE, protocol.OVERLOADED,
                             "deadline_exceeded", "unknown_method"})
+
+
+def give_up(span: RouteSpan, waited: float, failure: BaseException) -> BlocksUnavailableError:
+    """The error of a pass whose recovery deadline passed with `span` failing again."""
+    error = BlocksUnavailableError(
+        list(range(span.start, span.end)),
+        f"could not run blocks [{span.start}, {span.end}) after {waited:.1f} s of re-routing: "
+        f"{span.peer_id[-6:]} failed with {failure}")
+    error.__cause__ = failure
+    return error
 
 
 class _BadAnswer(RuntimeError):

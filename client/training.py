@@ -13,7 +13,8 @@ it was sent; the client sums those over chunks.
 - Failures: a server that fails (lost connection, timeout, malformed answer, a stale route:
   the codes of RemoteBlocks) is banned and its span re-run on a route found again for exactly
   its blocks (client/recovery.py, as for forward). In backward the replacement chain first
-  recomputes the span's inner boundaries by forward, then runs backward through them.
+  recomputes the span's inner boundaries by forward, then runs backward through them. One
+  recovery deadline per pass (`recovery_timeout` after its first failure, all chunks).
 - Tuning: deep prompts and a LoRA snapshot go with each request (the LoRA uploaded once per
   server and content digest, `blocks.lora_put`; re-uploaded if the server evicted it), or a
   hosted adapter is named and routing keeps to servers that announce it.
@@ -33,8 +34,9 @@ import torch
 import tensor_wire
 from blocks import protocol
 from client.lora import LoraSnapshot
-from client.recovery import splice_route
-from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks, _BadAnswer
+from client.padding import token_mask
+from client.recovery import PassDeadline, splice_route
+from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks, _BadAnswer, give_up
 from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
 from overlay.host import RemoteError
 from overlay.identity import PeerId
@@ -167,10 +169,14 @@ class SwarmTrainer:
         end = self.blocks.num_blocks if end is None else end
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.numel() == 0:
             raise ValueError("hidden states must be a non-empty [batch, length, hidden] tensor")
+        if attention_mask is not None:  # servers take integers: 0/1 floats are converted
+            attention_mask = token_mask(attention_mask)
         chunks = self._chunks(hidden, attention_mask, tuning.prompts)
+        recovery = PassDeadline(self.blocks.config.recovery_timeout)
         try:
             results = await _all_or_cancel(
-                self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep)
+                self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep,
+                                    recovery)
                 for c in chunks)
         except MissingBlocksError:
             if tuning.adapter is not None:
@@ -196,19 +202,23 @@ class SwarmTrainer:
 
     async def _forward_chunk(self, hidden: torch.Tensor, chunk: _Chunk, tuning: Tuning,
                              start: int, end: int, keep: bool,
-                             patient: bool = False) -> torch.Tensor:
-        runs = await self._forward_runs(hidden, chunk, tuning, start, end, keep, patient)
+                             recovery: PassDeadline) -> torch.Tensor:
+        runs = await self._forward_runs(hidden, chunk, tuning, start, end, keep, False,
+                                        recovery)
         hidden = runs.pop()
         if keep:
             chunk.runs = runs  # type: ignore[assignment]
         return hidden
 
     async def _forward_runs(self, hidden: torch.Tensor, chunk: _Chunk, tuning: Tuning,
-                            start: int, end: int, keep: bool, patient: bool) -> list:
-        """[_Run per span..., output]: the route's spans with their inputs, then the output."""
+                            start: int, end: int, keep: bool, patient: bool,
+                            recovery: PassDeadline) -> list:
+        """[_Run per span..., output]: the route's spans with their inputs, then the output.
+        Re-routing keeps to the pass's `recovery` deadline."""
         needs = tuning.needs
         route = await self.blocks._forward_route_retrying(start, end, patient=patient,
-                                                          needs=needs)
+                                                          needs=needs,
+                                                          deadline=recovery.deadline)
         runs: list = []
         index = 0
         while index < len(route):
@@ -216,9 +226,9 @@ class SwarmTrainer:
             try:
                 out = await self._forward_span(span, hidden, chunk, tuning)
             except _ServerFault as fault:
-                self._failed(fault, "forward")
+                deadline = self._failed(fault, "forward", recovery)
                 replacement = await self.blocks._forward_route_retrying(
-                    span.start, span.end, needs=needs)
+                    span.start, span.end, needs=needs, deadline=deadline)
                 route = splice_route(route, index, replacement)
                 continue
             if keep:
@@ -248,26 +258,29 @@ class SwarmTrainer:
         prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
         lora: dict[tuple[int, str], list[torch.Tensor]] = {}
         sums = _Sums(prompts, lora)
+        recovery = PassDeadline(self.blocks.config.recovery_timeout)
         results = await _all_or_cancel(
             self._backward_runs(chunk.runs, grad_output[chunk.rows[0]:chunk.rows[1]].to(
-                chunk.runs[0].inputs.dtype), chunk, tuning, sums)
+                chunk.runs[0].inputs.dtype), chunk, tuning, sums, recovery)
             for chunk in record.chunks)
         hidden = torch.cat(results, dim=0) if len(results) > 1 else results[0]
         return Gradients(hidden, sums.prompts, sums.lora)
 
     async def _backward_runs(self, runs: list[_Run], grad: torch.Tensor, chunk: _Chunk,
-                             tuning: Tuning, sums: _Sums) -> torch.Tensor:
+                             tuning: Tuning, sums: _Sums, recovery: PassDeadline
+                             ) -> torch.Tensor:
         for run in reversed(runs):
             try:
                 grad_in, extra = await self._backward_span(run, grad, chunk, tuning)
             except _ServerFault as fault:
-                self._failed(fault, "backward")
+                self._failed(fault, "backward", recovery)
                 # Another chain for exactly these blocks: recompute its inner boundaries,
                 # then run backward through it (which may fail over again, recursively).
                 sub_runs = await self._forward_runs(run.inputs, chunk, tuning, run.span.start,
-                                                    run.span.end, keep=True, patient=True)
+                                                    run.span.end, True, True, recovery)
                 sub_runs.pop()
-                grad = await self._backward_runs(sub_runs, grad, chunk, tuning, sums)
+                grad = await self._backward_runs(sub_runs, grad, chunk, tuning, sums,
+                                                 recovery)
                 continue
             sums.add(run.span, chunk, extra, tuning)
             grad = grad_in
@@ -382,11 +395,18 @@ class SwarmTrainer:
             return {"lora": meta["digest"]}
         return uploaded
 
-    def _failed(self, fault: _ServerFault, what: str) -> None:
-        self.blocks.bans.ban(fault.span.peer_id, time.monotonic())
+    def _failed(self, fault: _ServerFault, what: str, recovery: PassDeadline) -> float:
+        """Ban the failed server; the deadline to re-route by, or BlocksUnavailableError when
+        the pass's recovery deadline has passed."""
+        now = time.monotonic()
+        self.blocks.bans.ban(fault.span.peer_id, now)
+        deadline = recovery.failed(now)
+        if deadline is None:
+            raise give_up(fault.span, now - recovery.began, fault.error)
         self.recoveries += 1
         log.warning("%s on %s failed: %s; re-routing", what, fault.span.peer_id[-6:],
                     fault.error)
+        return deadline
 
 
 async def _all_or_cancel(coros: Iterable[Awaitable]) -> list:

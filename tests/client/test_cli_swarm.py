@@ -251,6 +251,20 @@ def test_demo_runs_and_checks_itself(tmp_path):
     assert time.monotonic() - began < 300
 
 
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-new-tokens", "-1"), ("--max-new-tokens", "x"), ("--temperature", "0"),
+    ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-3"),
+    ("--seed", str(1 << 64)), ("--seed", "x"),
+])
+def test_generate_refuses_bad_numbers_while_parsing(model_dir, option, value):
+    """Exit 2 with argparse's line, before dialing (the address is never dialed): they used to
+    be refused with exit 1 after joining the swarm, and a seed past 2**64 with a traceback."""
+    bad = run_cli("generate", str(model_dir), "--bootstrap", "/ip4/127.0.0.1/tcp/1",
+                  "--input-ids", "5,6", "--sample", option, value, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"argument {option}" in bad.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize("count", ["0", "-1", "x"])
 def test_demo_refuses_a_bad_token_count_before_starting(tmp_path, count):
     """Refused while parsing: -1 used to start the whole swarm, then end in a traceback."""

@@ -360,6 +360,48 @@ class TestLlama(_Exactness):
                 model.generate(ids, max_new_tokens=2, return_dict_in_generate=True,
                                **{flag: True})
 
+    def test_a_forward_larger_than_a_servers_request_limit_is_split(self, model, reference):
+        """17500 tokens: servers take 16384 in one request; it was refused (bad_input)."""
+        ids = prompts(70, 250, seed=17)
+        with torch.no_grad():
+            expected = reference(ids).logits
+        assert max_diff(model(input_ids=ids).logits, expected) <= TOLERANCE
+
+    def test_float_and_bool_masks_are_taken_like_transformers_takes_them(self, model, reference,
+                                                                         swarm):
+        """transformers' causal LMs take 0.0/1.0 float masks (and booleans): so do forward,
+        generate and the asyncio API, with the results of the integer mask; other values are
+        a clear ValueError, not a guess."""
+        ids = prompts(2, 7, seed=16)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        expected = reference.generate(ids, attention_mask=mask, **settings)
+        with torch.no_grad():
+            logits = reference(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        for dtype in (torch.float32, torch.float16, torch.bool):
+            typed = mask.to(dtype)
+            assert torch.equal(model.generate(ids, attention_mask=typed, **settings), expected)
+            got = model(input_ids=ids, attention_mask=typed).logits
+            assert max_diff(got[real], logits[real]) <= TOLERANCE, dtype
+        model_dir, local_swarm = swarm
+
+        async def run():
+            async with await RemoteModel.open(model_dir, [local_swarm.bootstrap]) as remote:
+                got = await remote.logits(ids, attention_mask=mask.float())
+                return got, await remote.generate(ids, attention_mask=mask.float(), **settings)
+
+        got, tokens = asyncio.run(run())
+        assert max_diff(got[real], logits[real]) <= TOLERANCE
+        assert torch.equal(tokens, expected)
+        for bad in (mask * 0.5, mask * 2, torch.full_like(mask, float("nan"), dtype=torch.float)):
+            with pytest.raises(ValueError, match=r"only 0 \(padding\) and 1"):
+                model(input_ids=ids, attention_mask=bad)
+            with pytest.raises(ValueError, match=r"only 0 \(padding\) and 1"):
+                model.generate(ids, attention_mask=bad, **settings)
+
     def test_assisted_decoding_matches_local(self, model, reference):
         """Prompt lookup and an assistant model: the session rolls back the rejected draft
         tokens (transformers 5.24 crops by `-rejected`, 0 when every draft was accepted)."""
@@ -464,6 +506,24 @@ class TestBadInput(_Served):
         with pytest.raises(RemoteError) as caught:
             model._run(too_long())
         assert caught.value.code in (TOO_LONG, BAD_INPUT) and "max" in str(caught.value)
+        # the asyncio generate: refused before any step (it failed after three, tokens lost)
+        steps = []
+
+        async def short_session(**where):
+            return await model.remote.generate(ids[:, :2], max_new_tokens=5,
+                                               on_tokens=steps.append, **where)
+
+        with pytest.raises(ModelInputError, match="max_length >= 6, not 3"):
+            model._run(short_session(max_length=3))
+
+        async def in_short_session():
+            async with await model.remote.inference_session(1, 4) as session:
+                return await short_session(session=session)
+
+        with pytest.raises(ModelInputError, match="max_length >= 6, not 4"):
+            model._run(in_short_session())
+        assert steps == []
+        assert model._run(short_session(max_length=6)).shape == (1, 7)  # exactly enough
         self.check_still_serving(model, reference)
 
     def test_steps_on_a_closed_session(self, model, reference):
@@ -478,6 +538,10 @@ class TestBadInput(_Served):
         self.check_still_serving(model, reference)
 
     def test_bad_session_arguments(self, model):
+        remote = model.remote
+        for start, end in ((0, NUM_LAYERS + 3), (-1, 2), (3, 1)):  # past the end: IndexError
+            with pytest.raises(ValueError, match=rf"block range \[{start}, {end}\) not in"):
+                model._run(remote.open_blocks_session(1, 8, start, end))
         with pytest.raises(TypeError, match="RemoteSessionCache"):
             from transformers import DynamicCache
 
@@ -509,6 +573,24 @@ class TestBadInput(_Served):
         with pytest.raises(InferenceError, match="closed"):
             model(input_ids=prompts(1, 1, seed=28), past_key_values=session)
         model.close()  # idempotent
+        # sessions of open_blocks_session are closed with their model (they stayed open, the
+        # servers' caches taken, when the swarm was shared)
+        from client.swarm import SwarmClient
+
+        async def blocks_session_left_open():
+            swarm = await SwarmClient.connect([local_swarm.bootstrap])
+            try:
+                shared = await RemoteModel.open(model_dir, swarm=swarm)
+                session = await shared.open_blocks_session(1, 8, 0, 2)
+                await session.step(torch.randn(1, 2, HIDDEN_SIZE))
+                await shared.close()
+                with pytest.raises(InferenceError, match="closed"):
+                    await session.step(torch.randn(1, 1, HIDDEN_SIZE))
+                return session
+            finally:
+                await swarm.close()
+
+        assert asyncio.run(blocks_session_left_open())._closed
         # a model that is dropped without close() is closed by the garbage collector
         dropped = DistributedModelForCausalLM.from_pretrained(
             model_dir, bootstrap=local_swarm.bootstrap)

@@ -8,9 +8,13 @@ Every swarm is a LocalSwarm, stopped (its processes killed by pid) when its fixt
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import random
+import re
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -163,6 +167,35 @@ async def test_a_replacement_gets_the_replay_in_the_reordered_rows(swarm, model_
         assert (a - b).abs().max().item() <= 1e-4
     # both rows now continue row 1 (without the reorder they would differ)
     assert (clean[-1][0] - clean[-1][1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+async def test_a_replaced_span_and_its_replay_inputs_are_let_go(swarm, model_dir):
+    """The session's mailbox held every replaced span (with the inputs it kept for replay:
+    the whole history of its blocks) until the session ended, one more per recovery."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 4)
+        session = await model.blocks.inference_session(1, 16)
+        await session.step(torch.randn(1, 4, model.config.hidden_size))
+        victim = next(s for s in session.spans if s.start <= 2 < s.end)
+        assert victim.push_token is not None  # its messages went through the mailbox
+        gone = weakref.ref(victim)
+        victim._stream.reset("test: injected failure")
+        del victim
+        quiet = logging.getLogger("client.inference")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # pytest keeps the records (their errors hold the span)
+        try:
+            await session.step(torch.randn(1, 1, model.config.hidden_size))
+        finally:
+            quiet.setLevel(level)
+        assert len(session.recoveries) == 1
+        gc.collect()
+        assert gone() is None
+        await session.close()
+    finally:
+        await model.close()
 
 
 @pytest.mark.slow
@@ -339,12 +372,15 @@ async def test_opening_a_session_waits_one_recovery_timeout_in_all(swarm, model_
             if peer != victim and other.start < info.end and info.start < other.end:
                 blocks.bans.ban(peer, now + 600)  # every replacement: banned throughout
         began = time.monotonic()
-        with pytest.raises(BlocksUnavailableError):
+        with pytest.raises(BlocksUnavailableError) as caught:
             await blocks.inference_session(1, 16)
         waited = time.monotonic() - began
     finally:
         await model.close()
     assert 3.0 <= waited < 5.5  # it was 7: 3 s for the route, then 4 for the recovery
+    # the message says what the recovery waited (the deadline's rest), not "within 4 s"
+    said = re.search(r"after (\d+\.\d) s", str(caught.value))
+    assert said is not None and float(said.group(1)) < 3.0, str(caught.value)
 
 
 @pytest.mark.slow
@@ -377,6 +413,90 @@ async def test_missing_blocks_are_named_after_the_deadline(swarm, model_dir):
     assert 2.0 <= waited < 6.0
     # named for the range being re-routed when it ran out: a failed span's, or all of [0, 4)
     assert forward_error.value.missing in ([2], [3], [2, 3])
+
+
+# -- sessions larger than one request -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def roomy_swarm(model_dir, tmp_path_factory):
+    """Servers with room for 20000 cache tokens: more than one request may carry (16384)."""
+    local = LocalSwarm(model_dir, [(0, 2), (2, NUM_LAYERS), (2, NUM_LAYERS)],
+                       extra_serve_args=("--cache-tokens", "20000"),
+                       log_dir=tmp_path_factory.mktemp("roomy-logs"))
+    with local:
+        yield local
+
+
+@pytest.mark.slow
+async def test_a_prompt_and_a_replay_larger_than_a_request_are_sent_in_pieces(roomy_swarm,
+                                                                             model_dir,
+                                                                             reference):
+    """A 20 x 900 prompt (18000 positions) was refused ('exceed 16384'), and so would be the
+    replay of such a session into a replacement server; both go as several steps now, with
+    the tokens of transformers' generate."""
+    ids = torch.randint(LOW, HIGH, (20, 900), generator=torch.Generator().manual_seed(40))
+    with torch.no_grad():
+        expected = reference.generate(ids, max_new_tokens=3, do_sample=False)
+    model = await RemoteModel.open(model_dir, [roomy_swarm.bootstrap])
+    try:
+        await wait_until_visible(model, 3)
+        failed = []
+
+        def fail_once(_chosen):  # after the prompt: the next step replays it
+            if not failed:
+                session = model._last_session
+                failed.append(next(s for s in session.spans if s.start == 2))
+                failed[0]._stream.reset("test: injected failure")
+
+        got = await model.generate(ids, max_new_tokens=3, on_tokens=fail_once)
+        assert len(model._last_session.recoveries) == 1
+        assert model._last_session.recoveries[0].replayed == 900  # 18000 positions
+    finally:
+        await model.close()
+    assert torch.equal(got, expected)
+
+
+# -- passes without a session whose servers keep failing -------------------------------------
+
+@pytest.fixture(scope="module")
+def failing_swarm(model_dir, tmp_path_factory):
+    """[2, 4) served by one server only, killed by the test that uses it (still announced)."""
+    local = LocalSwarm(model_dir, [(0, 2), (2, NUM_LAYERS)],
+                       log_dir=tmp_path_factory.mktemp("failing-logs"))
+    with local:
+        yield local
+
+
+@pytest.mark.slow
+async def test_passes_whose_server_keeps_failing_give_up_at_one_deadline(failing_swarm,
+                                                                        model_dir):
+    """The only server of blocks [2, 4) dies and stays announced; its bans are short, so a
+    route to it is found again and again. Forward, a training forward and a backward each
+    give up one recovery_timeout after the first failure; they used to retry forever (each
+    re-route started a timeout of its own)."""
+    from client.training import SwarmTrainer
+
+    model = await RemoteModel.open(model_dir, [failing_swarm.bootstrap])
+    try:
+        blocks = RemoteBlocks(model.swarm, model.model_id, NUM_LAYERS,
+                              ClientConfig(recovery_timeout=2.0))
+        blocks.bans = BanList(BanConfig(base=0.2, max_ban=0.4))
+        trainer = SwarmTrainer(blocks)
+        hidden = torch.randn(2, 5, model.config.hidden_size)
+        _, record = await trainer.forward(hidden)
+        failing_swarm.kill_server(1)
+        passes = {"forward": lambda: blocks.forward(hidden),
+                  "training forward": lambda: trainer.forward(hidden),
+                  "backward": lambda: trainer.backward(record, torch.ones_like(hidden))}
+        for name, run in passes.items():
+            began = time.monotonic()
+            with pytest.raises(BlocksUnavailableError, match=r"blocks (2-3|\[2, 4\))") as caught:
+                await asyncio.wait_for(run(), 15.0)
+            waited = time.monotonic() - began
+            assert 2.0 <= waited < 5.0, (name, waited)
+            assert caught.value.missing == [2, 3], name
+    finally:
+        await model.close()
 
 
 # -- chaos --------------------------------------------------------------------------------------

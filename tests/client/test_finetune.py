@@ -308,6 +308,32 @@ def test_generation_with_prompts_matches_local(swarm, reference, mode):
     assert not torch.equal(new[:, -10:], other[:, -10:])
 
 
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_left_padded_rows_train_the_prompts_where_generation_uses_them(swarm, mode):
+    """Generation puts a padded row's tokens right after the prompts (its positions skip the
+    padding); a full pass used to put the padding between them, so the prompts were trained
+    at other distances (logits off by ~2 here) than generation uses them."""
+    row = token_batch(1, 4, seed=30)
+    ids = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), row], dim=1),
+                     token_batch(1, 6, seed=31)])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with open_model(swarm, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN) as model:
+        if mode == "deep_ptune":
+            with torch.no_grad():
+                model.tuning.ptune.intermediate_prompt_embeddings.normal_(0, 0.3)
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        with torch.no_grad():
+            alone = model(input_ids=row).logits
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=1,
+                                   do_sample=False, pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)
+        padded.sum().backward()  # the gradients flow back through the reordering
+        assert model.tuning.ptune.prompt_embeddings.grad is not None
+    assert relative_error(padded[0, 2:].detach(), alone[0]) <= GRAD_TOLERANCE
+    assert relative_error(generated.logits[0], padded[:, -1].detach()) <= GRAD_TOLERANCE
+
+
 class PrefillPromptHooks(PromptHooks):
     """Deep prompts during local generation: only the first pass (the prefill) holds the
     prefix positions; decoding steps come after them."""

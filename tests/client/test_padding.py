@@ -35,10 +35,18 @@ def test_padding_is_sent_with_its_positions_and_counted_out_of_position_ids() ->
 
 @pytest.mark.parametrize(("mask", "message"), [
     (torch.ones(2, 3, dtype=torch.long), "shape"),
-    (torch.ones(2, 4), "integers or booleans"),
+    (torch.full((2, 4), 0.5), "only 0"),
     (torch.full((2, 4), 2), "only 0"),
+    (torch.ones(2, 4, dtype=torch.complex64), "not torch.complex64"),
     ([[1, 1, 1, 1]] * 2, "shape"),
 ])
 def test_bad_masks_are_refused(mask, message) -> None:
     with pytest.raises(ModelInputError, match=message):
         PaddingMask(2, 16).check(mask, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int8])
+def test_masks_of_zeros_and_ones_of_any_dtype_are_taken(dtype) -> None:
+    """As transformers takes them: 0.0/1.0 floats are the integer mask."""
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(PaddingMask(2, 16).check(mask.to(dtype), 4), mask)

@@ -163,6 +163,26 @@ async def test_a_generate_cancelled_twice_still_closes_its_sessions(swarm, model
 
 
 @pytest.mark.slow
+async def test_closing_waits_for_the_push_readers_to_end(swarm, model_dir):
+    """After `await close()` (of a session, or of the model with sessions open) no reader
+    task of a push chain is left pending: they were only cancelled, and could outlive the
+    session, or their loop ("Task was destroyed but it is pending")."""
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    try:
+        await wait_until_visible(model, len(SPANS))
+        readers = []
+        for closing in ("session", "model"):
+            session = await model.inference_session(max_length=16)
+            await session.step(prompt(4))
+            readers = [span._reader for span in session.blocks_session.spans]
+            assert all(reader is not None and not reader.done() for reader in readers)
+            await (session.close() if closing == "session" else model.close())
+            assert all(reader.done() for reader in readers), closing
+    finally:
+        await model.close()
+
+
+@pytest.mark.slow
 async def test_push_target_killed_mid_generation(swarm, model_dir, reference):
     """Last on this swarm: SIGKILLs the middle server, the first server's push target."""
     ids, new_tokens, kill_after = prompt(11), 32, 10

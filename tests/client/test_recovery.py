@@ -14,6 +14,7 @@ from client.recovery import (
     BAN_STREAK_MEMORY,
     RETRY_MAX_BACKOFF,
     BanList,
+    PassDeadline,
     RetryPolicy,
     splice_route,
 )
@@ -162,3 +163,14 @@ def test_client_loses_a_server_and_recovers_within_its_deadline():
                 attempt += 1
     assert err.value.missing == [6, 7]
     assert now == deadline
+
+
+def test_a_pass_deadline_starts_at_the_first_failure_and_is_shared():
+    recovery = PassDeadline(timeout=10.0)
+    assert recovery.deadline is None
+    assert recovery.failed(100.0) == 110.0  # the first failure always gets an attempt
+    assert recovery.failed(105.0) == 110.0  # later ones: the same deadline, not 115
+    assert recovery.deadline == 110.0
+    assert recovery.failed(110.0) is None  # passed: give up
+    late = PassDeadline(timeout=10.0)
+    assert late.failed(500.0) == 510.0
