@@ -74,6 +74,7 @@ _PING_RESPONSE = PingResponse()
 _PEERS_ALLOWANCE = 64 * 1024
 # At most this many buckets are refreshed by one periodic refresh.
 _MAX_REFRESH_TARGETS = 32
+_INF = float("inf")
 
 
 class DHTProtocolError(ValueError):
@@ -303,7 +304,7 @@ class DHTNode:
 
     def handle_request(self, sender: PeerId, request: Request, now: float) -> Response:
         """Answer `request` from the authenticated peer `sender`."""
-        if sender == self.peer_id:
+        if sender.raw == self.peer_id.raw:  # PeerId's dataclass __eq__ is a Python call
             raise DHTProtocolError("request from ourselves")
         sender_id = node_id_of(sender.raw)
         kind = type(request)
@@ -355,7 +356,7 @@ class DHTNode:
 
     def _saw(self, contact: Contact, now: float, may_ping: bool = True) -> None:
         outcome = self.table.add_or_update(contact, now, may_ping=may_ping)
-        if isinstance(outcome, PingLeastRecent):
+        if type(outcome) is PingLeastRecent:  # rare: most sightings update or add
             self._run(PingOperation(self, self._new_op_id(), outcome.contact, now), now)
 
     # -- results of our requests -----------------------------------------------------------
@@ -472,14 +473,14 @@ class DHTNode:
             elif what.armed_at == when and what.op_id in self._active:  # type: ignore[union-attr]
                 break
             heappop(timers)
-        best = timers[0][0] if timers else float("inf")
+        best = timers[0][0] if timers else _INF
         if self.serves:
             d = self.table.next_refresh_at()
             if d is not None and d < best:
                 best = d
         if self._owned_next is not None and self._owned_next < best:
             best = self._owned_next
-        return None if best == float("inf") else best
+        return None if best == _INF else best
 
     # -- republishing (Kademlia 2.5: the owner keeps its records alive) -----------------------
 
