@@ -91,6 +91,7 @@ class ClosestPeersLookup:
         "_parallelism",
         "_settled",
         "_settled_answered",
+        "_waiting",
         "alpha",
         "k",
         "max_candidates",
@@ -139,6 +140,9 @@ class ClosestPeersLookup:
         # them (a new, closer peer) shortens the run (`_unsettle`).
         self._settled = 0
         self._settled_answered = 0
+        # The last Waiting handed out: nine walks in ten wait for the same deadline as the
+        # one before, and the (immutable) answer is then the same object.
+        self._waiting: Waiting | None = None
         self.requests_sent = 0
         by_id = self._by_id
         for contact in seeds:  # built in bulk: one sort instead of an insertion per seed
@@ -292,7 +296,10 @@ class ClosestPeersLookup:
             hedge_at = self._hedge_at
             if hedge_at is not None and hedge_at < earliest:
                 earliest = hedge_at
-            return out, Waiting(earliest)
+            waiting = self._waiting
+            if waiting is None or waiting.deadline != earliest:
+                waiting = self._waiting = Waiting(earliest)
+            return out, waiting
         self._finished = True
         return [], FINISHED
 
