@@ -230,16 +230,18 @@ class SimDHT:
             back = now + self.network.rtt(sender.index, there)
             self.sim.at(back, self._fail, sender, sender.epoch, effect.req_id)
             return
-        arrival = self.network.transfer(sender.index, target.index, size, now)
+        # one delay for the pair, for the request and whatever comes back
+        delay = self.network.one_way(sender.index, target.index)
+        arrival = self.network.transfer(sender.index, target.index, size, now, delay)
         if arrival is None:
             return  # lost: the requester's timeout fires
         self.sim.at(
-            arrival, self._deliver, sender, sender.epoch, target, target.epoch, effect
+            arrival, self._deliver, sender, sender.epoch, target, target.epoch, effect, delay
         )
 
     def _deliver(
         self, sender: SimPeer, sender_epoch: int, target: SimPeer, target_epoch: int,
-        effect: SendRequest,
+        effect: SendRequest, delay: float,
     ) -> None:
         core = target.dht
         if core is None or target.epoch != target_epoch:
@@ -247,20 +249,18 @@ class SimDHT:
             # which knows nothing of the old connection).
             if core is None and target.silent:
                 return
-            back = self.sim.now + self.network.one_way(target.index, sender.index)
-            self.sim.at(back, self._fail, sender, sender_epoch, effect.req_id)
+            self.sim.at(self.sim.now + delay, self._fail, sender, sender_epoch, effect.req_id)
             return
         now = self.sim.now
         try:
             response = core.handle_request(sender.peer_id, effect.request, now)
         except DHTProtocolError:
             self.protocol_errors += 1
-            back = now + self.network.one_way(target.index, sender.index)
-            self.sim.at(back, self._fail, sender, sender_epoch, effect.req_id)
+            self.sim.at(now + delay, self._fail, sender, sender_epoch, effect.req_id)
             return
         self.after_input(target)
         size = response_size(response) if self.driver.exact_sizes else 512
-        arrival = self.network.transfer(target.index, sender.index, size, now)
+        arrival = self.network.transfer(target.index, sender.index, size, now, delay)
         if arrival is not None:
             self.sim.at(arrival, self._respond, sender, sender_epoch, effect.req_id, response)
 

@@ -203,8 +203,13 @@ class NetworkModel:
     def rtt(self, a: int, b: int) -> float:
         return 2.0 * self.one_way(a, b)
 
-    def transfer(self, src: int, dst: int, size: int, now: float) -> float | None:
-        """Send `size` bytes from `src` to `dst` now: the arrival time, or None if dropped."""
+    def transfer(
+        self, src: int, dst: int, size: int, now: float, delay: float | None = None
+    ) -> float | None:
+        """Send `size` bytes from `src` to `dst` now: the arrival time, or None if dropped.
+
+        `delay`: the pair's `one_way(src, dst)` when the caller has it already (a request
+        and its answer travel the same pair, and the delay is symmetric)."""
         self.messages += 1
         self.bytes_sent += size
         start = self.busy_until[src]
@@ -215,7 +220,9 @@ class NetworkModel:
             rate = self.down[dst]
         done = start + size / rate
         self.busy_until[src] = done
-        arrival = done + self.one_way(src, dst)
+        if delay is None:
+            delay = self.one_way(src, dst)
+        arrival = done + delay
         loss = self._loss
         if not loss:
             return arrival
@@ -223,7 +230,7 @@ class NetworkModel:
             self.lost += 1
             if self.config.loss_mode == "drop":
                 return None
-            rto = max(TCP_RTO_MIN, 2.0 * self.rtt(src, dst))
+            rto = max(TCP_RTO_MIN, 2.0 * (2.0 * delay))  # twice the round trip
             while True:  # every retransmission may be lost again; the timeout doubles
                 arrival += rto
                 rto *= 2.0

@@ -89,6 +89,9 @@ class ClosestPeersLookup:
         "_min_deadline",
         "_no_progress",
         "_parallelism",
+        "_settled",
+        "_settled_answered",
+        "_waiting",
         "alpha",
         "k",
         "max_candidates",
@@ -131,6 +134,15 @@ class ClosestPeersLookup:
         self._hedge_at: float | None = None
         self._no_progress = 0
         self._finished = False
+        # The leading candidates that are all settled for good (SUCCEEDED or FAILED: states
+        # no input changes again), and how many of them answered. A walk over the candidates
+        # counts them the same every time, so `_scan` starts after them; an insertion among
+        # them (a new, closer peer) shortens the run (`_unsettle`).
+        self._settled = 0
+        self._settled_answered = 0
+        # The last Waiting handed out: nine walks in ten wait for the same deadline as the
+        # one before, and the (immutable) answer is then the same object.
+        self._waiting: Waiting | None = None
         self.requests_sent = 0
         by_id = self._by_id
         for contact in seeds:  # built in bulk: one sort instead of an insertion per seed
@@ -164,6 +176,8 @@ class ClosestPeersLookup:
         index = bisect_left(self._distances, dist)
         if index >= self.max_candidates:
             return False
+        if index < self._settled:
+            self._unsettle(index)
         candidate = _Candidate(contact, dist, depth)
         self._candidates.insert(index, candidate)
         self._distances.insert(index, dist)
@@ -175,6 +189,29 @@ class ClosestPeersLookup:
             self._distances.pop()
             del self._by_id[dropped.contact.node_id]
         return True
+
+    def _unsettle(self, index: int) -> None:
+        """A candidate is about to be inserted at `index`, inside the settled run."""
+        self._settled = index
+        self._settled_answered = sum(
+            1 for c in islice(self._candidates, index) if c.state == SUCCEEDED)
+
+    def _advance_settled(self) -> int:
+        """Extend the settled run over candidates settled since; returns its answered count."""
+        candidates = self._candidates
+        settled = self._settled
+        answered = self._settled_answered
+        end = len(candidates)
+        while settled < end:
+            state = candidates[settled].state
+            if state == SUCCEEDED:
+                answered += 1
+            elif state != FAILED:
+                break
+            settled += 1
+        self._settled = settled
+        self._settled_answered = answered
+        return answered
 
     def next(self, now: float) -> Contact | Waiting | _Finished:
         """What to do now: ask this contact, wait, or stop (rules 1-3 of the module doc)."""
@@ -201,7 +238,7 @@ class ClosestPeersLookup:
         if self._in_flight and now >= self._min_deadline:
             # rule 2 first, over every waiting request; skipped while none can have expired
             minimum = float("inf")
-            for c in candidates:
+            for c in islice(candidates, self._settled, None):  # none waits in the settled run
                 if c.state == WAITING:
                     if now >= c.deadline:
                         c.state = UNRESPONSIVE
@@ -212,11 +249,15 @@ class ClosestPeersLookup:
         if self._hedge_at is not None and now >= self._hedge_at:
             self._widen()
         out: list[Contact] = []
-        answered = 0
-        live = 0  # rank among candidates still in consideration
-        closer_pending = False
         k = self.k
-        for c in candidates:
+        # The settled run counts as the plain walk would count it: every SUCCEEDED one is
+        # live and answered (nothing is pending before it), a FAILED one is skipped.
+        answered = live = self._advance_settled()
+        if answered >= k:
+            self._finished = True
+            return [], FINISHED
+        closer_pending = False
+        for c in islice(candidates, self._settled, None):
             state = c.state
             if state == SUCCEEDED:
                 live += 1
@@ -255,7 +296,10 @@ class ClosestPeersLookup:
             hedge_at = self._hedge_at
             if hedge_at is not None and hedge_at < earliest:
                 earliest = hedge_at
-            return out, Waiting(earliest)
+            waiting = self._waiting
+            if waiting is None or waiting.deadline != earliest:
+                waiting = self._waiting = Waiting(earliest)
+            return out, waiting
         self._finished = True
         return [], FINISHED
 
@@ -300,6 +344,8 @@ class ClosestPeersLookup:
             index = bisect_left(distances, dist)
             if index >= limit:
                 continue
+            if index < self._settled:
+                self._unsettle(index)
             new = _Candidate(contact, dist, depth)
             candidates.insert(index, new)
             distances.insert(index, dist)

@@ -79,6 +79,7 @@ _PEERS_ALLOWANCE = 64 * 1024
 _ANSWER_ENVELOPE = 4 * 1024
 # At most this many buckets are refreshed by one periodic refresh.
 _MAX_REFRESH_TARGETS = 32
+_INF = float("inf")
 
 
 class DHTProtocolError(ValueError):
@@ -142,6 +143,7 @@ class DHTNode:
         # (key, subkey) -> [record, next republish time]: what we published and keep alive
         self._owned: dict[tuple[bytes, str | None], list] = {}
         self._owned_next: float | None = None  # earliest republish time
+        self._ping: Ping | None = None  # see ping_request
 
     # -- effects -------------------------------------------------------------------------
 
@@ -159,6 +161,14 @@ class DHTNode:
 
     def set_addrs(self, addrs: Sequence[str]) -> None:
         self.addrs = tuple(addrs)
+
+    def ping_request(self) -> Ping:
+        """Our PING: one immutable message serves every ping while our addresses stay the
+        same (a third of all requests are pings of questionable contacts)."""
+        ping = self._ping
+        if ping is None or ping.addrs is not self.addrs or ping.serves != self.serves:
+            ping = self._ping = Ping(self.addrs, self.serves)
+        return ping
 
     # -- starting operations ---------------------------------------------------------------
 
@@ -310,7 +320,7 @@ class DHTNode:
 
     def handle_request(self, sender: PeerId, request: Request, now: float) -> Response:
         """Answer `request` from the authenticated peer `sender`."""
-        if sender == self.peer_id:
+        if sender.raw == self.peer_id.raw:  # PeerId's dataclass __eq__ is a Python call
             raise DHTProtocolError("request from ourselves")
         sender_id = node_id_of(sender.raw)
         kind = type(request)
@@ -319,7 +329,8 @@ class DHTNode:
             # its own table, and if it could, every PING would introduce its sender to
             # another full bucket whose least recent contact then gets pinged: a chain
             # across the network.
-            self._saw(Contact(sender, request.addrs, sender_id), now, may_ping=kind is not Ping)
+            self._saw(self._contact_of(sender, sender_id, request.addrs), now,
+                      may_ping=kind is not Ping)
         if kind is Ping:
             return _PING_RESPONSE
         k = self.config.k
@@ -381,9 +392,17 @@ class DHTNode:
             return StoreResponse(tuple(stored))
         raise DHTProtocolError(f"unsupported request {type(request).__name__}")
 
+    def _contact_of(self, sender: PeerId, sender_id: int, addrs: tuple[str, ...]) -> Contact:
+        """The sender as a contact: the table's own when it holds the same one (contacts
+        are immutable, so it is the same value, and it keeps its cached wire size)."""
+        known = self.table.get(sender_id)
+        if known is not None and known.addrs == addrs:
+            return known
+        return Contact(sender, addrs, sender_id)
+
     def _saw(self, contact: Contact, now: float, may_ping: bool = True) -> None:
         outcome = self.table.add_or_update(contact, now, may_ping=may_ping)
-        if isinstance(outcome, PingLeastRecent):
+        if type(outcome) is PingLeastRecent:  # rare: most sightings update or add
             self._run(PingOperation(self, self._new_op_id(), outcome.contact, now), now)
 
     # -- results of our requests -----------------------------------------------------------
@@ -500,14 +519,14 @@ class DHTNode:
             elif what.armed_at == when and what.op_id in self._active:  # type: ignore[union-attr]
                 break
             heappop(timers)
-        best = timers[0][0] if timers else float("inf")
+        best = timers[0][0] if timers else _INF
         if self.serves:
             d = self.table.next_refresh_at()
             if d is not None and d < best:
                 best = d
         if self._owned_next is not None and self._owned_next < best:
             best = self._owned_next
-        return None if best == float("inf") else best
+        return None if best == _INF else best
 
     # -- republishing (Kademlia 2.5: the owner keeps its records alive) -----------------------
 

@@ -31,7 +31,7 @@ from overlay.dht.messages import (
     FindNodeResponse,
     FindValue,
     FindValueResponse,
-    Ping,
+    Request,
     Store,
     StoreResponse,
 )
@@ -44,6 +44,9 @@ log = logging.getLogger("overlay.dht")
 
 # STORE requests are split so that one stays well inside the message limit.
 _STORE_BATCH_BYTES = MAX_MESSAGE_BYTES // 2
+# The tag of a request of an operation's only lookup (tags are read, never changed).
+_SINGLE_TAG = ("find", (0,))
+_PING_TAG = ("ping", ())
 
 
 class Operation:
@@ -75,7 +78,8 @@ class Operation:
 class LookupOperation(Operation):
     """Closest-peers lookups for several targets at once (FIND_NODE)."""
 
-    __slots__ = ("_deadline", "_dirty", "_waits", "lookups", "skip_backed_off", "targets")
+    __slots__ = ("_deadline", "_dirty", "_single", "_waits", "lookups", "skip_backed_off",
+                 "targets")
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class LookupOperation(Operation):
         # cannot have anything new to send, so one answer does not rescan every lookup.
         self._dirty: set[int] | None = None
         self._waits: list[float | None] = []  # per lookup: when it must be advanced anyway
+        self._single: Request | None = None  # see _single_request
         self.targets: list[int] = []
         self.lookups: list[ClosestPeersLookup] = []
         self.skip_backed_off: list[bool] = []
@@ -107,6 +112,7 @@ class LookupOperation(Operation):
         self.skip_backed_off = []
         self._dirty = None
         self._waits = [None] * len(targets)
+        self._single = None
         hedged = isinstance(self, GetOperation)
         for target in targets:
             lookup, skip = node.new_lookup(target, now, seeds, hedged=hedged)
@@ -116,8 +122,16 @@ class LookupOperation(Operation):
     def deadline(self) -> float | None:
         return self._deadline
 
-    def _request(self, node: DHTNode, indices: list[int]) -> object:
+    def _request(self, node: DHTNode, indices: list[int]) -> Request:
         return FindNode(tuple(self.targets[i] for i in indices), node.addrs, node.serves)
+
+    def _single_request(self, node: DHTNode) -> Request:
+        """The request of an operation of one lookup: the same for every peer it asks, so
+        built once (again if the node's addresses change); requests are immutable."""
+        request = self._single
+        if request is None or request.addrs is not node.addrs or request.serves != node.serves:
+            request = self._single = self._request(node, [0])
+        return request
 
     def step(self, node: DHTNode, now: float) -> None:
         if self.done:
@@ -205,9 +219,10 @@ class LookupOperation(Operation):
 
         contacts, after = lookup.next_batch(now, skip)
         waits[0] = self._deadline = after.deadline if type(after) is Waiting else None
-        for contact in contacts:
-            chunk = [0]
-            node.send_for(self, contact, self._request(node, chunk), now, ("find", chunk))
+        if contacts:
+            request = self._single_request(node)
+            for contact in contacts:
+                node.send_for(self, contact, request, now, _SINGLE_TAG)
 
     def on_response(self, node: DHTNode, pending: Pending, response: object, now: float) -> None:
         kind, indices = pending.tag
@@ -265,7 +280,7 @@ class GetOperation(LookupOperation):
                 if self.values_seen[i] >= quorum:
                     self.lookups[i].finish()
 
-    def _request(self, node: DHTNode, indices: list[int]) -> object:
+    def _request(self, node: DHTNode, indices: list[int]) -> Request:
         return FindValue(tuple(self.keys[i] for i in indices), node.addrs, node.serves,
                          node.config.value_quorum > 1)
 
@@ -476,7 +491,7 @@ class PingOperation(Operation):
     def __init__(self, node: DHTNode, op_id: int, contact: Contact, now: float):
         super().__init__(op_id, internal=True)
         self.contact = contact
-        node.send_for(self, contact, Ping(node.addrs, node.serves), now, ("ping", []), soft=False)
+        node.send_for(self, contact, node.ping_request(), now, _PING_TAG, soft=False)
 
     def on_response(self, node: DHTNode, pending: Pending, response: object, now: float) -> None:
         node.table.on_ping_result(self.contact.node_id, True, now)

@@ -81,7 +81,10 @@ class _PeerRecord(RttEstimator):
     __slots__ = ("backoff_until", "failures")
 
     def __init__(self) -> None:
-        super().__init__()
+        # RttEstimator's fields set here rather than through super().__init__(): one record
+        # per new peer, and the super() call was most of its cost
+        self.srtt: float | None = None
+        self.rttvar = 0.0
         self.failures = 0  # in a row
         self.backoff_until = 0.0
 

@@ -305,3 +305,68 @@ def test_next_batch_is_repeated_next(seed, n, k, alpha, hedged):
         traces.append((_trace(lookup, net.answer, random.Random(seed), silent, skip, batched),
                        [c.node_id for c in lookup.closest_answered()]))
     assert traces[0] == traces[1]
+
+
+class PlainWalk(ClosestPeersLookup):
+    """The lookup without its settled-run shortcut: every walk starts at the nearest."""
+
+    __slots__ = ()
+
+    def _advance_settled(self) -> int:
+        self._settled = self._settled_answered = 0
+        return 0
+
+    def _unsettle(self, index: int) -> None:
+        raise AssertionError("never called: the settled run stays empty")
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32), k=st.integers(1, 8), alpha=st.integers(1, 4),
+       hedged=st.booleans(), steps=st.integers(1, 120))
+def test_the_settled_run_shortcut_walks_as_the_plain_lookup(seed, k, alpha, hedged, steps):
+    """Random answers, failures, skips and clock steps fed to a lookup and to its plain twin
+    give the same requests, waits, results, candidate states and depths at every step."""
+    rng = random.Random(seed)
+    pool = [rng.getrandbits(16) for _ in range(60)]  # small ids: many duplicates, near ties
+    target, self_id = rng.getrandbits(16), pool[0]
+    seeds = [fake(i) for i in rng.sample(pool, rng.randint(0, 12))]
+    cap = rng.choice([None, k, 2 * k])
+
+    def make(cls):
+        return cls(target, seeds, k=k, alpha=alpha, self_id=self_id,
+                   timeout_for=lambda c: 0.01 + (c.node_id % 7) / 100,
+                   max_candidates=cap,
+                   hedge_delay=0.02 if hedged else None)
+
+    fast, plain = make(ClosestPeersLookup), make(PlainWalk)
+    asked: list[int] = []
+    now = 0.0
+    for _ in range(steps):
+        action = rng.random()
+        if action < 0.4:
+            banned = set(rng.sample(pool, rng.randint(0, 3)))
+            skip = banned.__contains__ if rng.random() < 0.5 else None
+            got = [fast.next_batch(now, skip), plain.next_batch(now, skip)]
+            (a, after_a), (b, after_b) = got
+            assert [c.node_id for c in a] == [c.node_id for c in b]
+            assert after_a == after_b
+            asked += [c.node_id for c in a]
+        elif action < 0.75 and asked:
+            peer = asked.pop(rng.randrange(len(asked)))
+            closer = [fake(i) for i in rng.sample(pool, rng.randint(0, 2 * k))]
+            fast.on_success(peer, closer, now)
+            plain.on_success(peer, closer, now)
+        elif action < 0.85 and asked:
+            peer = asked.pop(rng.randrange(len(asked)))
+            fast.on_failure(peer, now)
+            plain.on_failure(peer, now)
+        else:
+            now += rng.choice([0.0, 0.005, 0.02, 0.1])
+        assert fast.finished == plain.finished
+        assert fast.in_flight == plain.in_flight
+        assert [(c.node_id, fast.state_of(c.node_id), fast.depth(c.node_id))
+                for c in fast.closest_answered(len(fast))] == [
+            (c.node_id, plain.state_of(c.node_id), plain.depth(c.node_id))
+            for c in plain.closest_answered(len(plain))]
+        assert [(c.contact.node_id, c.state, c.depth) for c in fast._candidates] == [
+            (c.contact.node_id, c.state, c.depth) for c in plain._candidates]

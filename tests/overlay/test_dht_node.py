@@ -433,6 +433,25 @@ def test_requests_from_non_serving_peers_do_not_touch_the_table():
     assert other.node_id not in {c.node_id for c in answer.peers[0]}
 
 
+def test_shared_requests_equal_fresh_ones_and_follow_new_addresses():
+    """A single-lookup operation and the node's pings reuse one immutable request: it is
+    the request they would build, and a change of our addresses gives a new one."""
+    net = network(30, seed=16)
+    node = next(iter(net.nodes.values()))
+    node.find_closest([77], net.now)
+    first = [e.request for e in node.take_effects() if isinstance(e, SendRequest)]
+    assert len(first) > 1 and all(r is first[0] for r in first)
+    assert first[0] == FindNode((77,), node.addrs, node.serves)
+    assert node.ping_request() is node.ping_request() == Ping(node.addrs, node.serves)
+    node.set_addrs(("/memory/elsewhere",))
+    assert node.ping_request() == Ping(("/memory/elsewhere",), node.serves)
+    pending = list(node._pending)
+    node.on_failure(pending[0], net.now)  # the lookup asks someone else
+    later = [e.request for e in node.take_effects() if isinstance(e, SendRequest)]
+    assert later and all(r == FindNode((77,), ("/memory/elsewhere",), node.serves)
+                         for r in later)
+
+
 def test_many_keys_in_one_operation_share_requests():
     net = network(40, seed=15)
     nodes = list(net.nodes.values())

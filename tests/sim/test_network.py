@@ -76,6 +76,26 @@ def test_loss_drop_and_retransmit():
     assert min(delayed) >= base + TCP_RTO_MIN
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32), loss=st.sampled_from([0.0, 0.3]),
+       latency=st.sampled_from(["lognormal", "regions", "uniform"]))
+def test_transfer_with_the_pair_delay_given_equals_transfer_computing_it(seed, loss, latency):
+    """The DHT driver hands a request's one-way delay to its answer's transfer: the same
+    arrivals, byte counts and random draws as when transfer looks the delay up itself."""
+    config = NetworkConfig(latency=latency, loss=loss)
+    plain, given_delay = _model(config, 30, seed), _model(config, 30, seed)
+    rng = random.Random(seed)
+    for step in range(200):
+        src, dst = rng.sample(range(30), 2)
+        size, now = rng.randint(1, 50_000), step * 0.01
+        delay = given_delay.one_way(dst, src)  # symmetric: the answer's pair reversed
+        assert plain.transfer(src, dst, size, now) == given_delay.transfer(
+            src, dst, size, now, delay)
+    assert (plain.messages, plain.bytes_sent, plain.lost) == (
+        given_delay.messages, given_delay.bytes_sent, given_delay.lost)
+    assert plain.rng.random() == given_delay.rng.random()
+
+
 def test_bad_network_config():
     with pytest.raises(ValueError):
         NetworkConfig(latency="carrier-pigeon")
