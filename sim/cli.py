@@ -23,9 +23,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sim.churn import KINDS
-from sim.metrics import RunResult, clean, write_metrics, write_series, write_timing
-from sim.scenarios import SCENARIOS, ConfigError, Scenario, describe, set_option
+try:
+    from sim.churn import KINDS
+    from sim.metrics import RunResult, clean, write_metrics, write_series, write_timing
+    from sim.scenarios import SCENARIOS, ConfigError, Scenario, describe, set_option
+except KeyboardInterrupt:  # Ctrl-C while `overlay-sim` is still starting: no traceback
+    print("overlay-sim: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 class ProgressBar:
@@ -279,8 +283,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         return args.fn(args)
     except ConfigError as e:
         print(f"overlay-sim: {e}", file=sys.stderr)

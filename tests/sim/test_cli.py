@@ -160,6 +160,22 @@ def test_ctrl_c_stops_a_sweep_and_keeps_the_finished_runs(tmp_path):
     assert not (out / "nodes=2000").exists()
 
 
+def test_ctrl_c_while_starting_is_one_line_and_exit_130():
+    """Ctrl-C raised while the console script imports sim.cli (as the signal would raise it
+    there): it used to print the import stack instead."""
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'sim.scenarios':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from sim.cli import main\n"
+            "sys.exit(main(['list']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "overlay-sim: interrupted\n")
+
+
 def test_set_option_reaches_nested_fields():
     config = set_option(SwarmScenarioConfig(), "network.latency", "lognormal")
     config = set_option(config, "churn.mass_at", "100")
