@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -190,12 +191,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a sweep value may hold: it ends a folder's name, OUT/KEY=VALUE (no '/', no spaces).
+_FOLDER_SAFE = re.compile(r"[A-Za-z0-9._+\-]+")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = SCENARIOS[args.scenario]
     base = build_config(spec, args)
     raw_values = [v.strip() for v in args.values.split(",") if v.strip()]
     if not raw_values:
         raise ConfigError("--values needs at least one value")
+    for raw in raw_values:  # each names its run's folder, OUT/KEY=VALUE
+        if not _FOLDER_SAFE.fullmatch(raw):
+            raise ConfigError(f"--values: {raw!r} cannot name a run's folder; use letters, "
+                              f"digits and . _ + - only")
+        if raw_values.count(raw) > 1:
+            raise ConfigError(f"--values: {raw!r} is listed twice (one folder per value)")
     param = {"churn": "churn.kind"}.get(args.param, args.param)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics \
         else list(spec.sweep_metrics)
