@@ -18,6 +18,7 @@ import math
 # every run keeps every row of its time series.
 MAX_DHT_NODES = 100_000  # the documented top of the range: 2.9 GiB (docs/simulator.md)
 MAX_SWARM_SERVERS = 3_000  # ten times the documented top (300)
+MAX_MODEL_BLOCKS = 10_000  # the largest open models have ~130; per-block lists are kept
 MAX_SESSIONS = 100_000  # swarm: session_rate x duration (the default run has 36)
 MAX_OPERATIONS = 1_000_000  # DHT: ops_per_s x duration (the default run has 3,000)
 MAX_SAMPLES = 100_000  # rows of the time series: duration / sample_interval

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from blocks.placement import BALANCE_QUALITY, MEAN_BALANCE_CHECK_PERIOD
 from sim.checks import (
+    MAX_MODEL_BLOCKS,
     MAX_SAMPLES,
     MAX_SESSIONS,
     MAX_SWARM_SERVERS,
@@ -47,6 +48,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.hidden_size < 1:
             raise ValueError("num_blocks and hidden_size must be at least 1")
+        at_most(MAX_MODEL_BLOCKS, "model blocks", self.num_blocks)
         effective_compression(self.dtype, self.compression)  # WireError (a ValueError)
 
 

@@ -272,6 +272,7 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     ("dht-static", "ops_per_s=1e6", "operations (ops_per_s x duration) must be at most"),
     ("dht-static", "sample_interval=1e-6", "samples (duration / sample_interval) must be"),
     ("swarm", "servers=1000000", "servers must be at most 3,000"),
+    ("swarm", "model.num_blocks=100000000", "model blocks must be at most 10,000"),
     ("swarm", "session_rate=1e5", "sessions (session_rate x duration) must be at most 100,000"),
     ("swarm", "sample_interval=1e-6", "samples (duration / sample_interval) must be"),
 ])
