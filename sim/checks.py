@@ -21,6 +21,7 @@ MAX_SWARM_SERVERS = 3_000  # ten times the documented top (300)
 MAX_MODEL_BLOCKS = 10_000  # the largest open models have ~130; per-block lists are kept
 MAX_SESSIONS = 100_000  # swarm: session_rate x duration (the default run has 36)
 MAX_OPERATIONS = 1_000_000  # DHT: ops_per_s x duration (the default run has 3,000)
+MAX_STORED_BYTES = 4 << 30  # DHT: the values its STOREs create (each kept to the end)
 MAX_SAMPLES = 100_000  # rows of the time series: duration / sample_interval
 
 

@@ -35,6 +35,7 @@ from sim.checks import (
     MAX_DHT_NODES,
     MAX_OPERATIONS,
     MAX_SAMPLES,
+    MAX_STORED_BYTES,
     at_most,
     fraction,
     non_negative,
@@ -80,6 +81,9 @@ class DHTScenarioConfig:
         at_most(MAX_DHT_NODES, "nodes", self.nodes)
         at_most(MAX_OPERATIONS, "operations (ops_per_s x duration)",
                 self.ops_per_s * self.duration)
+        at_most(MAX_STORED_BYTES, "bytes stored (ops_per_s x duration x store_share x "
+                "value_bytes)", self.ops_per_s * self.duration * self.store_share
+                * self.value_bytes)
         at_most(MAX_SAMPLES, "samples (duration / sample_interval)",
                 self.duration / self.sample_interval)
         self.churn.check_within(self.duration)

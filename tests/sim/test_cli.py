@@ -271,6 +271,7 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     ("dht-static", "nodes=100001", "nodes must be at most 100,000, got 100,001"),
     ("dht-static", "ops_per_s=1e6", "operations (ops_per_s x duration) must be at most"),
     ("dht-static", "sample_interval=1e-6", "samples (duration / sample_interval) must be"),
+    ("dht-static", "ops_per_s=10000 --set value_bytes=65000", "bytes stored (ops_per_s x"),
     ("swarm", "servers=1000000", "servers must be at most 3,000"),
     ("swarm", "model.num_blocks=100000000", "model blocks must be at most 10,000"),
     ("swarm", "session_rate=1e5", "sessions (session_rate x duration) must be at most 100,000"),
