@@ -107,6 +107,7 @@ def parse_blocks(text: str | None, num_blocks: int | None, total: int
 async def run_serve(args: argparse.Namespace) -> int:
     from blocks.announcer import Announcer
     from blocks.footprint import choose_num_blocks
+    from blocks.lora import AdapterError, check_adapter_specs
     from blocks.next_hop_pinger import NextHopPinger
     from blocks.server import BlockServer, ServingConfig
     from blocks.span import BlockSpan
@@ -119,6 +120,10 @@ async def run_serve(args: argparse.Namespace) -> int:
     from overlay.multiaddr import MultiaddrError
     from overlay.runtime import in_daemon_thread
 
+    try:
+        check_adapter_specs(args.adapter)  # now, not after the load: a typo costs nothing
+    except AdapterError as e:
+        raise SystemExit(f"overlay-node serve: {e}") from None
     try:
         files = open_model_files(args.model_dir, args.load_format)
         config = load_config(files)
@@ -153,7 +158,7 @@ async def run_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"overlay-node serve: cannot load blocks: {e}") from None
 
     def load_adapters(span: BlockSpan) -> dict:
-        from blocks.lora import AdapterError, load_hosted_adapters
+        from blocks.lora import load_hosted_adapters
 
         try:
             adapters = load_hosted_adapters(args.adapter, span)

@@ -183,12 +183,13 @@ def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None
     return lora
 
 
-def load_hosted_adapters(specs: list[str], span: BlockSpan) -> dict[str, LoraWeights]:
-    """`serve --adapter NAME=DIR` values -> the adapters this server hosts (its blocks only)."""
+def check_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """`serve --adapter NAME=DIR` values -> {name: directory}, each directory's
+    adapter_config.json checked: before serve loads anything, so that a typo costs no load."""
     from blocks.announcement import MAX_ADAPTERS
     from blocks.protocol import MAX_ADAPTER_NAME
 
-    hosted: dict[str, LoraWeights] = {}
+    checked: dict[str, Path] = {}
     for spec in specs:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
@@ -196,12 +197,24 @@ def load_hosted_adapters(specs: list[str], span: BlockSpan) -> dict[str, LoraWei
         if len(name) > MAX_ADAPTER_NAME or not name.isprintable():
             raise AdapterError(f"adapter name {name!r} is not a printable name of at most "
                                f"{MAX_ADAPTER_NAME} characters")
-        if name in hosted:
+        if name in checked:
             raise AdapterError(f"adapter {name!r} is given twice")
+        try:
+            _peft_config(Path(directory))
+        except AdapterError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from None
+        checked[name] = Path(directory)
+    if len(checked) > MAX_ADAPTERS:
+        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server")
+    return checked
+
+
+def load_hosted_adapters(specs: list[str], span: BlockSpan) -> dict[str, LoraWeights]:
+    """`serve --adapter NAME=DIR` values -> the adapters this server hosts (its blocks only)."""
+    hosted: dict[str, LoraWeights] = {}
+    for name, directory in check_adapter_specs(specs).items():
         try:
             hosted[name] = load_peft_lora(directory, span)
         except AdapterError as e:
             raise AdapterError(f"adapter {name!r}: {e}") from None
-    if len(hosted) > MAX_ADAPTERS:
-        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server")
     return hosted

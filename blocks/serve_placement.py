@@ -202,7 +202,10 @@ def _non_negative(text: str) -> float:
 
 def positive(text: str) -> float:
     """An argparse type: a finite number > 0."""
-    value = _non_negative(text)
+    try:
+        value = _non_negative(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(">= 0", "> 0")) from None
     if value == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0")
+        raise argparse.ArgumentTypeError("expected a finite number > 0, got 0")
     return value

@@ -6,6 +6,7 @@ the Python profile (cProfile sees the loop thread only). Prints the client sends
     OMP_NUM_THREADS=1 .venv/bin/python scripts/profile_token.py TOKENS (n | p [SORT])
 """
 
+import argparse
 import asyncio
 import cProfile
 import os
@@ -20,8 +21,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import write_model  # noqa: E402
 
 from blocks.server import BlockServer, ServingConfig  # noqa: E402
@@ -38,7 +39,21 @@ def cpu():
     return r.ru_utime + r.ru_stime
 
 
-async def main(model_dir, tokens, profile):
+def parse_args() -> argparse.Namespace:
+    """Read the arguments before anything is built, so `--help` and typos cost nothing."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tokens", type=int, help="tokens per timed round (5 rounds)")
+    parser.add_argument("mode", choices=["n", "p"], help="n: timings only; p: also profile")
+    parser.add_argument("sort", nargs="?", default="tottime",
+                        choices=sorted(pstats.Stats.sort_arg_dict_default), metavar="SORT",
+                        help="pstats sort key of the profile (default tottime; cumulative, ...)")
+    args = parser.parse_args()
+    if args.tokens < 1:
+        parser.error("tokens must be at least 1")
+    return args
+
+
+async def main(model_dir, tokens, profile, sort):
     model_id = default_model_id(model_dir)
     servers = []
     for start, end in ((0, 2), (2, 4)):
@@ -86,7 +101,7 @@ async def main(model_dir, tokens, profile):
             pr.disable()
             st = pstats.Stats(pr)
             print("python calls per token:", st.total_calls / 200)
-            st.sort_stats(sys.argv[3] if len(sys.argv) > 3 else "tottime").print_stats(45)
+            st.sort_stats(sort).print_stats(45)
     print(
         "server step estimates (ms):",
         [round(srv._seconds_per_token * 1e3, 3) for _, _, srv in servers],
@@ -97,7 +112,9 @@ async def main(model_dir, tokens, profile):
         await host.close()
 
 
-with tempfile.TemporaryDirectory() as tmp:
-    model_dir = write_model("small-4x64", Path(tmp))
-    with asyncio.Runner(loop_factory=new_event_loop) as r:
-        r.run(main(model_dir, int(sys.argv[1]), sys.argv[2] == "p"))
+if __name__ == "__main__":
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model("small-4x64", Path(tmp))
+        with asyncio.Runner(loop_factory=new_event_loop) as r:
+            r.run(main(model_dir, args.tokens, args.mode == "p", args.sort))

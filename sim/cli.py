@@ -18,14 +18,19 @@ import csv
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sim.churn import KINDS
-from sim.metrics import RunResult, clean, write_metrics, write_series, write_timing
-from sim.scenarios import SCENARIOS, ConfigError, Scenario, describe, set_option
+try:
+    from sim.churn import KINDS
+    from sim.metrics import RunResult, clean, write_metrics, write_series, write_timing
+    from sim.scenarios import SCENARIOS, ConfigError, Scenario, describe, set_option
+except KeyboardInterrupt:  # Ctrl-C while `overlay-sim` is still starting: no traceback
+    print("overlay-sim: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 class ProgressBar:
@@ -186,12 +191,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a sweep value may hold: it ends a folder's name, OUT/KEY=VALUE (no '/', no spaces).
+_FOLDER_SAFE = re.compile(r"[A-Za-z0-9._+\-]+")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = SCENARIOS[args.scenario]
     base = build_config(spec, args)
     raw_values = [v.strip() for v in args.values.split(",") if v.strip()]
     if not raw_values:
         raise ConfigError("--values needs at least one value")
+    for raw in raw_values:  # each names its run's folder, OUT/KEY=VALUE
+        if not _FOLDER_SAFE.fullmatch(raw):
+            raise ConfigError(f"--values: {raw!r} cannot name a run's folder; use letters, "
+                              f"digits and . _ + - only")
+        if raw_values.count(raw) > 1:
+            raise ConfigError(f"--values: {raw!r} is listed twice (one folder per value)")
     param = {"churn": "churn.kind"}.get(args.param, args.param)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics \
         else list(spec.sweep_metrics)
@@ -279,8 +294,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         return args.fn(args)
     except ConfigError as e:
         print(f"overlay-sim: {e}", file=sys.stderr)

@@ -31,7 +31,16 @@ import msgpack
 from overlay.dht.config import DHTConfig
 from overlay.dht.effects import FindResult, GetResult, OperationDone, StoreResult
 from overlay.dht.node import DHTNode
-from sim.checks import fraction, non_negative, positive
+from sim.checks import (
+    MAX_DHT_NODES,
+    MAX_OPERATIONS,
+    MAX_SAMPLES,
+    MAX_STORED_BYTES,
+    at_most,
+    fraction,
+    non_negative,
+    positive,
+)
 from sim.churn import ChurnConfig, ChurnModel
 from sim.dht_net import DriverConfig, SimDHT, SimPeer
 from sim.engine import ProgressFn, Simulator, quiet_gc
@@ -69,6 +78,14 @@ class DHTScenarioConfig:
         non_negative(ops_per_s=self.ops_per_s, join_interval=self.join_interval,
                      settle=self.settle, value_bytes=self.value_bytes)
         fraction(find_share=self.find_share, store_share=self.store_share)
+        at_most(MAX_DHT_NODES, "nodes", self.nodes)
+        at_most(MAX_OPERATIONS, "operations (ops_per_s x duration)",
+                self.ops_per_s * self.duration)
+        at_most(MAX_STORED_BYTES, "bytes stored (ops_per_s x duration x store_share x "
+                "value_bytes)", self.ops_per_s * self.duration * self.store_share
+                * self.value_bytes)
+        at_most(MAX_SAMPLES, "samples (duration / sample_interval)",
+                self.duration / self.sample_interval)
         self.churn.check_within(self.duration)
         # The records a STORE makes must pass the core's own limits (else a RecordError
         # at the first STORE): the value is msgpack bin (2, 3 or 5 bytes of header).

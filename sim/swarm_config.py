@@ -13,7 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from blocks.placement import BALANCE_QUALITY, MEAN_BALANCE_CHECK_PERIOD
-from sim.checks import fraction, non_negative, positive
+from sim.checks import (
+    MAX_MODEL_BLOCKS,
+    MAX_SAMPLES,
+    MAX_SESSIONS,
+    MAX_SWARM_SERVERS,
+    at_most,
+    fraction,
+    non_negative,
+    positive,
+)
 from sim.churn import ChurnConfig
 from sim.network import NetworkConfig
 from tensor_wire.layout import effective_compression
@@ -39,6 +48,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.hidden_size < 1:
             raise ValueError("num_blocks and hidden_size must be at least 1")
+        at_most(MAX_MODEL_BLOCKS, "model blocks", self.num_blocks)
         effective_compression(self.dtype, self.compression)  # WireError (a ValueError)
 
 
@@ -127,6 +137,11 @@ class SwarmScenarioConfig:
                      balance_quality=self.balance_quality, view_refresh=self.view_refresh)
         fraction(graceful_fraction=self.graceful_fraction,
                  silent_fraction=self.silent_fraction)
+        at_most(MAX_SWARM_SERVERS, "servers", self.servers)
+        at_most(MAX_SESSIONS, "sessions (session_rate x duration)",
+                self.session_rate * self.duration)
+        at_most(MAX_SAMPLES, "samples (duration / sample_interval)",
+                self.duration / self.sample_interval)
         self.churn.check_within(self.duration)
         if self.recovery not in ("replay", "restart"):
             raise ValueError(f"recovery must be replay or restart, got {self.recovery!r}")

@@ -164,5 +164,25 @@ async def run_get(args: argparse.Namespace) -> int:
     if value is None:
         print(f"overlay-node dht get: {args.key!r} not found", file=sys.stderr)
         return 1
-    print(value if isinstance(value, str) else json.dumps(value, default=repr), flush=True)
+    if isinstance(value, str):
+        print(value, flush=True)
+        return 0
+    try:
+        text = json.dumps(_as_json(value), default=repr)
+    except RecursionError:
+        print(f"overlay-node dht get: the value of {args.key!r} is nested too deeply to print "
+              f"as JSON", file=sys.stderr)
+        return 1
+    print(text, flush=True)
     return 0
+
+
+def _as_json(value: object) -> object:
+    """`value` with map keys JSON cannot hold (bytes, tuples: any msgpack client may have
+    stored them) as their repr, like bytes values (`default=repr`)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str | int | float | bool) or k is None else repr(k):
+                _as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(v) for v in value]
+    return value

@@ -8,11 +8,16 @@ torch and the overlay package keeps no import dependency on the others.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
-from overlay.cli import node
+try:
+    import argparse
+    import importlib
+
+    from overlay.cli import node
+except KeyboardInterrupt:  # Ctrl-C while the command is still starting: no traceback
+    print("overlay-node: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 # Subcommands provided by other packages: name -> ("module:function that adds the parser",
 # the one-line help that `overlay-node --help` lists without importing the module; a test
@@ -54,15 +59,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from overlay.runtime import SERVICES, run, setup_logging
+    try:
+        from overlay.runtime import SERVICES, run, setup_logging
 
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    setup_logging(-1 if args.quiet else args.verbose)
-    if not hasattr(args, "func"):
-        parser.error(f"{args.command} is not available in this version")
-    return run(args.func(args), stopping_is_success=args.command in SERVICES)
+        argv = sys.argv[1:] if argv is None else argv
+        parser = build_parser(argv)  # imports the subcommand's package: torch for some
+        args = parser.parse_args(argv)
+        setup_logging(-1 if args.quiet else args.verbose)
+        if not hasattr(args, "func"):
+            parser.error(f"{args.command} is not available in this version")
+        return run(args.func(args), stopping_is_success=args.command in SERVICES)
+    except KeyboardInterrupt:  # before `run` handles signals itself (importing torch, ...)
+        print("overlay-node: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

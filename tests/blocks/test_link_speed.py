@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from blocks.serve_placement import link_bps
+import pytest
+
+from blocks.serve_placement import link_bps, positive
 from blocks.throughput import DEFAULT_NETWORK_BPS
 from overlay.bandwidth_service import BandwidthTestService
 from overlay.host import Host
@@ -61,3 +63,12 @@ async def test_no_answering_peer_falls_back_to_the_default_with_a_warning(caplog
         await server.close()
         await plain.close()
         await lonely.close()
+
+
+@pytest.mark.parametrize("text", ["-5", "nan", "inf", "0"])
+def test_a_link_speed_or_period_must_be_above_zero_and_says_so(text):
+    """--network-mbps, --announce-period, --balance-period: -5 used to be refused with
+    'expected a finite number >= 0', though 0 is refused too."""
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match=rf"^expected a finite number > 0, got {text}$"):
+        positive(text)

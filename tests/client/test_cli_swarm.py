@@ -176,6 +176,21 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
         assert bad.returncode == 2 and "--bootstrap: multiaddr must start with '/'" in bad.stderr
 
 
+@pytest.mark.parametrize(("spec", "reason"), [
+    ("foo", "--adapter must look like NAME=DIR, got 'foo'"),
+    ("foo=/nonexistent", "adapter 'foo': cannot read /nonexistent/adapter_config.json"),
+])
+def test_serve_refuses_a_bad_adapter_before_anything_else(model_dir, spec, reason):
+    """It used to join the DHT, measure the link and load every block first (minutes for a
+    large model), and only then read --adapter: here the unreachable bootstrap would have
+    been the error, after a wait."""
+    bad = run_cli("serve", str(model_dir), "--blocks", "0:2", "--adapter", spec,
+                  "--bootstrap", "/ip4/127.0.0.1/tcp/1", "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert bad.returncode == 1
+    [line] = bad.stderr.splitlines()
+    assert line.startswith(f"overlay-node serve: {reason}")
+
+
 def test_generate_prompt_without_a_tokenizer_is_one_line(model_dir, tmp_path):
     """Refused before dialing (the address is never dialed); transformers' reason used to
     spread over five lines. Its own directory: another test saves a tokenizer in model_dir."""

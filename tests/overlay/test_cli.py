@@ -142,6 +142,32 @@ def test_ping_times_must_be_finite_seconds(option, value, message):
                                                 f"of seconds {message}")
 
 
+# Ctrl-C raised where the import of this module starts, as the signal would raise it there.
+INTERRUPT_AT_IMPORT = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["overlay-node", *{argv!r}]
+from overlay.cli.main import main  # as the console script does
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(("module", "argv"), [
+    ("overlay.cli.node", ["join"]),  # while the entry point itself is imported
+    ("torch", ["serve", "model-dir", "--blocks", "0:1"]),  # while serve's package is imported
+])
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(module, argv):
+    """It used to print the whole import stack (dozens of lines through torch)."""
+    code = INTERRUPT_AT_IMPORT.format(module=module, argv=argv)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=ENV, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "overlay-node: interrupted\n")
+
+
 @pytest.mark.parametrize("command", [["id"], ["join", "--listen", "/ip4/127.0.0.1/tcp/0"]])
 def test_unwritable_identity_path_is_one_clear_line(tmp_path, command):
     in_the_way = tmp_path / "file"

@@ -134,3 +134,39 @@ def test_timeout_covers_dialing_a_silent_bootstrap_peer(command):
     assert done.returncode == 1, done.stderr
     assert elapsed < 7, elapsed
     assert done.stderr.strip() == f"overlay-node dht {command[0]}: no answer within 2 s"
+
+
+@pytest.mark.slow
+async def test_get_prints_values_json_cannot_hold_in_one_line():
+    """Any msgpack client may store maps with bytes keys or deep nesting: `dht get` used to
+    end in a traceback (TypeError: keys must be str, ...; RecursionError)."""
+    import asyncio
+    import time
+
+    from overlay.dht.driver import DHT
+    from overlay.host import Host
+
+    proc, addr = start_join()
+    host = Host()
+    try:
+        dht = await DHT.start(host, [addr], serve=False)
+        deep: list = []
+        for _ in range(1020):
+            deep = [deep]
+        expiration = time.time() + 60
+        stored = await dht.store_many([("bytes-keys", {b"raw": 1, 2: [b"\x00"]}, expiration,
+                                        None), ("deep", deep, expiration, None)],
+                                      republish=False)
+        await dht.close()
+        assert stored == [1, 1]
+        got = await asyncio.to_thread(cli, "dht", "get", "bytes-keys", "--bootstrap", addr)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.splitlines()[-1] == '{"b\'raw\'": 1, "2": ["b\'\\\\x00\'"]}'
+        got = await asyncio.to_thread(cli, "dht", "get", "deep", "--bootstrap", addr)
+        assert got.returncode == 1 and "Traceback" not in got.stderr
+        assert got.stderr == ("overlay-node dht get: the value of 'deep' is nested too deeply "
+                              "to print as JSON\n")
+    finally:
+        await host.close()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)

@@ -134,6 +134,32 @@ def test_an_unwritable_out_directory_is_one_clear_line(tmp_path, capsys):
     assert "overlay-sim: cannot write the results:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("values,message", [
+    ("20,../up", "'../up' cannot name a run's folder"),
+    ("20,a/b", "'a/b' cannot name a run's folder"),
+    ("with space", "'with space' cannot name a run's folder"),
+    ("20,20", "'20' is listed twice"),
+])
+def test_sweep_values_that_cannot_name_a_folder_are_refused(tmp_path, capsys, values, message):
+    """Each value names its run's folder, OUT/KEY=VALUE: '/' used to make nested folders
+    (one run's inside another's), a repeated value overwrote its first run."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "swarm", "--param", "model.name", "--values", values, "--quiet",
+                 "--no-plots", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"overlay-sim: --values: {message}" + (
+        " (one folder per value)\n" if "twice" in message
+        else "; use letters, digits and . _ + - only\n")
+    assert not out.exists()
+
+
+def test_the_largest_documented_sizes_are_accepted():
+    from sim.dht_scenario import dht_churn_config, dht_static_config
+
+    dht_static_config(nodes=100_000, duration=10.0)  # bench_sim's memory run
+    dht_churn_config(nodes=10_000, duration=3600.0)
+    SwarmScenarioConfig(servers=300, duration=3600.0, session_rate=0.2)
+
+
 def test_ctrl_c_stops_a_sweep_and_keeps_the_finished_runs(tmp_path):
     """SIGINT in the third run of a sweep: exit 130 with one line, sweep.csv holds the two
     runs that finished, the interrupted run leaves no directory."""
@@ -158,6 +184,22 @@ def test_ctrl_c_stops_a_sweep_and_keeps_the_finished_runs(tmp_path):
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [r["nodes"] for r in rows] == ["20", "30"]
     assert not (out / "nodes=2000").exists()
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130():
+    """Ctrl-C raised while the console script imports sim.cli (as the signal would raise it
+    there): it used to print the import stack instead."""
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'sim.scenarios':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from sim.cli import main\n"
+            "sys.exit(main(['list']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "overlay-sim: interrupted\n")
 
 
 def test_set_option_reaches_nested_fields():
@@ -225,6 +267,15 @@ def test_none_is_a_value_of_string_options_and_clears_only_optional_ones(tmp_pat
     ("swarm", "step_timeout=-1", "step_timeout must be"),
     ("swarm", "graceful_fraction=2", "graceful_fraction must be in [0, 1]"),
     ("swarm", "balance_quality=nan", "balance_quality must be"),
+    # loads that used to fill the memory before the first event (never refused)
+    ("dht-static", "nodes=100001", "nodes must be at most 100,000, got 100,001"),
+    ("dht-static", "ops_per_s=1e6", "operations (ops_per_s x duration) must be at most"),
+    ("dht-static", "sample_interval=1e-6", "samples (duration / sample_interval) must be"),
+    ("dht-static", "ops_per_s=10000 --set value_bytes=65000", "bytes stored (ops_per_s x"),
+    ("swarm", "servers=1000000", "servers must be at most 3,000"),
+    ("swarm", "model.num_blocks=100000000", "model blocks must be at most 10,000"),
+    ("swarm", "session_rate=1e5", "sessions (session_rate x duration) must be at most 100,000"),
+    ("swarm", "sample_interval=1e-6", "samples (duration / sample_interval) must be"),
 ])
 def test_values_a_run_cannot_use_are_refused_before_it_starts(capsys, scenario, option,
                                                                message):
