@@ -35,14 +35,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import write_model
 
-import tensor_wire
-from blocks.span import BlockSpan
-from client.local_head import LocalHead
 from overlay.host import Host
 from overlay.runtime import new_event_loop
 
@@ -92,6 +87,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stream-mib", type=int, default=64)
     args = parser.parse_args()
+    import torch  # 4-7 s to import: only once the arguments are parsed
+
+    import tensor_wire
+    from blocks.span import BlockSpan
+    from client.local_head import LocalHead
+
     torch.set_num_threads(1)
     streamed = torch.ones(args.stream_mib << 18)  # float32: MiB x 2^18 elements
 

@@ -28,32 +28,38 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from client.inference import InferenceError, InferenceSession, SessionConfig
-from client.local_head import LocalHead
 from client.local_swarm import LocalSwarm
 from client.recovery import BanConfig, BanList
-from client.remote_blocks import RemoteBlocks
 from client.swarm import SwarmClient
-from model_parts.files import default_model_id
 from overlay.identity import PeerId
 from overlay.runtime import new_event_loop
+
+if TYPE_CHECKING:
+    import torch
+
+    from client.inference import InferenceSession
+    from client.local_head import LocalHead
+
+# torch, transformers and the modules that use them (4-7 s to import) are imported where they
+# are used, after the arguments are parsed, so that `--help` and typos answer at once.
 
 MODEL = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
 SPANS = [(0, 2), (2, 4), (0, 2), (2, 4)]
 LENGTHS = (128, 512)
 FAILURE_RATES = (0.0, 1e-3, 1e-2)
-PROMPT = torch.tensor([[1, 17, 42, 99, 7, 256, 311, 5]])
+PROMPT = [1, 17, 42, 99, 7, 256, 311, 5]
 INSTANT_BANS = BanConfig(base=1e-3, max_ban=1e-3)
 
 
 def write_model(directory: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, **MODEL)
@@ -76,10 +82,11 @@ def inject(session: InferenceSession, rate: float, rng: random.Random) -> int:
     return failures
 
 
-async def generate(session: InferenceSession, head: LocalHead, tokens: int, rate: float,
-                   rng: random.Random, deadline: float, on_step) -> list[int] | None:
+async def generate(session: InferenceSession, head: LocalHead, prompt: torch.Tensor,
+                   tokens: int, rate: float, rng: random.Random, deadline: float,
+                   on_step) -> list[int] | None:
     """Greedy tokens through `session`, injecting failures; None if past `deadline`."""
-    hidden = await session.step(head.embed(PROMPT))
+    hidden = await session.step(head.embed(prompt))
     new: list[int] = []
     while len(new) < tokens:
         token = head.logits(hidden[:, -1:]).argmax(-1)
@@ -96,14 +103,22 @@ async def generate(session: InferenceSession, head: LocalHead, tokens: int, rate
 
 async def run(model_dir: Path, bootstrap: str, tokens: int, rate: float, method: str,
               seed: int, budget: float, expected: list[int] | None) -> dict:
+    import torch
+
+    from client.inference import InferenceError, InferenceSession, SessionConfig
+    from client.local_head import LocalHead
+    from client.remote_blocks import RemoteBlocks
+    from model_parts.files import default_model_id
+
     num_blocks = MODEL["num_hidden_layers"]
+    prompt = torch.tensor([PROMPT])
     client = await SwarmClient.connect([bootstrap])
     try:
         head = LocalHead.load(model_dir)
         remote = RemoteBlocks(client, default_model_id(model_dir), num_blocks)
         remote.bans = BanList(INSTANT_BANS)
         rng = random.Random(seed)
-        max_length = PROMPT.shape[1] + tokens
+        max_length = prompt.shape[1] + tokens
         done = 0  # steps of the generation in progress
         restarts = 0
 
@@ -124,7 +139,7 @@ async def run(model_dir: Path, bootstrap: str, tokens: int, rate: float, method:
                     SessionConfig(max_length=max_length)).open()
             done = 0
             try:
-                new = await generate(session, head, tokens, rate, rng, deadline, count)
+                new = await generate(session, head, prompt, tokens, rate, rng, deadline, count)
                 recoveries = len(session.recoveries)
                 break
             except InferenceError:
@@ -152,6 +167,8 @@ def main() -> int:
                         help="seconds after which a generation is given up")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    import torch
+
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

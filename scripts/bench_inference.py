@@ -27,18 +27,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+if TYPE_CHECKING:
+    import torch
 
-from client.local_head import LocalHead
-from client.local_swarm import LocalSwarm
-from client.remote_blocks import RemoteBlocks
-from client.swarm import SwarmClient
-from model_parts.files import default_model_id
-from overlay.runtime import new_event_loop
+# torch, transformers and the client (4-7 s to import) are imported where they are used, after
+# the arguments are parsed: `--help` and typos answer at once, here and in the scripts that
+# import this one.
 
 MODELS = {
     "small-4x64": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
@@ -49,6 +47,9 @@ MODELS = {
 
 
 def write_model(name: str, directory: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, **MODELS[name])
@@ -62,6 +63,9 @@ def write_model(name: str, directory: Path) -> Path:
 
 
 def local_ms_per_token(model_dir: Path, prompt: torch.Tensor, tokens: int) -> tuple[float, list]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
@@ -75,6 +79,13 @@ def local_ms_per_token(model_dir: Path, prompt: torch.Tensor, tokens: int) -> tu
 async def swarm_ms_per_token(model_dir: Path, bootstrap: str, prompt: torch.Tensor,
                              tokens: int) -> tuple[float, list]:
     """Greedy decoding through one inference session: the head runs here, the blocks there."""
+    from transformers import LlamaConfig
+
+    from client.local_head import LocalHead
+    from client.remote_blocks import RemoteBlocks
+    from client.swarm import SwarmClient
+    from model_parts.files import default_model_id
+
     num_blocks = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
     client = await SwarmClient.connect([bootstrap])
     try:
@@ -106,6 +117,11 @@ def main() -> int:
     parser.add_argument("--decode", default="fast,plain",
                         help="server decode modes to measure (serve --decode)")
     args = parser.parse_args()
+    import torch
+
+    from client.local_swarm import LocalSwarm
+    from overlay.runtime import new_event_loop
+
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

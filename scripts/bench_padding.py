@@ -23,21 +23,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import torch
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import MODELS, write_model
 
-from client.causal_lm import DistributedModelForCausalLM
 from client.local_swarm import LocalSwarm
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, transformers and the client (4-7 s to import) are imported where they are used, after
+# the arguments are parsed, so that `--help` and typos answer at once.
 
 
 def cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
     """name -> (input ids, attention mask, generate settings)."""
+    import torch
+
     ids = torch.randint(3, 500, (3, 8), generator=torch.Generator().manual_seed(0))
     full = torch.ones_like(ids)
     padded = full.clone()
@@ -66,6 +71,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from client.causal_lm import DistributedModelForCausalLM
+
     torch.set_num_threads(1)
     name = "small-4x64"
     half = MODELS[name]["num_hidden_layers"] // 2

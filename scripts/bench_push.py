@@ -35,47 +35,59 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
-from blocks.model_files import default_model_id
-from client.local_head import LocalHead
 from client.local_swarm import LocalSwarm
-from client.remote_blocks import ClientConfig, RemoteBlocks
 from client.swarm import SwarmClient
 from overlay import link_delay
 from overlay.runtime import new_event_loop
-from tests.model_factory import NUM_LAYERS, build_model, save_model
 
-SPANS = {2: [(0, 2), (2, NUM_LAYERS)], 3: [(0, 1), (1, 3), (3, NUM_LAYERS)]}
-PROMPT = torch.tensor([[1, 17, 42, 99, 7, 56, 31, 5]])
+# torch, transformers and the modules that use them (4-7 s to import) are imported where they
+# are used, after the arguments are parsed, so that `--help` and typos answer at once.
+SPAN_COUNTS = (2, 3)  # chains of 2 or 3 servers over the test model's blocks
+PROMPT = [1, 17, 42, 99, 7, 56, 31, 5]
+
+
+def chain(count: int, num_layers: int) -> list[tuple[int, int]]:
+    return [(0, 2), (2, num_layers)] if count == 2 else [(0, 1), (1, 3), (3, num_layers)]
 
 
 def local_greedy(tokens: int) -> list[int]:
     """transformers' model run locally, argmax at every step; like the swarm loop below it
     does not stop at the end-of-text token (generate's min_new_tokens would forbid it)."""
+    import torch
+
+    from tests.model_factory import build_model
+
     model = build_model("llama")
-    ids = PROMPT
+    ids = torch.tensor([PROMPT])
     with torch.no_grad():
         for _ in range(tokens):
             token = model(ids).logits[:, -1:].argmax(-1)
             ids = torch.cat([ids, token], dim=1)
-    return ids[0, PROMPT.shape[1]:].tolist()
+    return ids[0, len(PROMPT):].tolist()
 
 
 async def generate(model_dir: Path, bootstrap: str, tokens: int, push: bool):
     """Greedy decoding through one session: (per-step seconds, tokens, client sends, steps)."""
+    import torch
+
+    from blocks.model_files import default_model_id
+    from client.local_head import LocalHead
+    from client.remote_blocks import ClientConfig, RemoteBlocks
+    from tests.model_factory import NUM_LAYERS
+
+    prompt = torch.tensor([PROMPT])
     client = await SwarmClient.connect([bootstrap])
     try:
         head = LocalHead.load(model_dir)
         remote = RemoteBlocks(client, default_model_id(model_dir), NUM_LAYERS,
                               ClientConfig(push=push))
-        async with await remote.inference_session(1, PROMPT.shape[1] + tokens + 8) as session:
+        async with await remote.inference_session(1, prompt.shape[1] + tokens + 8) as session:
             for _ in range(2):  # warm-up: connections (server -> server too), then back to 0
-                await session.step(head.embed(PROMPT[:, :2]))
-                await session.step(head.embed(PROMPT[:, 2:3], position_ids=2))
+                await session.step(head.embed(prompt[:, :2]))
+                await session.step(head.embed(prompt[:, 2:3], position_ids=2))
                 session.rollback(0)
             sends_before = session.client_sends
-            hidden = await session.step(head.embed(PROMPT))
+            hidden = await session.step(head.embed(prompt))
             new: list[int] = []
             times: list[float] = []
             while True:
@@ -94,15 +106,19 @@ async def generate(model_dir: Path, bootstrap: str, tokens: int, push: bool):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spans", type=int, default=3, choices=sorted(SPANS))
+    parser.add_argument("--spans", type=int, default=3, choices=SPAN_COUNTS)
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per mode")
     args = parser.parse_args()
+    import torch
+
+    from tests.model_factory import NUM_LAYERS, save_model
+
     torch.set_num_threads(1)
     delay = str(args.delay_ms)
     os.environ[link_delay.ENV_VAR] = delay  # this process's client hosts too (read once per Host)
-    spans = SPANS[args.spans]
+    spans = chain(args.spans, NUM_LAYERS)
     expected_tokens = local_greedy(args.tokens)
     steps: dict[str, list[float]] = {"push": [], "relay": []}
     sends: dict[str, int] = {}

@@ -18,17 +18,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import LlamaConfig
+if TYPE_CHECKING:
+    import torch
 
-from blocks import compiled_decode
-from blocks.fast_decode import DecodeOptions, new_static_cache
-from blocks.span import BlockSpan
-from model_parts.dummy import DummyModelFiles
-from model_parts.skeleton import DeviceOptions
-
-PLAIN = DecodeOptions(direct_layers=False, static_cache=False, compile=False)
+# torch, transformers and the blocks (4-7 s to import) are imported in main, after the
+# arguments are parsed, so that `--help` and typos answer at once.
 
 
 def errors(got: torch.Tensor, want: torch.Tensor) -> str:
@@ -45,6 +41,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    import torch
+    from transformers import LlamaConfig
+
+    from blocks import compiled_decode
+    from blocks.fast_decode import DecodeOptions, new_static_cache
+    from blocks.span import BlockSpan
+    from model_parts.dummy import DummyModelFiles
+    from model_parts.skeleton import DeviceOptions
+
+    plain_decode = DecodeOptions(direct_layers=False, static_cache=False, compile=False)
     hidden = args.hidden
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -55,7 +61,7 @@ def main() -> int:
         files = DummyModelFiles(directory)
         spans = {
             dtype: BlockSpan.load(files, 0, args.layers, DeviceOptions(args.device, dtype),
-                                  decode=PLAIN)
+                                  decode=plain_decode)
             for dtype in ("float32", "bfloat16")
         }
         static = BlockSpan.load(files, 0, args.layers, DeviceOptions(args.device, "bfloat16"),

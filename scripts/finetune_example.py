@@ -22,16 +22,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from client.causal_lm import DistributedModelForCausalLM
 from client.demo import DEMO_CONFIG, write_demo_model
 from client.local_swarm import LocalSwarm
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, transformers and the client (4-7 s to import) are imported where they are used, after
+# the arguments are parsed, so that `--help` and typos answer at once.
 
 SPANS = [(0, 3), (3, 6)]
 PRE_SEQ_LEN = 8
@@ -41,6 +44,8 @@ LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ["q_proj", "v_proj"]
 def counting_batches(steps: int, batch: int, length: int, seed: int) -> list[torch.Tensor]:
     """One batch of sequences start, start + k, start + 2k, ... (mod the vocabulary, clear of
     ids 0-2), given at every step."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     vocab = DEMO_CONFIG["vocab_size"] - 3
     start = torch.randint(0, vocab, (batch, 1), generator=g)
@@ -53,6 +58,8 @@ class DeepPrompts:
     prompts added to block i's input prefix (what the servers do), prompt positions dropped."""
 
     def __init__(self, model, shallow: torch.Tensor, deep: torch.Tensor):
+        import torch
+
         self.model = model
         self.shallow = torch.nn.Parameter(shallow.clone())
         self.deep = torch.nn.Parameter(deep.clone())
@@ -60,6 +67,8 @@ class DeepPrompts:
             layer.register_forward_pre_hook(self._adder(i), with_kwargs=True)
 
     def _adder(self, i):
+        import torch  # here, not in the hook: it runs in every forward pass
+
         def add(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             n = self.deep.shape[1]
@@ -71,6 +80,7 @@ class DeepPrompts:
         return add
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         embeds = self.model.model.embed_tokens(ids)
@@ -81,6 +91,8 @@ class DeepPrompts:
 
 
 def train(params, loss_of, batches, lr) -> tuple[list[float], float]:
+    import torch
+
     optimizer = torch.optim.Adam(params, lr=lr)
     losses, began = [], time.perf_counter()
     for ids in batches:
@@ -110,6 +122,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=16)
     args = parser.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from client.causal_lm import DistributedModelForCausalLM
+
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

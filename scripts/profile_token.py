@@ -18,20 +18,15 @@ import time
 from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"
-import torch
-
-torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import write_model  # noqa: E402
+from bench_inference import write_model
 
-from blocks.server import BlockServer, ServingConfig  # noqa: E402
-from blocks.span import BlockSpan  # noqa: E402
-from client.inference import InferenceSession, SessionConfig  # noqa: E402
-from client.local_head import LocalHead  # noqa: E402
-from model_parts.files import default_model_id  # noqa: E402
-from overlay.host import Host  # noqa: E402
-from overlay.runtime import new_event_loop  # noqa: E402
+from overlay.host import Host
+from overlay.runtime import new_event_loop
+
+# torch and the blocks and client (4-7 s to import) are imported in main, after the arguments
+# are parsed, so that `--help` and typos answer at once.
 
 
 def cpu():
@@ -54,6 +49,14 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(model_dir, tokens, profile, sort):
+    import torch
+
+    from blocks.server import BlockServer, ServingConfig
+    from blocks.span import BlockSpan
+    from client.inference import InferenceSession, SessionConfig
+    from client.local_head import LocalHead
+    from model_parts.files import default_model_id
+
     model_id = default_model_id(model_dir)
     servers = []
     for start, end in ((0, 2), (2, 4)):
@@ -114,6 +117,9 @@ async def main(model_dir, tokens, profile, sort):
 
 if __name__ == "__main__":
     args = parse_args()
+    import torch
+
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model("small-4x64", Path(tmp))
         with asyncio.Runner(loop_factory=new_event_loop) as r:

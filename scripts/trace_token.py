@@ -32,20 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-TRACE_DIR = tempfile.mkdtemp(prefix="overlay-timeline-")
-os.environ["OVERLAY_TIMELINE_DIR"] = TRACE_DIR  # before overlay is imported: this process too
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import asyncio  # noqa: E402
-
-import torch  # noqa: E402
+import asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import MODELS, swarm_ms_per_token, write_model  # noqa: E402
+from bench_inference import MODELS, swarm_ms_per_token, write_model
 
-from blocks.span import BlockSpan  # noqa: E402
-from client.local_swarm import LocalSwarm  # noqa: E402
-from overlay.runtime import new_event_loop  # noqa: E402
+# torch and the overlay are imported in main, after the arguments are parsed (torch takes 4-7
+# s, and the overlay must see OVERLAY_TIMELINE_DIR, made there, when it is first imported).
 
 SEGMENTS = (  # (name, process, event): each found as the first after the previous one
     ("client -> server 1 read", "S1", "read"),
@@ -59,9 +54,9 @@ SEGMENTS = (  # (name, process, event): each found as the first after the previo
 )
 
 
-def read_timeline(pids: dict[int, str]) -> list[tuple[int, str, str]]:
+def read_timeline(trace_dir: Path, pids: dict[int, str]) -> list[tuple[int, str, str]]:
     events = []
-    for path in Path(TRACE_DIR).glob("*.txt"):
+    for path in trace_dir.glob("*.txt"):
         who = pids.get(int(path.stem))
         if who is None:
             continue  # the bootstrap node
@@ -107,6 +102,10 @@ def segments(events: list[tuple[int, str, str]]) -> tuple[dict[str, list[float]]
 
 def hot_step_us(model_dir: Path, start: int, end: int, steps: int = 300) -> float:
     """One span's single-token step in a tight loop in this process (warm caches)."""
+    import torch
+
+    from blocks.span import BlockSpan
+
     span = BlockSpan.load(model_dir, start, end)
     times = []
     with torch.inference_mode(), span.new_session(1, steps + 16) as session:
@@ -125,6 +124,20 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--decode", default="fast")
     args = parser.parse_args()
+    trace_dir = Path(tempfile.mkdtemp(prefix="overlay-timeline-"))
+    os.environ["OVERLAY_TIMELINE_DIR"] = str(trace_dir)  # before overlay is imported: here too
+    try:
+        return trace(args, trace_dir)
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+
+
+def trace(args: argparse.Namespace, trace_dir: Path) -> int:
+    import torch
+
+    from client.local_swarm import LocalSwarm
+    from overlay.runtime import new_event_loop
+
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(args.model, Path(tmp))
@@ -138,10 +151,7 @@ def main() -> int:
                 ms, _ = runner.run(swarm_ms_per_token(model_dir, swarm.bootstrap, prompt,
                                                       args.tokens))
         hot = [hot_step_us(model_dir, start, end) for start, end in spans]
-    try:
-        found, between = segments(read_timeline(pids))
-    finally:
-        shutil.rmtree(TRACE_DIR, ignore_errors=True)
+    found, between = segments(read_timeline(trace_dir, pids))
     steps = len(found["whole step"])
     if steps < 10:
         print(f"only {steps} complete steps in the timeline", file=sys.stderr)
