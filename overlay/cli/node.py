@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 from overlay.bandwidth_service import BandwidthTestService, measure_link
 from overlay.cli.arguments import non_negative_seconds, positive_seconds
@@ -17,6 +18,7 @@ from overlay.cli.dht import start_dht
 from overlay.host import ConnectionLost, Host
 from overlay.identity import Identity, IdentityError
 from overlay.multiaddr import Multiaddr, MultiaddrError
+from overlay.public_addrs import default_route_host, expand_wildcards
 
 log = logging.getLogger("overlay.node")
 
@@ -80,13 +82,13 @@ def parse_addrs(texts: list[str]) -> list[Multiaddr]:
         raise SystemExit(f"overlay-node: {e}") from None
 
 
-def dialable(addr: Multiaddr) -> Multiaddr:
-    """The address to print for others: a wildcard listen address becomes loopback."""
-    if addr.host == "0.0.0.0":
-        return Multiaddr("ip4", "127.0.0.1", addr.port, addr.peer_id)
-    if addr.host == "::":
-        return Multiaddr("ip6", "::1", addr.port, addr.peer_id)
-    return addr
+def dialable(addr: Multiaddr,
+             route_host: Callable[[str], str | None] = default_route_host) -> Multiaddr:
+    """The address to print for others: a wildcard listen address becomes this machine's
+    address on its default route (what `serve` announces), so that another machine can use it
+    as `--bootstrap`; loopback where there is no such route. Either is dialable from here."""
+    [shared] = expand_wildcards([addr], route_host)
+    return shared
 
 
 async def start_host(listen: str, identity_path: str | None) -> Host:
@@ -99,9 +101,13 @@ async def start_host(listen: str, identity_path: str | None) -> Host:
         await host.close()
         reason = e.strerror or e
         raise SystemExit(f"overlay-node: cannot listen on {listen_addr}: {reason}") from None
-    print(dialable(addrs[0]), flush=True)
+    shared = dialable(addrs[0])
+    print(shared, flush=True)
     for addr in addrs:
         log.info("listening on %s", addr)
+    if shared != addrs[0]:
+        log.info("others dial %s (printed on stdout); this machine may also use %s", shared,
+                 expand_wildcards([addrs[0]], lambda _protocol: None)[0])
     return host
 
 

@@ -115,6 +115,22 @@ def test_join_prints_its_address_first_and_answers_ping(tmp_path):
         node.kill()
 
 
+def test_a_wildcard_listen_address_is_printed_as_one_other_machines_can_dial():
+    """`join` listens on 0.0.0.0 by default: its first line is the machine's address on its
+    default route (what `serve` announces), not loopback, which no other machine can use as
+    `--bootstrap`; loopback only where there is no default route."""
+    from overlay.cli.node import dialable
+
+    peer = Identity.generate().peer_id
+    wildcard = Multiaddr.parse(f"/ip4/0.0.0.0/tcp/4001/p2p/{peer}")
+    routes = {"ip4": "192.168.7.9", "ip6": None}
+    assert str(dialable(wildcard, routes.get)) == f"/ip4/192.168.7.9/tcp/4001/p2p/{peer}"
+    ip6 = Multiaddr.parse(f"/ip6/::/tcp/4001/p2p/{peer}")
+    assert str(dialable(ip6, routes.get)) == f"/ip6/::1/tcp/4001/p2p/{peer}"
+    exact = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}")
+    assert dialable(exact, routes.get) == exact  # tests and the demo listen there
+
+
 def test_bad_arguments_are_clear_errors():
     bad = run_cli("ping", "/ip4/300.1.1.1/tcp/1")
     assert bad.returncode != 0 and "invalid IPv4 address" in bad.stderr
