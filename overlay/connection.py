@@ -625,13 +625,14 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.close()
         self._finish()
 
-    def abort(self, reason: str) -> None:
-        """Drop the connection at once (bad input or a fatal error), logging why."""
+    def abort(self, reason: str, level: int = logging.INFO) -> None:
+        """Drop the connection at once (bad input or a fatal error), logging why (at `level`:
+        lower where the caller reports the failure itself)."""
         if self.closed:
             return
         peer = self.remote_peer or self._expected_peer
-        log.info("closing connection to %s (%s): %s",
-                 peer or "unknown peer", self.remote_address, reason)
+        log.log(level, "closing connection to %s (%s): %s",
+                peer or "unknown peer", self.remote_address, reason)
         self._close_reason = reason
         if self._mux is not None and self._transport is not None:
             self._flush()  # a GO_AWAY the multiplexer queued, if any

@@ -339,7 +339,7 @@ class Host:
                 await conn.ready
         except TimeoutError:
             if conn is not None:
-                conn.abort("dial timed out")
+                conn.abort("dial timed out", logging.DEBUG)  # the ConnectionLost says it
             raise ConnectionLost(f"dial {maddr}: timed out after {timeout:g} s") from None
         except OSError as e:
             raise ConnectionLost(f"dial {maddr}: {e.strerror or e}") from None

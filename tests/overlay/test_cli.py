@@ -138,6 +138,21 @@ def test_bad_arguments_are_clear_errors():
     assert bad.returncode != 0 and "only /tcp" in bad.stderr
 
 
+def test_ping_to_a_silent_port_is_one_error_line():
+    """A port that accepts TCP and never answers the handshake: the dial's timeout is the one
+    line on stderr (no log line of the aborted connection before it)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes TCP connections; nobody answers them
+        port = silent.getsockname()[1]
+        for target in (f"/ip4/127.0.0.1/tcp/{port}",
+                       f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"):
+            done = run_cli("ping", target, "--timeout", "0.5", timeout=30)
+            assert done.returncode == 1 and done.stdout == ""
+            assert done.stderr.splitlines() == [
+                f"overlay-node ping: dial {target}: timed out after 0.5 s"], done.stderr
+
+
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_ping_count_must_be_at_least_one(count):
     bad = run_cli("ping", "/ip4/127.0.0.1/tcp/1", "--count", count, timeout=30)
