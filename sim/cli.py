@@ -210,9 +210,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     param = {"churn": "churn.kind"}.get(args.param, args.param)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics \
         else list(spec.sweep_metrics)
+    configs = [set_option(base, param, raw) for raw in raw_values]  # all checked first,
     out = Path(args.out or f"sim-results/{spec.name}-sweep-{args.param}")
-    out.mkdir(parents=True, exist_ok=True)
-    configs = [set_option(base, param, raw) for raw in raw_values]  # all checked first
+    out.mkdir(parents=True, exist_ok=True)  # then the folder made: none left for a refusal
     runs: list[dict[str, object]] = []
     values: list[object] = []
     for i, (raw, config) in enumerate(zip(raw_values, configs)):

@@ -152,6 +152,19 @@ def test_sweep_values_that_cannot_name_a_folder_are_refused(tmp_path, capsys, va
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("values", "message"), [
+    ("50,50.5", "nodes=50.5: expected an integer, got '50.5'"),
+    ("50,1000000000", "nodes=1000000000: nodes must be at most 100,000"),
+])
+def test_a_sweep_value_refused_while_parsed_leaves_no_out_folder(tmp_path, capsys, values,
+                                                                  message):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "dht-static", "--param", "nodes", "--values", values, "--quiet",
+                 "--no-plots", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"overlay-sim: {message}")
+    assert not out.exists()  # it used to be made (empty) before the values were checked
+
+
 def test_the_largest_documented_sizes_are_accepted():
     from sim.dht_scenario import dht_churn_config, dht_static_config
 
