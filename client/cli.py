@@ -17,6 +17,8 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--bootstrap", action="append", required=True, metavar="MADDR",
                         type=_multiaddr)
     status.add_argument("--json", action="store_true", help="one JSON object on standard output")
+    status.add_argument("--model", metavar="ID", help="read only this model (by default a status "
+                        "reads a bounded number of models and blocks and lists the others)")
     status.set_defaults(func=run_status)
 
 
@@ -105,7 +107,7 @@ def _multiaddr(text: str) -> str:
 
 async def run_status(args: argparse.Namespace) -> int:
     from client.swarm import SwarmClient
-    from client.swarm_status import read_status
+    from client.swarm_status import left_out_note, read_status
     from overlay.dht.driver import DHTError
 
     try:
@@ -114,13 +116,13 @@ async def run_status(args: argparse.Namespace) -> int:
         print(f"overlay-node status: {e}", file=sys.stderr)
         return 1
     try:
-        status = await read_status(client)
+        status = await read_status(client, args.model)
     finally:
         await client.close()
     if args.json:
         print(json.dumps(status))
         return 0
-    if not status["models"]:
+    if not status["models"] and not status["left_out"]:
         print("no models are announced in this swarm")
     for model in status["models"]:
         coverage = model["coverage"]
@@ -132,6 +134,8 @@ async def run_status(args: argparse.Namespace) -> int:
             print(f"  {server['peer_id']}  blocks [{server['start']}, {server['end']})  "
                   f"{server['state']:<7}  {server['throughput']:.0f} tok/s  "
                   f"cache free {server['cache_tokens_left']}  {server['dtype']}")
+    if (note := left_out_note(status, args.model)) is not None:
+        print(note)
     return 0
 
 
