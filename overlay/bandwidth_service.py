@@ -67,8 +67,10 @@ class BandwidthTestService:
         limit = self.gate.config.max_transfer_seconds
         try:
             # (bounded: a tester that opened streams and sent no request held them, and a
-            # task each, for as long as its connection lasted)
-            stream.bound_messages(MAX_REQUEST_BYTES, _REQUEST_REASON)
+            # task each, for as long as its connection lasted; the uploaded chunks right
+            # behind the request are judged by their own bound, read or not: see below)
+            stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON,
+                                  first=(MAX_REQUEST_BYTES, _REQUEST_REASON))
             async with asyncio.timeout(limit):
                 message = await stream.recv()
             request = decode_request(message, self.gate.config.max_transfer_bytes)
@@ -79,7 +81,6 @@ class BandwidthTestService:
         refused = self.gate.admit(request.nbytes, time.monotonic())
         if refused is not None:
             raise RemoteError(*refused)
-        stream.bound_messages(CHUNK_BYTES, _CHUNK_REASON)
         try:
             async with asyncio.timeout(limit):
                 if request.op == UPLOAD:

@@ -58,9 +58,9 @@ def _released(buf) -> bool:
 
 class _FirstMessageBound:
     """State of Stream.bound_first_message: the head seen so far, then the limit (of every
-    message when `each`: Stream.bound_messages)."""
+    message when `each`: Stream.bound_messages; `then`: the limit after this message)."""
 
-    __slots__ = ("decide", "each", "head", "head_bytes", "limit", "reason")
+    __slots__ = ("decide", "each", "head", "head_bytes", "limit", "reason", "then")
 
     def __init__(self, decide: Callable[[bytes], tuple[int, str] | None] | None,
                  head_bytes: int):
@@ -70,6 +70,7 @@ class _FirstMessageBound:
         self.limit: int | None = None
         self.reason = ""
         self.each = False
+        self.then: tuple[int, str] | None = None
 
 
 class ConnectionLost(ConnectionError):
@@ -196,12 +197,20 @@ class Stream:
         read (the host's per-method request limit). Set before any data came."""
         self._bound = _FirstMessageBound(decide, head_bytes)
 
-    def bound_messages(self, limit: int, reason: str) -> None:
+    def bound_messages(self, limit: int, reason: str,
+                       first: tuple[int, str] | None = None) -> None:
         """Reset the stream with `reason` as soon as a message from now on exceeds `limit`
         bytes, before the rest of it is read (a protocol whose messages have a documented
-        size). Set between messages, once any first-message bound is over."""
+        size). Set between messages, once any first-message bound is over. `first`: the
+        (limit, reason) of the message now arriving or next to arrive, unless one is already
+        in but unread (a small request before bulk messages, set before the request is read:
+        the bulk data the peer sends right behind it is judged by its own limit, whether the
+        request was in already or not)."""
         bound = self._bound = _FirstMessageBound(None, 0)
         bound.limit, bound.reason, bound.each = limit, reason, True
+        if first is not None and not self._messages:
+            bound.then = (limit, reason)
+            bound.limit, bound.reason = first
 
     def _over_bound(self, data, end: bool) -> bool:
         """Whether `data` takes the first message over its bound: the stream is then reset."""
@@ -219,7 +228,9 @@ class Stream:
             self._bound = None
             self.reset(bound.reason)
             return True
-        if end and not bound.each:
+        if end and bound.then is not None:
+            (bound.limit, bound.reason), bound.then = bound.then, None
+        elif end and not bound.each:
             self._bound = None
         return False
 

@@ -152,6 +152,39 @@ async def test_an_oversized_request_map_is_refused_as_it_arrives(pair):
     assert e.value.code == BAD_REQUEST and f"at most {MAX_REQUEST_BYTES}" in e.value.message
 
 
+async def test_upload_data_right_behind_the_request_is_not_judged_as_the_request():
+    """The tester sends its request and its first chunk in one write. When the node's handler
+    had set the request's 2,113-byte bound before they came (the stream opened first, as on
+    a loaded machine), the chunk arrived under that bound too, before the handler had read the
+    request: `ping --bandwidth` and `serve`'s link test failed with "a request map has at
+    most 2113 bytes" (4 times in 6 on the loaded CI machine)."""
+    node, tester = Host(), Host()
+    service = BandwidthTestService()
+    handler_ready = asyncio.Event()
+
+    async def handle(ctx, stream):
+        handler_ready.set()  # (the service sets its bound before it first awaits)
+        await service._handle(ctx, stream)
+
+    node.add_stream_handler(METHOD, handle)
+    try:
+        await node.listen("/ip4/127.0.0.1/tcp/0")
+        await tester.connect(node.addrs[0])
+        for _ in range(3):
+            handler_ready.clear()
+            stream = await tester.open_stream(node.peer_id, METHOD, timeout=5)
+            await asyncio.wait_for(handler_ready.wait(), 5)
+            stream.send_nowait(encode_request(UPLOAD, 2 * CHUNK_BYTES), flush=False)
+            await stream.send(bytes(CHUNK_BYTES))
+            await stream.send(bytes(CHUNK_BYTES))
+            await stream.close()
+            async with asyncio.timeout(5):
+                assert decode_received(await stream.recv()) == 2 * CHUNK_BYTES
+    finally:
+        await tester.close()
+        await node.close()
+
+
 async def test_the_method_is_streaming_only(pair):
     node, tester, _ = pair
     with pytest.raises(RemoteError) as e:
