@@ -122,7 +122,7 @@ async def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status))
         return 0
-    if not status["models"] and not status["left_out"]:
+    if not status["models"] and not status["left_out"] and args.model is None:
         print("no models are announced in this swarm")
     for model in status["models"]:
         coverage = model["coverage"]
