@@ -23,24 +23,26 @@ MAX_BLOCKS_READ = 4096  # blocks read by one status call, over all its models
 @dataclass(frozen=True)
 class RegisteredModel:
     model_id: str
-    num_blocks: int  # the largest any registrant claimed
+    num_blocks: int  # what most registrants claim (of two claims as common, the smaller)
     registrants: int  # how many peers registered it
 
 
 def registered_models(registry: object) -> list[RegisteredModel]:
     """Pure: the models of a MODELS_KEY record (peer id -> entry), malformed entries skipped;
-    the ones most peers registered first, then the smaller, then by name."""
-    sizes: dict[str, int] = {}
-    counts: dict[str, int] = {}
+    the ones most peers registered first, then the smaller, then by name. A model's size is
+    the claim most of its registrants make: one peer claiming 4,096 blocks for a model that
+    its servers register with 80 does not make every status read 4,096."""
+    claims: dict[str, dict[int, int]] = {}  # model -> claimed size -> registrants
     for entry in registry.values() if isinstance(registry, dict) else ():
         if not isinstance(entry, dict):
             continue
         model_id, num_blocks = entry.get("model"), entry.get("num_blocks")
         if isinstance(model_id, str) and isinstance(num_blocks, int) \
                 and not isinstance(num_blocks, bool) and 0 < num_blocks <= MAX_BLOCKS:
-            sizes[model_id] = max(sizes.get(model_id, 0), num_blocks)
-            counts[model_id] = counts.get(model_id, 0) + 1
-    models = [RegisteredModel(m, sizes[m], counts[m]) for m in sizes]
+            sizes = claims.setdefault(model_id, {})
+            sizes[num_blocks] = sizes.get(num_blocks, 0) + 1
+    models = [RegisteredModel(m, min(sizes, key=lambda n: (-sizes[n], n)), sum(sizes.values()))
+              for m, sizes in claims.items()]
     return sorted(models, key=lambda m: (-m.registrants, m.num_blocks, m.model_id))
 
 

@@ -37,6 +37,13 @@ def test_registry_entries_are_counted_per_model_and_malformed_ones_skipped():
         RegisteredModel("llama", 80, 2),  # most registrants first, whatever its name
         RegisteredModel("aaa-fake", 2, 1), RegisteredModel("big", 9, 1)]
     assert registered_models(None) == [] and registered_models([1, 2]) == []
+    # a size claimed by one peer does not outvote the servers' (it used to be the largest)
+    inflated = {"s1": {"model": "llama", "num_blocks": 80}, "s2": {"model": "llama",
+                "num_blocks": 80}, "liar": {"model": "llama", "num_blocks": MAX_BLOCKS}}
+    assert registered_models(inflated) == [RegisteredModel("llama", 80, 3)]
+    assert registered_models({"a": {"model": "m", "num_blocks": 9},
+                              "b": {"model": "m", "num_blocks": 7}}) == [
+        RegisteredModel("m", 7, 2)]
 
 
 def test_the_models_read_are_bounded_in_number_and_in_blocks():
