@@ -94,7 +94,11 @@ def dialable(addr: Multiaddr,
 async def start_host(listen: str, identity_path: str | None) -> Host:
     """A listening host; its first address is printed on stdout (the documented first line)."""
     [listen_addr] = parse_addrs([listen])
-    host = Host(load_identity(identity_path))
+    identity = load_identity(identity_path)
+    if listen_addr.peer_id not in (None, identity.peer_id):  # (it used to be dropped unsaid)
+        raise SystemExit(f"overlay-node: --listen names peer {listen_addr.peer_id}, but this "
+                         f"node is {identity.peer_id} (its identity: --identity PATH)")
+    host = Host(identity)
     try:
         addrs = await host.listen(listen_addr)
     except OSError as e:

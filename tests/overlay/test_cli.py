@@ -153,6 +153,25 @@ def test_ping_to_a_silent_port_is_one_error_line():
                 f"overlay-node ping: dial {target}: timed out after 0.5 s"], done.stderr
 
 
+def test_join_refuses_a_listen_address_naming_another_peer(tmp_path):
+    """A --listen with the /p2p/ of another identity (an address copied from elsewhere) was
+    dropped unsaid: the node ran under a peer id other than the one its operator wrote."""
+    key = tmp_path / "node.key"
+    Identity.generate().save(key)
+    own, other = Identity.load(key).peer_id, Identity.generate().peer_id
+    refused = run_cli("join", "--listen", f"/ip4/127.0.0.1/tcp/0/p2p/{other}", "--identity",
+                      str(key), timeout=30)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"overlay-node: --listen names peer {other}, but this node is {own} (its identity: "
+        f"--identity PATH)"]
+    node = Node("--listen", f"/ip4/127.0.0.1/tcp/0/p2p/{own}", "--identity", str(key))
+    try:  # (the last --listen counts) its own peer id is fine
+        assert node.addr.peer_id == own
+    finally:
+        node.kill()
+
+
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_ping_count_must_be_at_least_one(count):
     bad = run_cli("ping", "/ip4/127.0.0.1/tcp/1", "--count", count, timeout=30)
