@@ -208,8 +208,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if raw_values.count(raw) > 1:
             raise ConfigError(f"--values: {raw!r} is listed twice (one folder per value)")
     param = {"churn": "churn.kind"}.get(args.param, args.param)
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics \
-        else list(spec.sweep_metrics)
+    named = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
+    metrics = named or list(spec.sweep_metrics)  # ("--metrics ," names none: the defaults)
     configs = [set_option(base, param, raw) for raw in raw_values]  # all checked first,
     out = Path(args.out or f"sim-results/{spec.name}-sweep-{args.param}")
     out.mkdir(parents=True, exist_ok=True)  # then the folder made: none left for a refusal

@@ -309,6 +309,11 @@ def test_a_misspelt_sweep_metric_is_named_after_the_first_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("dht-static has no metric 'lookup_sucess_rate'") == 1
     assert "hops_p50" not in err
+    # empty names (a stray comma) are no metrics to warn about: "no metric '', ''"
+    assert main(["sweep", "dht-static", "--param", "nodes", "--values", "20", "--duration",
+                 "5", "--metrics", "hops_p50,", "--quiet", "--no-plots", "--out",
+                 str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_a_rerun_into_the_same_out_leaves_nothing_of_the_last_one(tmp_path):
