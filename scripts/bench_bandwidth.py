@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from overlay.bandwidth import SpeedTestConfig, transfer_bps
 from overlay.bandwidth_service import measure_link
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 from overlay.host import Host
 from overlay.multiaddr import Multiaddr
 from overlay.runtime import new_event_loop
@@ -191,7 +192,7 @@ def serve_once(node_addr: str, env: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_server:

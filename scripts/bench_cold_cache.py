@@ -38,6 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import write_model
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 from overlay.host import Host
 from overlay.runtime import new_event_loop
 
@@ -84,8 +85,8 @@ async def rpc_us(steps: int, stream: Callable[[], None] | None) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--stream-mib", type=int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=60)
+    parser.add_argument("--stream-mib", type=positive_int, default=64)
     args = parser.parse_args()
     import torch  # 4-7 s to import: only once the arguments are parsed
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 from overlay.dht.driver import DHT
 from overlay.host import Host
 from overlay.runtime import new_event_loop
@@ -163,8 +164,8 @@ def report(result: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, default=100)
-    parser.add_argument("--keys", type=int, default=200)
+    parser.add_argument("--nodes", type=positive_int, default=100)
+    parser.add_argument("--keys", type=positive_int, default=200)
     parser.add_argument("--kill", type=float, default=0.25, help="fraction of nodes stopped")
     parser.add_argument("--seed", type=int, default=1)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)

@@ -44,6 +44,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+
 if TYPE_CHECKING:
     from client.local_head import LocalHead
 
@@ -316,11 +318,11 @@ def run_b(model_dir: Path, log_dir: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="a,b,c")
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=positive_int, default=128)
     parser.add_argument("--decode", default="compiled,fast",
                         help="server decode modes for (a), side by side (serve --decode)")
     parser.add_argument("--log-dir", default=None)
-    parser.add_argument("--runs", type=int, default=2,
+    parser.add_argument("--runs", type=positive_int, default=2,
                         help="generations per server in (a)/(c); the best is reported, all listed")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+
 if TYPE_CHECKING:
     import torch
 
@@ -111,8 +113,9 @@ async def swarm_ms_per_token(model_dir: Path, bootstrap: str, prompt: torch.Tens
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs; medians kept")
+    parser.add_argument("--tokens", type=positive_int, default=64)
+    parser.add_argument("--repeat", type=positive_int, default=3,
+                        help="alternating runs; medians kept")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--decode", default="fast,plain",
                         help="server decode modes to measure (serve --decode)")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import MODELS, write_model
 
 from client.local_swarm import LocalSwarm
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 
 if TYPE_CHECKING:
     import torch
@@ -68,8 +69,8 @@ def timed(model, ids: torch.Tensor, mask: torch.Tensor, settings: dict, tokens: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tokens", type=positive_int, default=32)
+    parser.add_argument("--repeat", type=positive_int, default=3)
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.local_swarm import LocalSwarm
 from client.swarm import SwarmClient
 from overlay import link_delay
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 from overlay.runtime import new_event_loop
 
 # torch, transformers and the modules that use them (4-7 s to import) are imported where they
@@ -108,8 +109,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, default=3, choices=SPAN_COUNTS)
     parser.add_argument("--delay-ms", type=float, default=20.0)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs per mode")
+    parser.add_argument("--tokens", type=positive_int, default=32)
+    parser.add_argument("--repeat", type=positive_int, default=3, help="alternating runs per mode")
     args = parser.parse_args()
     import torch
 

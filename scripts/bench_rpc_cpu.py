@@ -24,6 +24,7 @@ import resource
 import socket
 import sys
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 from overlay.host import Host
 from overlay.runtime import keep_large_buffers_in_heap, new_event_loop
 
@@ -114,8 +115,9 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds; best kept")
-    parser.add_argument("--calls", type=int, default=1000, help="calls per round")
+    parser.add_argument("--rounds", type=positive_int, default=15,
+                        help="alternating rounds; best kept")
+    parser.add_argument("--calls", type=positive_int, default=1000, help="calls per round")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     keep_large_buffers_in_heap()

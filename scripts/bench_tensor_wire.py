@@ -35,12 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--large-mib", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--small-calls", type=int, default=3000)
+    parser.add_argument("--large-mib", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--small-calls", type=positive_int, default=3000)
     return parser.parse_args()
 
 

@@ -34,6 +34,7 @@ import threading
 import time
 from functools import partial
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 from overlay.host import Host
 from overlay.record_layer import SEALED_RECORD_PLAINTEXT
 from overlay.runtime import keep_large_buffers_in_heap, new_event_loop
@@ -378,9 +379,9 @@ async def client(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=256, help="MiB per throughput run")
-    parser.add_argument("--calls", type=int, default=3000, help="RPCs per latency run")
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each")
+    parser.add_argument("--mib", type=positive_int, default=256, help="MiB per throughput run")
+    parser.add_argument("--calls", type=positive_int, default=3000, help="RPCs per latency run")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="alternating runs of each")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="keep glibc's default malloc thresholds (overlay-node processes "
                              "keep large buffers in the heap; both sides of the comparison do)")

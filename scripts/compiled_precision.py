@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+
 if TYPE_CHECKING:
     import torch
 
@@ -36,9 +38,9 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layers", type=positive_int, default=32)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     import torch

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.demo import DEMO_CONFIG, write_demo_model
 from client.local_swarm import LocalSwarm
+from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
 
 if TYPE_CHECKING:
     import torch
@@ -118,9 +119,9 @@ def report(title: str, swarm: tuple[list[float], float], local: tuple[list[float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--length", type=positive_int, default=16)
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM

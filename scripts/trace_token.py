@@ -124,6 +124,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--decode", default="fast")
     args = parser.parse_args()
+    if args.tokens < 1:  # (overlay.cli's positive_int would import the overlay before the env)
+        parser.error(f"argument --tokens: must be at least 1, got {args.tokens}")
     trace_dir = Path(tempfile.mkdtemp(prefix="overlay-timeline-"))
     os.environ["OVERLAY_TIMELINE_DIR"] = str(trace_dir)  # before overlay is imported: here too
     try:

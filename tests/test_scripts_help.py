@@ -46,3 +46,27 @@ def test_script_answers_help(script: Path, tmp_path: Path) -> None:
     assert list(work.iterdir()) == []
     assert list(temp.iterdir()) == []  # no temporary directory left (trace_token made one)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "tmp"]  # no cache written
+
+
+COUNTS = {  # script -> a count it takes: 0 crashed (division by zero, empty medians) or did
+    # nothing, after minutes of setup; now refused while parsing, before any heavy import
+    "bench_bandwidth.py": "--repeat", "bench_cold_cache.py": "--steps",
+    "bench_dht.py": "--keys", "bench_gpu.py": "--runs", "bench_inference.py": "--tokens",
+    "bench_padding.py": "--repeat", "bench_push.py": "--tokens", "bench_rpc_cpu.py": "--calls",
+    "bench_tensor_wire.py": "--repeats", "bench_transport.py": "--repeat",
+    "compiled_precision.py": "--steps", "finetune_example.py": "--batch",
+    "trace_token.py": "--tokens",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_a_count_below_one_is_refused_while_parsing(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_AND_REPORT, str(REPO / "scripts" / name), COUNTS[name], "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HELP_TIMEOUT_S,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-2] == f"{name}: error: argument {COUNTS[name]}: must be at least 1, got 0"
+    assert lines[-1] == "imported:" and list(tmp_path.iterdir()) == []
