@@ -120,6 +120,10 @@ def main() -> int:
     parser.add_argument("--decode", default="fast,plain",
                         help="server decode modes to measure (serve --decode)")
     args = parser.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:  # (a KeyError once torch was loaded)
+        parser.error(f"argument --models: unknown {', '.join(map(repr, unknown))}; known: "
+                     f"{', '.join(MODELS)}")
     import torch
 
     from client.local_swarm import LocalSwarm

@@ -70,3 +70,14 @@ def test_a_count_below_one_is_refused_while_parsing(name: str, tmp_path: Path) -
     lines = done.stderr.splitlines()
     assert lines[-2] == f"{name}: error: argument {COUNTS[name]}: must be at least 1, got 0"
     assert lines[-1] == "imported:" and list(tmp_path.iterdir()) == []
+
+
+def test_bench_inference_refuses_an_unknown_model_while_parsing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_AND_REPORT, str(REPO / "scripts" / "bench_inference.py"),
+         "--models", "small-4x64,big"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=HELP_TIMEOUT_S,
+    )
+    assert done.returncode == 2 and "argument --models: unknown 'big'; known: " in done.stderr
+    assert done.stderr.splitlines()[-1] == "imported:"
