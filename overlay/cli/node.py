@@ -109,9 +109,14 @@ async def start_host(listen: str, identity_path: str | None) -> Host:
     print(shared, flush=True)
     for addr in addrs:
         log.info("listening on %s", addr)
-    if shared != addrs[0]:
-        log.info("others dial %s (printed on stdout); this machine may also use %s", shared,
-                 expand_wildcards([addrs[0]], lambda _protocol: None)[0])
+    if shared != addrs[0]:  # a wildcard
+        [local] = expand_wildcards([addrs[0]], lambda _protocol: None)
+        if shared == local:
+            log.warning("no default route: %s (printed on stdout) is dialable from this "
+                        "machine only", shared)
+        else:
+            log.info("other machines dial %s (printed on stdout); this one also %s", shared,
+                     local)
     return host
 
 
