@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from overlay.bandwidth import SpeedTestConfig, transfer_bps
 from overlay.bandwidth_service import measure_link
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 from overlay.host import Host
 from overlay.multiaddr import Multiaddr
 from overlay.runtime import new_event_loop

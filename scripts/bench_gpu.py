@@ -44,7 +44,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 
 if TYPE_CHECKING:
     from client.local_head import LocalHead

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.local_swarm import LocalSwarm
 from client.swarm import SwarmClient
 from overlay import link_delay
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 from overlay.runtime import new_event_loop
 
 # torch, transformers and the modules that use them (4-7 s to import) are imported where they

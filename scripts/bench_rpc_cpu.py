@@ -24,7 +24,7 @@ import resource
 import socket
 import sys
 
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 from overlay.host import Host
 from overlay.runtime import keep_large_buffers_in_heap, new_event_loop
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 
 
 def parse_args() -> argparse.Namespace:

@@ -34,7 +34,7 @@ import threading
 import time
 from functools import partial
 
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 from overlay.host import Host
 from overlay.record_layer import SEALED_RECORD_PLAINTEXT
 from overlay.runtime import keep_large_buffers_in_heap, new_event_loop

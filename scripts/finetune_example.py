@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.demo import DEMO_CONFIG, write_demo_model
 from client.local_swarm import LocalSwarm
-from overlay.cli.node import positive_int  # counts: refused while parsing when below 1
+from overlay.cli.arguments import positive_int  # counts: refused when below 1
 
 if TYPE_CHECKING:
     import torch

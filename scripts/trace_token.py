@@ -39,6 +39,8 @@ import asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import MODELS, swarm_ms_per_token, write_model
 
+from overlay.cli.arguments import positive_int  # (imports no overlay.timeline: see main)
+
 # torch and the overlay are imported in main, after the arguments are parsed (torch takes 4-7
 # s, and the overlay must see OVERLAY_TIMELINE_DIR, made there, when it is first imported).
 
@@ -121,11 +123,9 @@ def hot_step_us(model_dir: Path, start: int, end: int, steps: int = 300) -> floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small-4x64", choices=sorted(MODELS))
-    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--tokens", type=positive_int, default=200)
     parser.add_argument("--decode", default="fast")
     args = parser.parse_args()
-    if args.tokens < 1:  # (overlay.cli's positive_int would import the overlay before the env)
-        parser.error(f"argument --tokens: must be at least 1, got {args.tokens}")
     trace_dir = Path(tempfile.mkdtemp(prefix="overlay-timeline-"))
     os.environ["OVERLAY_TIMELINE_DIR"] = str(trace_dir)  # before overlay is imported: here too
     try:

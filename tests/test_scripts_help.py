@@ -81,3 +81,19 @@ def test_bench_inference_refuses_an_unknown_model_while_parsing(tmp_path: Path) 
     )
     assert done.returncode == 2 and "argument --models: unknown 'big'; known: " in done.stderr
     assert done.stderr.splitlines()[-1] == "imported:"
+
+
+def test_trace_token_imports_no_timeline_before_it_sets_its_directory() -> None:
+    """overlay/timeline.py reads OVERLAY_TIMELINE_DIR when first imported; trace_token.py sets
+    it in main, after the imports at its top (bench_inference's among them): were any of them
+    to load the overlay's connections, the client process would record no marks."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{str(REPO / 'scripts' / 'trace_token.py')!r}, '--tokens', '0']\n"
+             "try:\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "finally:\n"
+             "    print('timeline' if 'overlay.timeline' in sys.modules else 'none')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          timeout=HELP_TIMEOUT_S)
+    assert done.returncode == 2 and done.stdout.splitlines() == ["none"], done.stderr

@@ -6,6 +6,18 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: 0 would do nothing (or serve nothing) and
+    still report success."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """Timeouts: a finite number > 0."""
     return _seconds(text, allow_zero=False)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from overlay.bandwidth_service import BandwidthTestService, measure_link
-from overlay.cli.arguments import non_negative_seconds, positive_seconds
+from overlay.cli.arguments import non_negative_seconds, positive_int, positive_seconds
 from overlay.cli.dht import start_dht
 from overlay.host import ConnectionLost, Host
 from overlay.identity import Identity, IdentityError
@@ -54,18 +54,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ident.add_argument("--identity", metavar="PATH",
                        help="identity file (created when missing); without it, a fresh key")
     ident.set_defaults(func=run_id)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for counts and sizes: 0 would do nothing (or serve nothing) and
-    still report success."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def load_identity(path: str | None) -> Identity:
