@@ -180,6 +180,24 @@ class _Exactness(_Served):
             assert got.shape == expected.shape
             assert max_diff(got, expected) <= TOLERANCE
 
+    def test_input_embeddings_build_inputs_embeds_as_transformers_does(self, model, reference):
+        """transformers, PEFT and user code build `inputs_embeds` with get_input_embeddings();
+        it used to raise transformers' NotImplementedError."""
+        ids = prompts(2, 6, seed=17)
+        if self.family == "bloom":  # a norm follows the lookup: no such module
+            with pytest.raises(NotImplementedError, match=r"model\.embed"):
+                model.get_input_embeddings()
+            return
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids)
+            local_embeds = reference.get_input_embeddings()(ids)
+        assert torch.equal(embeds, local_embeds)
+        assert max_diff(model(inputs_embeds=embeds).logits, model(input_ids=ids).logits) == 0
+        assert max_diff(model(inputs_embeds=embeds).logits,
+                        reference(inputs_embeds=local_embeds).logits) <= TOLERANCE
+        lm_head = model.get_output_embeddings()
+        assert torch.equal(lm_head.weight, reference.get_output_embeddings().weight)
+
     def test_left_padded_forward_matches_on_real_tokens(self, model, reference):
         ids = prompts(3, 8, seed=4)
         mask = torch.ones_like(ids)
