@@ -150,6 +150,14 @@ def test_model_options():
         ModelOptions(max_length=0)
     with pytest.raises(ValueError, match="recovery_timeout"):
         ModelOptions(recovery_timeout=0)
+    for bad in (float("nan"), -1.0):  # NaN: the swarm view was never read again
+        with pytest.raises(ValueError, match="view_ttl"):
+            ModelOptions(view_ttl=bad)
+    with pytest.raises(ValueError, match="step_timeout"):
+        ModelOptions(step_timeout=float("nan"))
+    with pytest.raises(ValueError, match="max_length"):
+        ModelOptions(max_length=2.5)
+    assert ModelOptions(view_ttl=0).view_ttl == 0  # re-read before every route
     with pytest.raises(TypeError, match="compresion"):
         ModelOptions.from_kwargs(None, compresion="float16")
 
