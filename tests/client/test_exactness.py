@@ -560,6 +560,8 @@ class TestBadInput(_Served):
         for start, end in ((0, NUM_LAYERS + 3), (-1, 2), (3, 1)):  # past the end: IndexError
             with pytest.raises(ValueError, match=rf"block range \[{start}, {end}\) not in"):
                 model._run(remote.open_blocks_session(1, 8, start, end))
+        with pytest.raises(ValueError, match=r"block range \[2, 2\) is empty"):  # no spans
+            model._run(remote.open_blocks_session(1, 8, 2, 2))
         with pytest.raises(TypeError, match="RemoteSessionCache"):
             from transformers import DynamicCache
 
