@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,11 +59,14 @@ def cache_dir(arg: str | None) -> Path:
 
 
 def write_demo_model(directory: Path) -> Path:
-    """The demo model, written once (seeded, so every machine gets the same weights)."""
+    """The demo model, written once (seeded, so every machine gets the same weights).
+
+    Safe when several demos start together: each writes into a temporary directory of its own
+    and renames it into place; one that loses the race uses the winner's (identical) model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
+    if _complete(directory):
         return directory
     torch.manual_seed(DEMO_SEED)
     model = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG))
@@ -69,10 +74,23 @@ def write_demo_model(directory: Path) -> Path:
         for param in model.parameters():
             if param.ndim >= 2:
                 param.normal_(0.0, 0.15)
-    tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(directory)  # atomic; fails when the directory exists
+        except OSError:
+            if not _complete(directory):  # not another demo's model: say what is in the way
+                raise OSError(f"cannot write the demo model: {directory} exists and holds "
+                              f"no complete model (remove it)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "config.json").exists() and (directory / "model.safetensors").exists()
 
 
 async def run_demo(args: argparse.Namespace) -> int:

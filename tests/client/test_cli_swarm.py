@@ -266,6 +266,32 @@ def test_demo_runs_and_checks_itself(tmp_path):
     assert time.monotonic() - began < 300
 
 
+def test_demo_models_written_together_are_both_usable(tmp_path):
+    """Two demos started together both wrote `<cache>/demo-llama-6x64.tmp`, and the second
+    rename failed with OSError; each now writes its own temporary directory."""
+    import concurrent.futures
+    import threading
+
+    from client.demo import write_demo_model
+
+    target = tmp_path / "demo-llama-6x64"
+    together = threading.Barrier(3)
+
+    def write() -> object:
+        together.wait(timeout=30)
+        return write_demo_model(target)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = [f.result(timeout=120) for f in [pool.submit(write) for _ in range(3)]]
+    assert results == [target] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary left
+    assert (target / "model.safetensors").exists()
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="holds no complete model"):
+        write_demo_model(tmp_path / "partial")
+
+
 @pytest.mark.parametrize(("option", "value"), [
     ("--max-new-tokens", "-1"), ("--max-new-tokens", "x"), ("--temperature", "0"),
     ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-3"),
