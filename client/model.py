@@ -137,8 +137,9 @@ class RemoteModel:
                    **option_kwargs: Any) -> RemoteModel:
         """Load the local head from `model_dir` and connect to the swarm.
 
-        `bootstrap`: multiaddrs of DHT nodes (ignored when an existing `swarm` is given, which
-        several models may share). Options go in `options` or as keywords (see ModelOptions).
+        `bootstrap`: multiaddrs of DHT nodes, or one as a string (ignored when an existing
+        `swarm` is given, which several models may share). Options go in `options` or as
+        keywords (see ModelOptions).
         """
         options = ModelOptions.from_kwargs(options, **option_kwargs)
         files = ModelFiles(model_dir)
@@ -148,7 +149,9 @@ class RemoteModel:
                                        DeviceOptions(options.device, options.dtype))
         owns = swarm is None
         if swarm is None:
-            addrs = list(bootstrap)
+            # one address as a string, as from_pretrained takes it (list() split it into
+            # characters, each "unreachable")
+            addrs = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
             if not addrs:
                 raise ValueError("give at least one bootstrap multiaddr (or a connected swarm)")
             try:
