@@ -215,6 +215,34 @@ def test_generate_without_servers_says_why(model_dir, swarm):
     assert "Traceback" not in result.stderr
 
 
+def test_status_and_generate_give_up_on_a_silent_bootstrap_peer_in_time(model_dir):
+    """A bootstrap peer that accepts TCP and never speaks: `status` had no --timeout and each
+    command waited for the 10 s dial; now --timeout / --connect-timeout bound the join and
+    one line says so."""
+    import socket
+
+    from overlay.identity import Identity
+
+    with socket.socket() as silent:  # the kernel accepts; nobody ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        addr = (f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/"
+                f"{Identity.generate().peer_id}")
+        for command in (["status", "--bootstrap", addr, "--timeout", "1"],
+                        ["generate", str(model_dir), "--bootstrap", addr, "--input-ids", "5,6",
+                         "--connect-timeout", "1"]):
+            began = time.monotonic()
+            result = run_cli(*command, timeout=60)
+            joined = time.monotonic() - began
+            assert result.returncode == 1, result.stderr
+            line = result.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"overlay-node {command[0]}: could not join the swarm "
+                                   f"through ['{addr}'] within 1 s"), result.stderr
+            assert "Traceback" not in result.stderr
+            if command[0] == "status":  # generate's start (torch, the head) varies more
+                assert joined < 9.0, joined  # the dial alone took 10 s
+
+
 async def test_clean_exit_announces_offline(model_dir, swarm):
     """Also: a server announces the addresses named by --announce-addr (a public address
     behind NAT) instead of its listen address."""
