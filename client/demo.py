@@ -96,19 +96,27 @@ def _complete(directory: Path) -> bool:
 async def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from client.local_swarm import LocalSwarm
+    from client.local_swarm import LocalSwarm, SwarmStartError
 
     loop = asyncio.get_running_loop()
     print("overlay-node demo: a swarm of 3 block servers on 127.0.0.1", flush=True)
-    model_dir = await loop.run_in_executor(
-        None, write_demo_model, cache_dir(args.cache_dir) / "demo-llama-6x64")
+    try:
+        model_dir = await loop.run_in_executor(
+            None, write_demo_model, cache_dir(args.cache_dir) / "demo-llama-6x64")
+    except OSError as e:  # a --cache-dir that is a file, a read-only home...: no traceback
+        print(f"overlay-node demo: cannot write the demo model: {e}", file=sys.stderr)
+        return 1
     print(f"  model: {model_dir} (Llama, {DEMO_CONFIG['num_hidden_layers']} blocks, "
           f"hidden {DEMO_CONFIG['hidden_size']}, random weights)", flush=True)
     swarm = LocalSwarm(model_dir, DEMO_SPANS, log_dir=args.keep_logs)
     began = time.perf_counter()
     starting = loop.run_in_executor(None, swarm.start)
     try:
-        await asyncio.shield(starting)
+        try:
+            await asyncio.shield(starting)
+        except SwarmStartError as e:  # its message carries the failed process's log
+            print(f"overlay-node demo: the local swarm did not start: {e}", file=sys.stderr)
+            return 1
         print(f"  started a bootstrap node and {len(DEMO_SPANS)} servers in "
               f"{time.perf_counter() - began:.1f} s", flush=True)
         for (start, end), addr in zip(DEMO_SPANS, swarm.server_addrs):

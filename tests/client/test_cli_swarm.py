@@ -320,6 +320,17 @@ def test_demo_models_written_together_are_both_usable(tmp_path):
         write_demo_model(tmp_path / "partial")
 
 
+def test_demo_says_in_one_line_that_it_cannot_write_its_model(tmp_path):
+    """A --cache-dir that is a file (or not writable) ended in a FileExistsError traceback."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = run_cli("demo", "--max-new-tokens", "2", "--cache-dir", str(not_a_dir), timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "overlay-node demo: cannot write the demo model: ")
+    assert "started a bootstrap node" not in result.stdout  # nothing was started
+
+
 @pytest.mark.parametrize(("option", "value"), [
     ("--max-new-tokens", "-1"), ("--max-new-tokens", "x"), ("--temperature", "0"),
     ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-3"),
