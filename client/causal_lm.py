@@ -152,6 +152,8 @@ class RemoteSessionCache(Cache):
         on the first call. `attention_mask` [batch, new]: 0 marks padding."""
         if self._closed:
             raise InferenceError("the inference session is closed")
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:  # not "N tokens exceed"
+            raise ModelInputError("hidden states must be [batch, new positions, hidden size]")
         total = self.get_seq_length() + hidden.shape[1]
         if total > self.max_length:  # here: the session's own count includes tuned prompts
             raise InferenceError(f"{total} tokens exceed the session's max_length "

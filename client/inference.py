@@ -557,6 +557,11 @@ class InferenceSession:
         if self._stepping:
             raise InferenceError("a step of this session is already running: await it before "
                                  "the next (open another session for concurrent generation)")
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[1] < 1:
+            # a [batch, hidden] tensor was read as hidden-size positions ("65 tokens exceed")
+            shape = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)
+            raise ModelInputError(f"hidden states must be [batch, new positions >= 1, hidden "
+                                  f"size], got {shape}")
         self._stepping = True
         position = self.position
         try:

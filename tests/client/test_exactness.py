@@ -498,6 +498,12 @@ class TestBadInput(_Served):
             with pytest.raises(RemoteError) as caught:
                 session.step(torch.randn(1, 1, HIDDEN_SIZE - 1))
             assert caught.value.code == BAD_INPUT
+            # [batch, hidden] read as 64 positions: "67 tokens exceed the session's max_length"
+            flat = torch.randn(1, HIDDEN_SIZE)
+            with pytest.raises(ModelInputError, match=r"\[batch, new positions"):
+                session.step(flat)
+            with pytest.raises(ModelInputError, match=r"got \[1, 64\]"):
+                model._run(session._session.blocks_session.step(flat))
             # the refused step changed nothing: the session goes on exactly
             assert session.get_seq_length() == 3
             out = model(input_ids=ids[:, 3:], past_key_values=session).logits
