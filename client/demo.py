@@ -114,7 +114,8 @@ async def run_demo(args: argparse.Namespace) -> int:
     try:
         try:
             await asyncio.shield(starting)
-        except SwarmStartError as e:  # its message carries the failed process's log
+        except (SwarmStartError, OSError) as e:  # the former carries the failed log; the
+            # latter: a --keep-logs that is a file or not writable
             print(f"overlay-node demo: the local swarm did not start: {e}", file=sys.stderr)
             return 1
         print(f"  started a bootstrap node and {len(DEMO_SPANS)} servers in "

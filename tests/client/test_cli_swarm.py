@@ -321,7 +321,8 @@ def test_demo_models_written_together_are_both_usable(tmp_path):
 
 
 def test_demo_says_in_one_line_that_it_cannot_write_its_model(tmp_path):
-    """A --cache-dir that is a file (or not writable) ended in a FileExistsError traceback."""
+    """A --cache-dir or --keep-logs that is a file (or not writable) ended in a
+    FileExistsError traceback."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     result = run_cli("demo", "--max-new-tokens", "2", "--cache-dir", str(not_a_dir), timeout=120)
@@ -329,6 +330,12 @@ def test_demo_says_in_one_line_that_it_cannot_write_its_model(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "overlay-node demo: cannot write the demo model: ")
     assert "started a bootstrap node" not in result.stdout  # nothing was started
+    logs_in_a_file = run_cli("demo", "--max-new-tokens", "2", "--cache-dir", str(tmp_path),
+                             "--keep-logs", str(not_a_dir), timeout=120)
+    assert logs_in_a_file.returncode == 1, logs_in_a_file.stderr
+    assert "Traceback" not in logs_in_a_file.stderr
+    assert logs_in_a_file.stderr.strip().splitlines()[-1].startswith(
+        "overlay-node demo: the local swarm did not start: ")
 
 
 @pytest.mark.parametrize(("option", "value"), [
