@@ -152,6 +152,8 @@ class RemoteSessionCache(Cache):
         on the first call. `attention_mask` [batch, new]: 0 marks padding."""
         if self._closed:
             raise InferenceError("the inference session is closed")
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:  # not "N tokens exceed"
+            raise ModelInputError("hidden states must be [batch, new positions, hidden size]")
         total = self.get_seq_length() + hidden.shape[1]
         if total > self.max_length:  # here: the session's own count includes tuned prompts
             raise InferenceError(f"{total} tokens exceed the session's max_length "
@@ -298,6 +300,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states entering block 0 (the local embeddings), e.g. to build inputs_embeds."""
         return self.remote.head.embed(input_ids, position, attention_mask)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The local head's embedding module, as transformers and PEFT read it: its output is
+        what `inputs_embeds` takes. Families that add more before block 0 (a norm, position
+        embeddings) have no such module: use `embed(input_ids)`."""
+        embeddings = self.remote.head.input_embeddings
+        if embeddings is None:
+            raise NotImplementedError(
+                f"{self.config.model_type}: the input of block 0 is more than an embedding "
+                f"lookup (a norm or position embeddings follow it); use model.embed(input_ids) "
+                f"to build inputs_embeds")
+        return embeddings
+
+    def get_output_embeddings(self) -> torch.nn.Module | None:
+        """The local head's LM head module (after the final norm, as in transformers)."""
+        return self.remote.head.output_embeddings
 
     def forward_blocks(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:

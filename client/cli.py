@@ -9,6 +9,8 @@ import json
 import logging
 import sys
 
+from overlay.cli.arguments import positive_seconds  # timeouts, as `ping` and `dht` take them
+
 log = logging.getLogger("client.cli")
 
 
@@ -19,6 +21,9 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="one JSON object on standard output")
     status.add_argument("--model", metavar="ID", help="read only this model (by default a status "
                         "reads a bounded number of models and blocks and lists the others)")
+    status.add_argument("--timeout", type=positive_seconds, default=30.0,
+                        help="give up after this many seconds, joining the swarm (dialing the "
+                             "bootstrap peers) included (default 30)")
     status.set_defaults(func=run_status)
 
 
@@ -41,6 +46,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-k", type=_non_negative_int, default=0, help="0: off")
     gen.add_argument("--top-p", type=_top_p, default=1.0)
     gen.add_argument("--seed", type=_seed, default=0)
+    gen.add_argument("--connect-timeout", type=positive_seconds, default=30.0, metavar="S",
+                     help="give up joining the swarm (dialing the bootstrap peers included) "
+                          "after S seconds (default 30)")
     gen.add_argument("--compression", default="none",
                      choices=["none", "float16", "bfloat16", "int8_blockwise"])
     gen.add_argument("--json", action="store_true",
@@ -110,13 +118,25 @@ async def run_status(args: argparse.Namespace) -> int:
     from client.swarm_status import left_out_note, read_status
     from overlay.dht.driver import DHTError
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.timeout
     try:
-        client = await SwarmClient.connect(args.bootstrap)
+        async with asyncio.timeout_at(deadline):
+            client = await SwarmClient.connect(args.bootstrap)
     except (DHTError, ValueError) as e:
         print(f"overlay-node status: {e}", file=sys.stderr)
         return 1
+    except TimeoutError:
+        print(f"overlay-node status: could not join the swarm through {args.bootstrap} within "
+              f"{args.timeout:g} s", file=sys.stderr)
+        return 1
     try:
-        status = await read_status(client, args.model)
+        async with asyncio.timeout_at(deadline):
+            status = await read_status(client, args.model)
+    except TimeoutError:
+        print(f"overlay-node status: no complete answer from the swarm within {args.timeout:g} s",
+              file=sys.stderr)
+        return 1
     finally:
         await client.close()
     if args.json:
@@ -191,7 +211,8 @@ async def run_generate(args: argparse.Namespace) -> int:
     batch = len(rows)
     try:
         model = await RemoteModel.open(args.model_dir, bootstrap=args.bootstrap,
-                                       compression=args.compression, model_id=args.model_id)
+                                       compression=args.compression, model_id=args.model_id,
+                                       connect_timeout=args.connect_timeout)
     except (ModelFilesError, DHTError, ValueError, OSError, TimeoutError) as e:
         print(f"overlay-node generate: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,11 +59,14 @@ def cache_dir(arg: str | None) -> Path:
 
 
 def write_demo_model(directory: Path) -> Path:
-    """The demo model, written once (seeded, so every machine gets the same weights)."""
+    """The demo model, written once (seeded, so every machine gets the same weights).
+
+    Safe when several demos start together: each writes into a temporary directory of its own
+    and renames it into place; one that loses the race uses the winner's (identical) model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
+    if _complete(directory):
         return directory
     torch.manual_seed(DEMO_SEED)
     model = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG))
@@ -69,28 +74,50 @@ def write_demo_model(directory: Path) -> Path:
         for param in model.parameters():
             if param.ndim >= 2:
                 param.normal_(0.0, 0.15)
-    tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(directory)  # atomic; fails when the directory exists
+        except OSError:
+            if not _complete(directory):  # not another demo's model: say what is in the way
+                raise OSError(f"cannot write the demo model: {directory} exists and holds "
+                              f"no complete model (remove it)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "config.json").exists() and (directory / "model.safetensors").exists()
 
 
 async def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from client.local_swarm import LocalSwarm
+    from client.local_swarm import LocalSwarm, SwarmStartError
 
     loop = asyncio.get_running_loop()
     print("overlay-node demo: a swarm of 3 block servers on 127.0.0.1", flush=True)
-    model_dir = await loop.run_in_executor(
-        None, write_demo_model, cache_dir(args.cache_dir) / "demo-llama-6x64")
+    try:
+        model_dir = await loop.run_in_executor(
+            None, write_demo_model, cache_dir(args.cache_dir) / "demo-llama-6x64")
+    except OSError as e:  # a --cache-dir that is a file, a read-only home...: no traceback
+        print(f"overlay-node demo: cannot write the demo model: {e}", file=sys.stderr)
+        return 1
     print(f"  model: {model_dir} (Llama, {DEMO_CONFIG['num_hidden_layers']} blocks, "
           f"hidden {DEMO_CONFIG['hidden_size']}, random weights)", flush=True)
     swarm = LocalSwarm(model_dir, DEMO_SPANS, log_dir=args.keep_logs)
     began = time.perf_counter()
     starting = loop.run_in_executor(None, swarm.start)
     try:
-        await asyncio.shield(starting)
+        try:
+            await asyncio.shield(starting)
+        except (SwarmStartError, OSError) as e:  # the former carries the failed log; the
+            # latter: a --keep-logs that is a file or not writable
+            print(f"overlay-node demo: the local swarm did not start: {e}", file=sys.stderr)
+            return 1
         print(f"  started a bootstrap node and {len(DEMO_SPANS)} servers in "
               f"{time.perf_counter() - began:.1f} s", flush=True)
         for (start, end), addr in zip(DEMO_SPANS, swarm.server_addrs):

@@ -96,8 +96,11 @@ class InferenceError(RuntimeError):
 
 
 class BlocksUnavailableError(InferenceError, MissingBlocksError):
-    """Recovery gave up at its deadline: nobody could serve `missing` (sorted block indices).
-    Both an InferenceError (the session cannot go on) and a MissingBlocksError (what is missing)."""
+    """Recovery gave up at its deadline: nobody could serve `missing` (sorted block indices)
+    in its last attempt: the blocks no unbanned server announces, or the span of the server that
+    failed, within the lost span the message names (dead servers stay announced until their
+    records expire, so blocks not tried yet are not named). Both an InferenceError (the
+    session cannot go on) and a MissingBlocksError (what is missing)."""
 
     def __init__(self, missing: list[int], message: str):
         MissingBlocksError.__init__(self, missing)
@@ -554,6 +557,11 @@ class InferenceSession:
         if self._stepping:
             raise InferenceError("a step of this session is already running: await it before "
                                  "the next (open another session for concurrent generation)")
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[1] < 1:
+            # a [batch, hidden] tensor was read as hidden-size positions ("65 tokens exceed")
+            shape = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)
+            raise ModelInputError(f"hidden states must be [batch, new positions >= 1, hidden "
+                                  f"size], got {shape}")
         self._stepping = True
         position = self.position
         try:
@@ -686,7 +694,7 @@ class InferenceSession:
             except _ChainFailed as e:
                 self._bans.ban(str(e.span.peer), time.monotonic())
                 log.warning("replacement %s failed: %s", e.span._where(), e.error)
-                missing, reason = list(range(failed.start, failed.end)), str(e.error)
+                missing, reason = list(range(e.span.start, e.span.end)), str(e.error)
                 refresh = True
                 if time.monotonic() < deadline:
                     continue  # another server may be there already: no wait

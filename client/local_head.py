@@ -196,6 +196,18 @@ class LocalHead:
         with self._lock, torch.inference_mode():
             return self._embed_by_forward(input_ids, kwargs)
 
+    @property
+    def input_embeddings(self) -> nn.Module | None:
+        """The family's embedding module when it alone maps ids to the first block's input
+        (Llama, Mistral, Falcon, Gemma...), else None (BLOOM's norm, GPT-2's positions)."""
+        embeddings = self._model.get_input_embeddings()
+        return embeddings if self._embed_chain == [embeddings] else None
+
+    @property
+    def output_embeddings(self) -> nn.Module | None:
+        """The family's LM head module (it runs after the final norm)."""
+        return self._model.get_output_embeddings()
+
     def _embed_by_forward(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         self._stand_in.emit = None
         try:

@@ -89,12 +89,15 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {self.compression!r}; known: {COMPRESSIONS}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or \
+                self.max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
         for name in ("connect_timeout", "wait_timeout", "forward_timeout", "step_timeout",
                      "recovery_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+            if not getattr(self, name) > 0:  # NaN too
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.view_ttl >= 0:  # NaN compares false: the view would never be re-read
+            raise ValueError(f"view_ttl must be at least 0, got {self.view_ttl!r}")
 
     @classmethod
     def from_kwargs(cls, base: ModelOptions | None = None, **kwargs: Any) -> ModelOptions:
@@ -134,8 +137,9 @@ class RemoteModel:
                    **option_kwargs: Any) -> RemoteModel:
         """Load the local head from `model_dir` and connect to the swarm.
 
-        `bootstrap`: multiaddrs of DHT nodes (ignored when an existing `swarm` is given, which
-        several models may share). Options go in `options` or as keywords (see ModelOptions).
+        `bootstrap`: multiaddrs of DHT nodes, or one as a string (ignored when an existing
+        `swarm` is given, which several models may share). Options go in `options` or as
+        keywords (see ModelOptions).
         """
         options = ModelOptions.from_kwargs(options, **option_kwargs)
         files = ModelFiles(model_dir)
@@ -145,7 +149,9 @@ class RemoteModel:
                                        DeviceOptions(options.device, options.dtype))
         owns = swarm is None
         if swarm is None:
-            addrs = list(bootstrap)
+            # one address as a string, as from_pretrained takes it (list() split it into
+            # characters, each "unreachable")
+            addrs = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
             if not addrs:
                 raise ValueError("give at least one bootstrap multiaddr (or a connected swarm)")
             try:

@@ -246,6 +246,10 @@ class RemoteBlocks:
         close it (or use `async with`). `adapter`: only servers hosting it; `tuning`: what
         fine-tuned weights add to each span's session (client/finetune.py)."""
         end = self.num_blocks if end is None else end
+        self._check_range(start, end)
+        if start == end:  # it would open no span and hand the caller's hidden states back
+            raise ValueError(f"block range [{start}, {end}) is empty: an inference session "
+                             f"needs at least one block")
         needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter)
         # one deadline for the route and the replacement of servers found dead when opening:
         # a ban that lifts late in the wait must not start a second full timeout

@@ -358,25 +358,34 @@ class SwarmTrainer:
         if key in self._uploaded:
             return
         lock = self._upload_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key in self._uploaded:
-                return
-            slot = (span.peer_id, span.start, span.end)
-            previous = self._latest.get(slot)
-            put_meta = {**meta, "model": self.blocks.model_id}
-            if previous is not None and previous != digest:
-                put_meta["replaces"] = previous
-            payload = tensor_wire.encode_message(tensors, put_meta)
-            answer = await self.blocks.swarm.host.call(
-                PeerId.from_string(span.peer_id), protocol.METHOD_LORA_PUT, payload,
-                timeout=self.config.timeout)
-            if tensor_wire.decode_message(answer).meta.get("digest") != digest:
-                raise _BadAnswer("the server named the uploaded LoRA differently")
-            if previous is not None:
-                self._uploaded.discard((span.peer_id, previous))
-            self._latest[slot] = digest
-            self._uploaded.add(key)
-        self._upload_locks.pop(key, None)
+        try:
+            async with lock:
+                await self._upload_once(key, span, meta, tensors)
+        finally:  # also after a failed upload: one lock per digest ever tried would pile up
+            if self._upload_locks.get(key) is lock:
+                del self._upload_locks[key]
+
+    async def _upload_once(self, key: tuple[str, str], span: RouteSpan, meta: dict,
+                           tensors: list[torch.Tensor]) -> None:
+        """The upload itself, under the (peer, digest) lock: waiters find it done."""
+        digest = key[1]
+        if key in self._uploaded:
+            return
+        slot = (span.peer_id, span.start, span.end)
+        previous = self._latest.get(slot)
+        put_meta = {**meta, "model": self.blocks.model_id}
+        if previous is not None and previous != digest:
+            put_meta["replaces"] = previous
+        payload = tensor_wire.encode_message(tensors, put_meta)
+        answer = await self.blocks.swarm.host.call(
+            PeerId.from_string(span.peer_id), protocol.METHOD_LORA_PUT, payload,
+            timeout=self.config.timeout)
+        if tensor_wire.decode_message(answer).meta.get("digest") != digest:
+            raise _BadAnswer("the server named the uploaded LoRA differently")
+        if previous is not None:
+            self._uploaded.discard((span.peer_id, previous))
+        self._latest[slot] = digest
+        self._uploaded.add(key)
 
     def session_opening(self, tuning: Tuning) -> Callable[[PeerId, int, int],
                                                            Awaitable[dict]] | None:

@@ -215,6 +215,34 @@ def test_generate_without_servers_says_why(model_dir, swarm):
     assert "Traceback" not in result.stderr
 
 
+def test_status_and_generate_give_up_on_a_silent_bootstrap_peer_in_time(model_dir):
+    """A bootstrap peer that accepts TCP and never speaks: `status` had no --timeout and each
+    command waited for the 10 s dial; now --timeout / --connect-timeout bound the join and
+    one line says so."""
+    import socket
+
+    from overlay.identity import Identity
+
+    with socket.socket() as silent:  # the kernel accepts; nobody ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        addr = (f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/"
+                f"{Identity.generate().peer_id}")
+        for command in (["status", "--bootstrap", addr, "--timeout", "1"],
+                        ["generate", str(model_dir), "--bootstrap", addr, "--input-ids", "5,6",
+                         "--connect-timeout", "1"]):
+            began = time.monotonic()
+            result = run_cli(*command, timeout=60)
+            joined = time.monotonic() - began
+            assert result.returncode == 1, result.stderr
+            line = result.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"overlay-node {command[0]}: could not join the swarm "
+                                   f"through ['{addr}'] within 1 s"), result.stderr
+            assert "Traceback" not in result.stderr
+            if command[0] == "status":  # generate's start (torch, the head) varies more
+                assert joined < 9.0, joined  # the dial alone took 10 s
+
+
 async def test_clean_exit_announces_offline(model_dir, swarm):
     """Also: a server announces the addresses named by --announce-addr (a public address
     behind NAT) instead of its listen address."""
@@ -264,6 +292,50 @@ def test_demo_runs_and_checks_itself(tmp_path):
     assert "OK: identical to the same model run locally" in result.stdout
     assert "stopped every process" in result.stdout
     assert time.monotonic() - began < 300
+
+
+def test_demo_models_written_together_are_both_usable(tmp_path):
+    """Two demos started together both wrote `<cache>/demo-llama-6x64.tmp`, and the second
+    rename failed with OSError; each now writes its own temporary directory."""
+    import concurrent.futures
+    import threading
+
+    from client.demo import write_demo_model
+
+    target = tmp_path / "demo-llama-6x64"
+    together = threading.Barrier(3)
+
+    def write() -> object:
+        together.wait(timeout=30)
+        return write_demo_model(target)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = [f.result(timeout=120) for f in [pool.submit(write) for _ in range(3)]]
+    assert results == [target] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary left
+    assert (target / "model.safetensors").exists()
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="holds no complete model"):
+        write_demo_model(tmp_path / "partial")
+
+
+def test_demo_says_in_one_line_that_it_cannot_write_its_model(tmp_path):
+    """A --cache-dir or --keep-logs that is a file (or not writable) ended in a
+    FileExistsError traceback."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = run_cli("demo", "--max-new-tokens", "2", "--cache-dir", str(not_a_dir), timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "overlay-node demo: cannot write the demo model: ")
+    assert "started a bootstrap node" not in result.stdout  # nothing was started
+    logs_in_a_file = run_cli("demo", "--max-new-tokens", "2", "--cache-dir", str(tmp_path),
+                             "--keep-logs", str(not_a_dir), timeout=120)
+    assert logs_in_a_file.returncode == 1, logs_in_a_file.stderr
+    assert "Traceback" not in logs_in_a_file.stderr
+    assert logs_in_a_file.stderr.strip().splitlines()[-1].startswith(
+        "overlay-node demo: the local swarm did not start: ")
 
 
 @pytest.mark.parametrize(("option", "value"), [

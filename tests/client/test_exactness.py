@@ -180,6 +180,24 @@ class _Exactness(_Served):
             assert got.shape == expected.shape
             assert max_diff(got, expected) <= TOLERANCE
 
+    def test_input_embeddings_build_inputs_embeds_as_transformers_does(self, model, reference):
+        """transformers, PEFT and user code build `inputs_embeds` with get_input_embeddings();
+        it used to raise transformers' NotImplementedError."""
+        ids = prompts(2, 6, seed=17)
+        if self.family == "bloom":  # a norm follows the lookup: no such module
+            with pytest.raises(NotImplementedError, match=r"model\.embed"):
+                model.get_input_embeddings()
+            return
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids)
+            local_embeds = reference.get_input_embeddings()(ids)
+        assert torch.equal(embeds, local_embeds)
+        assert max_diff(model(inputs_embeds=embeds).logits, model(input_ids=ids).logits) == 0
+        assert max_diff(model(inputs_embeds=embeds).logits,
+                        reference(inputs_embeds=local_embeds).logits) <= TOLERANCE
+        lm_head = model.get_output_embeddings()
+        assert torch.equal(lm_head.weight, reference.get_output_embeddings().weight)
+
     def test_left_padded_forward_matches_on_real_tokens(self, model, reference):
         ids = prompts(3, 8, seed=4)
         mask = torch.ones_like(ids)
@@ -480,6 +498,12 @@ class TestBadInput(_Served):
             with pytest.raises(RemoteError) as caught:
                 session.step(torch.randn(1, 1, HIDDEN_SIZE - 1))
             assert caught.value.code == BAD_INPUT
+            # [batch, hidden] read as 64 positions: "67 tokens exceed the session's max_length"
+            flat = torch.randn(1, HIDDEN_SIZE)
+            with pytest.raises(ModelInputError, match=r"\[batch, new positions"):
+                session.step(flat)
+            with pytest.raises(ModelInputError, match=r"got \[1, 64\]"):
+                model._run(session._session.blocks_session.step(flat))
             # the refused step changed nothing: the session goes on exactly
             assert session.get_seq_length() == 3
             out = model(input_ids=ids[:, 3:], past_key_values=session).logits
@@ -542,6 +566,8 @@ class TestBadInput(_Served):
         for start, end in ((0, NUM_LAYERS + 3), (-1, 2), (3, 1)):  # past the end: IndexError
             with pytest.raises(ValueError, match=rf"block range \[{start}, {end}\) not in"):
                 model._run(remote.open_blocks_session(1, 8, start, end))
+        with pytest.raises(ValueError, match=r"block range \[2, 2\) is empty"):  # no spans
+            model._run(remote.open_blocks_session(1, 8, 2, 2))
         with pytest.raises(TypeError, match="RemoteSessionCache"):
             from transformers import DynamicCache
 

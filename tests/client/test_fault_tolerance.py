@@ -408,7 +408,12 @@ async def test_missing_blocks_are_named_after_the_deadline(swarm, model_dir):
             await blocks.forward(hidden, 0, NUM_LAYERS)
     finally:
         await model.close()
-    assert caught.value.missing == list(range(first_lost.start, first_lost.end))
+    # what the last attempt found unserved: block 2 at least (its servers were tried or banned);
+    # block 3 too only if its server was tried (a dead server stays announced): this used to
+    # demand all of the lost span, which held only in the module's full order
+    missing = caught.value.missing
+    assert missing[0] == first_lost.start and missing == sorted(set(missing))
+    assert set(missing) <= set(range(first_lost.start, first_lost.end))
     assert isinstance(caught.value, InferenceError)
     assert 2.0 <= waited < 6.0
     # named for the range being re-routed when it ran out: a failed span's, or all of [0, 4)

@@ -105,3 +105,24 @@ def test_prompt_shapes():
     assert PromptTuning("ptune", 3, HIDDEN_SIZE, NUM_LAYERS).deep(torch.float32, None) is None
     with pytest.raises(ValueError, match="pre_seq_len"):
         PromptTuning("ptune", 0, HIDDEN_SIZE, NUM_LAYERS)
+
+
+async def test_a_failed_lora_upload_leaves_no_lock_behind():
+    """`_upload_locks` kept the (peer, digest) lock of every upload that failed."""
+    from types import SimpleNamespace
+
+    from client.routing import RouteSpan
+    from overlay.host import Host
+    from overlay.identity import Identity
+    from overlay.streams import ConnectionLost
+
+    host = Host()
+    try:
+        trainer = SwarmTrainer(SimpleNamespace(model_id="m", swarm=SimpleNamespace(host=host)),
+                               TrainingConfig(timeout=2.0))
+        nowhere = RouteSpan(str(Identity.generate().peer_id), 0, 2)  # no address known
+        with pytest.raises(ConnectionLost, match="no known address"):
+            await trainer._upload(nowhere, {"digest": "d1"}, [torch.zeros(2)])
+        assert trainer._upload_locks == {} and trainer._uploaded == set()
+    finally:
+        await host.close()

@@ -150,6 +150,14 @@ def test_model_options():
         ModelOptions(max_length=0)
     with pytest.raises(ValueError, match="recovery_timeout"):
         ModelOptions(recovery_timeout=0)
+    for bad in (float("nan"), -1.0):  # NaN: the swarm view was never read again
+        with pytest.raises(ValueError, match="view_ttl"):
+            ModelOptions(view_ttl=bad)
+    with pytest.raises(ValueError, match="step_timeout"):
+        ModelOptions(step_timeout=float("nan"))
+    with pytest.raises(ValueError, match="max_length"):
+        ModelOptions(max_length=2.5)
+    assert ModelOptions(view_ttl=0).view_ttl == 0  # re-read before every route
     with pytest.raises(TypeError, match="compresion"):
         ModelOptions.from_kwargs(None, compresion="float16")
 
@@ -161,3 +169,17 @@ async def test_float_ids_are_refused_not_truncated():
 
     with pytest.raises(ModelInputError, match="integers"):
         await generate(None, torch.tensor([[5.0, 7.9]]), GenerationParams(max_new_tokens=2))
+
+
+async def test_one_bootstrap_address_may_be_given_as_a_string(model_dir, tmp_path):
+    """RemoteModel.open(bootstrap="/ip4/...") split the string into characters: one warning
+    per character, then "none of the bootstrap peers could be reached"."""
+    from client.local_swarm import LocalSwarm
+    from client.model import RemoteModel
+
+    with LocalSwarm(model_dir, [], start_timeout=60, log_dir=tmp_path) as swarm:
+        model = await RemoteModel.open(model_dir, bootstrap=swarm.bootstrap, connect_timeout=20)
+        try:
+            assert not model.closed and model.swarm.dht is not None
+        finally:
+            await model.close()
