@@ -23,6 +23,7 @@ from overlay.deadlines import Deadlines
 from overlay.eager import resume
 from overlay.identity import Identity, IdentityError, PeerId
 from overlay.link_delay import delay_from_env
+from overlay.log_limit import LogLimiter
 from overlay.multiaddr import Multiaddr, MultiaddrError
 from overlay.mux import MuxConfig
 from overlay.mux.budget import PartialBudget
@@ -151,6 +152,8 @@ class Host:
         self._deadlines: Deadlines | None = None  # of calls and handlers; made on first use
         self._closing = False
         self._frozen = False
+        # Aborted connections are logged per reason at a bounded rate (overlay/log_limit.py).
+        self._abort_log = LogLimiter(logging.getLogger("overlay.connection"))
         self._link_delay = delay_from_env()  # TEST-ONLY (overlay/link_delay.py); 0 normally
 
     # ------------------------------------------------------------------ addresses
@@ -364,6 +367,7 @@ class Host:
             on_request=self._on_request,
             admit=self._admit,
             static=self._static,
+            abort_log=self._abort_log,
         )
         if self._link_delay:
             conn.link_delay = self._link_delay
