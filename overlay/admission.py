@@ -68,3 +68,66 @@ def choose_victim(connections: Sequence, newcomer_group: str | None):
     if most < counts.get(newcomer_group, 0) + 2:
         return None
     return next(conn for conn in reversed(connections) if conn.address_group == group)
+
+
+# Inbound handshakes per address group (ours): answering a Noise message 1 costs the
+# responder ~200 us of X25519 work while the dialer spends none, so one address could keep a
+# core busy with a few thousand empty handshakes a second. An honest peer opens one
+# connection to us and redials only after losing it: a burst of 64 and 16 a second are far
+# above that, and an address group over them is refused before any cryptography.
+HANDSHAKE_BURST = 64
+HANDSHAKE_RATE = 16.0  # handshakes per second, refilled continuously
+MAX_HANDSHAKE_GROUPS = 4096  # buckets kept at once (a full bucket is as good as none)
+
+
+def is_loopback(address) -> bool:
+    """Whether socket address `address` (host, port, ...) is this machine (127.0.0.0/8, ::1,
+    also IPv4-mapped): local swarms (tests, the demo, benchmarks of a hundred nodes) start
+    every node from there at once."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class HandshakeLimiter:
+    """A token bucket per address group for inbound handshakes (pure: `now` passed in)."""
+
+    def __init__(self, burst: int = HANDSHAKE_BURST, rate: float = HANDSHAKE_RATE,
+                 max_groups: int = MAX_HANDSHAKE_GROUPS):
+        if burst < 1 or rate <= 0:
+            raise ValueError(f"burst must be >= 1 and rate > 0, not {burst}, {rate}")
+        self.burst = burst
+        self.rate = rate
+        self.max_groups = max_groups
+        self._buckets: dict[str | None, list[float]] = {}  # group -> [tokens, as of]
+
+    def admit(self, group: str | None, now: float) -> bool:
+        """Whether a handshake from `group` may start now (it takes one token if so)."""
+        bucket = self._buckets.get(group)
+        if bucket is None:
+            if len(self._buckets) >= self.max_groups:
+                self._forget_full(now)
+            bucket = self._buckets[group] = [float(self.burst), now]
+        else:
+            tokens, since = bucket
+            bucket[0] = min(float(self.burst), tokens + max(0.0, now - since) * self.rate)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets refilled by now; if none is, the oldest updated."""
+        full = [g for g, (tokens, since) in self._buckets.items()
+                if tokens + (now - since) * self.rate >= self.burst]
+        for group in full:
+            del self._buckets[group]
+        if len(self._buckets) >= self.max_groups:
+            oldest = min(self._buckets, key=lambda g: self._buckets[g][1])
+            del self._buckets[oldest]

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import NamedTuple
 
-from overlay.admission import choose_victim
+from overlay.admission import (
+    HANDSHAKE_BURST,
+    HANDSHAKE_RATE,
+    HandshakeLimiter,
+    choose_victim,
+    is_loopback,
+)
 from overlay.connection import Connection
 from overlay.deadlines import Deadlines
 from overlay.eager import resume
@@ -93,6 +99,12 @@ class HostConfig:
     max_unsent_bytes: int = 256 << 20
     max_unsent_bytes_total: int = 2 << 30
     handshake_timeout: float = 10.0
+    # Inbound handshakes one address group may start: a burst, then so many a second
+    # (overlay/admission.py says why); loopback peers are exempt unless
+    # `handshake_limit_loopback` (local swarms start all their nodes from 127.0.0.1).
+    handshake_burst: int = HANDSHAKE_BURST
+    handshake_rate: float = HANDSHAKE_RATE
+    handshake_limit_loopback: bool = False
     # A stream the peer opened must bring its request header within this time; one left
     # unused is reset, so that a peer cannot hold streams and handler tasks forever.
     request_header_timeout: float = 10.0
@@ -136,6 +148,8 @@ class Host:
         self._partial_budget = PartialBudget(self.config.max_partial_bytes_total)
         self._unsent_budget = PartialBudget(self.config.max_unsent_bytes_total)
         self._stream_budget = PartialBudget(self.config.max_streams_total)
+        self._handshakes = HandshakeLimiter(self.config.handshake_burst,
+                                            self.config.handshake_rate)
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_addrs: list[Multiaddr] = []
         self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
@@ -377,6 +391,11 @@ class Host:
         """A connection's socket is connected: why it is refused, or None (it is counted)."""
         if self._closing:
             return "host is closing"
+        group = conn.address_group
+        limited = not conn.initiator and (self.config.handshake_limit_loopback
+                                          or not is_loopback(conn.remote_address))
+        if limited and not self._handshakes.admit(group, conn.loop.time()):
+            return f"too many handshakes from {group}"
         if not self._make_room(conn):
             return "too many connections"
         self._all[conn] = None
