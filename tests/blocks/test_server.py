@@ -414,3 +414,19 @@ async def test_a_reset_session_returns_its_cache_at_once(spans, push):
             await asyncio.sleep(0.02)
         assert server.num_sessions == 0 and server.cache_tokens_free == 64
         await remote.close()
+
+
+async def test_requests_waiting_for_compute_are_bounded_per_peer(spans):
+    """A peer's finished requests queued for the worker thread hold memory until served: past
+    its limit the server refuses them with `overloaded` (before, it held them all)."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, max_waiting_bytes_per_peer=1))
+    async with served_in_process(server) as (host, client):
+        payload = forward_request(torch.randn(2, 64, 64))
+        results = await asyncio.gather(*(
+            client.call(host.peer_id, protocol.METHOD_FORWARD, payload) for _ in range(8)),
+            return_exceptions=True)
+        codes = [r.code if isinstance(r, RemoteError) else type(r).__name__ for r in results]
+        assert "bytes" in codes and "overloaded" in codes and set(codes) == {"bytes", "overloaded"}
+        assert server.decoder.waiting_bytes() == 0
+        answer = await client.call(host.peer_id, protocol.METHOD_FORWARD, payload)
+        assert tensor_wire.decode_message(answer).tensors[0].shape == (2, 64, 64)
