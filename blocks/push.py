@@ -51,6 +51,11 @@ PUSH_TIMEOUT = 5.0
 # Ours: pushed steps queued in one session before further pushes are refused (a client runs
 # one step at a time, so more than one or two queued means a misbehaving peer).
 MAX_QUEUED_PUSHES = 8
+# Ours: client messages the reader task moves into a session's queue ahead of the one being
+# served; the rest wait in the transport, under its flow control, as without push. (Reading
+# on regardless queued every step a client sent without waiting: hundreds of messages, up to
+# the transport's 256 MiB each.)
+MAX_QUEUED_MESSAGES = 2
 
 
 class Pushed:
@@ -66,7 +71,8 @@ class Pushed:
 class SessionInbox:
     """The steps of one session, from its client's stream and (push on) from other servers."""
 
-    __slots__ = ("_error", "_items", "_reader", "_waiter", "last_step", "stream", "token")
+    __slots__ = ("_error", "_items", "_messages", "_reader", "_room", "_waiter", "last_step",
+                 "stream", "token")
 
     def __init__(self, stream: Stream, token: bytes | None):
         self.stream = stream
@@ -76,6 +82,8 @@ class SessionInbox:
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._reader: asyncio.Task | None = None
+        self._messages = 0  # client messages in _items
+        self._room: asyncio.Future | None = None  # the reader waits for `next` to take one
         if token is not None:
             self._reader = asyncio.get_running_loop().create_task(self._read_stream())
 
@@ -93,6 +101,11 @@ class SessionInbox:
                 finally:
                     self._waiter = None
             item = self._items.popleft()
+            if not isinstance(item, Pushed):
+                self._messages -= 1
+                room = self._room
+                if room is not None and not room.done():
+                    room.set_result(None)
             if item is None:
                 return None
             if isinstance(item, Pushed) and item.meta["step"] <= self.last_step:
@@ -113,7 +126,14 @@ class SessionInbox:
     async def _read_stream(self) -> None:
         try:
             while True:
+                while self._messages >= MAX_QUEUED_MESSAGES:
+                    self._room = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._room
+                    finally:
+                        self._room = None
                 message = await self.stream.recv()
+                self._messages += 1
                 self._put(message)
                 if message is None:
                     return

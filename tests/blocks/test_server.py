@@ -430,3 +430,36 @@ async def test_requests_waiting_for_compute_are_bounded_per_peer(spans):
         assert server.decoder.waiting_bytes() == 0
         answer = await client.call(host.peer_id, protocol.METHOD_FORWARD, payload)
         assert tensor_wire.decode_message(answer).tensors[0].shape == (2, 64, 64)
+
+
+async def test_a_push_session_queues_few_of_the_steps_a_client_sends_without_waiting(spans):
+    """With push on, a reader task moves the client's messages into the session's queue: it
+    read on regardless, so steps sent without reading the answers piled up there (292 of 300
+    within a second); now they wait in the transport, under its flow control."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, max_length=32))
+    async with served_in_process(server) as (host, client):
+        await _flood_a_push_session(server, host, client)
+
+
+async def _flood_a_push_session(server, host, client) -> None:
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 16, "push": 1}))
+    assert "push" in tensor_wire.decode_message(await stream.recv()).meta
+    step = tensor_wire.encode_message([torch.randn(16, 32, 64)], {"position": 0, "step": 1})
+
+    async def flood():
+        for _ in range(300):
+            await stream.send(step)
+
+    sender = asyncio.ensure_future(flood())
+    try:
+        [entry] = server._sessions.values()
+        queued = []
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            queued.append(len(entry.inbox._items))
+        assert max(queued) <= 2
+    finally:
+        sender.cancel()
+        stream.reset("done")
