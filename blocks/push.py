@@ -36,7 +36,7 @@ from blocks.push_protocol import (
     push_meta,
     wants_push,
 )
-from blocks.request_decoder import decode_off_loop
+from blocks.request_decoder import RequestDecoder, decode_off_loop
 from overlay.eager import start_eagerly
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.identity import IdentityError, PeerId
@@ -161,9 +161,12 @@ class PushService:
     """Accepts pushes into this server's sessions and pushes their outputs on."""
 
     def __init__(self, host: Host, limits: Limits = DEFAULT_LIMITS,
-                 timeout: float = PUSH_TIMEOUT):
+                 timeout: float = PUSH_TIMEOUT, decoder: RequestDecoder | None = None):
         self.host = host
         self.limits = limits  # what one pushed step may decode to (blocks/request_decoder.py)
+        # Whose rule 4 counts pushes while they are decoded (the token is checked after:
+        # it travels in the metadata), so that pushes cannot make us decode without bound.
+        self.decoder = decoder
         self.timeout = timeout
         self._by_token: dict[bytes, SessionInbox] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -276,7 +279,11 @@ class PushService:
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
-        tensors, meta = await decode_off_loop(payload, self.limits)
+        if ctx is None or self.decoder is None:
+            tensors, meta = await decode_off_loop(payload, self.limits)
+        else:
+            with self.decoder.held(payload, ctx.peer, self.limits):
+                tensors, meta = await decode_off_loop(payload, self.limits)
         try:
             request = parse_push_request(meta)
             if len(tensors) != 1:

@@ -96,9 +96,10 @@ class RequestDecoder:
         return self._waiting.held if peer is None else self._waiting_by_peer.get(peer, 0)
 
     @contextlib.contextmanager
-    def _held(self, payload: Any, peer: object, limits: Limits):
+    def held(self, payload: Any, peer: object, limits: Limits | None = None):
         """Rule 4: count the request's bytes while it is served, or refuse it now. (What it
         declares beyond `limits` is not counted: decoding refuses it at once, `bad_input`.)"""
+        limits = self.limits if limits is None else limits
         size = len(payload)
         with contextlib.suppress(tensor_wire.WireError):
             size += min(tensor_wire.decoded_size(payload), limits.max_decoded_bytes)
@@ -138,7 +139,7 @@ class RequestDecoder:
                       ) -> AsyncIterator[tensor_wire.Message]:
         """The request of `peer` decoded, its bytes counted until the block exits (rule 4:
         `overloaded` when there is no room for them)."""
-        with self._held(payload, peer, self.limits if limits is None else limits):
+        with self.held(payload, peer, limits):
             message = self.small(payload, limits)
             if message is not None:
                 yield message

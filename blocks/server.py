@@ -117,7 +117,7 @@ class BlockServer:
         host.add_handler(protocol.METHOD_INFO, self._info)
         host.add_handler(protocol.METHOD_FORWARD, self._forward)
         host.add_stream_handler(protocol.METHOD_INFERENCE, self._inference)
-        self.push = PushService(host, self.limits)
+        self.push = PushService(host, self.limits, decoder=self.decoder)
         self.tuning.attach(host)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle_sessions())
 

@@ -463,3 +463,21 @@ async def _flood_a_push_session(server, host, client) -> None:
     finally:
         sender.cancel()
         stream.reset("done")
+
+
+async def test_pushes_count_as_waiting_requests_while_they_are_decoded(spans):
+    """A push is decoded before its token can be checked (it is in the metadata): pushes with
+    made-up tokens were all decoded at once, on threads, with no bound; now they count in the
+    peer's waiting bytes, and past them are refused with `overloaded`."""
+    from blocks.push_protocol import METHOD_PUSH
+
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, max_waiting_bytes_per_peer=1))
+    async with served_in_process(server) as (host, client):
+        payload = tensor_wire.encode_message(  # 8 MiB: decoded off the loop
+            [torch.randn(2, 16384, 64)], {"token": bytes(16), "step": 1, "position": 0})
+        results = await asyncio.gather(*(
+            client.call(host.peer_id, METHOD_PUSH, payload) for _ in range(12)),
+            return_exceptions=True)
+        codes = {r.code for r in results}
+        assert codes == {"session_closed", "overloaded"}
+        assert server.decoder.waiting_bytes() == 0
