@@ -214,6 +214,9 @@ class BlockServer:
         opening = await stream.recv()
         if opening is None:
             return
+        with contextlib.suppress(tensor_wire.WireError):  # (malformed: decode says so)
+            if tensor_wire.decoded_size(opening):  # an lz4 one decoded, on the loop, to GBs
+                raise RemoteError(protocol.BAD_INPUT, "a session's opening carries no tensors")
         _, meta = decode(opening, self.limits)
         try:
             request = protocol.parse_session_request(

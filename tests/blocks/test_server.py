@@ -481,3 +481,15 @@ async def test_pushes_count_as_waiting_requests_while_they_are_decoded(spans):
         codes = {r.code for r in results}
         assert codes == {"session_closed", "overloaded"}
         assert server.decoder.waiting_bytes() == 0
+
+
+async def test_a_session_opening_with_tensors_is_refused_before_decoding(served):
+    """Openings carry no tensors (docs/block_protocol.md): one with 12 MiB of lz4 zeros (50 KB
+    sent) was decoded on the event loop anyway, then opened a session."""
+    server, host, client = served
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([torch.zeros(3, 16384, 64)], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 16, "batch_size": 1}, "lz4"))
+    with pytest.raises(RemoteError, match="opening carries no tensors") as refused:
+        await stream.recv()
+    assert refused.value.code == "bad_input" and not server._sessions
