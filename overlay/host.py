@@ -168,6 +168,7 @@ class Host:
         self._frozen = False
         # Aborted connections are logged per reason at a bounded rate (overlay/log_limit.py).
         self._abort_log = LogLimiter(logging.getLogger("overlay.connection"))
+        self._evict_log = LogLimiter(log)  # (newcomers at the limit: one each)
         self._link_delay = delay_from_env()  # TEST-ONLY (overlay/link_delay.py); 0 normally
 
     # ------------------------------------------------------------------ addresses
@@ -417,9 +418,10 @@ class Host:
         if victim.inbound_handshaking:
             victim.abort("closed to make room: the host is at its connection limit")
         else:
-            log.info("closing connection to %s (%s) to make room for %s: the host is at its "
-                     "connection limit", victim.remote_peer, victim.remote_address,
-                     newcomer.remote_address)
+            self._evict_log.log(logging.INFO, "closing connections to make room",
+                                "closing connection to %s (%s) to make room for %s: the host "
+                                "is at its connection limit", victim.remote_peer,
+                                victim.remote_address, newcomer.remote_address)
             victim.close()
         self._all.pop(victim, None)
         return True

@@ -845,3 +845,30 @@ async def test_inbound_handshakes_per_address_are_rate_limited_before_any_crypto
     finally:
         await client.close()
         await server.close()
+
+
+async def test_lines_a_peer_causes_at_will_are_rate_limited(caplog):
+    """Each aborted handshake and each eviction at the connection limit logged one line: a
+    peer could write as many as it opened connections."""
+    from overlay.log_limit import DEFAULT_BURST
+
+    server = Host(config=HostConfig(max_connections=4))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    clients = [Host() for _ in range(DEFAULT_BURST + 10)]
+    try:
+        async with asyncio.timeout(30):
+            with caplog.at_level(logging.INFO, logger="overlay"):
+                for _ in range(DEFAULT_BURST + 10):
+                    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+                    writer.write(b"\x00\x00")  # an empty handshake message
+                    await reader.read()
+                    writer.close()
+                for client in clients:
+                    await client.connect(addr)  # past 4, each evicts an unused one
+            text = caplog.text
+        assert text.count("handshake failed") == DEFAULT_BURST
+        assert text.count("to make room") == DEFAULT_BURST
+    finally:
+        for client in clients:
+            await client.close()
+        await server.close()
