@@ -65,13 +65,15 @@ def test_handshakes_per_group_are_a_burst_then_a_steady_rate():
     assert sum(limiter.admit("10.0.0.1", 100.0) for _ in range(9)) == 5  # never above burst
 
 
-def test_handshake_buckets_stay_bounded_and_forget_full_ones_first():
-    limiter = HandshakeLimiter(burst=2, rate=1.0, max_groups=3)
+def test_handshake_buckets_stay_bounded_and_forget_the_least_recently_seen():
+    limiter = HandshakeLimiter(burst=2, rate=0.001, max_groups=3)
     for _ in range(2):
         assert limiter.admit("a", 0.0)
-    assert limiter.admit("b", 0.0) and limiter.admit("c", 5.0)
-    assert limiter.admit("d", 5.0)  # b refilled by now: forgotten, a (empty at 0) was too
-    assert len(limiter._buckets) <= 3 and "c" in limiter._buckets and "d" in limiter._buckets
+    assert limiter.admit("b", 1.0) and limiter.admit("c", 2.0)
+    assert not limiter.admit("a", 3.0)  # a is empty, and now the most recently seen
+    assert limiter.admit("d", 4.0)  # b goes, not a
+    assert list(limiter._buckets) == ["c", "a", "d"]
+    assert not limiter.admit("a", 5.0)
 
 
 @pytest.mark.parametrize("address, loopback", [
