@@ -40,6 +40,7 @@ from blocks.request_decoder import RequestDecoder, decode_off_loop
 from overlay.eager import start_eagerly
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.identity import IdentityError, PeerId
+from overlay.log_limit import LogLimiter
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 from tensor_wire.limits import DEFAULT_LIMITS, Limits
 
@@ -173,6 +174,8 @@ class PushService:
         self._peers: dict[str, PeerId] = {}  # next hops' ids, parsed once
         self.pushed = 0  # outputs sent on to the next server
         self.push_failures = 0
+        # A client names the hops: it can make every step's push fail (overlay/log_limit.py).
+        self._failure_log = LogLimiter(log)
         host.add_handler(METHOD_PUSH, self._on_push)
 
     # ------------------------------------------------------------------ sessions
@@ -272,7 +275,8 @@ class PushService:
         except (RemoteError, ConnectionLost, TimeoutError, IdentityError, OSError) as e:
             reason = f"push to {hop.peer[-8:]} failed: {e}"
         self.push_failures += 1
-        log.info("step %d: %s; the client relays", step_id, reason)
+        self._failure_log.log(logging.INFO, "push failures", "step %d: %s; the client relays",
+                              step_id, reason)
         with contextlib.suppress(ConnectionLost, StreamClosed):
             inbox.stream.send_nowait(tensor_wire.encode_message(
                 [], failure_notice(step_id, reason)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -493,3 +494,27 @@ async def test_a_session_opening_with_tensors_is_refused_before_decoding(served)
     with pytest.raises(RemoteError, match="opening carries no tensors") as refused:
         await stream.recv()
     assert refused.value.code == "bad_input" and not server._sessions
+
+
+async def test_push_failures_a_client_causes_at_will_log_a_bounded_number_of_lines(
+        served, caplog):
+    """A client names the push hops: one that names an unreachable one on every step made the
+    server log one line per step."""
+    from overlay.identity import Identity
+    from overlay.log_limit import DEFAULT_BURST
+
+    server, host, client = served
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}))
+    await stream.recv()
+    hop = {"peer": str(Identity.generate().peer_id), "token": bytes(16), "step": 1}  # no addrs
+    with caplog.at_level(logging.INFO, logger="blocks.push"):
+        for i in range(DEFAULT_BURST + 10):
+            await stream.send(tensor_wire.encode_message(
+                [torch.zeros(1, 1, 64)], {"position": i, "step": i + 1, "next": [hop]}))
+            await stream.recv()  # the output, then the failure notice
+            await stream.recv()
+    assert server.push.push_failures == DEFAULT_BURST + 10
+    assert caplog.text.count("the client relays") == DEFAULT_BURST
+    stream.reset("done")
