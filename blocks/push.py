@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import deque
 
 import tensor_wire
@@ -175,7 +176,7 @@ class PushService:
         self.pushed = 0  # outputs sent on to the next server
         self.push_failures = 0
         # A client names the hops: it can make every step's push fail (overlay/log_limit.py).
-        self._failure_log = LogLimiter(log)
+        self._failure_log = LogLimiter(log, clock=time.monotonic)
         host.add_handler(METHOD_PUSH, self._on_push)
 
     # ------------------------------------------------------------------ sessions

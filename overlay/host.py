@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import CoroutineType
@@ -166,9 +167,11 @@ class Host:
         self._deadlines: Deadlines | None = None  # of calls and handlers; made on first use
         self._closing = False
         self._frozen = False
-        # Aborted connections are logged per reason at a bounded rate (overlay/log_limit.py).
-        self._abort_log = LogLimiter(logging.getLogger("overlay.connection"))
-        self._evict_log = LogLimiter(log)  # (newcomers at the limit: one each)
+        # Aborted connections and evictions at the connection limit (one per newcomer) are
+        # logged per reason at a bounded rate (overlay/log_limit.py).
+        self._abort_log = LogLimiter(logging.getLogger("overlay.connection"),
+                                     clock=time.monotonic)
+        self._evict_log = LogLimiter(log, clock=time.monotonic)
         self._link_delay = delay_from_env()  # TEST-ONLY (overlay/link_delay.py); 0 normally
 
     # ------------------------------------------------------------------ addresses

@@ -4,13 +4,13 @@ Lines a peer can cause at will (a malformed DHT request, a connection it aborts)
 most `burst` times per `interval` seconds for each kind (`key`, a short fixed string: one
 kind's flood does not hide the others). The lines beyond are counted, and the first line of
 that kind after the interval is preceded by one summary line with the count. Pure bookkeeping:
-the caller's clock is injected, so tests step time by hand.
+the clock is the caller's (`clock`, or `now` passed to `log_at` by sans-IO code), so tests
+step time by hand.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 DEFAULT_BURST = 20
@@ -25,7 +25,7 @@ class LogLimiter:
 
     def __init__(self, logger: logging.Logger, *, burst: int = DEFAULT_BURST,
                  interval: float = DEFAULT_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] | None = None):
         if burst < 1 or interval <= 0:
             raise ValueError(f"burst must be >= 1 and interval > 0, not {burst}, {interval}")
         self.logger = logger
@@ -36,11 +36,14 @@ class LogLimiter:
         self._windows: dict[str, list] = {}
 
     def log(self, level: int, key: str, msg: str, *args) -> bool:
-        """Log `msg % args` unless `key` had its `burst` of lines this interval; returns
-        whether it was logged."""
+        """`log_at` now, by the clock given at construction."""
+        return self.log_at(self.clock(), level, key, msg, *args)
+
+    def log_at(self, now: float, level: int, key: str, msg: str, *args) -> bool:
+        """Log `msg % args` unless `key` had its `burst` of lines in the interval around
+        `now`; returns whether it was logged."""
         if not self.logger.isEnabledFor(level):
             return False
-        now = self.clock()
         window = self._windows.get(key)
         if window is None or now - window[0] >= self.interval:
             if window is not None:

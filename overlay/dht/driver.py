@@ -95,7 +95,7 @@ class DHT:
         self._closed = False
         self.rpcs_sent = 0
         # Peers can send malformed requests and answers at will: their lines are rate-limited.
-        self._bad_request_log = LogLimiter(log)
+        self._bad_request_log = LogLimiter(log, clock=time.monotonic)
 
     @classmethod
     async def start(

@@ -62,6 +62,7 @@ from overlay.dht.records import (
 )
 from overlay.dht.routing_table import PingLeastRecent, RoutingTable
 from overlay.identity import PeerId
+from overlay.log_limit import LogLimiter
 
 log = logging.getLogger("overlay.dht")
 
@@ -144,6 +145,7 @@ class DHTNode:
         self._owned: dict[tuple[bytes, str | None], list] = {}
         self._owned_next: float | None = None  # earliest republish time
         self._ping: Ping | None = None  # see ping_request
+        self._refusal_log = LogLimiter(log)  # (log_at: the clock is `now`)
 
     # -- effects -------------------------------------------------------------------------
 
@@ -387,8 +389,11 @@ class DHTNode:
             if refused is not None:
                 # One line per request, not per record: 256 refused records made 256 lines
                 # at the default level, 9 ms of logging for a STORE of 5 KB.
-                log.info("refusing %d of %d records from %s, the first because: %s",
-                         stored.count(False), len(stored), sender.short(), refused)
+                # (and a bounded number per interval: a peer sends STOREs at will)
+                self._refusal_log.log_at(now, logging.INFO, "refused records",
+                                         "refusing %d of %d records from %s, the first "
+                                         "because: %s", stored.count(False), len(stored),
+                                         sender.short(), refused)
             return StoreResponse(tuple(stored))
         raise DHTProtocolError(f"unsupported request {type(request).__name__}")
 

@@ -285,6 +285,23 @@ def test_a_store_of_refused_records_logs_one_line(caplog):
     assert len(caplog.records) == 1 and "256 of 256" in caplog.records[0].getMessage()
 
 
+def test_stores_of_refused_records_log_a_bounded_number_of_lines(caplog):
+    """Still one line per STORE request, which a peer sends at will: 1000 requests wrote
+    1000 lines. Now at most a burst per interval of `now`, then one summary."""
+    from overlay.log_limit import DEFAULT_BURST, DEFAULT_INTERVAL
+
+    node = DHTNode(Identity.generate().peer_id, rng=random.Random(1), now=1000.0)
+    expired = Store((Record(b"k", None, V(1), 999.0),))
+    sender = Identity.generate().peer_id
+    with caplog.at_level("INFO", logger="overlay.dht"):
+        for i in range(1000):
+            node.handle_request(sender, expired, 1000.0 + i * 0.01)
+        assert len(caplog.records) == DEFAULT_BURST
+        node.handle_request(sender, expired, 1000.0 + DEFAULT_INTERVAL)
+    assert "980 more lines suppressed" in caplog.records[-2].getMessage()
+    assert len(caplog.records) == DEFAULT_BURST + 2
+
+
 def test_owner_republishes_before_expiry():
     config = DHTConfig(min_republish_interval=10.0)
     net = MemoryNetwork(seed=9, config=config)
