@@ -145,7 +145,9 @@ class DHTNode:
         self._owned: dict[tuple[bytes, str | None], list] = {}
         self._owned_next: float | None = None  # earliest republish time
         self._ping: Ping | None = None  # see ping_request
-        self._refusal_log = LogLimiter(log)  # (log_at: the clock is `now`)
+        # Lines peers cause at will (refused STOREs, bad answers: operations.py), rate-limited
+        # per kind (log_at: the clock is `now`).
+        self.peer_log = LogLimiter(log)
 
     # -- effects -------------------------------------------------------------------------
 
@@ -390,7 +392,7 @@ class DHTNode:
                 # One line per request, not per record: 256 refused records made 256 lines
                 # at the default level, 9 ms of logging for a STORE of 5 KB.
                 # (and a bounded number per interval: a peer sends STOREs at will)
-                self._refusal_log.log_at(now, logging.INFO, "refused records",
+                self.peer_log.log_at(now, logging.INFO, "refused records",
                                          "refusing %d of %d records from %s, the first "
                                          "because: %s", stored.count(False), len(stored),
                                          sender.short(), refused)

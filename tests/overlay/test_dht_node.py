@@ -302,6 +302,27 @@ def test_stores_of_refused_records_log_a_bounded_number_of_lines(caplog):
     assert len(caplog.records) == DEFAULT_BURST + 2
 
 
+def test_lying_answers_to_a_batched_get_log_a_bounded_number_of_lines(caplog):
+    """A peer answering a get of 64 keys with forged records wrote one warning per key,
+    with the key (up to 4 KiB) in it: 64 lines for each answer, and every lookup asks it."""
+    from overlay.dht.messages import FindValueResponse, FoundValue
+    from overlay.log_limit import DEFAULT_BURST
+
+    node = _node_knowing(30, lambda i: (f"/ip4/10.0.0.{i}/tcp/4001",))
+    keys = [b"k" * 4000 + b"%d" % i for i in range(64)]
+    node.get(keys, 1.0)
+    sends = [e for e in node.take_effects() if isinstance(e, SendRequest)]
+    forged = str(Identity.generate().peer_id)  # an owned subkey with no signature
+    with caplog.at_level("WARNING", logger="overlay.dht"):
+        for send in sends:
+            results = tuple(FoundValue((Record(k, forged, V(1), 100.0),), ())
+                            for k in send.request.keys)
+            node.on_response(send.req_id, FindValueResponse(results), 1.0)
+    assert len(sends) * len(sends[0].request.keys) > DEFAULT_BURST
+    assert len(caplog.records) == DEFAULT_BURST
+    assert max(len(r.getMessage()) for r in caplog.records) < 1000
+
+
 def test_owner_republishes_before_expiry():
     config = DHTConfig(min_republish_interval=10.0)
     net = MemoryNetwork(seed=9, config=config)
