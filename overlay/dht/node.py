@@ -419,7 +419,9 @@ class DHTNode:
         if pending is None:
             return  # already timed out or failed
         if not isinstance(response, _RESPONSE_TYPES[type(pending.request)]):
-            log.warning("%s answered with the wrong message type", pending.contact.peer.short())
+            self.peer_log.log_at(now, logging.WARNING, "wrong answer types",
+                                 "%s answered with the wrong message type",
+                                 pending.contact.peer.short())
             self._failed(pending, now)
             return
         self.health.on_success(pending.contact.node_id, now - pending.sent_at, now)

@@ -323,6 +323,22 @@ def test_lying_answers_to_a_batched_get_log_a_bounded_number_of_lines(caplog):
     assert max(len(r.getMessage()) for r in caplog.records) < 1000
 
 
+def test_answers_of_the_wrong_type_log_a_bounded_number_of_lines(caplog):
+    """One warning per wrong answer: a peer asked by every lookup wrote one line each."""
+    from overlay.log_limit import DEFAULT_BURST
+
+    node = _node_knowing(30, lambda i: (f"/ip4/10.0.0.{i}/tcp/4001",))
+    answered = 0
+    with caplog.at_level("WARNING", logger="overlay.dht"):
+        for i in range(20):
+            node.find_closest([i], 1.0)
+            for send in [e for e in node.take_effects() if isinstance(e, SendRequest)]:
+                node.on_response(send.req_id, PingResponse(), 1.0)
+                answered += 1
+    assert answered > DEFAULT_BURST
+    assert caplog.text.count("wrong message type") == DEFAULT_BURST
+
+
 def test_owner_republishes_before_expiry():
     config = DHTConfig(min_republish_interval=10.0)
     net = MemoryNetwork(seed=9, config=config)
