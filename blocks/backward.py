@@ -128,7 +128,7 @@ class ServerTuning:
                               f"a LoRA of {size} bytes exceeds this server's limit of "
                               f"{server.config.max_adapter_bytes} bytes per upload")
         limits = Limits(max_decoded_bytes=server.config.max_adapter_bytes)
-        async with server.decoder.request(payload, limits) as (tensors, meta):
+        async with server.decoder.request(payload, limits, ctx.peer) as (tensors, meta):
             return await self._lora_put_decoded(tensors, meta, size, ctx.peer)
 
     async def _lora_put_decoded(self, tensors: list, meta, size: int, owner) -> bytes:
@@ -154,7 +154,7 @@ class ServerTuning:
 
     # ------------------------------------------------------------------ blocks.backward
     async def _backward(self, ctx: RpcContext, payload: bytes) -> bytes:
-        async with self.server.decoder.request(payload) as (tensors, meta):
+        async with self.server.decoder.request(payload, peer=ctx.peer) as (tensors, meta):
             return await self._backward_decoded(tensors, meta)
 
     async def _backward_decoded(self, tensors: list, meta) -> bytes:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import deque
 
 import tensor_wire
@@ -36,10 +37,11 @@ from blocks.push_protocol import (
     push_meta,
     wants_push,
 )
-from blocks.request_decoder import decode_off_loop
+from blocks.request_decoder import RequestDecoder, decode_off_loop
 from overlay.eager import start_eagerly
 from overlay.host import Host, RemoteError, RpcContext
 from overlay.identity import IdentityError, PeerId
+from overlay.log_limit import LogLimiter
 from overlay.streams import ConnectionLost, Stream, StreamClosed
 from tensor_wire.limits import DEFAULT_LIMITS, Limits
 
@@ -51,6 +53,11 @@ PUSH_TIMEOUT = 5.0
 # Ours: pushed steps queued in one session before further pushes are refused (a client runs
 # one step at a time, so more than one or two queued means a misbehaving peer).
 MAX_QUEUED_PUSHES = 8
+# Ours: client messages the reader task moves into a session's queue ahead of the one being
+# served; the rest wait in the transport, under its flow control, as without push. (Reading
+# on regardless queued every step a client sent without waiting: hundreds of messages, up to
+# the transport's 256 MiB each.)
+MAX_QUEUED_MESSAGES = 2
 
 
 class Pushed:
@@ -66,7 +73,8 @@ class Pushed:
 class SessionInbox:
     """The steps of one session, from its client's stream and (push on) from other servers."""
 
-    __slots__ = ("_error", "_items", "_reader", "_waiter", "last_step", "stream", "token")
+    __slots__ = ("_error", "_items", "_messages", "_reader", "_room", "_waiter", "last_step",
+                 "stream", "token")
 
     def __init__(self, stream: Stream, token: bytes | None):
         self.stream = stream
@@ -76,6 +84,8 @@ class SessionInbox:
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._reader: asyncio.Task | None = None
+        self._messages = 0  # client messages in _items
+        self._room: asyncio.Future | None = None  # the reader waits for `next` to take one
         if token is not None:
             self._reader = asyncio.get_running_loop().create_task(self._read_stream())
 
@@ -93,6 +103,11 @@ class SessionInbox:
                 finally:
                     self._waiter = None
             item = self._items.popleft()
+            if not isinstance(item, Pushed):
+                self._messages -= 1
+                room = self._room
+                if room is not None and not room.done():
+                    room.set_result(None)
             if item is None:
                 return None
             if isinstance(item, Pushed) and item.meta["step"] <= self.last_step:
@@ -113,7 +128,14 @@ class SessionInbox:
     async def _read_stream(self) -> None:
         try:
             while True:
+                while self._messages >= MAX_QUEUED_MESSAGES:
+                    self._room = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._room
+                    finally:
+                        self._room = None
                 message = await self.stream.recv()
+                self._messages += 1
                 self._put(message)
                 if message is None:
                     return
@@ -141,15 +163,20 @@ class PushService:
     """Accepts pushes into this server's sessions and pushes their outputs on."""
 
     def __init__(self, host: Host, limits: Limits = DEFAULT_LIMITS,
-                 timeout: float = PUSH_TIMEOUT):
+                 timeout: float = PUSH_TIMEOUT, decoder: RequestDecoder | None = None):
         self.host = host
         self.limits = limits  # what one pushed step may decode to (blocks/request_decoder.py)
+        # Whose rule 4 counts pushes while they are decoded (the token is checked after:
+        # it travels in the metadata), so that pushes cannot make us decode without bound.
+        self.decoder = decoder
         self.timeout = timeout
         self._by_token: dict[bytes, SessionInbox] = {}
         self._tasks: set[asyncio.Task] = set()
         self._peers: dict[str, PeerId] = {}  # next hops' ids, parsed once
         self.pushed = 0  # outputs sent on to the next server
         self.push_failures = 0
+        # A client names the hops: it can make every step's push fail (overlay/log_limit.py).
+        self._failure_log = LogLimiter(log, clock=time.monotonic)
         host.add_handler(METHOD_PUSH, self._on_push)
 
     # ------------------------------------------------------------------ sessions
@@ -249,14 +276,19 @@ class PushService:
         except (RemoteError, ConnectionLost, TimeoutError, IdentityError, OSError) as e:
             reason = f"push to {hop.peer[-8:]} failed: {e}"
         self.push_failures += 1
-        log.info("step %d: %s; the client relays", step_id, reason)
+        self._failure_log.log(logging.INFO, "push failures", "step %d: %s; the client relays",
+                              step_id, reason)
         with contextlib.suppress(ConnectionLost, StreamClosed):
             inbox.stream.send_nowait(tensor_wire.encode_message(
                 [], failure_notice(step_id, reason)))
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
-        tensors, meta = await decode_off_loop(payload, self.limits)
+        if ctx is None or self.decoder is None:
+            tensors, meta = await decode_off_loop(payload, self.limits)
+        else:
+            with self.decoder.held(payload, ctx.peer, self.limits):
+                tensors, meta = await decode_off_loop(payload, self.limits)
         try:
             request = parse_push_request(meta)
             if len(tensors) != 1:

@@ -15,6 +15,13 @@ limit of the transport alone does not bound what one request makes the server al
 3. Such large requests hold one of `MAX_LARGE_REQUESTS` slots from before decoding until
    they are answered: the rest wait in the transport, as bytes, so requests queued for the
    single worker thread never hold more than that many decoded tensors at once.
+4. A request that has arrived whole holds its bytes (the message, plus what it declares it
+   decodes to) until it is answered, while it waits for a slot or for the worker thread:
+   at most `max_waiting_bytes_per_peer` per peer (a peer holding none may always send one
+   request, however large) and `max_waiting_bytes` over all peers, shared fairly as the
+   transport's budgets are (overlay/mux/budget.py). Beyond, the request is refused with
+   `overloaded` (the client tries another server). Without this rule a peer could make a
+   server hold a 256 MiB message on each of its streams, 1024 of them per connection.
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from typing import Any
 import tensor_wire
 from blocks import protocol
 from overlay.host import RemoteError
+from overlay.mux.budget import PartialBudget
 from tensor_wire.limits import Limits
 
 INLINE_DECODE_BYTES = 4 << 20  # a few ms of decoding at ~1 GB/s
 MAX_LARGE_REQUESTS = 4  # decoded large requests alive at once (one computing, the rest queued)
 FLOAT32_BYTES = 4
 MASK_BYTES = 8  # int64, as transformers takes masks
+# Ours (rule 4): a client's concurrent chunks of one large pass (8192 tokens of a 8192-wide
+# model in float32: 256 MiB a chunk, counted twice) fit several at once.
+MAX_WAITING_BYTES_PER_PEER = 2 << 30
+MAX_WAITING_BYTES = 8 << 30
 
 
 def request_limits(hidden_size: int, max_tokens: int) -> Limits:
@@ -70,9 +82,43 @@ class RequestDecoder:
     hot path `decoder.small(payload)` first and `decoder.large(payload)` only if that is None
     (no context manager for the common small message)."""
 
-    def __init__(self, limits: Limits, max_large: int = MAX_LARGE_REQUESTS):
+    def __init__(self, limits: Limits, max_large: int = MAX_LARGE_REQUESTS,
+                 max_waiting_bytes_per_peer: int = MAX_WAITING_BYTES_PER_PEER,
+                 max_waiting_bytes: int = MAX_WAITING_BYTES):
         self.limits = limits
         self._large = asyncio.Semaphore(max_large)
+        self.max_waiting_bytes_per_peer = max_waiting_bytes_per_peer
+        self._waiting = PartialBudget(max_waiting_bytes)  # rule 4
+        self._waiting_by_peer: dict[object, int] = {}
+
+    def waiting_bytes(self, peer: object = None) -> int:
+        """Bytes held by requests not yet answered: of `peer`, or of all peers (None)."""
+        return self._waiting.held if peer is None else self._waiting_by_peer.get(peer, 0)
+
+    @contextlib.contextmanager
+    def held(self, payload: Any, peer: object, limits: Limits | None = None):
+        """Rule 4: count the request's bytes while it is served, or refuse it now. (What it
+        declares beyond `limits` is not counted: decoding refuses it at once, `bad_input`.)"""
+        limits = self.limits if limits is None else limits
+        size = len(payload)
+        with contextlib.suppress(tensor_wire.WireError):
+            size += min(tensor_wire.decoded_size(payload), limits.max_decoded_bytes)
+        held = self._waiting_by_peer.get(peer, 0)
+        if held and held + size > self.max_waiting_bytes_per_peer:
+            raise RemoteError(protocol.OVERLOADED, f"{held} bytes of your requests wait here "
+                                                   f"already: send more once they are answered")
+        if not self._waiting.admits(held, size):
+            raise RemoteError(protocol.OVERLOADED, "this server holds as many waiting "
+                                                   "requests as it takes: try another")
+        self._waiting.take(held, size)
+        self._waiting_by_peer[peer] = held + size
+        try:
+            yield
+        finally:
+            held = self._waiting_by_peer.pop(peer)
+            self._waiting.give(held, size)
+            if held > size:
+                self._waiting_by_peer[peer] = held - size
 
     def small(self, payload: Any, limits: Limits | None = None) -> tensor_wire.Message | None:
         """The message decoded now, or None when it is large."""
@@ -89,14 +135,17 @@ class RequestDecoder:
                                           self.limits if limits is None else limits)
 
     @contextlib.asynccontextmanager
-    async def request(self, payload: Any, limits: Limits | None = None
+    async def request(self, payload: Any, limits: Limits | None = None, peer: object = None
                       ) -> AsyncIterator[tensor_wire.Message]:
-        message = self.small(payload, limits)
-        if message is not None:
-            yield message
-            return
-        async with self.large(payload, limits) as message:
-            yield message
+        """The request of `peer` decoded, its bytes counted until the block exits (rule 4:
+        `overloaded` when there is no room for them)."""
+        with self.held(payload, peer, limits):
+            message = self.small(payload, limits)
+            if message is not None:
+                yield message
+                return
+            async with self.large(payload, limits) as message:
+                yield message
 
 
 __all__ = ["RequestDecoder", "decode", "decode_off_loop", "request_limits"]

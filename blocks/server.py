@@ -27,7 +27,13 @@ from blocks.cache_budget import CacheBudget, CacheFullError
 from blocks.lora import LoraWeights
 from blocks.protocol import RequestError
 from blocks.push import Pushed, PushService
-from blocks.request_decoder import RequestDecoder, decode, request_limits
+from blocks.request_decoder import (
+    MAX_WAITING_BYTES,
+    MAX_WAITING_BYTES_PER_PEER,
+    RequestDecoder,
+    decode,
+    request_limits,
+)
 from blocks.span import BlockSpan, SessionTooLongError, SpanInputError
 from overlay import timeline
 from overlay.host import Host, RemoteError, RpcContext
@@ -58,6 +64,10 @@ class ServingConfig:
     max_adapter_bytes: int = 256 << 20  # one uploaded LoRA (blocks.lora_put)
     adapter_cache_bytes: int = 1 << 30  # all uploaded LoRAs held at once
     adapter_idle_timeout: float = 600.0  # an uploaded LoRA unused this long is dropped
+    # Bytes of requests arrived whole and not yet answered, per peer and in all
+    # (blocks/request_decoder.py, rule 4): beyond, new ones are refused with `overloaded`.
+    max_waiting_bytes_per_peer: int = MAX_WAITING_BYTES_PER_PEER
+    max_waiting_bytes: int = MAX_WAITING_BYTES
 
 
 class _Session:
@@ -88,7 +98,9 @@ class BlockServer:
         self.budget = CacheBudget(config.cache_tokens * span.num_blocks)
         self.limits = request_limits(  # what one request may decode to
             span.hidden_size, max(config.max_request_tokens, config.max_backward_tokens))
-        self.decoder = RequestDecoder(self.limits)
+        self.decoder = RequestDecoder(
+            self.limits, max_waiting_bytes_per_peer=config.max_waiting_bytes_per_peer,
+            max_waiting_bytes=config.max_waiting_bytes)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="blocks")
         self._sessions: dict[int, _Session] = {}
         self._ids = itertools.count(1)
@@ -105,7 +117,7 @@ class BlockServer:
         host.add_handler(protocol.METHOD_INFO, self._info)
         host.add_handler(protocol.METHOD_FORWARD, self._forward)
         host.add_stream_handler(protocol.METHOD_INFERENCE, self._inference)
-        self.push = PushService(host, self.limits)
+        self.push = PushService(host, self.limits, decoder=self.decoder)
         self.tuning.attach(host)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle_sessions())
 
@@ -180,7 +192,7 @@ class BlockServer:
         return msgpack.packb(self.info())
 
     async def _forward(self, ctx: RpcContext, payload: bytes) -> bytes:
-        async with self.decoder.request(payload) as (tensors, meta):
+        async with self.decoder.request(payload, peer=ctx.peer) as (tensors, meta):
             try:
                 blocks = protocol.parse_range(meta, self.config.model_id, self.served)
                 compression = protocol.response_compression(meta)
@@ -202,6 +214,9 @@ class BlockServer:
         opening = await stream.recv()
         if opening is None:
             return
+        with contextlib.suppress(tensor_wire.WireError):  # (malformed: decode says so)
+            if tensor_wire.decoded_size(opening):  # an lz4 one decoded, on the loop, to GBs
+                raise RemoteError(protocol.BAD_INPUT, "a session's opening carries no tensors")
         _, meta = decode(opening, self.limits)
         try:
             request = protocol.parse_session_request(

@@ -29,7 +29,7 @@ Candidates are the host's connections, oldest first: objects with the attributes
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 IPV6_GROUP_PREFIX = 64
@@ -68,3 +68,61 @@ def choose_victim(connections: Sequence, newcomer_group: str | None):
     if most < counts.get(newcomer_group, 0) + 2:
         return None
     return next(conn for conn in reversed(connections) if conn.address_group == group)
+
+
+# Inbound handshakes per address group (ours): answering a Noise message 1 costs the
+# responder ~200 us of X25519 work while the dialer spends none, so one address could keep a
+# core busy with a few thousand empty handshakes a second. An honest peer opens one
+# connection to us and redials only after losing it: a burst of 64 and 16 a second are far
+# above that, and an address group over them is refused before any cryptography.
+HANDSHAKE_BURST = 64
+HANDSHAKE_RATE = 16.0  # handshakes per second, refilled continuously
+MAX_HANDSHAKE_GROUPS = 4096  # buckets kept at once, the least recently seen dropped first
+
+
+def is_loopback(address) -> bool:
+    """Whether socket address `address` (host, port, ...) is this machine (127.0.0.0/8, ::1,
+    also IPv4-mapped): local swarms (tests, the demo, benchmarks of a hundred nodes) start
+    every node from there at once."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class HandshakeLimiter:
+    """A token bucket per address group for inbound handshakes (pure: `now` passed in)."""
+
+    def __init__(self, burst: int = HANDSHAKE_BURST, rate: float = HANDSHAKE_RATE,
+                 max_groups: int = MAX_HANDSHAKE_GROUPS):
+        if burst < 1 or rate <= 0:
+            raise ValueError(f"burst must be >= 1 and rate > 0, not {burst}, {rate}")
+        self.burst = burst
+        self.rate = rate
+        self.max_groups = max_groups
+        # group -> [tokens, as of], the least recently seen first
+        self._buckets: OrderedDict[str | None, list[float]] = OrderedDict()
+
+    def admit(self, group: str | None, now: float) -> bool:
+        """Whether a handshake from `group` may start now (it takes one token if so)."""
+        buckets = self._buckets
+        bucket = buckets.get(group)
+        if bucket is None:
+            if len(buckets) >= self.max_groups:
+                # The least recently seen group goes, in O(1): a scan for full buckets cost
+                # an attacker that empties one per IPv6 /64 ~1 ms of ours per connection.
+                buckets.popitem(last=False)
+            bucket = buckets[group] = [float(self.burst), now]
+        else:
+            buckets.move_to_end(group)
+            tokens, since = bucket
+            bucket[0] = min(float(self.burst), tokens + max(0.0, now - since) * self.rate)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True

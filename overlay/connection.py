@@ -28,6 +28,7 @@ from overlay import timeline
 from overlay.admission import address_group
 from overlay.identity import PeerId
 from overlay.link_delay import DelayedTransport
+from overlay.log_limit import LogLimiter
 from overlay.mux import (
     ConnectionTerminated,
     DataReceived,
@@ -100,13 +101,16 @@ class Connection(asyncio.BufferedProtocol):
         on_request: Callable[[Connection, int, memoryview], None] | None = None,
         admit: Callable[[Connection], str | None] | None = None,
         static: tuple[KeyPair, bytes] | None = None,
+        abort_log: LogLimiter | None = None,
     ):
         """`on_request(conn, stream_id, data)` receives streams that arrive whole in one
         frame (opened, one message, half-closed: a small unary request) without a Stream
         object; it must answer or reset that stream id. Without it they become Streams.
         `admit(conn)`, called once the socket is connected (its address known), returns why
         the connection is refused, or None to go on. `static`: the Noise static key pair and
-        its signed identity payload, shared by the host's handshakes (SecureHandshake)."""
+        its signed identity payload, shared by the host's handshakes (SecureHandshake).
+        `abort_log`: rate-limits the line `abort` logs (a peer can abort connections at will);
+        without it every abort is logged."""
         self.loop = asyncio.get_running_loop()
         self.initiator = initiator
         self.remote_peer: PeerId | None = None
@@ -126,6 +130,7 @@ class Connection(asyncio.BufferedProtocol):
         self._on_request = on_request
         self._admit = admit
         self._static = static
+        self._abort_log = abort_log
         self.address_group: str | None = None  # overlay/admission.py
         # Streams the peer opened whose request header has not arrived (the host keeps it):
         # a connection with only those is unused (overlay/admission.py, rule 2).
@@ -631,8 +636,13 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed:
             return
         peer = self.remote_peer or self._expected_peer
-        log.log(level, "closing connection to %s (%s): %s",
-                peer or "unknown peer", self.remote_address, reason)
+        if self._abort_log is None or level < logging.INFO:
+            log.log(level, "closing connection to %s (%s): %s",
+                    peer or "unknown peer", self.remote_address, reason)
+        else:  # one kind per reason ("handshake failed", "protocol error", ...)
+            self._abort_log.log(level, f"closing connections ({reason.split(':', 1)[0]})",
+                                "closing connection to %s (%s): %s",
+                                peer or "unknown peer", self.remote_address, reason)
         self._close_reason = reason
         if self._mux is not None and self._transport is not None:
             self._flush()  # a GO_AWAY the multiplexer queued, if any

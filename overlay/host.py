@@ -12,17 +12,25 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import NamedTuple
 
-from overlay.admission import choose_victim
+from overlay.admission import (
+    HANDSHAKE_BURST,
+    HANDSHAKE_RATE,
+    HandshakeLimiter,
+    choose_victim,
+    is_loopback,
+)
 from overlay.connection import Connection
 from overlay.deadlines import Deadlines
 from overlay.eager import resume
 from overlay.identity import Identity, IdentityError, PeerId
 from overlay.link_delay import delay_from_env
+from overlay.log_limit import LogLimiter
 from overlay.multiaddr import Multiaddr, MultiaddrError
 from overlay.mux import MuxConfig
 from overlay.mux.budget import PartialBudget
@@ -92,6 +100,12 @@ class HostConfig:
     max_unsent_bytes: int = 256 << 20
     max_unsent_bytes_total: int = 2 << 30
     handshake_timeout: float = 10.0
+    # Inbound handshakes one address group may start: a burst, then so many a second
+    # (overlay/admission.py says why); loopback peers are exempt unless
+    # `handshake_limit_loopback` (local swarms start all their nodes from 127.0.0.1).
+    handshake_burst: int = HANDSHAKE_BURST
+    handshake_rate: float = HANDSHAKE_RATE
+    handshake_limit_loopback: bool = False
     # A stream the peer opened must bring its request header within this time; one left
     # unused is reset, so that a peer cannot hold streams and handler tasks forever.
     request_header_timeout: float = 10.0
@@ -135,6 +149,8 @@ class Host:
         self._partial_budget = PartialBudget(self.config.max_partial_bytes_total)
         self._unsent_budget = PartialBudget(self.config.max_unsent_bytes_total)
         self._stream_budget = PartialBudget(self.config.max_streams_total)
+        self._handshakes = HandshakeLimiter(self.config.handshake_burst,
+                                            self.config.handshake_rate)
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_addrs: list[Multiaddr] = []
         self._public_addrs: list[Multiaddr] | None = None  # set_public_addrs
@@ -151,6 +167,11 @@ class Host:
         self._deadlines: Deadlines | None = None  # of calls and handlers; made on first use
         self._closing = False
         self._frozen = False
+        # Aborted connections and evictions at the connection limit (one per newcomer) are
+        # logged per reason at a bounded rate (overlay/log_limit.py).
+        self._abort_log = LogLimiter(logging.getLogger("overlay.connection"),
+                                     clock=time.monotonic)
+        self._evict_log = LogLimiter(log, clock=time.monotonic)
         self._link_delay = delay_from_env()  # TEST-ONLY (overlay/link_delay.py); 0 normally
 
     # ------------------------------------------------------------------ addresses
@@ -364,6 +385,7 @@ class Host:
             on_request=self._on_request,
             admit=self._admit,
             static=self._static,
+            abort_log=self._abort_log,
         )
         if self._link_delay:
             conn.link_delay = self._link_delay
@@ -373,6 +395,11 @@ class Host:
         """A connection's socket is connected: why it is refused, or None (it is counted)."""
         if self._closing:
             return "host is closing"
+        group = conn.address_group
+        limited = not conn.initiator and (self.config.handshake_limit_loopback
+                                          or not is_loopback(conn.remote_address))
+        if limited and not self._handshakes.admit(group, conn.loop.time()):
+            return f"too many handshakes from {group}"
         if not self._make_room(conn):
             return "too many connections"
         self._all[conn] = None
@@ -394,9 +421,10 @@ class Host:
         if victim.inbound_handshaking:
             victim.abort("closed to make room: the host is at its connection limit")
         else:
-            log.info("closing connection to %s (%s) to make room for %s: the host is at its "
-                     "connection limit", victim.remote_peer, victim.remote_address,
-                     newcomer.remote_address)
+            self._evict_log.log(logging.INFO, "closing connections to make room",
+                                "closing connection to %s (%s) to make room for %s: the host "
+                                "is at its connection limit", victim.remote_peer,
+                                victim.remote_address, newcomer.remote_address)
             victim.close()
         self._all.pop(victim, None)
         return True

@@ -51,6 +51,7 @@ from overlay.dht.node import DHTNode, DHTProtocolError
 from overlay.dht.records import Record
 from overlay.host import ConnectionLost, Host, RemoteError, RpcContext, RpcTimeout
 from overlay.identity import PeerId
+from overlay.log_limit import LogLimiter
 from overlay.multiaddr import Multiaddr, MultiaddrError
 
 log = logging.getLogger("overlay.dht")
@@ -93,6 +94,8 @@ class DHT:
         self._known_addrs: dict[PeerId, tuple[str, ...]] = {}
         self._closed = False
         self.rpcs_sent = 0
+        # Peers can send malformed requests and answers at will: their lines are rate-limited.
+        self._bad_request_log = LogLimiter(log, clock=time.monotonic)
 
     @classmethod
     async def start(
@@ -300,7 +303,8 @@ class DHT:
             log.debug("dht request to %s failed: %s", contact.peer.short(), e)
             self.node.on_failure(effect.req_id, time.time())
         except MessageError as e:
-            log.warning("bad dht answer from %s: %s", contact.peer.short(), e)
+            self._bad_request_log.log(logging.WARNING, "bad dht answers",
+                                      "bad dht answer from %s: %s", contact.peer.short(), e)
             self.node.on_failure(effect.req_id, time.time())
         else:
             self.node.on_response(effect.req_id, response, time.time())
@@ -312,7 +316,8 @@ class DHT:
         try:
             request = decode_request(payload)
         except MessageError as e:
-            log.info("bad dht request from %s: %s", ctx.peer.short(), e)
+            self._bad_request_log.log(logging.INFO, "bad dht requests",
+                                      "bad dht request from %s: %s", ctx.peer.short(), e)
             raise RemoteError("bad_request", str(e)) from None
         if request.serves and request.addrs:
             addrs = _dialable(request.addrs, ctx)

@@ -62,6 +62,7 @@ from overlay.dht.records import (
 )
 from overlay.dht.routing_table import PingLeastRecent, RoutingTable
 from overlay.identity import PeerId
+from overlay.log_limit import LogLimiter
 
 log = logging.getLogger("overlay.dht")
 
@@ -144,6 +145,9 @@ class DHTNode:
         self._owned: dict[tuple[bytes, str | None], list] = {}
         self._owned_next: float | None = None  # earliest republish time
         self._ping: Ping | None = None  # see ping_request
+        # Lines peers cause at will (refused STOREs, bad answers: operations.py), rate-limited
+        # per kind (log_at: the clock is `now`).
+        self.peer_log = LogLimiter(log)
 
     # -- effects -------------------------------------------------------------------------
 
@@ -387,8 +391,11 @@ class DHTNode:
             if refused is not None:
                 # One line per request, not per record: 256 refused records made 256 lines
                 # at the default level, 9 ms of logging for a STORE of 5 KB.
-                log.info("refusing %d of %d records from %s, the first because: %s",
-                         stored.count(False), len(stored), sender.short(), refused)
+                # (and a bounded number per interval: a peer sends STOREs at will)
+                self.peer_log.log_at(now, logging.INFO, "refused records",
+                                         "refusing %d of %d records from %s, the first "
+                                         "because: %s", stored.count(False), len(stored),
+                                         sender.short(), refused)
             return StoreResponse(tuple(stored))
         raise DHTProtocolError(f"unsupported request {type(request).__name__}")
 
@@ -412,7 +419,9 @@ class DHTNode:
         if pending is None:
             return  # already timed out or failed
         if not isinstance(response, _RESPONSE_TYPES[type(pending.request)]):
-            log.warning("%s answered with the wrong message type", pending.contact.peer.short())
+            self.peer_log.log_at(now, logging.WARNING, "wrong answer types",
+                                 "%s answered with the wrong message type",
+                                 pending.contact.peer.short())
             self._failed(pending, now)
             return
         self.health.on_success(pending.contact.node_id, now - pending.sent_at, now)

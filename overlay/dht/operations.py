@@ -312,7 +312,11 @@ class GetOperation(LookupOperation):
                             )
                         )
             except RecordError as e:
-                log.warning("dropping answer from %s for key %r: %s", peer.peer, self.keys[i], e)
+                # (one line per key of a batch, up to 64 keys of 4 KiB each per answer: a
+                # lying peer is asked again by every lookup)
+                node.peer_log.log_at(now, logging.WARNING, "dropped answers",
+                                     "dropping answer from %s for key %r: %s", peer.peer,
+                                     self.keys[i][:64], e)
                 lookup.on_failure(peer.node_id, now)
                 continue
             lookup.on_success(peer.node_id, item.peers, now)

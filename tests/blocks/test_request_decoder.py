@@ -65,3 +65,44 @@ async def test_small_messages_decode_inline_and_large_ones_on_a_thread_holding_a
 async def _hold(decoder: RequestDecoder, payload: bytes) -> int:
     async with decoder.request(payload) as (tensors, _):
         return tensors[0].numel()
+
+
+async def test_requests_waiting_to_be_served_are_bounded_per_peer_and_in_all():
+    """Rule 4: a finished request holds its bytes until answered; a peer over its share gets
+    `overloaded` at once (before: every one waited, 256 MiB each, 1024 per connection)."""
+    decoder = RequestDecoder(request_limits(64, 1 << 16), max_large=1,
+                             max_waiting_bytes_per_peer=3 << 20, max_waiting_bytes=5 << 20)
+    payload = tensor_wire.encode_message([torch.zeros(256, 1024)], {"k": 1})  # 1 + 1 MiB
+    size = len(payload) + (1 << 20)
+    release = asyncio.Event()
+
+    async def serve(peer):
+        async with decoder.request(payload, peer=peer):
+            await release.wait()  # as if queued for the worker thread
+
+    first = asyncio.ensure_future(serve("a"))
+    await asyncio.sleep(0)
+    assert decoder.waiting_bytes("a") == decoder.waiting_bytes() == size
+    with pytest.raises(RemoteError) as refused:  # a's second would pass its 3 MiB
+        await serve("a")
+    assert refused.value.code == "overloaded" and "wait here already" in str(refused.value)
+    others = [asyncio.ensure_future(serve("b"))]
+    await asyncio.sleep(0)
+    assert decoder.waiting_bytes() == 2 * size and decoder.waiting_bytes("b") == size
+    with pytest.raises(RemoteError, match="as many waiting requests"):
+        await serve("c")  # over the 5 MiB total, and more than a third of it
+    release.set()
+    await asyncio.gather(first, *others)
+    assert decoder.waiting_bytes() == 0 and not decoder._waiting_by_peer
+    assert decoder._waiting.holders == 0
+
+
+async def test_one_request_of_any_size_is_taken_from_a_peer_holding_none():
+    decoder = RequestDecoder(request_limits(64, 1 << 16), max_waiting_bytes_per_peer=1,
+                             max_waiting_bytes=64 << 20)
+    payload = tensor_wire.encode_message([torch.zeros(1000)], {"k": 1})
+    assert await _hold(decoder, payload) == 1000  # far over 1 byte: still served
+    with pytest.raises(RemoteError, match="bad_input"):  # malformed: counted as its bytes
+        async with decoder.request(b"garbage"):
+            pass
+    assert decoder.waiting_bytes() == 0

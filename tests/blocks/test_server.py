@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -414,3 +415,106 @@ async def test_a_reset_session_returns_its_cache_at_once(spans, push):
             await asyncio.sleep(0.02)
         assert server.num_sessions == 0 and server.cache_tokens_free == 64
         await remote.close()
+
+
+async def test_requests_waiting_for_compute_are_bounded_per_peer(spans):
+    """A peer's finished requests queued for the worker thread hold memory until served: past
+    its limit the server refuses them with `overloaded` (before, it held them all)."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, max_waiting_bytes_per_peer=1))
+    async with served_in_process(server) as (host, client):
+        payload = forward_request(torch.randn(2, 64, 64))
+        results = await asyncio.gather(*(
+            client.call(host.peer_id, protocol.METHOD_FORWARD, payload) for _ in range(8)),
+            return_exceptions=True)
+        codes = [r.code if isinstance(r, RemoteError) else type(r).__name__ for r in results]
+        assert "bytes" in codes and "overloaded" in codes and set(codes) == {"bytes", "overloaded"}
+        assert server.decoder.waiting_bytes() == 0
+        answer = await client.call(host.peer_id, protocol.METHOD_FORWARD, payload)
+        assert tensor_wire.decode_message(answer).tensors[0].shape == (2, 64, 64)
+
+
+async def test_a_push_session_queues_few_of_the_steps_a_client_sends_without_waiting(spans):
+    """With push on, a reader task moves the client's messages into the session's queue: it
+    read on regardless, so steps sent without reading the answers piled up there (292 of 300
+    within a second); now they wait in the transport, under its flow control."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, max_length=32))
+    async with served_in_process(server) as (host, client):
+        await _flood_a_push_session(server, host, client)
+
+
+async def _flood_a_push_session(server, host, client) -> None:
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 16, "push": 1}))
+    assert "push" in tensor_wire.decode_message(await stream.recv()).meta
+    step = tensor_wire.encode_message([torch.randn(16, 32, 64)], {"position": 0, "step": 1})
+
+    async def flood():
+        for _ in range(300):
+            await stream.send(step)
+
+    sender = asyncio.ensure_future(flood())
+    try:
+        [entry] = server._sessions.values()
+        queued = []
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            queued.append(len(entry.inbox._items))
+        assert max(queued) <= 2
+    finally:
+        sender.cancel()
+        stream.reset("done")
+
+
+async def test_pushes_count_as_waiting_requests_while_they_are_decoded(spans):
+    """A push is decoded before its token can be checked (it is in the metadata): pushes with
+    made-up tokens were all decoded at once, on threads, with no bound; now they count in the
+    peer's waiting bytes, and past them are refused with `overloaded`."""
+    from blocks.push_protocol import METHOD_PUSH
+
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, max_waiting_bytes_per_peer=1))
+    async with served_in_process(server) as (host, client):
+        payload = tensor_wire.encode_message(  # 8 MiB: decoded off the loop
+            [torch.randn(2, 16384, 64)], {"token": bytes(16), "step": 1, "position": 0})
+        results = await asyncio.gather(*(
+            client.call(host.peer_id, METHOD_PUSH, payload) for _ in range(12)),
+            return_exceptions=True)
+        codes = {r.code for r in results}
+        assert codes == {"session_closed", "overloaded"}
+        assert server.decoder.waiting_bytes() == 0
+
+
+async def test_a_session_opening_with_tensors_is_refused_before_decoding(served):
+    """Openings carry no tensors (docs/block_protocol.md): one with 12 MiB of lz4 zeros (50 KB
+    sent) was decoded on the event loop anyway, then opened a session."""
+    server, host, client = served
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([torch.zeros(3, 16384, 64)], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 16, "batch_size": 1}, "lz4"))
+    with pytest.raises(RemoteError, match="opening carries no tensors") as refused:
+        await stream.recv()
+    assert refused.value.code == "bad_input" and not server._sessions
+
+
+async def test_push_failures_a_client_causes_at_will_log_a_bounded_number_of_lines(
+        served, caplog):
+    """A client names the push hops: one that names an unreachable one on every step made the
+    server log one line per step."""
+    from overlay.identity import Identity
+    from overlay.log_limit import DEFAULT_BURST
+
+    server, host, client = served
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}))
+    await stream.recv()
+    hop = {"peer": str(Identity.generate().peer_id), "token": bytes(16), "step": 1}  # no addrs
+    with caplog.at_level(logging.INFO, logger="blocks.push"):
+        for i in range(DEFAULT_BURST + 10):
+            await stream.send(tensor_wire.encode_message(
+                [torch.zeros(1, 1, 64)], {"position": i, "step": i + 1, "next": [hop]}))
+            await stream.recv()  # the output, then the failure notice
+            await stream.recv()
+    assert server.push.push_failures == DEFAULT_BURST + 10
+    assert caplog.text.count("the client relays") == DEFAULT_BURST
+    stream.reset("done")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from overlay.admission import address_group, choose_victim
+from overlay.admission import HandshakeLimiter, address_group, choose_victim, is_loopback
 
 
 @dataclass
@@ -54,3 +54,32 @@ def test_unknown_addresses_are_no_group():
 ])
 def test_address_groups(address, group):
     assert address_group(address) == group
+
+
+def test_handshakes_per_group_are_a_burst_then_a_steady_rate():
+    limiter = HandshakeLimiter(burst=5, rate=2.0)
+    assert [limiter.admit("10.0.0.1", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limiter.admit("10.0.0.2", 0.0)  # other groups have buckets of their own
+    assert not limiter.admit("10.0.0.1", 0.4)  # 0.8 of a token refilled
+    assert limiter.admit("10.0.0.1", 0.5) and not limiter.admit("10.0.0.1", 0.5)
+    assert sum(limiter.admit("10.0.0.1", 100.0) for _ in range(9)) == 5  # never above burst
+
+
+def test_handshake_buckets_stay_bounded_and_forget_the_least_recently_seen():
+    limiter = HandshakeLimiter(burst=2, rate=0.001, max_groups=3)
+    for _ in range(2):
+        assert limiter.admit("a", 0.0)
+    assert limiter.admit("b", 1.0) and limiter.admit("c", 2.0)
+    assert not limiter.admit("a", 3.0)  # a is empty, and now the most recently seen
+    assert limiter.admit("d", 4.0)  # b goes, not a
+    assert list(limiter._buckets) == ["c", "a", "d"]
+    assert not limiter.admit("a", 5.0)
+
+
+@pytest.mark.parametrize("address, loopback", [
+    (("127.0.0.1", 4001), True), (("127.5.0.1", 1), True), (("::1", 1, 0, 0), True),
+    (("::ffff:127.0.0.1", 1, 0, 0), True), (("::2", 1, 0, 0), False),
+    (("10.0.0.1", 1), False), (None, False), (("garbage", 1), False),
+])
+def test_loopback_addresses(address, loopback):
+    assert is_loopback(address) is loopback

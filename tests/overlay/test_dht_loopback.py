@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 
@@ -122,6 +123,25 @@ async def test_garbage_and_lying_peers_are_failures_not_crashes():
         finally:
             for liar in liars:
                 await liar.close()
+            await shutdown(hosts, dhts)
+
+
+async def test_a_flood_of_bad_requests_logs_a_bounded_number_of_lines(caplog):
+    from overlay.host import RemoteError
+    from overlay.log_limit import DEFAULT_BURST
+
+    async with asyncio.timeout(30):
+        hosts, dhts = await start_nodes(1, random.Random(5))
+        attacker = Host()
+        try:
+            with caplog.at_level(logging.INFO, logger="overlay.dht"):
+                for _ in range(3 * DEFAULT_BURST):
+                    with pytest.raises(RemoteError):
+                        await attacker.call(hosts[0].addrs[0], RPC_METHOD, b"\x00garbage")
+            lines = [r for r in caplog.records if "bad dht request" in r.getMessage()]
+            assert len(lines) == DEFAULT_BURST  # one line each before: 3x as many
+        finally:
+            await attacker.close()
             await shutdown(hosts, dhts)
 
 

@@ -285,6 +285,60 @@ def test_a_store_of_refused_records_logs_one_line(caplog):
     assert len(caplog.records) == 1 and "256 of 256" in caplog.records[0].getMessage()
 
 
+def test_stores_of_refused_records_log_a_bounded_number_of_lines(caplog):
+    """Still one line per STORE request, which a peer sends at will: 1000 requests wrote
+    1000 lines. Now at most a burst per interval of `now`, then one summary."""
+    from overlay.log_limit import DEFAULT_BURST, DEFAULT_INTERVAL
+
+    node = DHTNode(Identity.generate().peer_id, rng=random.Random(1), now=1000.0)
+    expired = Store((Record(b"k", None, V(1), 999.0),))
+    sender = Identity.generate().peer_id
+    with caplog.at_level("INFO", logger="overlay.dht"):
+        for i in range(1000):
+            node.handle_request(sender, expired, 1000.0 + i * 0.01)
+        assert len(caplog.records) == DEFAULT_BURST
+        node.handle_request(sender, expired, 1000.0 + DEFAULT_INTERVAL)
+    assert "980 more lines suppressed" in caplog.records[-2].getMessage()
+    assert len(caplog.records) == DEFAULT_BURST + 2
+
+
+def test_lying_answers_to_a_batched_get_log_a_bounded_number_of_lines(caplog):
+    """A peer answering a get of 64 keys with forged records wrote one warning per key,
+    with the key (up to 4 KiB) in it: 64 lines for each answer, and every lookup asks it."""
+    from overlay.dht.messages import FindValueResponse, FoundValue
+    from overlay.log_limit import DEFAULT_BURST
+
+    node = _node_knowing(30, lambda i: (f"/ip4/10.0.0.{i}/tcp/4001",))
+    keys = [b"k" * 4000 + b"%d" % i for i in range(64)]
+    node.get(keys, 1.0)
+    sends = [e for e in node.take_effects() if isinstance(e, SendRequest)]
+    forged = str(Identity.generate().peer_id)  # an owned subkey with no signature
+    with caplog.at_level("WARNING", logger="overlay.dht"):
+        for send in sends:
+            results = tuple(FoundValue((Record(k, forged, V(1), 100.0),), ())
+                            for k in send.request.keys)
+            node.on_response(send.req_id, FindValueResponse(results), 1.0)
+    assert len(sends) * len(sends[0].request.keys) > DEFAULT_BURST
+    assert len(caplog.records) == DEFAULT_BURST
+    assert max(len(r.getMessage()) for r in caplog.records) < 1000
+
+
+def test_answers_of_the_wrong_type_log_a_bounded_number_of_lines(caplog):
+    """One warning per wrong answer: a peer asked by every lookup wrote one line each."""
+    from overlay.log_limit import DEFAULT_BURST
+
+    node = _node_knowing(30, lambda i: (f"/ip4/10.0.0.{i}/tcp/4001",))
+    answered = 0
+    with caplog.at_level("WARNING", logger="overlay.dht"):
+        for i in range(20):
+            node.find_closest([i], 1.0)
+            for send in [e for e in node.take_effects() if isinstance(e, SendRequest)]:
+                node.on_response(send.req_id, PingResponse(), 1.0)
+                answered += 1
+    assert answered > DEFAULT_BURST
+    assert caplog.text.count("wrong message type") == DEFAULT_BURST
+
+
 def test_owner_republishes_before_expiry():
     config = DHTConfig(min_republish_interval=10.0)
     net = MemoryNetwork(seed=9, config=config)

@@ -809,3 +809,66 @@ async def test_addresses_others_claim_for_a_peer_go_behind_the_one_it_was_reache
         await client.close()
         await victim.close()
         silent.close()
+
+
+async def test_inbound_handshakes_per_address_are_rate_limited_before_any_cryptography():
+    config = HostConfig(handshake_burst=3, handshake_rate=0.01, handshake_limit_loopback=True)
+    server, client = Host(config=config), Host()
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    server.add_handler("echo", echo)
+
+    async def message_2_comes() -> bool:
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        writer.write(b"\x00\x20" + os.urandom(32))  # a Noise message 1: costs nothing to send
+        try:
+            return len(await asyncio.wait_for(reader.read(2), 5)) == 2
+        finally:
+            writer.close()
+
+    try:
+        async with asyncio.timeout(20):
+            assert [await message_2_comes() for _ in range(5)] == [True] * 3 + [False] * 2
+            with pytest.raises(ConnectionLost):  # the bucket holds for honest dials too
+                await client.call(addr, "echo", b"x")
+        # loopback is exempt by default: local swarms start many nodes at once
+        default = Host()
+        [local] = await default.listen("/ip4/127.0.0.1/tcp/0")
+        default.add_handler("echo", echo)
+        try:
+            callers = [Host() for _ in range(80)]
+            answers = await asyncio.gather(*(c.call(local, "echo", b"y") for c in callers))
+            assert answers == [b"y"] * 80
+        finally:
+            for c in callers:
+                await c.close()
+            await default.close()
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_lines_a_peer_causes_at_will_are_rate_limited(caplog):
+    """Each aborted handshake and each eviction at the connection limit logged one line: a
+    peer could write as many as it opened connections."""
+    from overlay.log_limit import DEFAULT_BURST
+
+    server = Host(config=HostConfig(max_connections=4))
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+    clients = [Host() for _ in range(DEFAULT_BURST + 10)]
+    try:
+        async with asyncio.timeout(30):
+            with caplog.at_level(logging.INFO, logger="overlay"):
+                for _ in range(DEFAULT_BURST + 10):
+                    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+                    writer.write(b"\x00\x00")  # an empty handshake message
+                    await reader.read()
+                    writer.close()
+                for client in clients:
+                    await client.connect(addr)  # past 4, each evicts an unused one
+            text = caplog.text
+        assert text.count("handshake failed") == DEFAULT_BURST
+        assert text.count("to make room") == DEFAULT_BURST
+    finally:
+        for client in clients:
+            await client.close()
+        await server.close()
