@@ -455,7 +455,7 @@ class Connection(asyncio.BufferedProtocol):
     def backlogged(self, limit: int) -> bool:
         """More than `limit` bytes of our answers wait unsent (the peer is not reading), or more
         than this connection's share of the host's budget of them (overlay/mux/budget.py)."""
-        unsent = self._mux.unsent_bytes
+        unsent = self._mux._unsent  # (not the property: this runs for every request)
         if unsent <= 0:
             return False
         budget = self._unsent_budget

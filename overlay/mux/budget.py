@@ -38,6 +38,17 @@ class PartialBudget:
         holders = self.holders + (conn_held == 0)
         return conn_held + size <= self.limit // holders
 
+    def try_take(self, conn_held: int, size: int) -> bool:
+        """`admits` then `take` in one call (a stream opened: on every request's path)."""
+        if self.held + size > self.limit:
+            holders = self.holders + (conn_held == 0)
+            if conn_held + size > self.limit // holders:
+                return False
+        if conn_held == 0 and size:
+            self.holders += 1
+        self.held += size
+        return True
+
     def take(self, conn_held: int, size: int) -> None:
         """The connection (holding `conn_held` before) now holds `size` more."""
         if conn_held == 0 and size:

@@ -488,12 +488,10 @@ class MuxConnection:
             self._last_remote_id = stream_id
             streams = self._stream_budget
             if self._going_away or self._remote_open >= self._max_streams or (
-                    streams is not None and not streams.admits(self._remote_open, 1)):
+                    streams is not None and not streams.try_take(self._remote_open, 1)):
                 # Refuse this stream only: the connection and its other streams go on.
                 self._solicited(self._reset_frame(stream_id, "stream limit reached"))
                 return
-            if streams is not None:
-                streams.take(self._remote_open, 1)
             stream = self._streams[stream_id] = _Stream(stream_id, False)
             self._remote_open += 1
             size = len(payload)

@@ -510,6 +510,22 @@ def test_partial_budget_arithmetic():
         PartialBudget(0)
 
 
+@given(st.integers(1, 200), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60)),
+                                      max_size=40))
+def test_try_take_is_admits_then_take(limit, moves):
+    """The one-call form on the stream-opening path decides and counts as the two calls do."""
+    one, two = PartialBudget(limit), PartialBudget(limit)
+    held = [0, 0, 0, 0]  # what each of four connections holds
+    for conn, size in moves:
+        admitted = two.admits(held[conn], size)
+        if admitted:
+            two.take(held[conn], size)
+        assert one.try_take(held[conn], size) == admitted
+        if admitted:
+            held[conn] += size
+        assert (one.held, one.holders) == (two.held, two.holders)
+
+
 def test_a_frame_trickling_in_a_byte_at_a_time_is_parsed_once(monkeypatch):
     """Each byte of a pending frame re-copied and re-parsed all of it: quadratic time, about
     0.7 s of CPU for one 64 KiB frame sent in one-byte records."""
