@@ -17,6 +17,7 @@ from blocks.announcement import ServerState
 from blocks.placement import BALANCE_QUALITY, MEAN_BALANCE_CHECK_PERIOD, MEAN_BLOCK_SELECTION_DELAY
 from blocks.rebalancing import HANDOVER_GRACE, BalanceConfig, SpanPlanner, placement_infos
 from blocks.swarm_reader import DICTIONARY_QUORUM, read_view
+from overlay.cli.arguments import number
 
 log = logging.getLogger("blocks.serve")
 
@@ -191,10 +192,7 @@ def _throughput(text: str) -> str | float:
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = number(text)
     if not (value >= 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value

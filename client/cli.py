@@ -9,7 +9,12 @@ import json
 import logging
 import sys
 
-from overlay.cli.arguments import positive_seconds  # timeouts, as `ping` and `dht` take them
+from overlay.cli.arguments import (  # timeouts as `ping` and `dht` take them, numbers
+    integer,
+    non_negative_int,
+    number,
+    positive_seconds,
+)
 
 log = logging.getLogger("client.cli")
 
@@ -39,11 +44,11 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                       help="text (needs a tokenizer in MODEL_DIR); repeat for a batch")
     what.add_argument("--input-ids", action="append",
                       help="token ids, comma-separated: 1,2,3; repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=_non_negative_int, default=32)
+    gen.add_argument("--max-new-tokens", type=non_negative_int, default=32)
     gen.add_argument("--model-id", help="default: derived from MODEL_DIR like the servers do")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=_temperature, default=1.0)
-    gen.add_argument("--top-k", type=_non_negative_int, default=0, help="0: off")
+    gen.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
     gen.add_argument("--top-p", type=_top_p, default=1.0)
     gen.add_argument("--seed", type=_seed, default=0)
     gen.add_argument("--connect-timeout", type=positive_seconds, default=30.0, metavar="S",
@@ -60,32 +65,15 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 # Checked while parsing (exit 2 with argparse's usage), as GenerationParams and torch would
 # refuse them only after the swarm was joined.
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
 def _temperature(text: str) -> float:
-    value = _number(text)
+    value = number(text)
     if not value > 0:  # nan too
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def _top_p(text: str) -> float:
-    value = _number(text)
+    value = number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
     return value
@@ -93,10 +81,7 @@ def _top_p(text: str) -> float:
 
 def _seed(text: str) -> int:
     """What torch.manual_seed takes: -2**63 <= seed < 2**64."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = integer(text)
     if not -(1 << 63) <= value < 1 << 64:
         raise argparse.ArgumentTypeError(f"must lie in [-2**63, 2**64), got {value}")
     return value
