@@ -665,6 +665,15 @@ async def test_a_request_over_its_methods_limit_is_refused_once_its_header_is_re
     assert await client.call(addr, "echo", bytes(3 << 20)) == bytes(3 << 20)  # no limit
 
 
+async def _until_all_served(server: Host, client: Host) -> None:
+    """Every stream of the client's connection released and no handler task left: what
+    the refused and the answered requests held is given back."""
+    served = server.connection_to(client.peer_id)
+    async with asyncio.timeout(5):
+        while served.num_streams or server._tasks:
+            await asyncio.sleep(0.01)
+
+
 async def test_streams_opened_and_never_used_are_reset():
     """A peer that opened streams (SYN) and sent no request held them, and a handler task
     each, forever. Now they are reset after request_header_timeout; calls whose header came
@@ -695,10 +704,7 @@ async def test_streams_opened_and_never_used_are_reset():
         assert await asyncio.wait_for(stream.recv(), 5) == b"hello"
         assert await asyncio.wait_for(call, 5) == b"x"
         await stream.close()
-        served = server.connection_to(client.peer_id)
-        async with asyncio.timeout(5):
-            while served.num_streams or server._tasks:
-                await asyncio.sleep(0.01)
+        await _until_all_served(server, client)
     finally:
         await client.close()
         await server.close()
@@ -733,10 +739,7 @@ async def test_a_request_to_a_method_with_a_limit_must_arrive_whole_in_time():
         conn._flush()
         assert await asyncio.wait_for(upload.recv(), 5) == b"\x00ab"
         assert await client.call(addr, "small", b"in time") == b"in time"
-        served = server.connection_to(client.peer_id)
-        async with asyncio.timeout(5):
-            while served.num_streams or server._tasks:
-                await asyncio.sleep(0.01)
+        await _until_all_served(server, client)
     finally:
         await client.close()
         await server.close()
@@ -768,10 +771,7 @@ async def test_a_unary_request_is_one_message_then_fin():
                 await asyncio.wait_for(stream.recv(), 5)
             assert refused.value.code == "bad_request" and reason in refused.value.message
         assert await asyncio.wait_for(fin_apart.recv(), 5) == b"\x00ok"
-        served = server.connection_to(client.peer_id)
-        async with asyncio.timeout(5):
-            while served.num_streams or server._tasks:
-                await asyncio.sleep(0.01)
+        await _until_all_served(server, client)
     finally:
         await client.close()
         await server.close()
