@@ -35,14 +35,21 @@ from collections.abc import Sequence
 IPV6_GROUP_PREFIX = 64
 
 
-def address_group(address) -> str | None:
-    """The group of a socket address (host, port, ...): the IPv4 address, or the /64 of an
-    IPv6 one (an IPv4-mapped IPv6 address counts as its IPv4 address); None when unknown."""
+def _socket_ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a socket address (host, port, ...), its zone dropped; None when unknown."""
     if not address:
         return None
     try:
-        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+        return ipaddress.ip_address(str(address[0]).split("%", 1)[0])
     except ValueError:
+        return None
+
+
+def address_group(address) -> str | None:
+    """The group of a socket address (host, port, ...): the IPv4 address, or the /64 of an
+    IPv6 one (an IPv4-mapped IPv6 address counts as its IPv4 address); None when unknown."""
+    ip = _socket_ip(address)
+    if ip is None:
         return None
     if ip.version == 6:
         if ip.ipv4_mapped is not None:
@@ -84,11 +91,8 @@ def is_loopback(address) -> bool:
     """Whether socket address `address` (host, port, ...) is this machine (127.0.0.0/8, ::1,
     also IPv4-mapped): local swarms (tests, the demo, benchmarks of a hundred nodes) start
     every node from there at once."""
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-    except ValueError:
+    ip = _socket_ip(address)
+    if ip is None:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return (mapped or ip).is_loopback
