@@ -124,9 +124,14 @@ async def run_status(args: argparse.Namespace) -> int:
         return 1
     finally:
         await client.close()
+    # Like `dht get` of a missing key: a named model that is not there is a failure.
+    missing = args.model is not None and not status["models"]
     if args.json:
         print(json.dumps(status))
-        return 0
+        return 1 if missing else 0
+    if missing:
+        print(f"overlay-node status: {left_out_note(status, args.model)}", file=sys.stderr)
+        return 1
     if not status["models"] and not status["left_out"] and args.model is None:
         print("no models are announced in this swarm")
     for model in status["models"]:

@@ -46,6 +46,21 @@ def test_status_shows_servers_and_coverage(swarm, model_dir):
     assert spans == [(0, 2, "online"), (2, 4, "online")]
     text = run_cli("status", "--bootstrap", swarm.bootstrap)
     assert "4/4 covered" in text.stdout
+    named = run_cli("status", "--bootstrap", swarm.bootstrap, "--model",
+                    default_model_id(model_dir))
+    assert named.returncode == 0 and "4/4 covered" in named.stdout, named.stderr
+
+
+def test_status_of_a_model_not_in_the_swarm_exits_1(swarm):
+    """As `dht get` of a missing key: a script asking for one model learns it is not there."""
+    text = run_cli("status", "--bootstrap", swarm.bootstrap, "--model", "no-such-model")
+    assert text.returncode == 1
+    assert text.stderr.strip().splitlines()[-1] == (
+        "overlay-node status: model 'no-such-model' is not registered in this swarm")
+    as_json = run_cli("status", "--bootstrap", swarm.bootstrap, "--model", "no-such-model",
+                      "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout.strip().splitlines()[-1])["models"] == []
 
 
 MEASURED = re.compile(r"network measured against \S+: .* \(([\d.]+) MiB in ([\d.]+) s.*\): "
