@@ -267,16 +267,18 @@ async def run_generate(args: argparse.Namespace) -> int:
     # a row that ended is padded until the others end too: its tokens stop at its end token
     new_rows = [_through_end(row, params.eos_token_id) for row in output[:, width:].tolist()]
     steps = output.shape[1] - width
-    ms_per_token = elapsed * 1000 / max(steps, 1)
+    # None (JSON null) when no step ran: a time per token of none would be made up
+    ms_per_token = round(elapsed * 1000 / steps, 3) if steps else None
     if args.json:
         print(json.dumps({"new_tokens": new_rows[0] if batch == 1 else new_rows, "route": route,
-                          "ms_per_token": round(ms_per_token, 3)}))
+                          "ms_per_token": ms_per_token}))
     else:
         if batch > 1:
             for i, ids in enumerate(new_rows):
                 text = decode(ids) if decode else ",".join(map(str, ids))
                 print(f"[{i}] {text}")
-        print(f"{steps} steps of {batch} x 1 token, {ms_per_token:.1f} ms/step, route "
+        speed = "" if ms_per_token is None else f", {ms_per_token:.1f} ms/step"
+        print(f"{steps} steps of {batch} x 1 token{speed}, route "
               f"{' -> '.join(route) or 'none (no step to run)'}", file=sys.stderr)
     return 0
 

@@ -107,6 +107,11 @@ def test_generate_matches_local_greedy(swarm, model_dir):
                    "--input-ids", "99999999999999999999", "--max-new-tokens", "1")
     assert huge.returncode != 0 and "Traceback" not in huge.stderr
     assert "--input-ids must be integers" in huge.stderr
+    none = run_cli("generate", str(model_dir), "--bootstrap", swarm.bootstrap,
+                   "--input-ids", "5,6", "--max-new-tokens", "0", "--json")
+    assert none.returncode == 0, none.stderr
+    assert json.loads(none.stdout.strip().splitlines()[-1]) == {
+        "new_tokens": [], "route": [], "ms_per_token": None}  # no step: no time per token
 
 
 def test_generate_streams_the_prompts_continuation_as_text(swarm, model_dir):
