@@ -132,7 +132,7 @@ async def run_status(args: argparse.Namespace) -> int:
     if missing:
         print(f"overlay-node status: {left_out_note(status, args.model)}", file=sys.stderr)
         return 1
-    if not status["models"] and not status["left_out"] and args.model is None:
+    if not status["models"] and not status["left_out"]:  # (a missing named one: above)
         print("no models are announced in this swarm")
     for model in status["models"]:
         coverage = model["coverage"]

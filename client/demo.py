@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from overlay.cli.node import positive_int
+from overlay.cli.arguments import positive_int
 
 DEMO_CONFIG = {  # Llama family, ~0.4 M parameters: loads in a blink, exercises every code path
     "vocab_size": 512,

@@ -63,10 +63,11 @@ RECOVERY_TIMEOUT = 60.0
 # Seconds one server may take to answer an inference step before it is replaced (a server
 # that froze, or left without closing its connection).
 STEP_TIMEOUT = 60.0
-# Ours: batch x positions of one step request; half of what servers take by default
-# (blocks.server.ServingConfig.max_request_tokens, 16384). A longer prompt, or the replay
-# into a replacement server, is sent as several steps of at most this many.
-STEP_CHUNK_TOKENS = 8192
+# Ours: batch x positions (or length) of one step or forward request; half of what servers
+# take by default (blocks.server.ServingConfig.max_request_tokens, 16384). A longer prompt,
+# the replay into a replacement server, or a large forward batch is sent in pieces of at
+# most this many (client/remote_blocks.py for forwards).
+REQUEST_CHUNK_TOKENS = 8192
 
 # Codes with which a server refuses to open a session that another server may well open: its
 # cache is full, it is overloaded, or it no longer serves these blocks (it moved or restarted
@@ -450,11 +451,11 @@ def _trim(inputs: list[torch.Tensor], position: int) -> None:
 
 
 def _positions_per_step(hidden: torch.Tensor) -> int:
-    return max(1, STEP_CHUNK_TOKENS // max(1, hidden.shape[0]))
+    return max(1, REQUEST_CHUNK_TOKENS // max(1, hidden.shape[0]))
 
 
 async def _step_in_pieces(span: SpanSession, data: torch.Tensor) -> torch.Tensor:
-    """A replay from position 0 into `span`, as steps of at most STEP_CHUNK_TOKENS (servers
+    """A replay from position 0 into `span`, as steps of at most REQUEST_CHUNK_TOKENS (servers
     refuse larger requests: a long session could not be replayed)."""
     per_step = _positions_per_step(data)
     if data.shape[1] <= per_step:
@@ -565,14 +566,14 @@ class InferenceSession:
         self._stepping = True
         position = self.position
         try:
-            per_step = _positions_per_step(hidden)
-            if hidden.ndim != 3 or hidden.shape[1] <= per_step:
-                return await self._step(hidden, attention_mask)
-            # too many for one request: in pieces, each checked and recorded as its own step
             if position + hidden.shape[1] > self.config.max_length:
                 raise InferenceError(f"{position + hidden.shape[1]} tokens exceed the "
                                      f"session's max_length {self.config.max_length}")
             mask = self.padding.check(attention_mask, hidden.shape[1])
+            per_step = _positions_per_step(hidden)
+            if hidden.shape[1] <= per_step:
+                return await self._step(hidden, mask)
+            # too many for one request: in pieces, each recorded as its own step
             outs = []
             for i in range(0, hidden.shape[1], per_step):
                 outs.append(await self._step(hidden[:, i:i + per_step],
@@ -584,14 +585,10 @@ class InferenceSession:
         finally:
             self._stepping = False
 
-    async def _step(self, hidden: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.position + hidden.shape[1] > self.config.max_length:
-            raise InferenceError(f"{self.position + hidden.shape[1]} tokens exceed the "
-                                 f"session's max_length {self.config.max_length}")
+    async def _step(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One step request; `step` checked its length and `mask` (PaddingMask.check)."""
         position = self.position
         dtype = hidden.dtype  # servers may run another precision: answered in this one
-        mask = self.padding.check(attention_mask, hidden.shape[1])
         self.padding.record(position, mask, hidden.shape[1])
         if self.padding.wire(position, position + hidden.shape[1]) is not None:
             for span in self.spans:  # pushed on to each of them: all must understand it

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from blocks import protocol
 from blocks.announcement import SwarmView
 from client.inference import (
     RECOVERY_TIMEOUT,
+    REQUEST_CHUNK_TOKENS,
     STEP_TIMEOUT,
     BlocksUnavailableError,
     InferenceSession,
@@ -46,11 +48,6 @@ from overlay.identity import PeerId
 from overlay.streams import ConnectionLost, StreamClosed
 
 log = logging.getLogger(__name__)
-
-# Ours: batch x length of one forward request; half of what servers take by default
-# (blocks.server.ServingConfig.max_request_tokens, 16384), so a large batch is split, not
-# refused. A single longer row still goes whole (and the server says it is too long).
-FORWARD_CHUNK_TOKENS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,31 +114,25 @@ class RemoteBlocks:
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run full sequences through blocks [start, end) (no cache). A batch of more than
-        FORWARD_CHUNK_TOKENS is split by rows, the chunks run concurrently (each on its own
-        route). A span whose server fails is banned and re-run on a route found again for
-        exactly its blocks; all of that within one recovery_timeout from the pass's first
-        failure (then BlocksUnavailableError)."""
+        REQUEST_CHUNK_TOKENS is split by rows (a single longer row still goes whole: the server
+        says it is too long), the chunks run concurrently (each on its own route). A span
+        whose server fails is banned and re-run on a route found again for exactly its
+        blocks; all of that within one recovery_timeout from the pass's first failure (then
+        BlocksUnavailableError)."""
         end = self.num_blocks if end is None else end
         dtype = hidden.dtype
         if attention_mask is not None:  # servers take integers: 0/1 floats are converted
             attention_mask = token_mask(attention_mask)
         recovery = PassDeadline(self.config.recovery_timeout)
         rows = hidden.shape[0] if hidden.ndim != 3 else \
-            max(1, FORWARD_CHUNK_TOKENS // max(1, hidden.shape[1]))
+            max(1, REQUEST_CHUNK_TOKENS // max(1, hidden.shape[1]))
         if hidden.ndim != 3 or hidden.shape[0] <= rows:
             out = await self._forward_rows(hidden, start, end, attention_mask, recovery)
             return out.to(dtype)  # servers may run another precision
-        tasks = [asyncio.ensure_future(self._forward_rows(
+        outs = await _all_or_cancel(self._forward_rows(
             hidden[r:r + rows], start, end,
-            None if attention_mask is None else attention_mask[r:r + rows], recovery))
-            for r in range(0, hidden.shape[0], rows)]
-        try:
-            outs = await asyncio.gather(*tasks)
-        except BaseException:  # the first failure ends the others: their results are lost
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            None if attention_mask is None else attention_mask[r:r + rows], recovery)
+            for r in range(0, hidden.shape[0], rows))
         return torch.cat(outs, dim=0).to(dtype)
 
     async def _forward_rows(self, hidden: torch.Tensor, start: int, end: int,
@@ -303,3 +294,17 @@ def _decode(data: bytes, expected: int):
 
 
 __all__ = ["ClientConfig", "RemoteBlocks"]
+
+
+async def _all_or_cancel(coros: Iterable[Awaitable]) -> list:
+    """The results of `coros`, run concurrently (a pass's chunks). The first to fail cancels
+    the others, whose results would be dropped, and is raised once they have ended; gather
+    alone let them run on, holding servers and connections for nothing."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

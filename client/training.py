@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +36,13 @@ from blocks import protocol
 from client.lora import LoraSnapshot
 from client.padding import token_mask
 from client.recovery import PassDeadline, splice_route
-from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks, _BadAnswer, give_up
+from client.remote_blocks import (
+    _SERVER_FAULTS,
+    RemoteBlocks,
+    _all_or_cancel,
+    _BadAnswer,
+    give_up,
+)
 from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
 from overlay.host import RemoteError
 from overlay.identity import PeerId
@@ -416,20 +422,6 @@ class SwarmTrainer:
         log.warning("%s on %s failed: %s; re-routing", what, fault.span.peer_id[-6:],
                     fault.error)
         return deadline
-
-
-async def _all_or_cancel(coros: Iterable[Awaitable]) -> list:
-    """The results of `coros`, run concurrently (a pass's chunks). The first to fail cancels
-    the others, whose results would be dropped, and is raised once they have ended; gather
-    alone let them run on, holding servers and connections for nothing."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 @dataclass(slots=True)
