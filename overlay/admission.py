@@ -36,13 +36,15 @@ IPV6_GROUP_PREFIX = 64
 
 
 def _socket_ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP of a socket address (host, port, ...), its zone dropped; None when unknown."""
+    """The IP of a socket address (host, port, ...), its zone dropped and an IPv4-mapped
+    IPv6 address as its IPv4 one; None when unknown."""
     if not address:
         return None
     try:
-        return ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
     except ValueError:
         return None
+    return getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack socket's IPv4 peer
 
 
 def address_group(address) -> str | None:
@@ -52,8 +54,6 @@ def address_group(address) -> str | None:
     if ip is None:
         return None
     if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/{IPV6_GROUP_PREFIX}", strict=False))
     return str(ip)
 
@@ -92,10 +92,7 @@ def is_loopback(address) -> bool:
     also IPv4-mapped): local swarms (tests, the demo, benchmarks of a hundred nodes) start
     every node from there at once."""
     ip = _socket_ip(address)
-    if ip is None:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
+    return ip is not None and ip.is_loopback
 
 
 class HandshakeLimiter:

@@ -505,11 +505,8 @@ class Connection(asyncio.BufferedProtocol):
         if not headerless:
             return self.idle
         mux = self._mux
-        if len(self._streams) > len(headerless) or (
-                mux is not None and mux.num_streams > len(headerless)):
-            return False
-        return all(i in headerless for i in self._streams) and (
-            mux is None or all(i in headerless for i in mux.stream_ids()))
+        return headerless.issuperset(self._streams) and (
+            mux is None or headerless.issuperset(mux._streams))
 
     async def ping(self, timeout: float = 10.0) -> float:
         """Round-trip time of a multiplexer PING, in seconds."""

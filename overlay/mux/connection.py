@@ -187,10 +187,6 @@ class MuxConnection:
     def stream_ids(self) -> list[int]:
         return list(self._streams)
 
-    @property
-    def num_streams(self) -> int:
-        return len(self._streams)
-
     def queued_bytes(self, stream_id: int) -> int:
         """Bytes accepted by `send` for this stream that are not yet in `data_to_send` output."""
         stream = self._streams.get(stream_id)
