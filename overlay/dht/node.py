@@ -49,6 +49,7 @@ from overlay.dht.operations import (
 )
 from overlay.dht.peer_health import PeerHealth
 from overlay.dht.records import (
+    OWNED_SUBKEY_PREFIX,
     BadSignatureBudget,
     Record,
     RecordError,
@@ -376,7 +377,9 @@ class DHTNode:
             budget = self.bad_signatures
             refused: RecordError | None = None
             for record in request.records:
-                if not budget.may_check(sender, now) and owner_of(record.subkey) is not None:
+                subkey = record.subkey  # owned, or looking so (then refused anyway):
+                if (subkey is not None and subkey.startswith(OWNED_SUBKEY_PREFIX)
+                        and not budget.may_check(sender, now)):
                     stored.append(False)  # it sent bad signatures: not worth checking
                     continue
                 try:

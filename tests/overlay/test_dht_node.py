@@ -237,6 +237,11 @@ def test_a_sender_of_bad_signatures_gets_few_of_them_checked():
     assert CountingVerifier.checks == 5
     node.handle_request(forger.peer_id, forged, 1010.0)  # one more, ten seconds later
     assert CountingVerifier.checks == 6
+    # once its checks are spent, a subkey that only looks like a peer id is refused as
+    # that record, not raised out of the whole request
+    fake = Record(b"f", "12D3KooWnotapeerid", V(1), 2000.0)
+    mixed = Store((fake, Record(b"q", None, V(1), 2000.0)))
+    assert node.handle_request(forger.peer_id, mixed, 1010.0).stored == (False, True)
 
 
 def _node_knowing(n: int, addrs_of) -> DHTNode:
