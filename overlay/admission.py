@@ -84,7 +84,14 @@ def choose_victim(connections: Sequence, newcomer_group: str | None):
 # above that, and an address group over them is refused before any cryptography.
 HANDSHAKE_BURST = 64
 HANDSHAKE_RATE = 16.0  # handshakes per second, refilled continuously
-MAX_HANDSHAKE_GROUPS = 4096  # buckets kept at once, the least recently seen dropped first
+MAX_HANDSHAKE_GROUPS = 4096  # buckets kept at once (see HandshakeLimiter)
+# An IPv6 /64 is cheap to change (a site typically holds a /48, an ISP a /32: 65,536 and
+# 2^32 of them), so its handshakes are also charged to the /48 and the /32 that hold it,
+# whose buckets are this many times larger and faster (room for many honest subscribers).
+IPV6_WIDER_GROUPS = ((48, 4), (32, 16))
+# The bucket that groups share while every kept bucket is in use (HandshakeLimiter): as
+# large and fast as a /32's.
+OVERFLOW_SCALE = 16
 
 
 def is_loopback(address) -> bool:
@@ -95,8 +102,26 @@ def is_loopback(address) -> bool:
     return ip is not None and ip.is_loopback
 
 
+def charged_groups(group: str | None) -> list[tuple[str | None, int]]:
+    """The buckets a handshake from `group` (what address_group returns) is charged to, each
+    with its scale: the group itself, and for an IPv6 /64 the wider groups holding it."""
+    if group is None or "/" not in group:
+        return [(group, 1)]
+    network = ipaddress.ip_network(group)
+    return [(group, 1)] + [(str(network.supernet(new_prefix=prefix)), scale)
+                           for prefix, scale in IPV6_WIDER_GROUPS]
+
+
 class HandshakeLimiter:
-    """A token bucket per address group for inbound handshakes (pure: `now` passed in)."""
+    """Token buckets for inbound handshakes per address group (pure: `now` passed in).
+
+    A handshake takes a token from each bucket charged_groups names, or is refused (taking
+    none) when one of them is empty. At most `max_groups` buckets are kept, the least
+    recently seen first in line: a newcomer's bucket replaces that one only if it has
+    refilled (it holds nothing to remember; the check is O(1)); otherwise every bucket
+    kept is in use, and the newcomer is charged to one overflow bucket that such groups
+    share. Evicting regardless gave each address group past the table's size a fresh
+    bucket, so cycling 4,097 IPv6 /64s (one /48 holds 65,536) meant no limit at all."""
 
     def __init__(self, burst: int = HANDSHAKE_BURST, rate: float = HANDSHAKE_RATE,
                  max_groups: int = MAX_HANDSHAKE_GROUPS):
@@ -105,25 +130,45 @@ class HandshakeLimiter:
         self.burst = burst
         self.rate = rate
         self.max_groups = max_groups
-        # group -> [tokens, as of], the least recently seen first
+        # group -> [tokens, as of, scale], the least recently seen first
         self._buckets: OrderedDict[str | None, list[float]] = OrderedDict()
+        self._overflow = [float(burst * OVERFLOW_SCALE), 0.0, float(OVERFLOW_SCALE)]
 
     def admit(self, group: str | None, now: float) -> bool:
-        """Whether a handshake from `group` may start now (it takes one token if so)."""
-        buckets = self._buckets
-        bucket = buckets.get(group)
-        if bucket is None:
-            if len(buckets) >= self.max_groups:
-                # The least recently seen group goes, in O(1): a scan for full buckets cost
-                # an attacker that empties one per IPv6 /64 ~1 ms of ours per connection.
-                buckets.popitem(last=False)
-            bucket = buckets[group] = [float(self.burst), now]
-        else:
-            buckets.move_to_end(group)
-            tokens, since = bucket
-            bucket[0] = min(float(self.burst), tokens + max(0.0, now - since) * self.rate)
-            bucket[1] = now
-        if bucket[0] < 1.0:
+        """Whether a handshake from `group` may start now (it takes a token of each of its
+        buckets if so)."""
+        buckets = []
+        for key, scale in charged_groups(group):
+            bucket = self._bucket(key, scale, now)
+            if all(bucket is not other for other in buckets):  # (the overflow: once)
+                buckets.append(bucket)
+        if any(bucket[0] < 1.0 for bucket in buckets):
             return False
-        bucket[0] -= 1.0
+        for bucket in buckets:
+            bucket[0] -= 1.0
         return True
+
+    def _bucket(self, key: str | None, scale: int, now: float) -> list[float]:
+        """The bucket of `key`, refilled to `now`: its own, a new one, or the overflow."""
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is not None:
+            buckets.move_to_end(key)
+        elif len(buckets) < self.max_groups:
+            bucket = buckets[key] = [float(self.burst * scale), now, float(scale)]
+            return bucket
+        else:
+            oldest = next(iter(buckets.values()))
+            if self._refilled(oldest, now) < self.burst * oldest[2]:
+                bucket = self._overflow
+            else:
+                buckets.popitem(last=False)
+                bucket = buckets[key] = [float(self.burst * scale), now, float(scale)]
+                return bucket
+        bucket[0] = self._refilled(bucket, now)
+        bucket[1] = now
+        return bucket
+
+    def _refilled(self, bucket: list[float], now: float) -> float:
+        tokens, since, scale = bucket
+        return min(self.burst * scale, tokens + max(0.0, now - since) * self.rate * scale)
