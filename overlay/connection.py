@@ -465,6 +465,13 @@ class Connection(asyncio.BufferedProtocol):
         """May this stream hold a buffer of `nbytes` for the message arriving (mux.reserve)?"""
         return not self.closed and self._mux.reserve(stream_id, nbytes)
 
+    def keep_spare(self, nbytes: int) -> bool:
+        """May a stream keep a spare buffer of `nbytes` (mux.keep_spare)?"""
+        return not self.closed and self._mux.keep_spare(nbytes)
+
+    def drop_spare(self, nbytes: int) -> None:
+        self._mux.drop_spare(nbytes)
+
     def reset_stream(self, stream_id: int, reason: str) -> None:
         self._streams.pop(stream_id, None)
         self.headerless.discard(stream_id)

@@ -14,7 +14,8 @@ that sent one large message on each stream, then one byte of the next, made us a
 whole of each next one while that budget counted one byte: `Connection.reserve`); a stream
 holds the one of the message arriving and keeps the last two it handed over, to reuse one
 once the application has released its message (dropped when messages of another kind come,
-and when the stream ends).
+and when the stream ends; kept only within the room the connection's and host's budgets of
+unfinished messages leave, `Connection.keep_spare`).
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ class Stream:
             for buf in self._spare:
                 if need <= len(buf) < 2 * need and _released(buf):
                     self._spare.remove(buf)
+                    self._conn.drop_spare(len(buf))
                     break
             else:
                 buf = bytearray(need)
@@ -278,10 +280,15 @@ class Stream:
             message = asm[HEADER_SIZE:HEADER_SIZE + filled]
             if 2 * filled < len(asm):  # much smaller than its buffer: do not pin the rest
                 message = memoryview(bytearray(message))
-            self._spare = [*self._spare[-1:], asm.obj]
+            spare = self._spare
+            if len(spare) == 2:
+                self._conn.drop_spare(len(spare.pop(0)))
+            if self._conn.keep_spare(len(asm.obj)):
+                spare.append(asm.obj)
             self._drop_assembly()
         else:
-            self._spare = []  # (messages of other sizes now)
+            if self._spare:  # (messages of other sizes now)
+                self._drop_spares()
             parts = self._partial
             message = bytes(parts[0]) if len(parts) == 1 else parts
             self._partial = []
@@ -323,10 +330,16 @@ class Stream:
 
     def _on_end(self) -> None:
         self._ended = True
-        self._spare = []
+        if self._spare:
+            self._drop_spares()
         self._wake_reader()
         self._wake_gone()
         self._maybe_release()
+
+    def _drop_spares(self) -> None:
+        for buf in self._spare:
+            self._conn.drop_spare(len(buf))
+        self._spare = []
 
     def _maybe_release(self) -> None:
         if self._ended and self._send_closed and not self._messages:
@@ -342,7 +355,8 @@ class Stream:
         # only the cyclic GC breaks; until then a peer that cut off large messages kept them.
         self._partial = []
         self._partial_size = self._acked_partial = 0
-        self._spare = []
+        if self._spare:
+            self._drop_spares()
         self._send_closed = True
         self._wake_reader()
         self._wake_sender()

@@ -14,6 +14,11 @@ request refused. Once the total is reached, a connection may still add to its un
 messages while it holds less than an equal share of the budget (`limit` divided by the
 connections holding any), so the hogs are refused first and honest peers go on. The total
 can pass `limit` by at most one frame per connection.
+
+Spare buffers (a stream keeps the buffers of its last messages assembled in place, to reuse
+one: overlay/streams.py) are counted apart, in `spares`: one is kept only while unfinished
+messages and spares together fit, so spares never make a message refused, and what they pin
+stays within the budget too (at most `limit` besides the unfinished messages).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 class PartialBudget:
     """Units (bytes, streams) held by the connections of one host (see module doc)."""
 
-    __slots__ = ("held", "holders", "limit")
+    __slots__ = ("held", "holders", "limit", "spares")
 
     def __init__(self, limit: int):
         if limit < 1:
@@ -30,6 +35,7 @@ class PartialBudget:
         self.limit = limit
         self.held = 0  # bytes, over all connections
         self.holders = 0  # connections holding at least one byte
+        self.spares = 0  # bytes of spare buffers kept (module doc)
 
     def admits(self, conn_held: int, size: int) -> bool:
         """Whether a connection that holds `conn_held` bytes may hold `size` more."""

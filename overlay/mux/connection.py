@@ -154,6 +154,7 @@ class MuxConnection:
         self._stream_budget = stream_budget
         self._unsent = 0  # bytes given to `send` on streams the peer opened, not yet framed
         self._partial = 0  # bytes of unfinished messages held, over this connection's streams
+        self._spares = 0  # bytes of spare buffers its streams keep (`keep_spare`)
         self._initiator = initiator
         self._own_parity = 1 if initiator else 0  # of the ids of the streams we open
         # Read on every frame: plain attributes, not config lookups.
@@ -210,6 +211,8 @@ class MuxConnection:
         if self._budget is not None and self._partial:
             self._budget.give(self._partial, self._partial)
         self._partial = 0
+        if self._budget is not None:
+            self._budget.spares -= self._spares
         self._unqueued(self._unsent)
         if self._stream_budget is not None and self._remote_open:
             self._stream_budget.give(self._remote_open, self._remote_open)
@@ -561,6 +564,27 @@ class MuxConnection:
             self._charge(extra)
             stream.charged = nbytes
         return True
+
+    def keep_spare(self, nbytes: int) -> bool:
+        """Whether the driver may keep a spare buffer of `nbytes` for later messages (a
+        stream's, overlay/streams.py): only in what the unfinished messages leave of both
+        budgets (overlay/mux/budget.py), so spares never make a message refused. Uncounted,
+        2 x 16 MiB per stream let a peer pin 32 GiB with 1,024 streams."""
+        if self._closed or self._partial + self._spares + nbytes > self.config.max_partial_bytes:
+            return False
+        budget = self._budget
+        if budget is not None:
+            if budget.held + budget.spares + nbytes > budget.limit:
+                return False
+            budget.spares += nbytes
+        self._spares += nbytes
+        return True
+
+    def drop_spare(self, nbytes: int) -> None:
+        """The driver no longer keeps a spare buffer of `nbytes` (`keep_spare`)."""
+        self._spares -= nbytes
+        if self._budget is not None:
+            self._budget.spares -= nbytes
 
     def _over_budget(self, extra: int) -> str | None:
         """Why `extra` more bytes of unfinished messages may not be held, or None."""

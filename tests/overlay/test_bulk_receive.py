@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.host import Host
+from overlay.host import Host, HostConfig
 from overlay.mux import ConnectionTerminated, DataReceived, MuxConnection, MuxError
 from overlay.mux.connection import INITIAL_WINDOW, MAX_FRAME_PAYLOAD
 from overlay.mux.frames import DATA, END, FIN, HEADER, HEADER_SIZE, SYN
@@ -120,6 +120,44 @@ async def test_interleaved_bulk_streams_lose_nothing():
     results = await _transfer(messages, hold=False, streams=2)
     for answers in results:
         assert [a[0] for a in answers] == [digest(m) for m in messages]
+
+
+async def test_spare_buffers_stay_within_the_budgets_of_unfinished_messages():
+    # Each stream keeps the buffer of its last message assembled in place for reuse; a peer
+    # that left many streams open after such messages pinned 16 MiB per stream (1 MiB here)
+    # outside every budget: 40 MiB for 40 streams against a connection budget of 4.
+    mib = 1 << 20
+    server = Host(config=HostConfig(max_partial_bytes=4 * mib, max_partial_bytes_total=8 * mib))
+    client = Host()
+    [addr] = await server.listen("/ip4/127.0.0.1/tcp/0")
+
+    async def sink(ctx, stream):
+        while (message := await stream.recv()) is not None:
+            await stream.send(digest(message))
+
+    server.add_stream_handler("sink", sink)
+    try:
+        streams = [await client.open_stream(addr, "sink") for _ in range(12)]
+        for stream in streams:
+            for i in range(3):
+                message = bytes([i]) * mib
+                await stream.send(message)
+                assert await stream.recv() == digest(message)
+        conn = server.connection_to(client.peer_id)
+        pinned = sum(len(b) for st in conn._streams.values() for b in st._spare)
+        assert 0 < pinned <= 4 * mib and server._partial_budget.spares == pinned
+        # spares never make a message refused: one of 3.5 MiB still fits the connection's
+        big = os.urandom(7 * mib // 2)
+        await streams[0].send(big)
+        assert await streams[0].recv() == digest(big)
+        for stream in streams:
+            await stream.close()
+            assert await stream.recv() is None
+        assert server._partial_budget.spares == 0  # (the ends came before the answers)
+    finally:
+        await client.close()
+        await server.close()
+    assert server._partial_budget.spares == 0
 
 
 @settings(max_examples=15, deadline=None)

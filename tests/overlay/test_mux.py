@@ -572,6 +572,25 @@ def test_a_reserved_buffer_counts_against_the_budget_until_its_message_ends():
     assert b.partial_bytes == 0 and (budget.held, budget.holders) == (0, 0)
 
 
+def test_spare_buffers_are_kept_only_in_the_room_unfinished_messages_leave():
+    budget = PartialBudget(8000)
+    b = MuxConnection(False, MuxConfig(max_partial_bytes=5000), budget)
+    b.receive_data(fragment(1, 1000, Flag.SYN))  # an unfinished message of 1,000 bytes
+    assert b.keep_spare(3000) and budget.spares == 3000
+    assert not b.keep_spare(1001)  # 1,000 + 3,000 + 1,001 > 5,000
+    other = MuxConnection(False, MuxConfig(max_partial_bytes=5000), budget)
+    assert other.keep_spare(4000) and not other.keep_spare(1)  # the host's 8,000 are used
+    # spares never make a message refused: the connection's 5,000 still hold 4,000 more
+    b.receive_data(fragment(1, 3900))
+    assert b.partial_bytes == 4900 and not [e for e in events(b) if type(e) is StreamReset]
+    b.drop_spare(3000)
+    assert budget.spares == 4000
+    other.release_budget()
+    assert budget.spares == 0
+    other.drop_spare(4000)  # (a stream letting go after its connection was dropped)
+    assert budget.spares == 0
+
+
 def test_unsent_answers_are_counted_until_framed_or_dropped():
     budget = PartialBudget(1 << 30)
     b = MuxConnection(False, unsent_budget=budget)
