@@ -77,6 +77,10 @@ _RESPONSE_TYPES = {
 _PING_RESPONSE = PingResponse()
 # Room kept for the closer-peer lists when filling a FIND_VALUE answer with records.
 _PEERS_ALLOWANCE = 64 * 1024
+# The most one FIND_VALUE peer list takes: k contacts of 200 bytes (an ordinary contact, two
+# addresses, is ~110). Lists of fat contacts (8 addresses of 256 characters, 2 KiB each) had
+# a share of the whole message, so 64 keys, a 348-byte request, drew a 950 KB answer.
+_PEER_LIST_ROOM = 4 * 1024
 # What an answer's map, op name and list headers take besides its records and contacts.
 _ANSWER_ENVELOPE = 4 * 1024
 # At most this many buckets are refreshed by one periodic refresh.
@@ -362,7 +366,8 @@ class DHTNode:
                     used_total += record.size()
                 found.append(records)
             # The closer peers share what the records left of the message.
-            room = (MAX_MESSAGE_BYTES - _ANSWER_ENVELOPE - used_total) // len(request.keys)
+            room = min(_PEER_LIST_ROOM,
+                       (MAX_MESSAGE_BYTES - _ANSWER_ENVELOPE - used_total) // len(request.keys))
             results = []
             for key, records in zip(request.keys, found, strict=True):
                 # Kademlia 2.3: a node that holds the value "just returns the stored value";

@@ -271,6 +271,23 @@ def test_batched_answers_stay_within_the_message_limit_whatever_the_contacts():
     assert len(single.peers[0]) == node.config.k  # one target: k fat contacts fit
 
 
+def test_find_value_peer_lists_of_fat_contacts_are_bounded_per_key():
+    def fat(i):
+        return tuple(f"/dns/{'a' * 230}{i:03d}{j}.example/tcp/{4000 + j}" for j in range(8))
+
+    node = _node_knowing(400, fat)
+    asker = Identity.generate().peer_id
+    request = FindValue(tuple(b"k%d" % i for i in range(64)), serves=False)
+    wire = encode_response(node.handle_request(asker, request, 1.0))
+    assert len(wire) <= 64 * 4 * 1024 + 4096  # 950 KB before, for a request of 348 bytes
+    answer = node.handle_request(asker, FindValue((b"k",), serves=False), 1.0)
+    assert 1 <= len(answer.results[0].peers) < node.config.k  # the nearest that fit
+    ordinary = _node_knowing(400, lambda i: (f"/ip4/10.0.{i // 256}.{i % 256}/tcp/4001",
+                                             f"/ip6/2001:db8::{i:x}/tcp/4001"))
+    answer = ordinary.handle_request(asker, request, 1.0)
+    assert all(len(found.peers) == node.config.k for found in answer.results)
+
+
 def test_batched_answers_with_ordinary_contacts_are_not_trimmed():
     node = _node_knowing(400, lambda i: (f"/ip4/10.0.{i // 256}.{i % 256}/tcp/4001",))
     rng = random.Random(4)
