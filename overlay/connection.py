@@ -46,7 +46,7 @@ from overlay.mux.budget import PartialBudget
 from overlay.mux.frames import DATA, HEADER, HEADER_SIZE, SYN
 from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
-from overlay.secure_handshake import HandshakeError, SecureHandshake
+from overlay.secure_handshake import MAX_MESSAGE, HandshakeError, SecureHandshake
 from overlay.streams import SEND_HIGH_WATER, ConnectionLost, Stream
 from overlay.unary import PendingCall
 
@@ -64,6 +64,12 @@ WRITE_LOW_WATER = 128 << 10
 # enough that a small request queued behind it waits little.
 WRITE_BATCH = 1 << 20
 HANDSHAKE_READ = 4096
+# The longest handshake message 2 a dialer accepts: ours is about 200 bytes, and 8 KiB leave
+# room for payload fields later versions add. A server that does not speak the overlay
+# (HTTP, an echo, a banner) answers text, whose first two bytes read as a length of 8,224
+# or more: the dialer waited for that many bytes until its timeout instead of failing.
+MAX_HANDSHAKE_ANSWER = 8192
+_SHOWN_BYTES = 32  # of what a peer sent before failing the handshake, in the reason
 # A message split into parts is joined into one buffer when it must be queued and is at most
 # this size (one frame instead of one per part); larger parts are never copied to be joined.
 JOIN_LIMIT = 16 << 10
@@ -145,6 +151,8 @@ class Connection(asyncio.BufferedProtocol):
         self._writer: RecordWriter | None = None
         self._reader: RecordReader | None = None
         self._handshake_buffer: bytearray | None = None
+        self._handshake_head = b""  # the first bytes the peer sent in the handshake
+        self._handshake_read = 0  # and how many it sent
         self._flush_scheduled = False
         self._mux: MuxConnection | None = None
         self._streams: dict[int, Stream] = {}
@@ -193,6 +201,7 @@ class Connection(asyncio.BufferedProtocol):
                 expected_peer=self._expected_peer,
                 static=static,
                 payload=payload,
+                max_message=MAX_HANDSHAKE_ANSWER if self.initiator else MAX_MESSAGE,
             )
         except Exception as e:  # pragma: no cover - construction does not fail on valid input
             self.abort(f"handshake setup failed: {e}")
@@ -299,8 +308,20 @@ class Connection(asyncio.BufferedProtocol):
         self._flush()
 
     def eof_received(self) -> bool:
-        self.abort("peer closed the connection")
+        if self._reader is None:
+            self.abort(f"peer closed the connection: {self.handshake_account()}")
+        else:
+            self.abort("peer closed the connection")
         return False
+
+    def handshake_account(self) -> str:
+        """What the peer sent of the handshake, for a reason that says why it failed: a
+        server that does not speak the overlay is told apart from one that is slow."""
+        if not self._handshake_read:
+            return "the peer did not complete the overlay's handshake (it sent nothing)"
+        more = "..." if self._handshake_read > len(self._handshake_head) else ""
+        return (f"the peer did not complete the overlay's handshake (it sent "
+                f"{self._handshake_read} bytes: {self._handshake_head!r}{more})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -319,10 +340,13 @@ class Connection(asyncio.BufferedProtocol):
         handshake = self._handshake
         if handshake is None:
             return
+        if len(self._handshake_head) < _SHOWN_BYTES:
+            self._handshake_head += data[:_SHOWN_BYTES - len(self._handshake_head)]
+        self._handshake_read += len(data)
         try:
             handshake.receive_data(data)
         except HandshakeError as e:
-            self.abort(f"handshake failed: {e}")
+            self.abort(f"handshake failed: {self.handshake_account()} ({e})")
             return
         self._write_handshake()
         if handshake.is_complete:

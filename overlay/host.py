@@ -359,9 +359,12 @@ class Host:
                 )
                 await conn.ready
         except TimeoutError:
+            why = ""
             if conn is not None:
+                if conn.remote_peer is None:  # (the handshake is what hung)
+                    why = f": {conn.handshake_account()}"
                 conn.abort("dial timed out", logging.DEBUG)  # the ConnectionLost says it
-            raise ConnectionLost(f"dial {maddr}: timed out after {timeout:g} s") from None
+            raise ConnectionLost(f"dial {maddr}: timed out after {timeout:g} s{why}") from None
         except OSError as e:
             raise ConnectionLost(f"dial {maddr}: {e.strerror or e}") from None
         except ConnectionLost as e:

@@ -150,7 +150,8 @@ def test_ping_to_a_silent_port_is_one_error_line():
             done = run_cli("ping", target, "--timeout", "0.5", timeout=30)
             assert done.returncode == 1 and done.stdout == ""
             assert done.stderr.splitlines() == [
-                f"overlay-node ping: dial {target}: timed out after 0.5 s"], done.stderr
+                f"overlay-node ping: dial {target}: timed out after 0.5 s: the peer did not "
+                "complete the overlay's handshake (it sent nothing)"], done.stderr
 
 
 def test_join_refuses_a_listen_address_naming_another_peer(tmp_path):

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import struct
+import time
 import tracemalloc
 
 import pytest
@@ -872,3 +873,36 @@ async def test_lines_a_peer_causes_at_will_are_rate_limited(caplog):
         for client in clients:
             await client.close()
         await server.close()
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "it sent 28 bytes: b'HTTP/1.1 400"),
+    (None, "it sent 34 bytes"),  # an echo server: our own message 1 back
+    (b"", "closed the connection: the peer did not complete the overlay's handshake "
+          "(it sent nothing)"),
+])
+async def test_a_server_that_does_not_speak_the_overlay_fails_the_dial_at_once(answer, expected):
+    """A text answer's first two bytes read as a length of 18,516: the dialer waited for
+    them until its timeout, and reported only that."""
+    async def handle(reader, writer):
+        data = await reader.read(100)
+        writer.write(data if answer is None else answer)
+        if answer == b"":
+            writer.close()
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    host = Host()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConnectionLost) as failure:
+            await host.connect(f"/ip4/127.0.0.1/tcp/{port}", timeout=5.0)
+        assert time.monotonic() - start < 2.0
+        assert "did not complete the overlay's handshake" in str(failure.value)
+        assert expected in str(failure.value)
+    finally:
+        await host.close()
+        server.close()
+        await server.wait_closed()
