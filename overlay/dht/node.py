@@ -359,11 +359,12 @@ class DHTNode:
                 records = []
                 used = 0
                 for record in self.records.get(key, now):
-                    used += record.size()
+                    size = record.size()
+                    used += size
                     if used > budget:
                         break
                     records.append(record)
-                    used_total += record.size()
+                    used_total += size
                 found.append(records)
             # The closer peers share what the records left of the message.
             room = min(_PEER_LIST_ROOM,
