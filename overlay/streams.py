@@ -58,10 +58,11 @@ def _released(buf) -> bool:
 
 
 class _FirstMessageBound:
-    """State of Stream.bound_first_message: the head seen so far, then the limit (of every
-    message when `each`: Stream.bound_messages; `then`: the limit after this message)."""
+    """State of Stream.bound_first_message: the head seen so far, then the limit; `then`:
+    the limit of every message after this one (Stream.bound_messages), None: no bound after
+    this message."""
 
-    __slots__ = ("decide", "each", "head", "head_bytes", "limit", "reason", "then")
+    __slots__ = ("decide", "head", "head_bytes", "limit", "reason", "then")
 
     def __init__(self, decide: Callable[[bytes], tuple[int, str] | None] | None,
                  head_bytes: int):
@@ -70,7 +71,6 @@ class _FirstMessageBound:
         self.head = b""
         self.limit: int | None = None
         self.reason = ""
-        self.each = False
         self.then: tuple[int, str] | None = None
 
 
@@ -208,9 +208,8 @@ class Stream:
         the bulk data the peer sends right behind it is judged by its own limit, whether the
         request was in already or not)."""
         bound = self._bound = _FirstMessageBound(None, 0)
-        bound.limit, bound.reason, bound.each = limit, reason, True
+        bound.limit, bound.reason = bound.then = (limit, reason)
         if first is not None and not self._messages:
-            bound.then = (limit, reason)
             bound.limit, bound.reason = first
 
     def _over_bound(self, data, end: bool) -> bool:
@@ -229,10 +228,11 @@ class Stream:
             self._bound = None
             self.reset(bound.reason)
             return True
-        if end and bound.then is not None:
-            (bound.limit, bound.reason), bound.then = bound.then, None
-        elif end and not bound.each:
-            self._bound = None
+        if end:
+            if bound.then is None:
+                self._bound = None
+            else:
+                bound.limit, bound.reason = bound.then
         return False
 
     def _on_data(self, data, end: bool) -> None:
