@@ -10,6 +10,7 @@ import sys
 import time
 
 from blocks import serve_placement
+from overlay.cli import lifeline
 from overlay.cli.node import positive_int
 
 log = logging.getLogger("blocks.serve")
@@ -70,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                        help="host a PEFT LoRA adapter under NAME for clients to choose "
                             "(repeatable); only the tensors of the served blocks are read")
+    lifeline.add_argument(serve)
     serve.set_defaults(func=run_serve)
 
 

@@ -3,6 +3,10 @@ processes on 127.0.0.1, for the demo, the tests and the benchmarks.
 
 Every process it starts is remembered by pid and stopped in `stop()` (SIGTERM, then SIGKILL
 after a grace period), which also runs on exceptions and Ctrl-C when used as a context manager.
+Should the owner die without stopping them (SIGKILL, a crash), they stop by themselves: on
+POSIX each gets the read end of a pipe whose write end only the owner holds (`--lifeline-fd`,
+overlay/cli/lifeline.py), and the kernel closes it with the owner, whichever thread started
+them.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class LocalSwarm:
     processes: list[_Process] = field(default_factory=list, init=False)
     bootstrap: str = field(default="", init=False)
     _aborted: bool = field(default=False, init=False)
+    _lifeline: tuple[int, int] | None = field(default=None, init=False)  # (read, write) fds
 
     def abort(self) -> None:
         """Make a `start()` running in another thread give up at its next check (Ctrl-C)."""
@@ -50,9 +55,20 @@ class LocalSwarm:
     def _command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "overlay.cli.main", *args]
 
+    def _lifeline_args(self) -> tuple[list[str], tuple[int, ...]]:
+        """The children's `--lifeline-fd` and the fd to pass them; none where pass_fds is
+        not supported (Windows): there the owner's `stop()` alone stops them."""
+        if os.name != "posix":
+            return [], ()
+        if self._lifeline is None:
+            self._lifeline = os.pipe()  # not inheritable: only the read end is passed on
+        read_end = self._lifeline[0]
+        return ["--lifeline-fd", str(read_end)], (read_end,)
+
     def _spawn(self, name: str, args: list[str]) -> _Process:
         if self._aborted:
             raise SwarmStartError("start-up was interrupted")
+        lifeline_args, pass_fds = self._lifeline_args()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
         log_path = None
         if self.log_dir is not None:
@@ -61,8 +77,9 @@ class LocalSwarm:
             stderr = open(log_path, "w")  # noqa: SIM115 - closed with the process
         else:
             stderr = subprocess.DEVNULL
-        proc = subprocess.Popen(self._command(*args), stdout=subprocess.PIPE, stderr=stderr,
-                                env=env, text=True, start_new_session=True)
+        proc = subprocess.Popen(self._command(*args, *lifeline_args), stdout=subprocess.PIPE,
+                                stderr=stderr, env=env, text=True, start_new_session=True,
+                                pass_fds=pass_fds)
         if stderr is not subprocess.DEVNULL:
             stderr.close()
         entry = _Process(name, proc, log_path=log_path)
@@ -143,6 +160,10 @@ class LocalSwarm:
                 entry.proc.wait(timeout=10)
             if entry.proc.stdout is not None:
                 entry.proc.stdout.close()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
 
     def __enter__(self) -> LocalSwarm:
         return self.start()

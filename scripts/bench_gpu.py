@@ -46,11 +46,18 @@ from typing import TYPE_CHECKING
 
 from overlay.cli.arguments import positive_int  # counts: refused when below 1
 
-if TYPE_CHECKING:
-    from client.local_head import LocalHead
+if TYPE_CHECKING:  # bound at run time by import_heavy_modules()
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-# torch, transformers and the client (4-7 s to import) are imported where they are used, after
-# the arguments are parsed, so that `--help` and typos answer at once.
+    from client.local_head import LocalHead
+    from client.local_swarm import LocalSwarm
+    from client.remote_blocks import RemoteBlocks
+    from client.swarm import SwarmClient
+    from model_parts.dummy import DummyModelFiles, fill_with_dummy_weights
+    from model_parts.files import default_model_id
+    from model_parts.skeleton import DeviceOptions
+    from overlay.runtime import new_event_loop
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -67,16 +74,31 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512}
 
 
-def _sync() -> None:
+def import_heavy_modules() -> None:
+    """Import torch, transformers and the client (4-7 s) into this module's globals: called
+    once the arguments are parsed, so that `--help` and typos answer at once."""
+    global torch, AutoModelForCausalLM, LlamaConfig, LocalHead, LocalSwarm, RemoteBlocks
+    global SwarmClient, DummyModelFiles, fill_with_dummy_weights, default_model_id
+    global DeviceOptions, new_event_loop
     import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from client.local_head import LocalHead
+    from client.local_swarm import LocalSwarm
+    from client.remote_blocks import RemoteBlocks
+    from client.swarm import SwarmClient
+    from model_parts.dummy import DummyModelFiles, fill_with_dummy_weights
+    from model_parts.files import default_model_id
+    from model_parts.skeleton import DeviceOptions
+    from overlay.runtime import new_event_loop
+
+
+def _sync() -> None:
     if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def write_config(shape: dict, directory: Path) -> Path:
-    from transformers import LlamaConfig
-
     directory.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                          dtype="bfloat16", **shape)
@@ -86,8 +108,6 @@ def write_config(shape: dict, directory: Path) -> Path:
 
 def copy_bandwidth(gib: float = 4.0, repeats: int = 20) -> float:
     """Bytes read + written per second by a device-to-device copy of ``gib`` GiB."""
-    import torch
-
     source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=DEVICE).random_()
     target = torch.empty_like(source)
     for _ in range(3):
@@ -108,11 +128,6 @@ def copy_bandwidth(gib: float = 4.0, repeats: int = 20) -> float:
 
 def local_generate(model_dir: Path, tokens: int) -> tuple[float, list[int], int]:
     """transformers' own generate, bf16, same dummy weights: ms/token, tokens, weight bytes."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from model_parts.dummy import fill_with_dummy_weights
-
     config = LlamaConfig.from_pretrained(model_dir)
     with torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
@@ -139,13 +154,6 @@ async def swarm_generate(model_dir: Path, bootstrap: str, tokens: int,
                          head: LocalHead) -> tuple[float, list[int], dict[str, float]]:
     """Greedy decoding through one inference session; the head runs here, on the GPU.
     Returns ms/token, the tokens, and the mean ms/token of each part of the client's loop."""
-    import torch
-    from transformers import LlamaConfig
-
-    from client.remote_blocks import RemoteBlocks
-    from client.swarm import SwarmClient
-    from model_parts.files import default_model_id
-
     num_blocks = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
     client = await SwarmClient.connect([bootstrap])
     try:
@@ -185,13 +193,6 @@ async def swarm_generate(model_dir: Path, bootstrap: str, tokens: int,
 async def swarm_steps(model_dir: Path, bootstrap: str, length: int, steps: int,
                       head: LocalHead) -> float:
     """Single-token steps/s at the end of a ``length``-token sequence (prefill first)."""
-    import torch
-    from transformers import LlamaConfig
-
-    from client.remote_blocks import RemoteBlocks
-    from client.swarm import SwarmClient
-    from model_parts.files import default_model_id
-
     num_blocks = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
     client = await SwarmClient.connect([bootstrap])
     try:
@@ -242,15 +243,6 @@ def server_log_figures(log_dir: Path) -> dict:
 
 def run_a_or_c(model_dir: Path, quant: str, tokens: int, local: dict, log_dir: Path,
                decode: str = "compiled", repeats: int = 2) -> dict:
-    import torch
-    from transformers import LlamaConfig
-
-    from client.local_head import LocalHead
-    from client.local_swarm import LocalSwarm
-    from model_parts.dummy import DummyModelFiles
-    from model_parts.skeleton import DeviceOptions
-    from overlay.runtime import new_event_loop
-
     extra = ["--device", DEVICE, "--dtype", "bfloat16", "--load-format", "dummy",
              "--quant", quant, "--max-length", "4096", "--cache-tokens", "4096",
              "--decode", decode]
@@ -285,14 +277,6 @@ def run_a_or_c(model_dir: Path, quant: str, tokens: int, local: dict, log_dir: P
 
 
 def run_b(model_dir: Path, log_dir: Path) -> dict:
-    import torch
-
-    from client.local_head import LocalHead
-    from client.local_swarm import LocalSwarm
-    from model_parts.dummy import DummyModelFiles
-    from model_parts.skeleton import DeviceOptions
-    from overlay.runtime import new_event_loop
-
     gpus = torch.cuda.device_count()
     devices = ["cuda:0", "cuda:1"] if gpus >= 2 else ["cuda:0", "cuda:0"]
     if DEVICE == "cpu":
@@ -327,7 +311,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import torch
+    import_heavy_modules()
 
     global DEVICE
     DEVICE = args.device

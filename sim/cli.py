@@ -240,7 +240,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _write_sweep(args: argparse.Namespace, spec: Scenario, base: Any, values: list[object],
                  runs: list[dict[str, object]], metrics: list[str], out: Path) -> None:
-    keys = sorted({k for run in runs for k in run})
+    # a metric that echoes the swept option (`nodes`, `servers`, `churn`) is its column already
+    keys = sorted({k for run in runs for k in run} - {args.param})
     (out / "sweep.png").unlink(missing_ok=True)  # an older sweep's, if not drawn again
     with (out / "sweep.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -14,7 +14,7 @@ try:
     import argparse
     import importlib
 
-    from overlay.cli import node
+    from overlay.cli import lifeline, node
 except KeyboardInterrupt:  # Ctrl-C while the command is still starting: no traceback
     print("overlay-node: interrupted", file=sys.stderr)
     raise SystemExit(130) from None
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(argv)  # imports the subcommand's package: torch for some
         args = parser.parse_args(argv)
         setup_logging(-1 if args.quiet else args.verbose)
+        if getattr(args, "lifeline_fd", None) is not None:  # join and serve
+            lifeline.watch(args.lifeline_fd)
         if not hasattr(args, "func"):
             parser.error(f"{args.command} is not available in this version")
         return run(args.func(args), stopping_is_success=args.command in SERVICES)

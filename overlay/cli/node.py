@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from overlay.bandwidth_service import BandwidthTestService, measure_link
+from overlay.cli import lifeline
 from overlay.cli.arguments import non_negative_seconds, positive_int, positive_seconds
 from overlay.cli.dht import start_dht
 from overlay.host import ConnectionLost, Host
@@ -35,6 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="a node of an existing network (repeatable); none: a new network")
     join.add_argument("--identity", metavar="PATH",
                       help="Ed25519 identity file, created when missing (default: a fresh key)")
+    lifeline.add_argument(join)
     join.set_defaults(func=run_join)
 
     ping = sub.add_parser("ping", help="dial a node, verify its identity, print round-trip times")

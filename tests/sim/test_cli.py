@@ -108,6 +108,17 @@ def test_sweep_runs_each_value_and_plots_them_together(tmp_path):
     assert (out / "sweep.png").exists() and (out / "servers=12" / "metrics.json").exists()
 
 
+def test_a_swept_option_that_is_also_a_metric_is_one_column(tmp_path):
+    """`nodes` (and `servers`, `churn`) are metrics too: sweep.csv had two `nodes` columns."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "dht-static", "--param", "nodes", "--values", "20,30", "--duration",
+                 "5", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    header, *rows = list(csv.reader((out / "sweep.csv").open()))
+    assert header.count("nodes") == 1 and header[0] == "nodes"
+    assert [row[0] for row in rows] == ["20", "30"]
+    assert all(len(row) == len(header) for row in rows)
+
+
 def test_bad_options_get_a_clear_error(capsys):
     assert main(["run", "swarm", "--nodes", "10"]) == 2
     assert "use --servers" in capsys.readouterr().err
