@@ -73,13 +73,17 @@ class Pushed:
 class SessionInbox:
     """The steps of one session, from its client's stream and (push on) from other servers."""
 
-    __slots__ = ("_error", "_items", "_messages", "_reader", "_room", "_waiter", "last_step",
-                 "stream", "token")
+    __slots__ = ("_error", "_items", "_messages", "_reader", "_room", "_waiter", "answered",
+                 "held_notice", "last_step", "stream", "token")
 
     def __init__(self, stream: Stream, token: bytes | None):
         self.stream = stream
         self.token = token
         self.last_step = -1  # the highest step id answered
+        self.answered = -1  # the step id whose answer was sent last
+        # A push failure notice of the step being answered, sent right after its answer: the
+        # client reads a span's notice only after that span's answer, and drops one before.
+        self.held_notice: bytes | None = None
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
@@ -238,6 +242,10 @@ class PushService:
                     await asyncio.sleep(0)  # let the push reach the socket before the answer
         await inbox.stream.send(tensor_wire.encode_message([output], {"step": step_id},
                                                            compression))
+        inbox.answered = step_id
+        notice, inbox.held_notice = inbox.held_notice, None
+        if notice is not None:
+            await inbox.stream.send(notice)
         if problem is not None:
             await inbox.stream.send(tensor_wire.encode_message(
                 [], failure_notice(step_id, problem)))
@@ -278,9 +286,12 @@ class PushService:
         self.push_failures += 1
         self._failure_log.log(logging.INFO, "push failures", "step %d: %s; the client relays",
                               step_id, reason)
+        notice = tensor_wire.encode_message([], failure_notice(step_id, reason))
+        if inbox.answered < step_id:  # it failed at once: before the step's answer went out
+            inbox.held_notice = notice
+            return
         with contextlib.suppress(ConnectionLost, StreamClosed):
-            inbox.stream.send_nowait(tensor_wire.encode_message(
-                [], failure_notice(step_id, reason)))
+            inbox.stream.send_nowait(notice)
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:

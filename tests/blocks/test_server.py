@@ -518,3 +518,26 @@ async def test_push_failures_a_client_causes_at_will_log_a_bounded_number_of_lin
     assert server.push.push_failures == DEFAULT_BURST + 10
     assert caplog.text.count("the client relays") == DEFAULT_BURST
     stream.reset("done")
+
+
+async def test_a_push_that_fails_at_once_is_reported_after_the_steps_answer(served):
+    """A push to a peer with no address fails before the step's answer is sent: its notice
+    went out first, and the client, which reads a span's notice only after that span's
+    answer, dropped it and waited out its step timeout for a push that never came."""
+    from overlay.identity import Identity
+
+    server, host, client = served
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}))
+    await stream.recv()
+    hop = {"peer": str(Identity.generate().peer_id), "token": bytes(16), "step": 1}
+    for step in range(3):
+        await stream.send(tensor_wire.encode_message(
+            [torch.zeros(1, 1, 64)], {"position": step, "step": step, "next": [hop]}))
+        answer = tensor_wire.decode_message(await stream.recv())
+        assert answer.meta == {"step": step} and len(answer.tensors) == 1
+        notice = tensor_wire.decode_message(await stream.recv())
+        assert notice.meta["step"] == step and "push_failed" in notice.meta
+    assert server.push.push_failures == 3
+    stream.reset("done")
