@@ -211,6 +211,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
         pinger = NextHopPinger(dht, host, server, total, period=args.announce_period)
         announcer.next_pings = pinger.next_pings  # RTTs to the next servers, for routing
+        server.push.on_unknown_hop = pinger.refresh_soon  # where pushes may dial
         await announcer.start()
         pinger.start()
         if not isinstance(wanted, tuple):

@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 
 import tensor_wire
 from blocks import protocol
@@ -58,6 +59,8 @@ MAX_QUEUED_PUSHES = 8
 # on regardless queued every step a client sent without waiting: hundreds of messages, up to
 # the transport's 256 MiB each.)
 MAX_QUEUED_MESSAGES = 2
+# Ours: announced next servers whose addresses are kept (far above the servers of one block).
+MAX_KNOWN_HOPS = 1024
 
 
 class Pushed:
@@ -177,6 +180,10 @@ class PushService:
         self._by_token: dict[bytes, SessionInbox] = {}
         self._tasks: set[asyncio.Task] = set()
         self._peers: dict[str, PeerId] = {}  # next hops' ids, parsed once
+        # Announced servers of the block after our span: peer id -> their own signed
+        # addresses, the only ones a push dials (learn_hops).
+        self._hop_addrs: dict[str, tuple[str, ...]] = {}
+        self.on_unknown_hop: Callable[[], None] | None = None  # read the next servers again
         self.pushed = 0  # outputs sent on to the next server
         self.push_failures = 0
         # A client names the hops: it can make every step's push fail (overlay/log_limit.py).
@@ -210,6 +217,16 @@ class PushService:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+    def learn_hops(self, addrs: Mapping[str, Iterable[str]]) -> None:
+        """Where servers of the block after our span listen, from their announcements: the
+        addresses a push to one of them may dial. Newest last; the oldest go beyond
+        MAX_KNOWN_HOPS."""
+        for peer, where in addrs.items():
+            self._hop_addrs.pop(peer, None)
+            self._hop_addrs[peer] = tuple(where)
+        while len(self._hop_addrs) > MAX_KNOWN_HOPS:
+            del self._hop_addrs[next(iter(self._hop_addrs))]
 
     # ------------------------------------------------------------------ a step's output
     async def answer(self, inbox: SessionInbox, step_id: int, output, meta: dict,
@@ -274,8 +291,8 @@ class PushService:
             if peer == self.host.peer_id:
                 await self._on_push(None, payload)  # our own next span: no network
             else:
-                if hop.addrs and not self.host.peer_addrs(peer):
-                    self.host.add_peer_addrs(peer, hop.addrs)
+                if self.host.connection_to(peer) is None:
+                    self._dialable(hop.peer, peer)
                 await self.host.call(peer, METHOD_PUSH, payload, timeout=self.timeout)
             self.pushed += 1
             return
@@ -292,6 +309,16 @@ class PushService:
             return
         with contextlib.suppress(ConnectionLost, StreamClosed):
             inbox.stream.send_nowait(notice)
+
+    def _dialable(self, text: str, peer: PeerId) -> None:
+        """Make `peer` dialable at its announced addresses, or raise ConnectionLost (the
+        client relays) when it is no announced next server: `hop.addrs` are not used."""
+        addrs = self._hop_addrs.get(text)
+        if addrs is None:
+            if self.on_unknown_hop is not None:
+                self.on_unknown_hop()  # a server that joined since the last read, maybe
+            raise ConnectionLost("not an announced server of the next block")
+        self.host.add_peer_addrs(peer, addrs)
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
