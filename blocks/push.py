@@ -170,7 +170,7 @@ class PushService:
     """Accepts pushes into this server's sessions and pushes their outputs on."""
 
     def __init__(self, host: Host, limits: Limits = DEFAULT_LIMITS,
-                 timeout: float = PUSH_TIMEOUT, decoder: RequestDecoder | None = None):
+                 timeout: float = PUSH_TIMEOUT, *, decoder: RequestDecoder):
         self.host = host
         self.limits = limits  # what one pushed step may decode to (blocks/request_decoder.py)
         # Whose rule 4 counts pushes while they are decoded (the token is checked after:
@@ -322,7 +322,7 @@ class PushService:
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
-        if ctx is None or self.decoder is None:
+        if ctx is None:  # our own next span: our own output, not a peer's request
             tensors, meta = await decode_off_loop(payload, self.limits)
         else:
             with self.decoder.held(payload, ctx.peer, self.limits):
