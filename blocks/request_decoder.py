@@ -107,10 +107,9 @@ class RequestDecoder:
         if held and held + size > self.max_waiting_bytes_per_peer:
             raise RemoteError(protocol.OVERLOADED, f"{held} bytes of your requests wait here "
                                                    f"already: send more once they are answered")
-        if not self._waiting.admits(held, size):
+        if not self._waiting.try_take(held, size):
             raise RemoteError(protocol.OVERLOADED, "this server holds as many waiting "
                                                    "requests as it takes: try another")
-        self._waiting.take(held, size)
         self._waiting_by_peer[peer] = held + size
         try:
             yield
