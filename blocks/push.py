@@ -325,8 +325,8 @@ class PushService:
         if ctx is None:  # our own next span: our own output, not a peer's request
             tensors, meta = await decode_off_loop(payload, self.limits)
         else:
-            with self.decoder.held(payload, ctx.peer, self.limits):
-                tensors, meta = await decode_off_loop(payload, self.limits)
+            with self.decoder.held(payload, ctx.peer, self.limits) as size:
+                tensors, meta = await decode_off_loop(payload, self.limits, size)
         try:
             request = parse_push_request(meta)
             if len(tensors) != 1:
