@@ -121,7 +121,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from overlay.runtime import in_daemon_thread
 
     try:
-        check_adapter_specs(args.adapter)  # now, not after the load: a typo costs nothing
+        adapter_specs = check_adapter_specs(args.adapter)  # now: a typo costs no load
     except AdapterError as e:
         raise SystemExit(f"overlay-node serve: {e}") from None
     try:
@@ -161,7 +161,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         from blocks.lora import load_hosted_adapters
 
         try:
-            adapters = load_hosted_adapters(args.adapter, span)
+            adapters = load_hosted_adapters(adapter_specs, span)  # configs read once
         except AdapterError as e:
             raise SystemExit(f"overlay-node serve: {e}") from None
         for name in adapters:
