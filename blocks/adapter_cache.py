@@ -8,7 +8,10 @@ version (only an uploader can: every server of a chain learns the digests of the
 serves, so a digest is no secret; content uploaded by several clients stays until all of them
 have replaced it), or, least recently used first, when a new upload needs room; entries pinned
 by an open inference session are never evicted (the session ends, the pin goes, then the
-entry may).
+entry may). Room is shared fairly: each uploader holding entries has a share of `max_bytes`
+divided by their number; an upload evicts only its uploader's own entries once that uploader
+holds more than its share, and otherwise also entries of uploaders over their share (so that
+one peer's uploads cannot push everybody else's adapters out).
 
 Pure: no torch, no asyncio, no clock (`now` is passed in). Values are opaque.
 """
@@ -73,15 +76,42 @@ class AdapterCache:
         if pinned + size > self.max_bytes:  # refused before anything is evicted for it
             raise AdapterCacheFullError(f"the adapter cache is full of adapters in use "
                                         f"({pinned} of {self.max_bytes} bytes)")
-        for old in list(self._entries):
-            if self.used_bytes + size <= self.max_bytes:
-                break
-            if self._entries[old].pins == 0:
-                self._remove(old)
-                evicted.append(old)
+        victims = self._room_for(size, owner)
+        if victims is None:
+            raise AdapterCacheFullError(
+                f"the adapter cache has no room for {size} bytes beside adapters in use and "
+                f"other peers' fair shares ({self.max_bytes} bytes in all)")
+        for old in victims:
+            self._remove(old)
+        evicted.extend(victims)
         self._entries[key] = _Entry(value, size, now, owners={owner})
         self.used_bytes += size
         return evicted
+
+    def _room_for(self, size: int, owner: Any) -> list[str] | None:
+        """The entries to evict, least recently used first, so that `owner` can add `size`
+        bytes; None when its fair share does not allow it (nothing is evicted then)."""
+        held: dict[Any, int] = {owner: 0}  # bytes per uploader (a shared entry counts to each)
+        for entry in self._entries.values():
+            for who in entry.owners:
+                held[who] = held.get(who, 0) + entry.size
+        share = self.max_bytes // len(held)
+        own_only = held[owner] > share
+        free = self.max_bytes - self.used_bytes
+        victims = []
+        for key, entry in self._entries.items():
+            if free >= size:
+                break
+            if entry.pins:
+                continue
+            if entry.owners != {owner} and (
+                    own_only or not all(held[who] > share for who in entry.owners)):
+                continue  # another peer's, within its share
+            victims.append(key)
+            free += entry.size
+            for who in entry.owners:
+                held[who] -= entry.size
+        return victims if free >= size else None
 
     def discard(self, key: str, owner: Any = None) -> bool:
         """`owner` no longer needs `key`: dropped unless another uploader still needs it

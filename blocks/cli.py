@@ -123,7 +123,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from overlay.runtime import in_daemon_thread
 
     try:
-        check_adapter_specs(args.adapter)  # now, not after the load: a typo costs nothing
+        adapter_specs = check_adapter_specs(args.adapter)  # now: a typo costs no load
     except AdapterError as e:
         raise SystemExit(f"overlay-node serve: {e}") from None
     try:
@@ -163,7 +163,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         from blocks.lora import load_hosted_adapters
 
         try:
-            adapters = load_hosted_adapters(args.adapter, span)
+            adapters = load_hosted_adapters(adapter_specs, span)  # configs read once
         except AdapterError as e:
             raise SystemExit(f"overlay-node serve: {e}") from None
         for name in adapters:
@@ -213,6 +213,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
         pinger = NextHopPinger(dht, host, server, total, period=args.announce_period)
         announcer.next_pings = pinger.next_pings  # RTTs to the next servers, for routing
+        server.push.on_unknown_hop = pinger.refresh_soon  # where pushes may dial
         await announcer.start()
         pinger.start()
         if not isinstance(wanted, tuple):

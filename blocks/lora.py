@@ -138,13 +138,15 @@ def _peft_config(directory: Path) -> dict:
     return config
 
 
-def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None = None
-                   ) -> LoraWeights:
-    """The LoRA weights of `span`'s blocks from a PEFT LoRA directory (only those tensors)."""
+def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None = None,
+                   config: dict | None = None) -> LoraWeights:
+    """The LoRA weights of `span`'s blocks from a PEFT LoRA directory (only those tensors);
+    `config`: its adapter_config.json as `check_adapter_specs` read it, if it did."""
     from safetensors import safe_open
 
     directory = Path(directory)
-    config = _peft_config(directory)
+    if config is None:
+        config = _peft_config(directory)
     rank, alpha = config["r"], float(config.get("lora_alpha", config["r"]))
     layers_path = span.layers_path
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -183,13 +185,13 @@ def load_peft_lora(directory: str | Path, span: BlockSpan, max_bytes: int | None
     return lora
 
 
-def check_adapter_specs(specs: list[str]) -> dict[str, Path]:
-    """`serve --adapter NAME=DIR` values -> {name: directory}, each directory's
-    adapter_config.json checked: before serve loads anything, so that a typo costs no load."""
+def check_adapter_specs(specs: list[str]) -> dict[str, tuple[Path, dict]]:
+    """`serve --adapter NAME=DIR` values -> {name: (directory, its adapter_config.json)}, each
+    config read and checked once: before serve loads anything, so that a typo costs no load."""
     from blocks.announcement import MAX_ADAPTERS
     from blocks.protocol import MAX_ADAPTER_NAME
 
-    checked: dict[str, Path] = {}
+    checked: dict[str, tuple[Path, dict]] = {}
     for spec in specs:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
@@ -200,21 +202,24 @@ def check_adapter_specs(specs: list[str]) -> dict[str, Path]:
         if name in checked:
             raise AdapterError(f"adapter {name!r} is given twice")
         try:
-            _peft_config(Path(directory))
+            config = _peft_config(Path(directory))
         except AdapterError as e:
             raise AdapterError(f"adapter {name!r}: {e}") from None
-        checked[name] = Path(directory)
+        checked[name] = (Path(directory), config)
     if len(checked) > MAX_ADAPTERS:
         raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server")
     return checked
 
 
-def load_hosted_adapters(specs: list[str], span: BlockSpan) -> dict[str, LoraWeights]:
-    """`serve --adapter NAME=DIR` values -> the adapters this server hosts (its blocks only)."""
+def load_hosted_adapters(specs: list[str] | dict[str, tuple[Path, dict]], span: BlockSpan
+                         ) -> dict[str, LoraWeights]:
+    """`serve --adapter NAME=DIR` values, or what `check_adapter_specs` made of them -> the
+    adapters this server hosts (its blocks only)."""
+    checked = specs if isinstance(specs, dict) else check_adapter_specs(specs)
     hosted: dict[str, LoraWeights] = {}
-    for name, directory in check_adapter_specs(specs).items():
+    for name, (directory, config) in checked.items():
         try:
-            hosted[name] = load_peft_lora(directory, span)
+            hosted[name] = load_peft_lora(directory, span, config=config)
         except AdapterError as e:
             raise AdapterError(f"adapter {name!r}: {e}") from None
     return hosted

@@ -1,6 +1,8 @@
 """Measures a block server's `next_pings` (blocks/next_hops.py) on the overlay: every period
 it reads the DHT entry of the block after its span, pings up to MAX_PINGED of the servers
 found there with the multiplexer's PING, and keeps the smoothed results for the Announcer.
+It also tells the server's PushService where all those servers listen (the only addresses a
+push dials), and reads the entry again early when a push names a server it has not seen.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from overlay.identity import IdentityError, PeerId
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0  # seconds; a peer that does not answer counts as unreachable (inf)
+# Ours: seconds between two reads of the next block's servers at least, however often pushes
+# name servers we have not seen (a client naming made-up peers costs one DHT read per this).
+MIN_REFRESH = 5.0
 
 
 class NextHopPinger:
@@ -31,6 +36,7 @@ class NextHopPinger:
         self.table = NextPingTable()
         self._rng = rng or random.Random()
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # refresh_soon
 
     def next_pings(self) -> dict[str, float]:
         """What the announcement carries now."""
@@ -45,13 +51,26 @@ class NextHopPinger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def refresh_soon(self) -> None:
+        """Read the next block's servers again now (at most every MIN_REFRESH seconds): a push
+        named one we do not know, maybe a server that joined since the last round."""
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
+            started = time.monotonic()
+            self._wake.clear()
             try:
                 await self.measure()
             except Exception:  # a DHT hiccup must not stop the server
                 log.exception("measuring next_pings failed; retrying next period")
-            await asyncio.sleep(self.period * self._rng.uniform(0.9, 1.1))
+            try:
+                await asyncio.wait_for(self._wake.wait(),
+                                       self.period * self._rng.uniform(0.9, 1.1))
+            except TimeoutError:
+                continue
+            spacing = min(MIN_REFRESH, self.period)  # woken early: not more often than this
+            await asyncio.sleep(max(0.0, started + spacing - time.monotonic()))
 
     async def measure(self) -> dict[str, float]:
         """One round: find the next servers, ping some, return the updated snapshot."""
@@ -71,6 +90,9 @@ class NextHopPinger:
                 continue
         candidates = next_hop_candidates(str(self.host.peer_id), end, infos)
         self.table.keep_only(candidates)
+        push = self.server.push
+        if push is not None:  # where a push to any of them may dial (blocks/push.py)
+            push.learn_hops({peer: infos[peer].addrs for peer in candidates})
         targets = choose_targets(candidates, self._rng)
         for peer in targets:
             with contextlib.suppress(IdentityError, ValueError):

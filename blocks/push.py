@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 
 import tensor_wire
 from blocks import protocol
@@ -58,6 +59,8 @@ MAX_QUEUED_PUSHES = 8
 # on regardless queued every step a client sent without waiting: hundreds of messages, up to
 # the transport's 256 MiB each.)
 MAX_QUEUED_MESSAGES = 2
+# Ours: announced next servers whose addresses are kept (far above the servers of one block).
+MAX_KNOWN_HOPS = 1024
 
 
 class Pushed:
@@ -73,13 +76,17 @@ class Pushed:
 class SessionInbox:
     """The steps of one session, from its client's stream and (push on) from other servers."""
 
-    __slots__ = ("_error", "_items", "_messages", "_reader", "_room", "_waiter", "last_step",
-                 "stream", "token")
+    __slots__ = ("_error", "_items", "_messages", "_reader", "_room", "_waiter", "answered",
+                 "held_notice", "last_step", "stream", "token")
 
     def __init__(self, stream: Stream, token: bytes | None):
         self.stream = stream
         self.token = token
         self.last_step = -1  # the highest step id answered
+        self.answered = -1  # the step id whose answer was sent last
+        # A push failure notice of the step being answered, sent right after its answer: the
+        # client reads a span's notice only after that span's answer, and drops one before.
+        self.held_notice: bytes | None = None
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
@@ -163,7 +170,7 @@ class PushService:
     """Accepts pushes into this server's sessions and pushes their outputs on."""
 
     def __init__(self, host: Host, limits: Limits = DEFAULT_LIMITS,
-                 timeout: float = PUSH_TIMEOUT, decoder: RequestDecoder | None = None):
+                 timeout: float = PUSH_TIMEOUT, *, decoder: RequestDecoder):
         self.host = host
         self.limits = limits  # what one pushed step may decode to (blocks/request_decoder.py)
         # Whose rule 4 counts pushes while they are decoded (the token is checked after:
@@ -173,6 +180,10 @@ class PushService:
         self._by_token: dict[bytes, SessionInbox] = {}
         self._tasks: set[asyncio.Task] = set()
         self._peers: dict[str, PeerId] = {}  # next hops' ids, parsed once
+        # Announced servers of the block after our span: peer id -> their own signed
+        # addresses, the only ones a push dials (learn_hops).
+        self._hop_addrs: dict[str, tuple[str, ...]] = {}
+        self.on_unknown_hop: Callable[[], None] | None = None  # read the next servers again
         self.pushed = 0  # outputs sent on to the next server
         self.push_failures = 0
         # A client names the hops: it can make every step's push fail (overlay/log_limit.py).
@@ -207,6 +218,16 @@ class PushService:
             with contextlib.suppress(BaseException):
                 await task
 
+    def learn_hops(self, addrs: Mapping[str, Iterable[str]]) -> None:
+        """Where servers of the block after our span listen, from their announcements: the
+        addresses a push to one of them may dial. Newest last; the oldest go beyond
+        MAX_KNOWN_HOPS."""
+        for peer, where in addrs.items():
+            self._hop_addrs.pop(peer, None)
+            self._hop_addrs[peer] = tuple(where)
+        while len(self._hop_addrs) > MAX_KNOWN_HOPS:
+            del self._hop_addrs[next(iter(self._hop_addrs))]
+
     # ------------------------------------------------------------------ a step's output
     async def answer(self, inbox: SessionInbox, step_id: int, output, meta: dict,
                      compression: str) -> None:
@@ -238,6 +259,10 @@ class PushService:
                     await asyncio.sleep(0)  # let the push reach the socket before the answer
         await inbox.stream.send(tensor_wire.encode_message([output], {"step": step_id},
                                                            compression))
+        inbox.answered = step_id
+        notice, inbox.held_notice = inbox.held_notice, None
+        if notice is not None:
+            await inbox.stream.send(notice)
         if problem is not None:
             await inbox.stream.send(tensor_wire.encode_message(
                 [], failure_notice(step_id, problem)))
@@ -266,8 +291,8 @@ class PushService:
             if peer == self.host.peer_id:
                 await self._on_push(None, payload)  # our own next span: no network
             else:
-                if hop.addrs and not self.host.peer_addrs(peer):
-                    self.host.add_peer_addrs(peer, hop.addrs)
+                if self.host.connection_to(peer) is None:
+                    self._dialable(hop.peer, peer)
                 await self.host.call(peer, METHOD_PUSH, payload, timeout=self.timeout)
             self.pushed += 1
             return
@@ -278,17 +303,30 @@ class PushService:
         self.push_failures += 1
         self._failure_log.log(logging.INFO, "push failures", "step %d: %s; the client relays",
                               step_id, reason)
+        notice = tensor_wire.encode_message([], failure_notice(step_id, reason))
+        if inbox.answered < step_id:  # it failed at once: before the step's answer went out
+            inbox.held_notice = notice
+            return
         with contextlib.suppress(ConnectionLost, StreamClosed):
-            inbox.stream.send_nowait(tensor_wire.encode_message(
-                [], failure_notice(step_id, reason)))
+            inbox.stream.send_nowait(notice)
+
+    def _dialable(self, text: str, peer: PeerId) -> None:
+        """Make `peer` dialable at its announced addresses, or raise ConnectionLost (the
+        client relays) when it is no announced next server: `hop.addrs` are not used."""
+        addrs = self._hop_addrs.get(text)
+        if addrs is None:
+            if self.on_unknown_hop is not None:
+                self.on_unknown_hop()  # a server that joined since the last read, maybe
+            raise ConnectionLost("not an announced server of the next block")
+        self.host.add_peer_addrs(peer, addrs)
 
     # ------------------------------------------------------------------ receiving pushes
     async def _on_push(self, ctx: RpcContext | None, payload: bytes) -> bytes:
-        if ctx is None or self.decoder is None:
+        if ctx is None:  # our own next span: our own output, not a peer's request
             tensors, meta = await decode_off_loop(payload, self.limits)
         else:
-            with self.decoder.held(payload, ctx.peer, self.limits):
-                tensors, meta = await decode_off_loop(payload, self.limits)
+            with self.decoder.held(payload, ctx.peer, self.limits) as size:
+                tensors, meta = await decode_off_loop(payload, self.limits, size)
         try:
             request = parse_push_request(meta)
             if len(tensors) != 1:

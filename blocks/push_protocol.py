@@ -26,7 +26,7 @@ METHOD_PUSH = "blocks.push"
 
 TOKEN_BYTES = 16  # a session's push token: random, known only to the client and its chain
 MAX_CHAIN = 64  # hops in one `next` list; far above any real chain (one hop per span)
-MAX_HOP_ADDRS = 4  # addresses of one hop a server may dial
+MAX_HOP_ADDRS = 4  # addresses of one hop, as older clients sent them (never dialed)
 MAX_STEP_ID = 1 << 62
 MAX_REASON = 200  # characters of a push-failure reason sent back to the client
 
@@ -38,7 +38,9 @@ class PushHop:
     peer: str  # canonical text peer id
     token: bytes  # the session token that server issued to the client
     step_id: int  # the client's step id for that server's part of this step
-    addrs: tuple[str, ...] = ()  # where to dial it, if the pushing server does not know
+    # Where the client says it listens: older clients send it; servers never dial it (only
+    # the addresses the next server announced, blocks/push.py), so new clients leave it out.
+    addrs: tuple[str, ...] = ()
     reorder: Reorder | None = None  # beam search: that session's reorder for this step
 
     def to_wire(self) -> dict[str, Any]:

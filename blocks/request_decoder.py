@@ -60,19 +60,28 @@ def decode(payload: Any, limits: Limits) -> tensor_wire.Message:
         raise RemoteError(protocol.BAD_INPUT, f"malformed tensor message: {e}") from None
 
 
-def is_large(payload: Any) -> bool:
-    """Whether the message's tensors would take more than INLINE_DECODE_BYTES (a malformed one
-    is not: decoding it fails at once)."""
+def decoded_size(payload: Any) -> int | None:
+    """What the message's tensors decode to (`tensor_wire.decoded_size`: its record heads
+    parsed once per request and passed on), or None when it is malformed."""
     try:
-        return tensor_wire.decoded_size(payload) > INLINE_DECODE_BYTES
+        return tensor_wire.decoded_size(payload)
     except tensor_wire.WireError:
-        return False
+        return None
 
 
-async def decode_off_loop(payload: Any, limits: Limits) -> tensor_wire.Message:
+def is_large(payload: Any, size: int | None = -1) -> bool:
+    """Whether the message's tensors would take more than INLINE_DECODE_BYTES (a malformed one
+    is not: decoding it fails at once); `size`: its `decoded_size` if known."""
+    if size == -1:
+        size = decoded_size(payload)
+    return size is not None and size > INLINE_DECODE_BYTES
+
+
+async def decode_off_loop(payload: Any, limits: Limits,
+                          size: int | None = -1) -> tensor_wire.Message:
     """`decode`, on a thread when the message is large (rule 2; no slot: for callers whose
-    messages are bounded in number otherwise)."""
-    if not is_large(payload):
+    messages are bounded in number otherwise); `size` as `is_large`'s."""
+    if not is_large(payload, size):
         return decode(payload, limits)
     return await asyncio.to_thread(decode, payload, limits)
 
@@ -98,31 +107,33 @@ class RequestDecoder:
     @contextlib.contextmanager
     def held(self, payload: Any, peer: object, limits: Limits | None = None):
         """Rule 4: count the request's bytes while it is served, or refuse it now. (What it
-        declares beyond `limits` is not counted: decoding refuses it at once, `bad_input`.)"""
+        declares beyond `limits` is not counted: decoding refuses it at once, `bad_input`.)
+        Yields the message's `decoded_size`, for `small` and `decode_off_loop`."""
         limits = self.limits if limits is None else limits
+        decoded = decoded_size(payload)
         size = len(payload)
-        with contextlib.suppress(tensor_wire.WireError):
-            size += min(tensor_wire.decoded_size(payload), limits.max_decoded_bytes)
+        if decoded is not None:
+            size += min(decoded, limits.max_decoded_bytes)
         held = self._waiting_by_peer.get(peer, 0)
         if held and held + size > self.max_waiting_bytes_per_peer:
             raise RemoteError(protocol.OVERLOADED, f"{held} bytes of your requests wait here "
                                                    f"already: send more once they are answered")
-        if not self._waiting.admits(held, size):
+        if not self._waiting.try_take(held, size):
             raise RemoteError(protocol.OVERLOADED, "this server holds as many waiting "
                                                    "requests as it takes: try another")
-        self._waiting.take(held, size)
         self._waiting_by_peer[peer] = held + size
         try:
-            yield
+            yield decoded
         finally:
             held = self._waiting_by_peer.pop(peer)
             self._waiting.give(held, size)
             if held > size:
                 self._waiting_by_peer[peer] = held - size
 
-    def small(self, payload: Any, limits: Limits | None = None) -> tensor_wire.Message | None:
-        """The message decoded now, or None when it is large."""
-        if is_large(payload):
+    def small(self, payload: Any, limits: Limits | None = None,
+              size: int | None = -1) -> tensor_wire.Message | None:
+        """The message decoded now, or None when it is large (`size` as `is_large`'s)."""
+        if is_large(payload, size):
             return None
         return decode(payload, self.limits if limits is None else limits)
 
@@ -139,8 +150,8 @@ class RequestDecoder:
                       ) -> AsyncIterator[tensor_wire.Message]:
         """The request of `peer` decoded, its bytes counted until the block exits (rule 4:
         `overloaded` when there is no room for them)."""
-        with self.held(payload, peer, limits):
-            message = self.small(payload, limits)
+        with self.held(payload, peer, limits) as size:
+            message = self.small(payload, limits, size)
             if message is not None:
                 yield message
                 return

@@ -200,10 +200,9 @@ def _non_negative(text: str) -> float:
 
 def positive(text: str) -> float:
     """An argparse type: a finite number > 0."""
-    try:
-        value = _non_negative(text)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(str(e).replace(">= 0", "> 0")) from None
+    value = number(text)
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     if value == 0:
         raise argparse.ArgumentTypeError("expected a finite number > 0, got 0")
     return value

@@ -41,7 +41,6 @@ import tensor_wire
 from blocks import protocol
 from blocks.protocol import Reorder
 from blocks.push_protocol import (
-    MAX_HOP_ADDRS,
     PUSH_VERSION,
     TOKEN_BYTES,
     PushHop,
@@ -268,12 +267,12 @@ class SpanSession:
         return step_id
 
     def hop(self, step_id: int) -> PushHop:
-        """How the previous server pushes this span's part of step `step_id` to it."""
-        addrs = tuple(str(a) for a in self.host.peer_addrs(self.peer)[:MAX_HOP_ADDRS])
+        """How the previous server pushes this span's part of step `step_id` to it (no
+        addresses: servers dial only those the next server announced)."""
         reorder = self._reorder()
         if reorder is not None:
             self.require("reorder")
-        return PushHop(str(self.peer), self.push_token, step_id, addrs, reorder)
+        return PushHop(str(self.peer), self.push_token, step_id, reorder=reorder)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row i of this span's cache becomes row index[i] before the next step;

@@ -63,6 +63,30 @@ def test_only_an_uploader_replaces_an_entry_and_only_once_all_have():
     assert cache.discard("a", "bob") and "a" not in cache and cache.used_bytes == 0
 
 
+
+def test_one_uploader_evicts_only_its_own_adapters_once_over_its_fair_share():
+    """Uploads by one peer pushed every other peer's unpinned adapters out (least recently
+    used first, whoever uploaded them); now each uploader has a fair share of the cache."""
+    cache = AdapterCache(max_bytes=100, idle_timeout=600)
+    cache.put("alice", "A", 30, now=0, owner="alice")
+    cache.put("bob", "B", 30, now=1, owner="bob")
+    evicted = []
+    for i in range(4):  # shares of 33 bytes: mallory holds one, then replaces her own
+        evicted += cache.put(f"m{i}", "M", 30, now=2 + i, owner="mallory")
+    assert evicted == ["m0", "m1", "m2"]
+    assert "alice" in cache and "bob" in cache and cache.used_bytes == 90
+    with pytest.raises(AdapterCacheFullError, match="fair shares"):
+        cache.put("big", "M", 60, now=9, owner="mallory")  # more than her own can make room
+    assert "m3" in cache and cache.used_bytes == 90  # refused: nothing evicted
+    # a peer within its share may evict one that holds more than its own
+    cache = AdapterCache(max_bytes=100, idle_timeout=600)
+    cache.put("m0", "M", 40, now=0, owner="mallory")
+    cache.put("m1", "M", 40, now=1, owner="mallory")
+    assert cache.put("alice", "A", 40, now=2, owner="alice") == ["m0"]
+    assert cache.put("bob", "B", 20, now=3, owner="bob") == []  # fits as it is
+    # the total bound holds whoever uploads
+    assert cache.used_bytes == 100
+
 @pytest.mark.parametrize("meta, count, leading, expected", [
     ({}, 1, 1, protocol.TuningRequest()),
     ({}, 2, 1, protocol.TuningRequest(mask=True)),  # the layout from before fine-tuning

@@ -518,3 +518,91 @@ async def test_push_failures_a_client_causes_at_will_log_a_bounded_number_of_lin
     assert server.push.push_failures == DEFAULT_BURST + 10
     assert caplog.text.count("the client relays") == DEFAULT_BURST
     stream.reset("done")
+
+
+async def test_a_push_that_fails_at_once_is_reported_after_the_steps_answer(served):
+    """A push to a peer with no address fails before the step's answer is sent: its notice
+    went out first, and the client, which reads a span's notice only after that span's
+    answer, dropped it and waited out its step timeout for a push that never came."""
+    from overlay.identity import Identity
+
+    server, host, client = served
+    stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await stream.send(tensor_wire.encode_message([], {
+        "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}))
+    await stream.recv()
+    hop = {"peer": str(Identity.generate().peer_id), "token": bytes(16), "step": 1}
+    for step in range(3):
+        await stream.send(tensor_wire.encode_message(
+            [torch.zeros(1, 1, 64)], {"position": step, "step": step, "next": [hop]}))
+        answer = tensor_wire.decode_message(await stream.recv())
+        assert answer.meta == {"step": step} and len(answer.tensors) == 1
+        notice = tensor_wire.decode_message(await stream.recv())
+        assert notice.meta["step"] == step and "push_failed" in notice.meta
+    assert server.push.push_failures == 3
+    stream.reset("done")
+
+
+async def test_a_push_dials_no_address_a_client_names(served):
+    """A push hop names a made-up peer id at a listening socket: the server dialed it (a TCP
+    connection and the first handshake message to any address, a reflection tool); now it
+    dials only next servers it found announced, so this push fails at once and is reported."""
+    from overlay.identity import Identity
+
+    server, host, client = served
+    accepted = []
+
+    async def record(reader, writer):
+        accepted.append(await reader.read(100))
+        writer.close()
+
+    listener = await asyncio.start_server(record, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+        await stream.send(tensor_wire.encode_message([], {
+            "model": MODEL_ID, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}))
+        await stream.recv()
+        hop = {"peer": str(Identity.generate().peer_id), "token": bytes(16), "step": 1,
+               "addrs": [f"/ip4/127.0.0.1/tcp/{port}"]}
+        await stream.send(tensor_wire.encode_message(
+            [torch.zeros(1, 1, 64)], {"position": 0, "step": 0, "next": [hop]}))
+        assert tensor_wire.decode_message(await stream.recv()).meta == {"step": 0}
+        notice = tensor_wire.decode_message(await stream.recv()).meta
+        assert "not an announced server" in notice["push_failed"]
+        stream.reset("done")
+        await asyncio.sleep(0.05)  # (a dial would have been accepted by now)
+    finally:
+        listener.close()
+    assert accepted == [] and server.push.push_failures == 1
+
+
+async def test_a_session_relays_to_an_unannounced_next_server_and_pushes_once_learnt(
+        model_dir, spans):
+    """Two servers in one chain, the second one unknown to the first: every hop is relayed by
+    the client (the first server never connects to the second), with the local span's
+    results; once the first server has the second's announced address, it pushes."""
+    first = BlockServer(spans[1], ServingConfig(model_id=MODEL_ID, cache_tokens=64,
+                                                max_length=32))
+    second = BlockServer(BlockSpan.load(model_dir, 2, 4),
+                         ServingConfig(model_id=MODEL_ID, cache_tokens=64, max_length=32))
+    local = spans[0].new_session(1, 16)
+    async with served_in_process(first) as (host1, client), \
+            served_in_process(second) as (host2, _):
+        [addr2] = host2.addrs
+        client.add_peer_addrs(host2.peer_id, [addr2])
+        route = [(host1.peer_id, 0, 2), (host2.peer_id, 2, 4)]
+        async with InferenceSession(client, MODEL_ID, route, SessionConfig(max_length=16)) \
+                as remote:
+            assert all(s.push_token is not None for s in remote.spans)
+            hidden = torch.randn(1, 6, 64)
+            for lo, hi in [(0, 3), (3, 4)]:
+                assert torch.allclose(await remote.step(hidden[:, lo:hi]),
+                                      local.step(hidden[:, lo:hi]), atol=1e-5)
+            assert remote.client_sends == 4 and first.push.push_failures == 2
+            assert host2.connection_to(host1.peer_id) is None
+            first.push.learn_hops({str(host2.peer_id): [str(addr2)]})  # as announced
+            for lo, hi in [(4, 5), (5, 6)]:
+                assert torch.allclose(await remote.step(hidden[:, lo:hi]),
+                                      local.step(hidden[:, lo:hi]), atol=1e-5)
+            assert remote.client_sends == 6 and first.push.pushed == 2
