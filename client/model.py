@@ -320,14 +320,12 @@ class RemoteModel:
         if self._closed:
             return
         self._closed = True
-        sessions, self._sessions = list(self._sessions), set()
-        blocks_sessions = list(self._blocks_sessions)  # open_blocks_session's too
-        for session in sessions:
-            session.close_now()
-        for blocks_session in blocks_sessions:
+        # a ModelSession is its blocks session (also in _blocks_sessions): each closed once
+        sessions, self._sessions = self._sessions, set()
+        blocks_sessions = {*(s.blocks_session for s in sessions), *self._blocks_sessions}
+        for blocks_session in blocks_sessions:  # at once: a cancelled close leaves none open
             blocks_session.close_now()
-        await asyncio.gather(*(session.close() for session in sessions),  # their tasks end
-                             *(s.close() for s in blocks_sessions))
+        await asyncio.gather(*(s.close() for s in blocks_sessions))  # their tasks end
         if self._owns_swarm:
             await self.swarm.close()
 
