@@ -368,7 +368,7 @@ class BlockServer:
 
     def _check_size(self, hidden) -> None:
         if hidden.ndim == 3 and hidden.shape[0] * hidden.shape[1] > self.config.max_request_tokens:
-            raise RequestError(protocol.BAD_INPUT, f"{hidden.shape[0] * hidden.shape[1]} tokens "
+            raise RequestError(protocol.TOO_LARGE, f"{hidden.shape[0] * hidden.shape[1]} tokens "
                                                    f"in one request exceed "
                                                    f"{self.config.max_request_tokens}")
 

@@ -16,7 +16,9 @@ criterion, streamer and the random draws are exactly transformers'), with one ch
 attention caches live on the servers. `get_seq_length()` reports the session's position, so
 `prepare_inputs_for_generation` sends only new tokens; one remote session serves the whole
 `generate` call. Pass your own `model.inference_session(...)` as `past_key_values` to keep a
-session across calls (each call's `input_ids` must then start with the tokens already sent).
+session across calls: each call keeps the positions on which its `input_ids` agree with the
+tokens already sent and sends the rest (a session stepped with `inputs_embeds` has no ids to
+compare: its positions must be the first of `input_ids`).
 
 Fine-tuning (client/finetune.py): `from_pretrained(..., tuning_mode="ptune" | "deep_ptune" |
 "lora", ...)` gives the model trainable parameters (prompts or LoRA weights) while the blocks
@@ -50,6 +52,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.finetune import ModelTuning, TuningOptions
+from client.held_tokens import NOT_A_TOKEN
 from client.inference import InferenceError
 from client.model import ModelOptions, ModelSession, RemoteModel
 from client.padding import generation_positions, token_mask
@@ -146,10 +149,28 @@ class RemoteSessionCache(Cache):
             raise InferenceError("the inference session has not been started")
         return self._session
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
-             ) -> torch.Tensor:
+    def keep_agreeing(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> None:
+        """Before a `generate` call with this session: keep only the positions on which
+        `input_ids` (all of them so far, as generate takes them) agree with the tokens the
+        session holds (ModelSession.keep_agreeing), so the call gives a fresh session's
+        tokens. Rows repeated for beams or several return sequences are compared as generate
+        repeats them."""
+        if self._session is None or self._closed:
+            return
+        rows = self._session.batch_size
+        if input_ids.shape[0] != rows and input_ids.shape[0] and rows % input_ids.shape[0] == 0:
+            repeats = rows // input_ids.shape[0]
+            input_ids = input_ids.repeat_interleave(repeats, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
+        self._session.keep_agreeing(input_ids, attention_mask, offset=self._prefix)
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded new positions [batch, new, hidden] through every block; opens the session
-        on the first call. `attention_mask` [batch, new]: 0 marks padding."""
+        on the first call. `attention_mask` [batch, new]: 0 marks padding; `tokens` [batch,
+        new]: the ids `hidden` embeds, if any (for `keep_agreeing`)."""
         if self._closed:
             raise InferenceError("the inference session is closed")
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:  # not "N tokens exceed"
@@ -171,10 +192,13 @@ class RemoteSessionCache(Cache):
             if attention_mask is not None:  # the tuned prompts are tokens
                 attention_mask = torch.cat([attention_mask.new_ones(
                     attention_mask.shape[0], prompts.shape[1]), attention_mask], dim=1)
+            if tokens is not None:  # the prompts' positions are known, and no tokens
+                tokens = torch.cat([torch.full((tokens.shape[0], prompts.shape[1]), NOT_A_TOKEN,
+                                               dtype=torch.long), tokens.cpu()], dim=1)
             out = model._run(self._session.step_hidden(torch.cat([prompts, hidden], dim=1),
-                                                       attention_mask))
+                                                       attention_mask, tokens=tokens))
             return out[:, prompts.shape[1]:]
-        return model._run(self._session.step_hidden(hidden, attention_mask))
+        return model._run(self._session.step_hidden(hidden, attention_mask, tokens=tokens))
 
     def close(self) -> None:
         """Free the servers' caches. Idempotent."""
@@ -394,7 +418,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             positions, step_mask = _session_positions(attention_mask, position, new.shape[1])
             hidden = (head.embed(input_ids, positions) if inputs_embeds is None
                       else inputs_embeds)
-            hidden = past_key_values.step(hidden, step_mask)
+            hidden = past_key_values.step(hidden, step_mask,
+                                          input_ids if inputs_embeds is None else None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = head.logits(hidden, grad=grad)
@@ -446,8 +471,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         Unless `past_key_values` is given (a session from `inference_session()`, left open), a
         session sized for this call is opened and closed before returning.
         """
-        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None or \
-                kwargs.get("use_cache") is False:
+        given = kwargs.get("past_key_values")
+        given = given if given is not None else kwargs.get("cache")
+        if isinstance(given, RemoteSessionCache):
+            ids = inputs if inputs is not None else kwargs.get("input_ids")
+            if isinstance(ids, torch.Tensor) and ids.ndim == 2 and \
+                    kwargs.get("inputs_embeds") is None:
+                mask = kwargs.get("attention_mask")
+                given.keep_agreeing(ids, None if mask is None else token_mask(mask))
+        if given is not None or kwargs.get("use_cache") is False:
             return super().generate(inputs, generation_config, **kwargs)
         cache = RemoteSessionCache(self, self._planned_length(inputs, generation_config, kwargs))
         try:

@@ -175,9 +175,12 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
     `attention_mask` [batch, length] (1 = token, 0 = padding) allows left-padded prompts of
     different lengths in one batch, as transformers' generate takes them.
 
-    With `session`, continues it: the session must hold a prefix of `input_ids` (the tokens of
-    an earlier call), and only the rest is sent. `on_tokens(new [batch])` is called (and awaited
-    if it returns an awaitable) after each step, like a transformers streamer's `put`.
+    With `session`, reuses it: the positions on which `input_ids` agree with the tokens the
+    session was stepped with are kept, the rest is sent (ModelSession.keep_agreeing), so the
+    result is a fresh session's. Positions stepped with embeddings have no known ids: those
+    the session holds must be the first of `input_ids`. `on_tokens(new [batch])` is called
+    (and awaited if it returns an awaitable) after each step, like a transformers streamer's
+    `put`.
     Generation stops early once every sequence has produced an end token.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.numel() == 0:
@@ -205,9 +208,8 @@ async def generate(model: RemoteModel, input_ids: torch.Tensor, params: Generati
     if session is None:
         max_length = params.max_length or length + params.max_new_tokens
         session = await model.inference_session(batch, max_length)
-    elif session.position >= length:
-        raise ModelInputError(f"the session holds {session.position} positions; input_ids must "
-                              f"hold those and at least one more, not {length}")
+    else:  # keeps what input_ids share with the session's tokens, sends the rest
+        session.keep_agreeing(tokens, attention_mask)
     eos = torch.tensor(params.eos_token_id, dtype=torch.long) if params.eos_token_id else None
     pad = params.pad_token
     unfinished = torch.ones(batch, dtype=torch.bool)

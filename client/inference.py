@@ -46,6 +46,7 @@ from blocks.push_protocol import (
     PushHop,
     reorder_to_wire,
 )
+from client.held_tokens import HeldTokens
 from client.padding import PaddingMask
 from client.recovery import BanList, RetryPolicy
 from client.routing import MissingBlocksError
@@ -495,6 +496,7 @@ class InferenceSession:
         self.config = config or SessionConfig()
         self.mailbox = Mailbox()
         self.padding = PaddingMask(self.config.batch_size, self.config.max_length)
+        self.tokens = HeldTokens(self.config.batch_size, self.config.max_length)
         self.client_sends = 0  # hidden states the client sent to a span (relay: one per span)
         self.spans = [self._span(peer, start, end) for peer, start, end in route]
         self.position = 0
@@ -544,14 +546,15 @@ class InferenceSession:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def step(self, hidden: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run `hidden` ([batch, new positions, hidden size]) through every span.
 
         `attention_mask` ([batch, new positions], 1 = token, 0 = padding): which new positions
         are padding (left-padded prompts); every later step then attends only to tokens, and
-        position ids count tokens only (client/padding.py). One step at a time: each starts
-        where the previous one ended."""
+        position ids count tokens only (client/padding.py). `tokens` [batch, new positions]:
+        the ids `hidden` embeds, kept in `self.tokens` for later calls to compare (None:
+        unknown). One step at a time: each starts where the previous one ended."""
         if self._closed:
             raise InferenceError("the inference session is closed")
         if self._stepping:
@@ -569,15 +572,20 @@ class InferenceSession:
                 raise InferenceError(f"{position + hidden.shape[1]} tokens exceed the "
                                      f"session's max_length {self.config.max_length}")
             mask = self.padding.check(attention_mask, hidden.shape[1])
+            if tokens is not None and tuple(tokens.shape) != tuple(hidden.shape[:2]):
+                raise ModelInputError(f"the token ids of a step must have shape "
+                                      f"{tuple(hidden.shape[:2])}")
             per_step = _positions_per_step(hidden)
             if hidden.shape[1] <= per_step:
-                return await self._step(hidden, mask)
-            # too many for one request: in pieces, each recorded as its own step
-            outs = []
-            for i in range(0, hidden.shape[1], per_step):
-                outs.append(await self._step(hidden[:, i:i + per_step],
-                                             None if mask is None else mask[:, i:i + per_step]))
-            return torch.cat(outs, dim=1)
+                out = await self._step(hidden, mask)
+            else:  # too many for one request: in pieces, each recorded as its own step
+                outs = []
+                for i in range(0, hidden.shape[1], per_step):
+                    piece_mask = None if mask is None else mask[:, i:i + per_step]
+                    outs.append(await self._step(hidden[:, i:i + per_step], piece_mask))
+                out = torch.cat(outs, dim=1)
+            self.tokens.record(position, hidden.shape[1], tokens)
+            return out
         except BaseException:
             self.position = min(self.position, position)  # a step is whole or not at all
             raise
@@ -638,6 +646,7 @@ class InferenceSession:
         for span in self.spans:
             span.reorder(index)
         self.padding.reorder(index)
+        self.tokens.reorder(index)
 
     async def close(self) -> None:
         """close_now, then wait for the spans' reader tasks to end."""

@@ -34,6 +34,7 @@ import torch
 from transformers import PretrainedConfig
 
 from blocks.protocol import COMPRESSIONS
+from client.held_tokens import agreeing_length
 from client.inference import (
     RECOVERY_TIMEOUT,
     STEP_TIMEOUT,
@@ -319,14 +320,12 @@ class RemoteModel:
         if self._closed:
             return
         self._closed = True
-        sessions, self._sessions = list(self._sessions), set()
-        blocks_sessions = list(self._blocks_sessions)  # open_blocks_session's too
-        for session in sessions:
-            session.close_now()
-        for blocks_session in blocks_sessions:
+        # a ModelSession is its blocks session (also in _blocks_sessions): each closed once
+        sessions, self._sessions = self._sessions, set()
+        blocks_sessions = {*(s.blocks_session for s in sessions), *self._blocks_sessions}
+        for blocks_session in blocks_sessions:  # at once: a cancelled close leaves none open
             blocks_session.close_now()
-        await asyncio.gather(*(session.close() for session in sessions),  # their tasks end
-                             *(s.close() for s in blocks_sessions))
+        await asyncio.gather(*(s.close() for s in blocks_sessions))  # their tasks end
         if self._owns_swarm:
             await self.swarm.close()
 
@@ -363,10 +362,43 @@ class ModelSession:
         return self.blocks_session._closed
 
     async def step_hidden(self, hidden: torch.Tensor,
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None = None, *,
+                          tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded new positions in, hidden states after the last block out.
-        `attention_mask` [batch, new]: 0 marks padding (InferenceSession.step)."""
-        return await self.blocks_session.step(hidden, attention_mask)
+        `attention_mask` [batch, new]: 0 marks padding; `tokens` [batch, new]: the ids `hidden`
+        embeds, if any, for `keep_agreeing` (InferenceSession.step)."""
+        return await self.blocks_session.step(hidden, attention_mask, tokens=tokens)
+
+    def keep_agreeing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      offset: int = 0) -> int:
+        """Roll back to the longest prefix of `input_ids` [batch, length] (padding
+        `attention_mask`) that the session holds from position `offset` on, leaving at least
+        the last id to send; returns how many of them it keeps. A call reusing the session then
+        gives what a fresh session gives. Positions stepped with embeddings hold unknown ids:
+        those are taken to be input_ids' (the caller's promise), and a session holding as many
+        positions as input_ids or more is then a ModelInputError."""
+        session = self.blocks_session
+        held = session.position - offset
+        length = input_ids.shape[1]
+        if input_ids.shape[0] != self.batch_size:
+            return held  # left to the step's own check of the batch
+        known = max(0, min(session.tokens.known, session.position) - offset)
+        compared = min(known, length)
+        keep = 0
+        if compared:
+            keep = agreeing_length(
+                session.tokens.ids(offset, offset + compared),
+                session.padding.held(offset, offset + compared), input_ids[:, :compared],
+                None if attention_mask is None else attention_mask[:, :compared])
+        if keep == known < held:  # every known id agrees; the rest: the caller's promise
+            if held >= length:
+                raise ModelInputError(f"the session holds {held} positions; input_ids must "
+                                      f"hold those and at least one more, not {length}")
+            return held
+        keep = min(keep, held, length - 1)
+        if keep < held:
+            session.rollback(keep + offset)
+        return keep
 
     async def step(self, input_ids: torch.Tensor | None = None, *,
                    inputs_embeds: torch.Tensor | None = None,
@@ -402,7 +434,7 @@ class ModelSession:
             mask = padding.check(attention_mask, source.shape[1])
             positions = padding.positions(self.position, mask, source.shape[1])
         hidden = self.model._inputs_to_hidden(input_ids, inputs_embeds, positions)
-        return await self.step_hidden(hidden, mask)
+        return await self.step_hidden(hidden, mask, tokens=input_ids)
 
     def rollback(self, position: int) -> None:
         """Forget positions from `position` on (e.g. rejected draft tokens)."""

@@ -77,6 +77,10 @@ class PaddingMask:
         counted = before.sum(-1, keepdim=True) + new.cumsum(-1) - 1
         return counted.masked_fill(new == 0, 0)
 
+    def held(self, start: int, end: int) -> torch.Tensor | None:
+        """The recorded mask of positions [start, end) (None: all tokens)."""
+        return None if self._mask is None else self._mask[:, start:end]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Row i takes the padding of row index[i] (beam search)."""
         if self._mask is not None:

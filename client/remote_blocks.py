@@ -164,17 +164,24 @@ class RemoteBlocks:
                 hidden = hidden_out
                 index += 1
                 continue
-            now = time.monotonic()
-            self.bans.ban(span.peer_id, now)
-            deadline = recovery.failed(now)
-            if deadline is None:
-                raise give_up(span, now - recovery.began, failure)
+            deadline = self.failed(span, failure, recovery)
             log.warning("forward on %s[%d:%d) failed: %s; re-routing", span.peer_id[-6:],
                         span.start, span.end, failure)
             replacement = await self._forward_route_retrying(span.start, span.end,
                                                              deadline=deadline)
             route = splice_route(route, index, replacement)
         return hidden
+
+    def failed(self, span: RouteSpan, failure: BaseException, recovery: PassDeadline) -> float:
+        """A pass's request to `span` failed: ban its server; the deadline to re-route by, or
+        BlocksUnavailableError once the pass's recovery deadline has passed (forward and
+        training passes alike)."""
+        now = time.monotonic()
+        self.bans.ban(span.peer_id, now)
+        deadline = recovery.failed(now)
+        if deadline is None:
+            raise give_up(span, now - recovery.began, failure)
+        return deadline
 
     async def _forward_route_retrying(self, start: int, end: int, patient: bool = True,
                                       needs: RouteNeeds | None = None,

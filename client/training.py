@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -41,7 +40,6 @@ from client.remote_blocks import (
     RemoteBlocks,
     _all_or_cancel,
     _BadAnswer,
-    give_up,
 )
 from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
 from overlay.host import RemoteError
@@ -413,11 +411,7 @@ class SwarmTrainer:
     def _failed(self, fault: _ServerFault, what: str, recovery: PassDeadline) -> float:
         """Ban the failed server; the deadline to re-route by, or BlocksUnavailableError when
         the pass's recovery deadline has passed."""
-        now = time.monotonic()
-        self.blocks.bans.ban(fault.span.peer_id, now)
-        deadline = recovery.failed(now)
-        if deadline is None:
-            raise give_up(fault.span, now - recovery.began, fault.error)
+        deadline = self.blocks.failed(fault.span, fault.error, recovery)
         self.recoveries += 1
         log.warning("%s on %s failed: %s; re-routing", what, fault.span.peer_id[-6:],
                     fault.error)

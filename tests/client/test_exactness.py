@@ -429,6 +429,42 @@ class TestLlama(_Exactness):
             got = model.generate(ids, max_new_tokens=16, do_sample=False, **settings)
             assert torch.equal(got, expected), settings
 
+    def test_a_session_reused_for_a_prompt_sharing_part_of_its_tokens(self, model, reference,
+                                                                        swarm):
+        """Prompt A, then prompt B that shares only A's first positions (and its padding): B's
+        tokens are those of a fresh run; the session kept the shared positions, sent the rest."""
+        a = prompts(2, 8, seed=30)
+        a[0, :3] = 0
+        mask_a = torch.ones_like(a)
+        mask_a[0, :3] = 0
+        b = torch.cat([a[:, :6], prompts(2, 5, seed=31)], dim=1)  # longer than A + new tokens
+        mask_b = torch.cat([mask_a[:, :6], torch.ones(2, 5, dtype=torch.long)], dim=1)
+        short = a[1:, :5]  # shorter than what the session holds
+        expected = reference.generate(b, attention_mask=mask_b, max_new_tokens=6,
+                                      do_sample=False, pad_token_id=0)
+        expected_short = reference.generate(short, max_new_tokens=6, do_sample=False)
+        with model.inference_session(max_length=64) as session:
+            model.generate(a, attention_mask=mask_a, max_new_tokens=6, past_key_values=session,
+                           pad_token_id=0)
+            got = model.generate(b, attention_mask=mask_b, max_new_tokens=6,
+                                 past_key_values=session, pad_token_id=0)
+            assert session.get_seq_length() == 11 + 6 - 1
+        assert torch.equal(got, expected)
+
+        model_dir, local_swarm = swarm
+
+        async def run():
+            async with await RemoteModel.open(model_dir, [local_swarm.bootstrap]) as remote, \
+                    await remote.inference_session(1, 64) as session:
+                await remote.generate(a[1:], max_new_tokens=6, session=session)
+                longer = await remote.generate(b[1:], max_new_tokens=6, session=session)
+                shorter = await remote.generate(short, max_new_tokens=6, session=session)
+                return longer, shorter
+
+        longer, shorter = asyncio.run(run())
+        assert torch.equal(longer, expected[1:])
+        assert torch.equal(shorter, expected_short)
+
     def test_sync_session_continues_across_generate_calls(self, model, reference):
         ids = prompts(1, 6, seed=12)
         expected = reference.generate(ids, max_new_tokens=20, do_sample=False)

@@ -183,3 +183,26 @@ async def test_one_bootstrap_address_may_be_given_as_a_string(model_dir, tmp_pat
             assert not model.closed and model.swarm.dht is not None
         finally:
             await model.close()
+
+
+async def test_closing_the_model_closes_each_session_once():
+    """RemoteModel.close closed a ModelSession's blocks session twice over (through the
+    ModelSession and again as one of open_blocks_session's)."""
+    from client.inference import InferenceSession
+    from client.model import ModelSession, RemoteModel
+
+    class Counted(InferenceSession):
+        closes = 0
+
+        async def close(self) -> None:
+            self.closes += 1
+            await super().close()
+
+    model = RemoteModel(LlamaConfig(), None, None, ModelOptions(), owns_swarm=False)
+    inner, alone = Counted(None, "m", []), Counted(None, "m", [])  # no spans: no sockets
+    for session in (inner, alone):
+        model._blocks_sessions.add(session)  # as open_blocks_session registers them
+    model._sessions.add(ModelSession(model, inner))
+    await model.close()
+    assert (inner.closes, alone.closes) == (1, 1)
+    assert inner._closed and alone._closed
