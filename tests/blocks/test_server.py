@@ -92,7 +92,7 @@ async def test_info(served):
         ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 2, 64).long()], "bad_input"),
         ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(2, 64)], "bad_input"),
         ({"model": MODEL_ID, "start": 0, "end": 4}, [], "bad_input"),
-        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 20000, 64)], "bad_input"),
+        ({"model": MODEL_ID, "start": 0, "end": 4}, [torch.zeros(1, 20000, 64)], "too_large"),
         ({"model": MODEL_ID, "start": 0, "end": 4, "compression": "zip"},
          [torch.zeros(1, 2, 64)], "bad_input"),
     ],
