@@ -1,5 +1,5 @@
 """What a block server announces in the DHT for each block it serves, and the swarm view built
-from those announcements (DESIGN.md, "What is announced").
+from those announcements (docs/block_protocol.md, "Finding servers").
 
 For every block b of its span [start, end) a server stores, under key `f"{model_id}.{b}"`, a
 subkey equal to its peer id (text) whose value is `ServerInfo.to_wire()`: a small msgpack map
@@ -38,7 +38,8 @@ from overlay.multiaddr import Multiaddr, MultiaddrError
 
 # Petals `Server(update_period=60)`: how often a server re-announces its blocks.
 ANNOUNCE_PERIOD = 60.0
-# DESIGN.md: expiration = 2 x the update period, so one lost refresh does not drop a server.
+# Expiration = 2 x the update period, so one lost refresh does not drop a server
+# (docs/block_protocol.md, "Finding servers").
 ANNOUNCE_EXPIRATION = 2 * ANNOUNCE_PERIOD
 # Version of the block-server protocol a record advertises; clients route only to their own.
 PROTOCOL_VERSION = 1

@@ -1,4 +1,4 @@
-"""Keeps a block server's announcement in the DHT (DESIGN.md, "What is announced").
+"""Keeps a block server's announcement in the DHT (docs/block_protocol.md, "Finding servers").
 
 For every block of its span the server stores, under key `{model_id}.{block}`, a subkey equal
 to its peer id whose value is its `ServerInfo`; the DHT signs such records with the server's

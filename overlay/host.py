@@ -142,7 +142,7 @@ class Host:
             max_message_size=self.config.max_message_size,
             max_partial_bytes=self.config.max_partial_bytes,
         )
-        # The Noise static key is per process (DESIGN.md, wire protocol 4): made and signed
+        # The Noise static key is per process: made and signed
         # once, not for every connection.
         static = KeyPair.generate(os.urandom)
         self._static = (static, encode_identity_payload(self.identity, static.public))

@@ -1,4 +1,4 @@
-"""Peer identity: Ed25519 keys and libp2p-compatible peer ids (DESIGN.md, "Wire protocol" 4-5).
+"""Peer identity: Ed25519 keys and libp2p-compatible peer ids (overlay/PROTOCOL.md 1.3-1.4).
 
 A peer id is the identity multihash of the protobuf-encoded public key
 (`PublicKey{Type=Ed25519, Data=key}`), exactly as libp2p derives it for Ed25519 keys, so its

@@ -1,4 +1,4 @@
-"""Multiaddrs in text form, `/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...` (DESIGN.md, "Wire protocol").
+"""Multiaddrs in text form, `/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...` (overlay/PROTOCOL.md).
 
 Only what the overlay dials and listens on: one network component (`/ip4`, `/ip6`, `/dns`,
 `/dns4`, `/dns6`), one `/tcp` port, and an optional trailing `/p2p/<peer id>`.

@@ -1,6 +1,6 @@
 """The overlay's secure-channel handshake: Noise XX plus signed identities (sans-IO).
 
-Implements DESIGN.md "Wire protocol" items 1-5 as a byte-in, byte-out state machine in the
+Implements overlay/PROTOCOL.md section 1, items 1-5, as a byte-in, byte-out state machine in the
 manner of h11: `receive_data()` buffers and advances, `data_to_send()` hands over the framed
 bytes to write, `result()` gives the TransportState and the authenticated PeerId. It may not
 do I/O, read a clock or draw randomness except through the injected `rng`.
@@ -105,7 +105,7 @@ class SecureHandshake:
         max_message: int = MAX_MESSAGE,
     ):
         """`static` and `payload` (its `encode_identity_payload`): what a host reuses for
-        all its handshakes, the static key being per process (DESIGN.md); made afresh when
+        all its handshakes, the static key being per process; made afresh when
         not given. Making them is two thirds of what a responder spends before anything is
         authenticated (an X25519 key and an Ed25519 signature, some 300 us)."""
         if not 1 <= max_message <= MAX_MESSAGE:

@@ -1,4 +1,4 @@
-"""DESIGN.md's dependency rules between packages, checked on the source (no imports run).
+"""The dependency rules between packages, checked on the source (no imports run).
 
 The client imports only the pure modules of ``blocks`` (the announcement record, the placement
 rule, the RPC message rules), never its server runtime; model loading it shares with servers

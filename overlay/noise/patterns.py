@@ -1,7 +1,7 @@
 """Handshake patterns as data (Noise spec revision 34, sections 7.1 and 7.5).
 
 A pattern is a list of message patterns, each a sequence of tokens; HandshakeState walks the
-tokens. Only XX is used by the overlay (DESIGN.md, "Wire protocol" 2), but the table form
+tokens. Only XX is used by the overlay (overlay/PROTOCOL.md 1.2), but the table form
 keeps the engine the spec's token interpreter rather than three hand-written messages.
 """
 

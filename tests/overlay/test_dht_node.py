@@ -547,7 +547,8 @@ def test_many_keys_in_one_operation_share_requests():
 
 
 def test_core_modules_stay_sans_io():
-    """The rule of DESIGN.md: no asyncio, socket, time or os.urandom in the pure core."""
+    """The sans-IO rule (README, "Architecture"): no asyncio, socket, time or os.urandom in
+    the pure core."""
     import pathlib
     import re
 

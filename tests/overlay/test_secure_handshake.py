@@ -1,4 +1,4 @@
-"""The overlay handshake (DESIGN.md "Wire protocol" 1-5), two state machines wired in memory."""
+"""The overlay handshake (overlay/PROTOCOL.md 1.1-1.5), two state machines wired in memory."""
 
 from __future__ import annotations
 
