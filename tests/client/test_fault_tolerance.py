@@ -325,17 +325,30 @@ def dead_peers(swarm: LocalSwarm) -> set[str]:
             if p.name.startswith("server") and p.proc.poll() is not None}
 
 
+def dead_or_killed(swarm: LocalSwarm) -> set[str]:
+    """The dead servers' peer ids; run alone (the kill of an earlier test did not happen):
+    one of the single-block servers is killed first, whose blocks another server holds."""
+    dead = dead_peers(swarm)
+    if not dead:
+        servers = [p for p in swarm.processes if p.name.startswith("server")]
+        index = next(i for i, p in enumerate(servers) if p.name.startswith("server-2-3"))
+        swarm.kill_server(index)
+        dead = dead_peers(swarm)
+    return dead
+
+
 @pytest.mark.slow
 async def test_forward_reruns_a_failed_span_elsewhere(swarm, model_dir):
-    """Runs after the kill above: views still list the dead server (its DHT records have not
-    expired); forward passes routed to it are re-run on the others and give the same result."""
+    """After the kill above (its own when run alone): views still list the dead server (its
+    DHT records have not expired); forward passes routed to it are re-run on the others and
+    give the same result."""
     model = await RemoteModel.open(model_dir, [swarm.bootstrap])
     try:
         hidden = torch.randn(2, 6, model.config.hidden_size,
                              generator=torch.Generator().manual_seed(3))
         blocks = RemoteBlocks(model.swarm, model.model_id, NUM_LAYERS,
                               ClientConfig(recovery_timeout=5.0), rng=random.Random(0))
-        dead = dead_peers(swarm)
+        dead = dead_or_killed(swarm)
         assert len(dead) == 1
         assert dead <= set((await blocks.view()).servers)
         outputs = [await blocks.forward(hidden, 0, NUM_LAYERS) for _ in range(12)]
@@ -355,12 +368,7 @@ async def test_opening_a_session_waits_one_recovery_timeout_in_all(swarm, model_
     model = await RemoteModel.open(model_dir, [swarm.bootstrap])
     try:
         view = await model.blocks.view(refresh=True)
-        dead = dead_peers(swarm)
-        if not dead:  # run alone: kill one of the single-block servers
-            servers = [p for p in swarm.processes if p.name.startswith("server")]
-            index = next(i for i, p in enumerate(servers) if p.name.startswith("server-2-3"))
-            swarm.kill_server(index)
-            dead = dead_peers(swarm)
+        dead = dead_or_killed(swarm)
         victim = next(iter(dead))
         info = view.servers[victim]
         blocks = RemoteBlocks(model.swarm, model.model_id, NUM_LAYERS,

@@ -52,26 +52,35 @@ async def run_steps(model: RemoteModel, hidden: torch.Tensor, push: bool, spoil=
     return outs, session
 
 
+async def settled_view(model: RemoteModel, timeout: float = 20.0) -> dict:
+    """{span: [(peer, info)]} once every server announces round trips to all the servers of
+    the span after it (or at the timeout): each has then read where those listen, the only
+    addresses its pushes dial (blocks/push.py)."""
+    await wait_until_visible(model, len(SPANS))
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await model.blocks.view(refresh=True)
+        by_span = {}
+        for peer, info in view.servers.items():
+            by_span.setdefault((info.start, info.end), []).append((peer, info))
+        (_, first_info), = by_span[(0, 1)]
+        middle = {peer for peer, _ in by_span[(1, 3)]}
+        last = {peer for peer, _ in by_span[(3, NUM_LAYERS)]}
+        # Each server announces its first measurement at its own first refresh.
+        settled = set(first_info.next_pings) == middle and all(
+            set(info.next_pings) == last for _, info in by_span[(1, 3)])
+        if settled or time.monotonic() > deadline:
+            return by_span
+        await asyncio.sleep(0.5)
+
+
 @pytest.mark.slow
 async def test_servers_announce_round_trips_to_the_servers_after_them(swarm, model_dir):
     model = await RemoteModel.open(model_dir, [swarm.bootstrap])
     try:
-        await wait_until_visible(model, len(SPANS))
-        deadline = time.monotonic() + 20
-        while True:
-            view = await model.blocks.view(refresh=True)
-            by_span = {}
-            for peer, info in view.servers.items():
-                by_span.setdefault((info.start, info.end), []).append((peer, info))
-            (first, first_info), = by_span[(0, 1)]
-            middle = {peer for peer, _ in by_span[(1, 3)]}
-            last = {peer for peer, _ in by_span[(3, NUM_LAYERS)]}
-            # Each server announces its first measurement at its own first refresh.
-            settled = set(first_info.next_pings) == middle and all(
-                set(info.next_pings) == last for _, info in by_span[(1, 3)])
-            if settled or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
+        by_span = await settled_view(model)
+        (_, first_info), = by_span[(0, 1)]
+        middle = {peer for peer, _ in by_span[(1, 3)]}
     finally:
         await model.close()
     assert set(first_info.next_pings) == middle  # both servers of block 1, nobody else
@@ -86,7 +95,7 @@ async def test_push_and_relay_give_the_same_states_and_push_sends_once(swarm, mo
     hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(2))
     model = await RemoteModel.open(model_dir, [swarm.bootstrap])
     try:
-        await wait_until_visible(model, len(SPANS))
+        await settled_view(model)  # run alone: the servers know where their next hops are
         pushed, push_session = await run_steps(model, hidden, push=True)
         relayed, relay_session = await run_steps(model, hidden, push=False)
     finally:
