@@ -154,20 +154,22 @@ class HandshakeLimiter:
         bucket = buckets.get(key)
         if bucket is not None:
             buckets.move_to_end(key)
-        elif len(buckets) < self.max_groups:
+        elif len(buckets) >= self.max_groups and not self._evict_refilled(now):
+            bucket = self._overflow  # every kept bucket is in use
+        else:
             bucket = buckets[key] = [float(self.burst * scale), now, float(scale)]
             return bucket
-        else:
-            oldest = next(iter(buckets.values()))
-            if self._refilled(oldest, now) < self.burst * oldest[2]:
-                bucket = self._overflow
-            else:
-                buckets.popitem(last=False)
-                bucket = buckets[key] = [float(self.burst * scale), now, float(scale)]
-                return bucket
         bucket[0] = self._refilled(bucket, now)
         bucket[1] = now
         return bucket
+
+    def _evict_refilled(self, now: float) -> bool:
+        """Drop the least recently seen bucket if it has refilled (it remembers nothing)."""
+        oldest = next(iter(self._buckets.values()))
+        if self._refilled(oldest, now) < self.burst * oldest[2]:
+            return False
+        self._buckets.popitem(last=False)
+        return True
 
     def _refilled(self, bucket: list[float], now: float) -> float:
         tokens, since, scale = bucket
