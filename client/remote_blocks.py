@@ -248,7 +248,9 @@ class RemoteBlocks:
         if start == end:  # it would open no span and hand the caller's hidden states back
             raise ValueError(f"block range [{start}, {end}) is empty: an inference session "
                              f"needs at least one block")
-        needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter)
+        # a step goes in pieces down to one position of every row: no smaller request
+        needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter,
+                           request_tokens=batch_size)
         # one deadline for the route and the replacement of servers found dead when opening:
         # a ban that lifts late in the wait must not start a second full timeout
         deadline = time.monotonic() + self.config.recovery_timeout
