@@ -20,6 +20,9 @@ Units (the same for every server, so that sums and comparisons mean something):
   still allocate for a new session over its whole span.
 - `next_pings`: round-trip seconds from this server to other servers (text peer ids);
   `math.inf` means "tried, unreachable".
+- `max_request_tokens`: batch x length of the largest forward or inference step the server
+  takes; clients cut their requests to fit. A record without it (an older server) means
+  `DEFAULT_MAX_REQUEST_TOKENS`, what every server took before it was announced.
 
 Pure: no torch, no asyncio, no I/O, no clock.
 """
@@ -33,6 +36,7 @@ from typing import Any
 
 import msgpack
 
+from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
 from overlay.identity import IdentityError, PeerId
 from overlay.multiaddr import Multiaddr, MultiaddrError
 
@@ -51,6 +55,7 @@ MODELS_KEY = "overlay-node.models"
 MAX_BLOCK_INDEX = 65_536
 MAX_RATE = 1e12  # tokens/s; above this a number is garbage, not a fast GPU
 MAX_CACHE_TOKENS = 1 << 48
+MAX_REQUEST_TOKENS = 1 << 40
 MAX_VERSION = 1 << 16
 MAX_ADDRS = 16
 MAX_ADAPTERS = 16
@@ -93,6 +98,7 @@ class ServerInfo:
     # Not part of the hash (a dict); frozen attribute, do not mutate the dict in place.
     next_pings: dict[str, float] = field(default_factory=dict, hash=False)
     public_name: str | None = None
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
 
     def __post_init__(self) -> None:
         # Cheap invariants, checked for every construction (the simulator's too).
@@ -113,6 +119,8 @@ class ServerInfo:
             0 <= self.cache_tokens_left <= MAX_CACHE_TOKENS
         ):
             raise AnnouncementError(f"cache_tokens_left out of range: {self.cache_tokens_left}")
+        if not 1 <= self.max_request_tokens <= MAX_REQUEST_TOKENS:
+            raise AnnouncementError(f"max_request_tokens out of range: {self.max_request_tokens}")
         if not 1 <= self.version <= MAX_VERSION:
             raise AnnouncementError(f"protocol version out of range: {self.version}")
         if len(self.addrs) > MAX_ADDRS or len(self.adapters) > MAX_ADAPTERS:
@@ -135,6 +143,7 @@ class ServerInfo:
             "tp": float(self.throughput),
             "dt": self.dtype,
             "v": self.version,
+            "mt": self.max_request_tokens,
         }
         optional = {
             "ir": self.inference_rps,
@@ -191,6 +200,9 @@ class ServerInfo:
             version=_int("version", obj.get("v", PROTOCOL_VERSION), 1, MAX_VERSION),
             next_pings=_next_pings(obj.get("np", {})),
             public_name=_optional(obj, "pn", lambda n, v: _text(n, v, MAX_SHORT_TEXT)),
+            max_request_tokens=_int("max_request_tokens",
+                                    obj.get("mt", DEFAULT_MAX_REQUEST_TOKENS), 1,
+                                    MAX_REQUEST_TOKENS),
         )
 
     @classmethod

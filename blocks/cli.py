@@ -10,6 +10,7 @@ import sys
 import time
 
 from blocks import serve_placement
+from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
 from overlay.cli import lifeline
 from overlay.cli.node import positive_int
 
@@ -61,6 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="attention-cache capacity in tokens per block (default 8192)")
     serve.add_argument("--max-length", type=positive_int, default=8192,
                        help="longest session a client may open (default 8192)")
+    serve.add_argument("--max-request-tokens", type=positive_int,
+                       default=DEFAULT_MAX_REQUEST_TOKENS, metavar="N",
+                       help="most tokens (batch x length) of one forward or inference step; "
+                            "announced, and clients split longer ones to fit (default "
+                            f"{DEFAULT_MAX_REQUEST_TOKENS})")
     serve.add_argument("--announce-period", type=serve_placement.positive, default=60.0,
                        metavar="SECONDS",
                        help="how often to refresh the DHT announcement; records expire after "
@@ -207,8 +213,9 @@ async def run_serve(args: argparse.Namespace) -> int:
                 await serve_placement.withdraw_span(args, dht, host, model_id, total,
                                                     (start, end), rates, dtype_name)
                 raise
-        server = BlockServer(span, ServingConfig(model_id=model_id, cache_tokens=args.cache_tokens,
-                                                 max_length=args.max_length), adapters)
+        server = BlockServer(span, ServingConfig(
+            model_id=model_id, cache_tokens=args.cache_tokens, max_length=args.max_length,
+            max_request_tokens=args.max_request_tokens), adapters)
         server.attach(host)
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
         pinger = NextHopPinger(dht, host, server, total, period=args.announce_period)

@@ -36,6 +36,10 @@ COMPRESSIONS = ("none", "float16", "bfloat16", "int8_blockwise", "lz4")
 # ("features"): a client sends a step's "mask" or "reorder" only to servers that list them (a
 # server without them would ignore the field and compute something else, silently).
 SESSION_FEATURES = ("mask", "reorder")
+# Batch x length of one forward or step a server takes by default
+# (blocks.server.ServingConfig.max_request_tokens), and what clients assume of a server that
+# does not say (announcements and opening answers from before the limit was announced).
+DEFAULT_MAX_REQUEST_TOKENS = 16384
 MAX_BATCH = 1024
 MAX_LENGTH = 1 << 20
 MAX_MASK_BYTES = 1 << 22  # a step's padding mask: one byte per new position and sequence

@@ -138,7 +138,7 @@ async def choose_span(args: argparse.Namespace, planner: SpanPlanner, dht, host,
     log.info("chose blocks [%d, %d) (throughput per block now: %s)", start, end,
              _throughputs(view, total))
     info = server_info(host, rates, ServerState.JOINING, start, end, args.cache_tokens,
-                       dtype_name)
+                       dtype_name, max_request_tokens=args.max_request_tokens)
     await store_records(dht, host, model_id, total, dict.fromkeys(range(start, end), info),
                         ServerState.JOINING, args.announce_period)
     return start, end

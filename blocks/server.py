@@ -59,7 +59,8 @@ class ServingConfig:
     cache_tokens: int = 8192  # attention-cache capacity, in tokens on every block of the span
     max_length: int = 8192  # the longest session a client may open
     session_idle_timeout: float = 300.0
-    max_request_tokens: int = 16384  # batch x length of one forward or step
+    # batch x length of one forward or step; announced, so clients split to fit it
+    max_request_tokens: int = protocol.DEFAULT_MAX_REQUEST_TOKENS
     max_backward_tokens: int = 8192  # batch x length of one backward (~3x a forward's work)
     max_adapter_bytes: int = 256 << 20  # one uploaded LoRA (blocks.lora_put)
     adapter_cache_bytes: int = 1 << 30  # all uploaded LoRAs held at once
@@ -183,6 +184,7 @@ class BlockServer:
             "cache_tokens": self.config.cache_tokens,
             "cache_tokens_free": self.cache_tokens_free,
             "max_length": self.config.max_length,
+            "max_request_tokens": self.config.max_request_tokens,
             "sessions": len(self._sessions),
             "adapters": list(self.tuning.adapter_names),
         }
@@ -260,6 +262,7 @@ class BlockServer:
             await stream.send(tensor_wire.encode_message([], {
                 "session": entry.session_id, "cache_tokens_free": self.cache_tokens_free,
                 "features": list(protocol.SESSION_FEATURES),
+                "max_request_tokens": self.config.max_request_tokens,  # steps are cut to fit
                 **self.push.opening_fields(entry.inbox),
             }))
             await self._serve_steps(stream, entry, request)

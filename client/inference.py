@@ -49,6 +49,7 @@ from blocks.push_protocol import (
 from client.held_tokens import HeldTokens
 from client.padding import PaddingMask
 from client.recovery import BanList, RetryPolicy
+from client.request_chunks import REQUEST_CHUNK_TOKENS, positions_per_step
 from client.routing import MissingBlocksError
 from model_parts.skeleton import ModelInputError
 from overlay import timeline
@@ -63,12 +64,6 @@ RECOVERY_TIMEOUT = 60.0
 # Seconds one server may take to answer an inference step before it is replaced (a server
 # that froze, or left without closing its connection).
 STEP_TIMEOUT = 60.0
-# Ours: batch x positions (or length) of one step or forward request; half of what servers
-# take by default (blocks.server.ServingConfig.max_request_tokens, 16384). A longer prompt,
-# the replay into a replacement server, or a large forward batch is sent in pieces of at
-# most this many (client/remote_blocks.py for forwards).
-REQUEST_CHUNK_TOKENS = 8192
-
 # Codes with which a server refuses to open a session that another server may well open: its
 # cache is full, it is overloaded, or it no longer serves these blocks (it moved or restarted
 # since the announcement the route was read from). A session replaces such a server.
@@ -206,6 +201,9 @@ class SpanSession:
         self.pending_order: torch.Tensor | None = None
         self.push_token: bytes | None = None  # the server accepts pushes into this session
         self.features: frozenset[str] = frozenset()  # step fields the server understands
+        # batch x positions of one step the server takes (its opening answer says; older
+        # servers do not, and took the default)
+        self.max_request_tokens = protocol.DEFAULT_MAX_REQUEST_TOKENS
         self._stream: Stream | None = None
         self._step_ids = 0
         self._mailbox = mailbox
@@ -243,6 +241,13 @@ class SpanSession:
         features = meta.get("features")
         if isinstance(features, list):
             self.features = frozenset(f for f in features if isinstance(f, str))
+        limit = meta.get("max_request_tokens")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            self.max_request_tokens = limit
+        if self.max_request_tokens < config.batch_size:  # routing leaves such servers out
+            raise InferenceError(f"{self._where()}: takes at most {self.max_request_tokens} "
+                                 f"tokens per request, fewer than one position of each of the "
+                                 f"session's {config.batch_size} rows")
         push = meta.get("push") if self._mailbox is not None else None
         if isinstance(push, dict) and isinstance(push.get("token"), bytes) and \
                 len(push["token"]) == TOKEN_BYTES:
@@ -450,14 +455,11 @@ def _trim(inputs: list[torch.Tensor], position: int) -> None:
         total += length
 
 
-def _positions_per_step(hidden: torch.Tensor) -> int:
-    return max(1, REQUEST_CHUNK_TOKENS // max(1, hidden.shape[0]))
-
-
 async def _step_in_pieces(span: SpanSession, data: torch.Tensor) -> torch.Tensor:
-    """A replay from position 0 into `span`, as steps of at most REQUEST_CHUNK_TOKENS (servers
-    refuse larger requests: a long session could not be replayed)."""
-    per_step = _positions_per_step(data)
+    """A replay from position 0 into `span`, as steps of at most REQUEST_CHUNK_TOKENS or the
+    server's limit (servers refuse larger requests: a long session could not be replayed)."""
+    per_step = positions_per_step(min(REQUEST_CHUNK_TOKENS, span.max_request_tokens),
+                                  data.shape[0])
     if data.shape[1] <= per_step:
         return await span.step(data, 0)
     outs = [await span.step(data[:, i:i + per_step], i)
@@ -575,14 +577,17 @@ class InferenceSession:
             if tokens is not None and tuple(tokens.shape) != tuple(hidden.shape[:2]):
                 raise ModelInputError(f"the token ids of a step must have shape "
                                       f"{tuple(hidden.shape[:2])}")
-            per_step = _positions_per_step(hidden)
-            if hidden.shape[1] <= per_step:
+            length = hidden.shape[1]
+            if length <= self._positions_per_step(hidden.shape[0]):
                 out = await self._step(hidden, mask)
             else:  # too many for one request: in pieces, each recorded as its own step
-                outs = []
-                for i in range(0, hidden.shape[1], per_step):
-                    piece_mask = None if mask is None else mask[:, i:i + per_step]
-                    outs.append(await self._step(hidden[:, i:i + per_step], piece_mask))
+                outs, done = [], 0
+                while done < length:
+                    # again for every piece: a replaced server may take fewer
+                    stop = min(length, done + self._positions_per_step(hidden.shape[0]))
+                    piece_mask = None if mask is None else mask[:, done:stop]
+                    outs.append(await self._step(hidden[:, done:stop], piece_mask))
+                    done = stop
                 out = torch.cat(outs, dim=1)
             self.tokens.record(position, hidden.shape[1], tokens)
             return out
@@ -591,6 +596,12 @@ class InferenceSession:
             raise
         finally:
             self._stepping = False
+
+    def _positions_per_step(self, batch: int) -> int:
+        """Positions of one step request: a pushed step crosses every server of the chain
+        unchanged, so it fits the smallest limit among them."""
+        limit = min([REQUEST_CHUNK_TOKENS, *(span.max_request_tokens for span in self.spans)])
+        return positions_per_step(limit, batch)
 
     async def _step(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """One step request; `step` checked its length and `mask` (PaddingMask.check)."""

@@ -118,20 +118,21 @@ class LocalSwarm:
             raise
         return self
 
-    def _spawn_server(self, start: int, end: int) -> _Process:
+    def _spawn_server(self, start: int, end: int, *args: str) -> _Process:
         name = f"server-{start}-{end}"
         if any(p.name == name for p in self.processes):  # one log file each
             name += f"-{sum(p.name.startswith('server') for p in self.processes)}"
         return self._spawn(name, [
             "serve", str(self.model_dir), "--blocks", f"{start}:{end}",
             "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", self.bootstrap,
-            *self.extra_serve_args,
+            *self.extra_serve_args, *args,
         ])
 
-    def start_server(self, start: int, end: int) -> int:
-        """Start one more server for blocks [start, end) once the swarm runs; returns its
-        index (for `kill_server`) when it has announced itself."""
-        entry = self._spawn_server(start, end)
+    def start_server(self, start: int, end: int, *args: str) -> int:
+        """Start one more server for blocks [start, end) once the swarm runs, with `args`
+        after `extra_serve_args` (a later option wins); returns its index (for
+        `kill_server`) when it has announced itself."""
+        entry = self._spawn_server(start, end, *args)
         entry.addr = self._first_line(entry, time.monotonic() + self.start_timeout)
         return [p for p in self.processes if p.name.startswith("server")].index(entry)
 

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +23,9 @@ from blocks import protocol
 from blocks.announcement import SwarmView
 from client.inference import (
     RECOVERY_TIMEOUT,
-    REQUEST_CHUNK_TOKENS,
     STEP_TIMEOUT,
     BlocksUnavailableError,
+    InferenceError,
     InferenceSession,
     Rerouter,
     Route,
@@ -35,6 +34,7 @@ from client.inference import (
 )
 from client.padding import token_mask
 from client.recovery import BanList, PassDeadline, RetryPolicy, splice_route
+from client.request_chunks import REQUEST_CHUNK_TOKENS
 from client.routing import (
     MissingBlocksError,
     RouteNeeds,
@@ -42,6 +42,7 @@ from client.routing import (
     RouteSpan,
     RoutingConfig,
 )
+from client.span_forward import BadAnswer, SpanTarget, all_or_cancel, forward_span
 from client.swarm import SwarmClient
 from overlay.host import RemoteError
 from overlay.identity import PeerId
@@ -114,11 +115,12 @@ class RemoteBlocks:
     async def forward(self, hidden: torch.Tensor, start: int = 0, end: int | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run full sequences through blocks [start, end) (no cache). A batch of more than
-        REQUEST_CHUNK_TOKENS is split by rows (a single longer row still goes whole: the server
-        says it is too long), the chunks run concurrently (each on its own route). A span
-        whose server fails is banned and re-run on a route found again for exactly its
-        blocks; all of that within one recovery_timeout from the pass's first failure (then
-        BlocksUnavailableError)."""
+        REQUEST_CHUNK_TOKENS is split by rows, the chunks run concurrently (each on its own
+        route); each span's part is cut again to its server's announced request limit
+        (client/span_forward.py: by rows, and a row longer than the limit as a session, in
+        steps). A span whose server fails is banned and re-run on a route found again for
+        exactly its blocks; all of that within one recovery_timeout from the pass's first
+        failure (then BlocksUnavailableError)."""
         end = self.num_blocks if end is None else end
         dtype = hidden.dtype
         if attention_mask is not None:  # servers take integers: 0/1 floats are converted
@@ -129,7 +131,7 @@ class RemoteBlocks:
         if hidden.ndim != 3 or hidden.shape[0] <= rows:
             out = await self._forward_rows(hidden, start, end, attention_mask, recovery)
             return out.to(dtype)  # servers may run another precision
-        outs = await _all_or_cancel(self._forward_rows(
+        outs = await all_or_cancel(self._forward_rows(
             hidden[r:r + rows], start, end,
             None if attention_mask is None else attention_mask[r:r + rows], recovery)
             for r in range(0, hidden.shape[0], rows))
@@ -142,22 +144,20 @@ class RemoteBlocks:
         index = 0
         while index < len(route):
             span = route[index]
-            tensors = [hidden] if attention_mask is None else [hidden, attention_mask]
-            payload = tensor_wire.encode_message(tensors, {
-                "model": self.model_id, "start": span.start, "end": span.end,
-                "compression": self.config.compression,
-            }, [self.config.compression] + (["none"] if attention_mask is not None else []))
+            target = SpanTarget(PeerId.from_string(span.peer_id), self.model_id, span.start,
+                                span.end, self.request_limit(span.peer_id))
             try:
-                answer = await self.swarm.host.call(PeerId.from_string(span.peer_id),
-                                                    protocol.METHOD_FORWARD, payload,
-                                                    timeout=self.config.forward_timeout)
-                (hidden_out,), _ = _decode(answer, expected=1)
+                hidden_out = await forward_span(self.swarm.host, target, hidden, attention_mask,
+                                                compression=self.config.compression,
+                                                timeout=self.config.forward_timeout)
             except RemoteError as e:
-                if e.code not in _SERVER_FAULTS:
+                # cache_full: a row longer than the limit went as a session, which another
+                # server may have room for
+                if e.code not in _SERVER_FAULTS and e.code != protocol.CACHE_FULL:
                     raise  # the request itself was refused: another server would refuse it too
                 failure: Exception = e
             except (ConnectionLost, StreamClosed, TimeoutError, tensor_wire.WireError,
-                    _BadAnswer) as e:
+                    BadAnswer, InferenceError) as e:
                 failure = e
             else:
                 self.bans.success(span.peer_id)
@@ -171,6 +171,12 @@ class RemoteBlocks:
                                                              deadline=deadline)
             route = splice_route(route, index, replacement)
         return hidden
+
+    def request_limit(self, peer_id: str) -> int:
+        """Tokens of one request the server takes, as it announced (the default when it did
+        not, or is not in the current view)."""
+        info = None if self._view is None else self._view.servers.get(peer_id)
+        return protocol.DEFAULT_MAX_REQUEST_TOKENS if info is None else info.max_request_tokens
 
     def failed(self, span: RouteSpan, failure: BaseException, recovery: PassDeadline) -> float:
         """A pass's request to `span` failed: ban its server; the deadline to re-route by, or
@@ -248,7 +254,9 @@ class RemoteBlocks:
         if start == end:  # it would open no span and hand the caller's hidden states back
             raise ValueError(f"block range [{start}, {end}) is empty: an inference session "
                              f"needs at least one block")
-        needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter)
+        # a step goes in pieces down to one position of every row: no smaller request
+        needs = RouteNeeds(cache_tokens=batch_size * max_length, adapter=adapter,
+                           request_tokens=batch_size)
         # one deadline for the route and the replacement of servers found dead when opening:
         # a ban that lifts late in the wait must not start a second full timeout
         deadline = time.monotonic() + self.config.recovery_timeout
@@ -288,30 +296,4 @@ def give_up(span: RouteSpan, waited: float, failure: BaseException) -> BlocksUna
     return error
 
 
-class _BadAnswer(RuntimeError):
-    """A server's answer that does not have the expected shape."""
-
-
-def _decode(data: bytes, expected: int):
-    message = tensor_wire.decode_message(data)
-    if len(message.tensors) != expected:
-        raise _BadAnswer(f"expected {expected} tensors in the answer, got "
-                           f"{len(message.tensors)}")
-    return message
-
-
 __all__ = ["ClientConfig", "RemoteBlocks"]
-
-
-async def _all_or_cancel(coros: Iterable[Awaitable]) -> list:
-    """The results of `coros`, run concurrently (a pass's chunks). The first to fail cancels
-    the others, whose results would be dropped, and is raised once they have ended; gather
-    alone let them run on, holding servers and connections for nothing."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

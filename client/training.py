@@ -35,13 +35,9 @@ from blocks import protocol
 from client.lora import LoraSnapshot
 from client.padding import token_mask
 from client.recovery import PassDeadline, splice_route
-from client.remote_blocks import (
-    _SERVER_FAULTS,
-    RemoteBlocks,
-    _all_or_cancel,
-    _BadAnswer,
-)
+from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks
 from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
+from client.span_forward import BadAnswer, all_or_cancel
 from overlay.host import RemoteError
 from overlay.identity import PeerId
 from overlay.streams import ConnectionLost, StreamClosed
@@ -178,7 +174,7 @@ class SwarmTrainer:
         chunks = self._chunks(hidden, attention_mask, tuning.prompts)
         recovery = PassDeadline(self.blocks.config.recovery_timeout)
         try:
-            results = await _all_or_cancel(
+            results = await all_or_cancel(
                 self._forward_chunk(hidden[c.rows[0]:c.rows[1]], c, tuning, start, end, keep,
                                     recovery)
                 for c in chunks)
@@ -248,7 +244,7 @@ class SwarmTrainer:
         message = await self._request(span, protocol.METHOD_FORWARD, tensors, compressions,
                                       meta, tuning)
         if len(message.tensors) != 1 or message.tensors[0].shape != hidden.shape:
-            raise _ServerFault(span, _BadAnswer("forward answer of the wrong shape"))
+            raise _ServerFault(span, BadAnswer("forward answer of the wrong shape"))
         return message.tensors[0]
 
     # ------------------------------------------------------------------ backward
@@ -263,7 +259,7 @@ class SwarmTrainer:
         lora: dict[tuple[int, str], list[torch.Tensor]] = {}
         sums = _Sums(prompts, lora)
         recovery = PassDeadline(self.blocks.config.recovery_timeout)
-        results = await _all_or_cancel(
+        results = await all_or_cancel(
             self._backward_runs(chunk.runs, grad_output[chunk.rows[0]:chunk.rows[1]].to(
                 chunk.runs[0].inputs.dtype), chunk, tuning, sums, recovery)
             for chunk in record.chunks)
@@ -301,7 +297,7 @@ class SwarmTrainer:
             expected += 2 * len(tuning.lora.keys_of(span.start, span.end))
         got = message.tensors
         if len(got) != expected or got[0].shape != run.inputs.shape:
-            raise _ServerFault(span, _BadAnswer(f"backward answer with {len(got)} tensors, "
+            raise _ServerFault(span, BadAnswer(f"backward answer with {len(got)} tensors, "
                                                 f"expected {expected}"))
         return got[0], got[1:]
 
@@ -385,7 +381,7 @@ class SwarmTrainer:
             PeerId.from_string(span.peer_id), protocol.METHOD_LORA_PUT, payload,
             timeout=self.config.timeout)
         if tensor_wire.decode_message(answer).meta.get("digest") != digest:
-            raise _BadAnswer("the server named the uploaded LoRA differently")
+            raise BadAnswer("the server named the uploaded LoRA differently")
         if previous is not None:
             self._uploaded.discard((span.peer_id, previous))
         self._latest[slot] = digest

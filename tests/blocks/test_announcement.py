@@ -22,6 +22,7 @@ from blocks.announcement import (
     SwarmView,
     block_keys,
 )
+from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
 from overlay.identity import PeerId
 
 
@@ -46,6 +47,7 @@ def full_info() -> ServerInfo:
         version=1,
         next_pings={pid(2): 0.012, pid(3): math.inf},
         public_name="lab GPU 3",
+        max_request_tokens=4096,
     )
 
 
@@ -67,6 +69,14 @@ def test_minimal_record_gets_defaults():
     assert info.inference_rps is None and info.cache_tokens_left is None
     assert info.adapters == () and info.addrs == () and info.next_pings == {}
     assert ServerInfo.from_wire(info.to_wire()) == info
+
+
+def test_a_record_without_a_request_limit_means_the_default():
+    """Servers from before the limit was announced all took DEFAULT_MAX_REQUEST_TOKENS."""
+    info = ServerInfo.from_wire({"st": 2, "sp": [0, 2], "tp": 5})
+    assert info.max_request_tokens == DEFAULT_MAX_REQUEST_TOKENS == 16384
+    assert full_info().to_wire()["mt"] == 4096
+    assert ServerInfo.from_wire({**full_info().to_wire(), "mt": 1}).max_request_tokens == 1
 
 
 def test_unknown_keys_from_newer_servers_are_ignored():
@@ -124,6 +134,11 @@ MALFORMED = [
     ("negative cache", _with(ct=-5)),
     ("float cache", _with(ct=5.0)),
     ("version zero", _with(v=0)),
+    ("request limit zero", _with(mt=0)),
+    ("negative request limit", _with(mt=-64)),
+    ("float request limit", _with(mt=64.0)),
+    ("bool request limit", _with(mt=True)),
+    ("absurd request limit", _with(mt=1 << 60)),
     ("dtype not text", _with(dt=16)),
     ("empty dtype", _with(dt="")),
     ("control chars", _with(pn="a\nb")),
@@ -183,7 +198,7 @@ _values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_scalars, inner, max_size=5),
     max_leaves=20,
 )
-_KEYS = ["st", "sp", "tp", "ir", "fr", "nr", "ct", "dt", "q", "ad", "ma", "v", "np", "pn"]
+_KEYS = ["st", "sp", "tp", "ir", "fr", "nr", "ct", "dt", "q", "ad", "ma", "v", "np", "pn", "mt"]
 
 
 @settings(max_examples=300, deadline=None)

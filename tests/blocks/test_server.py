@@ -222,6 +222,39 @@ async def test_a_refused_step_changes_nothing_in_the_session(served, spans):
         assert remote.position == 9
 
 
+async def test_a_server_with_a_small_request_limit_gets_steps_cut_to_fit(spans):
+    """The opening answer gives the limit (8 tokens); the client cuts a 2 x 11 prefill and a
+    replay into steps of 4 positions, a step over the limit sent as is changes nothing, and a
+    session with more rows than the limit takes is refused when it opens, naming the limit."""
+    import msgpack
+
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, cache_tokens=64,
+                                                 max_length=32, max_request_tokens=8))
+    async with served_in_process(server) as (host, client):
+        info = msgpack.unpackb(await client.call(host.peer_id, protocol.METHOD_INFO, b""))
+        assert info["max_request_tokens"] == 8
+        local = spans[0].new_session(2, 16)
+        prefix = torch.randn(2, 11, 64)
+        async with session(client, host, batch=2) as remote:
+            assert remote.spans[0].max_request_tokens == 8
+            assert torch.allclose(await remote.step(prefix), local.step(prefix), atol=1e-5)
+            assert [t.shape[1] for t in remote.spans[0].inputs] == [4, 4, 3]
+            assert await refusal(remote.spans[0], {"position": 11},
+                                 torch.randn(2, 5, 64)) == "too_large"
+            token = torch.randn(2, 1, 64)
+            assert torch.allclose(await remote.step(token), local.step(token), atol=1e-5)
+            from client.inference import _step_in_pieces
+
+            async with session(client, host, batch=2) as replayed:  # a replacement's replay
+                again = torch.cat([prefix, token], dim=1)
+                assert torch.allclose(await _step_in_pieces(replayed.spans[0], again),
+                                      torch.cat([local.step_at(0, prefix), local.step(token)],
+                                                dim=1), atol=1e-5)
+                assert [t.shape[1] for t in replayed.spans[0].inputs] == [4, 4, 4]
+        with pytest.raises(InferenceError, match=r"at most 8 tokens per request.* 9 rows"):
+            await session(client, host, max_length=2, batch=9).open()
+
+
 async def test_padding_and_reorders_are_not_sent_to_servers_without_them(served, monkeypatch):
     """A server of a version before these features would ignore the fields and compute
     something else: the client refuses to send them, saying why."""

@@ -179,7 +179,8 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
     bad = run_cli("serve", str(model_dir) + "-missing", "--bootstrap", swarm.bootstrap)
     assert bad.returncode != 0 and "overlay-node serve:" in bad.stderr
     for option, value in (("--cache-tokens", "-5"), ("--cache-tokens", "0"),
-                          ("--max-length", "0"), ("--announce-period", "0")):
+                          ("--max-length", "0"), ("--max-request-tokens", "0"),
+                          ("--announce-period", "0")):
         bad = run_cli("serve", str(model_dir), "--blocks", "0:2", option, value,
                       "--bootstrap", swarm.bootstrap)  # refused before anything is loaded
         assert bad.returncode == 2 and option in bad.stderr and "Traceback" not in bad.stderr

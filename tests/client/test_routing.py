@@ -120,6 +120,23 @@ def test_inference_respects_cache_bans_states_adapters_and_version():
     assert "...slow[0:4) 10000 free cache tokens, 20000 needed" in str(err.value)
 
 
+def test_servers_whose_request_limit_is_below_the_smallest_request_are_left_out():
+    """A session's step can be cut down to one position of every row, no further: a server
+    taking fewer tokens than the session has rows cannot run it (forward and inference)."""
+    servers = {
+        "fast": online(0, 4, 100.0, inference_rps=1000.0, max_request_tokens=4),
+        "slow": online(0, 4, 1.0, inference_rps=10.0),  # announced nothing: 16384
+    }
+    planner = RoutePlanner(SwarmView.from_servers(4, servers))
+    assert routed(planner, needs=RouteNeeds(request_tokens=4)) == ["fast"]
+    assert routed(planner, needs=RouteNeeds(request_tokens=5)) == ["slow"]
+    spread = planner.spread_route(0, 4, random.Random(0), needs=RouteNeeds(request_tokens=5))
+    assert spread == [RouteSpan("slow", 0, 4)]
+    with pytest.raises(MissingBlocksError) as err:
+        routed(planner, needs=RouteNeeds(request_tokens=5), banned={"slow"})
+    assert "...fast[0:4) takes at most 4 tokens per request, 5 needed" in str(err.value)
+
+
 def test_missing_blocks_are_named():
     servers = {
         "a": online(0, 3),
