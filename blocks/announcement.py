@@ -23,6 +23,8 @@ Units (the same for every server, so that sums and comparisons mean something):
 - `max_request_tokens`: batch x length of the largest forward or inference step the server
   takes; clients cut their requests to fit. A record without it (an older server) means
   `DEFAULT_MAX_REQUEST_TOKENS`, what every server took before it was announced.
+- `max_backward_tokens`: batch x length of the largest `blocks.backward` the server takes;
+  absent means `DEFAULT_MAX_BACKWARD_TOKENS`, likewise.
 
 Pure: no torch, no asyncio, no I/O, no clock.
 """
@@ -36,7 +38,7 @@ from typing import Any
 
 import msgpack
 
-from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
+from blocks.protocol import DEFAULT_MAX_BACKWARD_TOKENS, DEFAULT_MAX_REQUEST_TOKENS
 from overlay.identity import IdentityError, PeerId
 from overlay.multiaddr import Multiaddr, MultiaddrError
 
@@ -99,6 +101,7 @@ class ServerInfo:
     next_pings: dict[str, float] = field(default_factory=dict, hash=False)
     public_name: str | None = None
     max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
+    max_backward_tokens: int = DEFAULT_MAX_BACKWARD_TOKENS
 
     def __post_init__(self) -> None:
         # Cheap invariants, checked for every construction (the simulator's too).
@@ -121,6 +124,9 @@ class ServerInfo:
             raise AnnouncementError(f"cache_tokens_left out of range: {self.cache_tokens_left}")
         if not 1 <= self.max_request_tokens <= MAX_REQUEST_TOKENS:
             raise AnnouncementError(f"max_request_tokens out of range: {self.max_request_tokens}")
+        if not 1 <= self.max_backward_tokens <= MAX_REQUEST_TOKENS:
+            raise AnnouncementError(f"max_backward_tokens out of range: "
+                                    f"{self.max_backward_tokens}")
         if not 1 <= self.version <= MAX_VERSION:
             raise AnnouncementError(f"protocol version out of range: {self.version}")
         if len(self.addrs) > MAX_ADDRS or len(self.adapters) > MAX_ADAPTERS:
@@ -144,6 +150,7 @@ class ServerInfo:
             "dt": self.dtype,
             "v": self.version,
             "mt": self.max_request_tokens,
+            "mb": self.max_backward_tokens,
         }
         optional = {
             "ir": self.inference_rps,
@@ -203,6 +210,9 @@ class ServerInfo:
             max_request_tokens=_int("max_request_tokens",
                                     obj.get("mt", DEFAULT_MAX_REQUEST_TOKENS), 1,
                                     MAX_REQUEST_TOKENS),
+            max_backward_tokens=_int("max_backward_tokens",
+                                     obj.get("mb", DEFAULT_MAX_BACKWARD_TOKENS), 1,
+                                     MAX_REQUEST_TOKENS),
         )
 
     @classmethod

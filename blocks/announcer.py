@@ -22,7 +22,7 @@ from blocks.announcement import (
     ServerState,
     block_keys,
 )
-from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
+from blocks.protocol import DEFAULT_MAX_BACKWARD_TOKENS, DEFAULT_MAX_REQUEST_TOKENS
 from blocks.throughput import ComputeRates
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class Announcer:
         info = server_info(self.host, self.rates, state, start, end,
                            cache_free, str(server.span.dtype).removeprefix("torch."),
                            None if server.span.quant == "none" else server.span.quant,
-                           server.tuning.adapter_names, server.config.max_request_tokens)
+                           server.tuning.adapter_names, server.config.max_request_tokens,
+                           server.config.max_backward_tokens)
         if self.next_pings is not None and state == ServerState.ONLINE and (start, end) == served:
             info = dataclasses.replace(info, next_pings=self.next_pings())
         return info
@@ -122,7 +123,8 @@ class Announcer:
 def server_info(host, rates: ComputeRates, state: ServerState, start: int, end: int,
                 cache_tokens_left: int, dtype: str, quant: str | None = None,
                 adapters: tuple[str, ...] = (),
-                max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS) -> ServerInfo:
+                max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
+                max_backward_tokens: int = DEFAULT_MAX_BACKWARD_TOKENS) -> ServerInfo:
     """The record a server on `host` announces for blocks [start, end), with the addresses
     the host gives out (never a wildcard: Host.public_addrs)."""
     addrs = [str(a) for a in host.public_addrs]
@@ -141,6 +143,7 @@ def server_info(host, rates: ComputeRates, state: ServerState, start: int, end: 
         addrs=tuple(addrs),
         version=PROTOCOL_VERSION,
         max_request_tokens=max_request_tokens,
+        max_backward_tokens=max_backward_tokens,
     )
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 from blocks import serve_placement
-from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
+from blocks.protocol import DEFAULT_MAX_BACKWARD_TOKENS, DEFAULT_MAX_REQUEST_TOKENS
 from overlay.cli import lifeline
 from overlay.cli.node import positive_int
 
@@ -67,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="most tokens (batch x length) of one forward or inference step; "
                             "announced, and clients split longer ones to fit (default "
                             f"{DEFAULT_MAX_REQUEST_TOKENS})")
+    serve.add_argument("--max-backward-tokens", type=positive_int,
+                       default=DEFAULT_MAX_BACKWARD_TOKENS, metavar="N",
+                       help="most tokens (batch x length) of one backward (fine-tuning); "
+                            "announced, and clients split larger ones to fit (default "
+                            f"{DEFAULT_MAX_BACKWARD_TOKENS})")
     serve.add_argument("--announce-period", type=serve_placement.positive, default=60.0,
                        metavar="SECONDS",
                        help="how often to refresh the DHT announcement; records expire after "
@@ -215,7 +220,8 @@ async def run_serve(args: argparse.Namespace) -> int:
                 raise
         server = BlockServer(span, ServingConfig(
             model_id=model_id, cache_tokens=args.cache_tokens, max_length=args.max_length,
-            max_request_tokens=args.max_request_tokens), adapters)
+            max_request_tokens=args.max_request_tokens,
+            max_backward_tokens=args.max_backward_tokens), adapters)
         server.attach(host)
         announcer = Announcer(dht, host, server, rates, total, period=args.announce_period)
         pinger = NextHopPinger(dht, host, server, total, period=args.announce_period)

@@ -29,7 +29,7 @@ TOO_LONG = "too_long"
 OVERLOADED = "overloaded"
 UNKNOWN_ADAPTER = "unknown_adapter"  # no adapter of that name is hosted by this server
 ADAPTER_MISSING = "adapter_missing"  # an uploaded LoRA this server no longer holds: upload again
-TOO_LARGE = "too_large"  # over a size limit of this server (request tokens, adapter bytes)
+TOO_LARGE = "too_large"  # over a size limit of this server (request/backward tokens, adapter bytes)
 
 COMPRESSIONS = ("none", "float16", "bfloat16", "int8_blockwise", "lz4")
 # What a session's steps may carry beyond position and step id, as the opening answer lists it
@@ -40,6 +40,10 @@ SESSION_FEATURES = ("mask", "reorder")
 # (blocks.server.ServingConfig.max_request_tokens), and what clients assume of a server that
 # does not say (announcements and opening answers from before the limit was announced).
 DEFAULT_MAX_REQUEST_TOKENS = 16384
+# Batch x length of one `blocks.backward` a server takes by default (ServingConfig.
+# max_backward_tokens; a backward costs about three forwards), and what clients assume of a
+# server that does not announce it (every server before it was announced took this).
+DEFAULT_MAX_BACKWARD_TOKENS = 8192
 MAX_BATCH = 1024
 MAX_LENGTH = 1 << 20
 MAX_MASK_BYTES = 1 << 22  # a step's padding mask: one byte per new position and sequence

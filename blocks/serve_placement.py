@@ -138,7 +138,8 @@ async def choose_span(args: argparse.Namespace, planner: SpanPlanner, dht, host,
     log.info("chose blocks [%d, %d) (throughput per block now: %s)", start, end,
              _throughputs(view, total))
     info = server_info(host, rates, ServerState.JOINING, start, end, args.cache_tokens,
-                       dtype_name, max_request_tokens=args.max_request_tokens)
+                       dtype_name, max_request_tokens=args.max_request_tokens,
+                       max_backward_tokens=args.max_backward_tokens)
     await store_records(dht, host, model_id, total, dict.fromkeys(range(start, end), info),
                         ServerState.JOINING, args.announce_period)
     return start, end

@@ -61,7 +61,8 @@ class ServingConfig:
     session_idle_timeout: float = 300.0
     # batch x length of one forward or step; announced, so clients split to fit it
     max_request_tokens: int = protocol.DEFAULT_MAX_REQUEST_TOKENS
-    max_backward_tokens: int = 8192  # batch x length of one backward (~3x a forward's work)
+    # batch x length of one backward (~3x a forward's work); announced, clients cut to fit
+    max_backward_tokens: int = protocol.DEFAULT_MAX_BACKWARD_TOKENS
     max_adapter_bytes: int = 256 << 20  # one uploaded LoRA (blocks.lora_put)
     adapter_cache_bytes: int = 1 << 30  # all uploaded LoRAs held at once
     adapter_idle_timeout: float = 600.0  # an uploaded LoRA unused this long is dropped
@@ -185,6 +186,7 @@ class BlockServer:
             "cache_tokens_free": self.cache_tokens_free,
             "max_length": self.config.max_length,
             "max_request_tokens": self.config.max_request_tokens,
+            "max_backward_tokens": self.config.max_backward_tokens,
             "sessions": len(self._sessions),
             "adapters": list(self.tuning.adapter_names),
         }

@@ -178,6 +178,12 @@ class RemoteBlocks:
         info = None if self._view is None else self._view.servers.get(peer_id)
         return protocol.DEFAULT_MAX_REQUEST_TOKENS if info is None else info.max_request_tokens
 
+    def backward_limit(self, peer_id: str) -> int:
+        """Tokens of one `blocks.backward` the server takes, as `request_limit` reads it."""
+        info = None if self._view is None else self._view.servers.get(peer_id)
+        return protocol.DEFAULT_MAX_BACKWARD_TOKENS if info is None else \
+            info.max_backward_tokens
+
     def failed(self, span: RouteSpan, failure: BaseException, recovery: PassDeadline) -> float:
         """A pass's request to `span` failed: ban its server; the deadline to re-route by, or
         BlocksUnavailableError once the pass's recovery deadline has passed (forward and

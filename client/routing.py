@@ -25,9 +25,9 @@ replaces exactly the failed range):
   `_make_sequence_with_max_throughput` gives them weight 1e-6).
 
 Only ONLINE servers of the client's protocol version are used; banned servers, servers
-without the requested adapter, servers whose request limit is below the smallest request the
-work can be cut into, and (for inference) servers whose free attention cache is below what
-the session needs are excluded. Blocks nobody eligible serves raise MissingBlocksError.
+without the requested adapter, servers whose request or backward limit is below the smallest
+request the work can be cut into, and (for inference) servers whose free attention cache is
+below what the session needs are excluded. Blocks nobody eligible serves raise MissingBlocksError.
 
 Pure: no torch, no asyncio, no I/O, no clock.
 """
@@ -104,6 +104,9 @@ class RouteNeeds:
     # the smallest request the work can be cut into (a session: one position of every row);
     # a server that announces a lower request limit could not run it
     request_tokens: int = 0
+    # likewise for `blocks.backward` (a training pass: one whole row, it cannot be cut by
+    # positions), against the announced backward limit
+    backward_tokens: int = 0
     version: int = PROTOCOL_VERSION
 
 
@@ -335,6 +338,9 @@ def _exclusion(span: ServedSpan, banned: Container[str], needs: RouteNeeds,
     if info.max_request_tokens < needs.request_tokens:
         return (f"takes at most {info.max_request_tokens} tokens per request, "
                 f"{needs.request_tokens} needed")
+    if info.max_backward_tokens < needs.backward_tokens:
+        return (f"takes at most {info.max_backward_tokens} tokens per backward request, "
+                f"{needs.backward_tokens} needed")
     if inference:
         if info.cache_tokens_left is not None and info.cache_tokens_left < needs.cache_tokens:
             return (f"{info.cache_tokens_left} free cache tokens, "

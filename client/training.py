@@ -10,6 +10,13 @@ it was sent; the client sums those over chunks.
 - Chunks: a batch larger than `chunk_tokens` (batch x length) is split by rows, and the
   chunks run concurrently, each on its own throughput-weighted random route
   (RoutePlanner.spread_route), so replicas of a span share the work.
+- Request limits: each span's part of a chunk is cut again into requests of as many whole
+  rows as its server announces it takes, forwards to `max_request_tokens`, backwards to
+  `max_backward_tokens` (client/request_chunks.py), run concurrently; their gradients are
+  summed as the chunks' are. A row is never cut (its positions attend to each other, and a
+  backward recomputes the whole row under autograd), so routing leaves out servers whose
+  limits are below one row (RouteNeeds: the forward's, and the backward's when the pass is
+  kept for one); with none left, the MissingBlocksError names their limits.
 - Failures: a server that fails (lost connection, timeout, malformed answer, a stale route:
   the codes of RemoteBlocks) is banned and its span re-run on a route found again for exactly
   its blocks (client/recovery.py, as for forward). In backward the replacement chain first
@@ -36,6 +43,7 @@ from client.lora import LoraSnapshot
 from client.padding import token_mask
 from client.recovery import PassDeadline, splice_route
 from client.remote_blocks import _SERVER_FAULTS, RemoteBlocks
+from client.request_chunks import RequestLimitError, cuts, rows_per_forward
 from client.routing import MissingBlocksError, RouteNeeds, RoutePlanner, RouteSpan, _ranges
 from client.span_forward import BadAnswer, all_or_cancel
 from overlay.host import RemoteError
@@ -44,8 +52,9 @@ from overlay.streams import ConnectionLost, StreamClosed
 
 log = logging.getLogger(__name__)
 
-# Ours: batch x length of one request. Servers accept up to 8192 in backward by default
-# (blocks.server.ServingConfig.max_backward_tokens); smaller chunks spread better.
+# Ours: batch x length of one chunk (its own route); smaller chunks spread better. Each
+# span's requests are cut again to what its server announces it takes (8192 tokens per
+# backward by default, blocks.protocol.DEFAULT_MAX_BACKWARD_TOKENS).
 DEFAULT_CHUNK_TOKENS = 2048
 
 
@@ -68,9 +77,11 @@ class Tuning:
     lora: LoraSnapshot | None = None  # client-owned LoRA weights, trained
     adapter: str | None = None  # a LoRA adapter servers host, by name (frozen)
 
-    @property
-    def needs(self) -> RouteNeeds:
-        return RouteNeeds(adapter=self.adapter)
+    def needs(self, length: int, backward: bool) -> RouteNeeds:
+        """What a server must take to run rows of `length` positions: one whole row per
+        forward request, and per backward request when `backward` follows."""
+        return RouteNeeds(adapter=self.adapter, request_tokens=length,
+                          backward_tokens=length if backward else 0)
 
 
 @dataclass(slots=True)
@@ -85,6 +96,16 @@ class _Chunk:
     mask: torch.Tensor | None
     prompts: torch.Tensor | None  # the chunk's deep prompts (rows sliced if per-row)
     runs: list[_Run] = field(default_factory=list)
+
+    def part(self, start: int, stop: int) -> _Chunk:
+        """Rows [start, stop) of this chunk (counted from its first row) as a chunk of
+        their own, without runs: one request's mask and per-row prompts."""
+        prompts = self.prompts
+        if prompts is not None and prompts.shape[1] != 1:
+            prompts = prompts[:, start:stop]
+        first = self.rows[0]
+        return _Chunk((first + start, first + stop),
+                      None if self.mask is None else self.mask[start:stop], prompts)
 
 
 @dataclass(slots=True)
@@ -189,16 +210,10 @@ class SwarmTrainer:
     def _chunks(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                 prompts: torch.Tensor | None) -> list[_Chunk]:
         batch, length = hidden.shape[:2]
-        rows = max(1, self.config.chunk_tokens // length)
-        chunks = []
-        for r0 in range(0, batch, rows):
-            r1 = min(batch, r0 + rows)
-            chunk_prompts = prompts
-            if prompts is not None and prompts.shape[1] != 1:
-                chunk_prompts = prompts[:, r0:r1]
-            chunks.append(_Chunk((r0, r1), None if mask is None else mask[r0:r1],
-                                 chunk_prompts))
-        return chunks
+        whole = _Chunk((0, batch), mask, prompts)
+        # a row longer than chunk_tokens is a chunk of its own
+        rows = max(1, rows_per_forward(self.config.chunk_tokens, length))
+        return [whole.part(r0, r1) for r0, r1 in cuts(batch, rows)]
 
     async def _forward_chunk(self, hidden: torch.Tensor, chunk: _Chunk, tuning: Tuning,
                              start: int, end: int, keep: bool,
@@ -215,7 +230,7 @@ class SwarmTrainer:
                             recovery: PassDeadline) -> list:
         """[_Run per span..., output]: the route's spans with their inputs, then the output.
         Re-routing keeps to the pass's `recovery` deadline."""
-        needs = tuning.needs
+        needs = tuning.needs(hidden.shape[1], backward=keep)
         route = await self.blocks._forward_route_retrying(start, end, patient=patient,
                                                           needs=needs,
                                                           deadline=recovery.deadline)
@@ -240,12 +255,37 @@ class SwarmTrainer:
 
     async def _forward_span(self, span: RouteSpan, hidden: torch.Tensor, chunk: _Chunk,
                             tuning: Tuning) -> torch.Tensor:
+        """The chunk through the span, in requests that fit its server's request limit."""
+        parts = self._parts(span, chunk, hidden.shape[1], backward=False)
+        outs = await all_or_cancel(
+            self._forward_request(span, hidden[a:b], part, tuning) for (a, b), part in parts)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    async def _forward_request(self, span: RouteSpan, hidden: torch.Tensor, chunk: _Chunk,
+                               tuning: Tuning) -> torch.Tensor:
         tensors, compressions, meta = self._inputs(span, [hidden], chunk)
         message = await self._request(span, protocol.METHOD_FORWARD, tensors, compressions,
                                       meta, tuning)
         if len(message.tensors) != 1 or message.tensors[0].shape != hidden.shape:
             raise _ServerFault(span, BadAnswer("forward answer of the wrong shape"))
         return message.tensors[0]
+
+    def _parts(self, span: RouteSpan, chunk: _Chunk, length: int, backward: bool
+               ) -> list[tuple[tuple[int, int], _Chunk]]:
+        """The chunk's rows cut to what the span's server announces it takes per forward
+        (or backward) request: ((start, stop) within the chunk, that part) each."""
+        blocks = self.blocks
+        limit = (blocks.backward_limit(span.peer_id) if backward
+                 else blocks.request_limit(span.peer_id))
+        rows = rows_per_forward(limit, length)
+        if rows == 0:  # routed on an older view: this server cannot run the pass now
+            what = "backward request" if backward else "request"
+            raise _ServerFault(span, RequestLimitError(
+                f"takes at most {limit} tokens per {what}, fewer than one row of {length}"))
+        count = chunk.rows[1] - chunk.rows[0]
+        if rows >= count:
+            return [((0, count), chunk)]
+        return [((a, b), chunk.part(a, b)) for a, b in cuts(count, rows)]
 
     # ------------------------------------------------------------------ backward
     async def backward(self, record: PassRecord, grad_output: torch.Tensor) -> Gradients:
@@ -271,7 +311,7 @@ class SwarmTrainer:
                              ) -> torch.Tensor:
         for run in reversed(runs):
             try:
-                grad_in, extra = await self._backward_span(run, grad, chunk, tuning)
+                grad_in, extras = await self._backward_span(run, grad, chunk, tuning)
             except _ServerFault as fault:
                 self._failed(fault, "backward", recovery)
                 # Another chain for exactly these blocks: recompute its inner boundaries,
@@ -282,21 +322,35 @@ class SwarmTrainer:
                 grad = await self._backward_runs(sub_runs, grad, chunk, tuning, sums,
                                                  recovery)
                 continue
-            sums.add(run.span, chunk, extra, tuning)
+            for part, extra in extras:  # once every request of the span has succeeded
+                sums.add(run.span, part, extra, tuning)
             grad = grad_in
         return grad
 
     async def _backward_span(self, run: _Run, grad: torch.Tensor, chunk: _Chunk,
-                             tuning: Tuning) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        span = run.span
-        tensors, compressions, meta = self._inputs(span, [run.inputs, grad], chunk)
+                             tuning: Tuning
+                             ) -> tuple[torch.Tensor, list[tuple[_Chunk, list[torch.Tensor]]]]:
+        """The gradients of the span's inputs, and each request's part with its gradients of
+        prompts and LoRA, in requests that fit the server's backward limit."""
+        parts = self._parts(run.span, chunk, run.inputs.shape[1], backward=True)
+        answers = await all_or_cancel(
+            self._backward_request(run.span, run.inputs[a:b], grad[a:b], part, tuning)
+            for (a, b), part in parts)
+        grads = [answer[0] for answer in answers]
+        grad_in = grads[0] if len(grads) == 1 else torch.cat(grads, dim=0)
+        return grad_in, [(part, answer[1]) for (_, part), answer in zip(parts, answers)]
+
+    async def _backward_request(self, span: RouteSpan, inputs: torch.Tensor,
+                                grad: torch.Tensor, chunk: _Chunk, tuning: Tuning
+                                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tensors, compressions, meta = self._inputs(span, [inputs, grad], chunk)
         message = await self._request(span, protocol.METHOD_BACKWARD, tensors, compressions,
                                       meta, tuning)
         expected = 1 + (chunk.prompts is not None)
         if tuning.lora is not None:
             expected += 2 * len(tuning.lora.keys_of(span.start, span.end))
         got = message.tensors
-        if len(got) != expected or got[0].shape != run.inputs.shape:
+        if len(got) != expected or got[0].shape != inputs.shape:
             raise _ServerFault(span, BadAnswer(f"backward answer with {len(got)} tensors, "
                                                 f"expected {expected}"))
         return got[0], got[1:]

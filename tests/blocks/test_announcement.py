@@ -22,7 +22,7 @@ from blocks.announcement import (
     SwarmView,
     block_keys,
 )
-from blocks.protocol import DEFAULT_MAX_REQUEST_TOKENS
+from blocks.protocol import DEFAULT_MAX_BACKWARD_TOKENS, DEFAULT_MAX_REQUEST_TOKENS
 from overlay.identity import PeerId
 
 
@@ -48,6 +48,7 @@ def full_info() -> ServerInfo:
         next_pings={pid(2): 0.012, pid(3): math.inf},
         public_name="lab GPU 3",
         max_request_tokens=4096,
+        max_backward_tokens=1024,
     )
 
 
@@ -77,6 +78,22 @@ def test_a_record_without_a_request_limit_means_the_default():
     assert info.max_request_tokens == DEFAULT_MAX_REQUEST_TOKENS == 16384
     assert full_info().to_wire()["mt"] == 4096
     assert ServerInfo.from_wire({**full_info().to_wire(), "mt": 1}).max_request_tokens == 1
+
+
+def test_a_record_without_a_backward_limit_means_the_default():
+    """Servers from before the backward limit was announced all took 8192 tokens per
+    backward; the field is independent of the request limit."""
+    info = ServerInfo.from_wire({"st": 2, "sp": [0, 2], "tp": 5, "mt": 64})
+    assert info.max_backward_tokens == DEFAULT_MAX_BACKWARD_TOKENS == 8192
+    assert info.max_request_tokens == 64
+    wire = full_info().to_wire()
+    assert (wire["mt"], wire["mb"]) == (4096, 1024)
+    assert ServerInfo.from_wire({**wire, "mb": 1}).max_backward_tokens == 1
+    assert ServerInfo.from_wire({**wire, "mb": 1 << 40}).max_backward_tokens == 1 << 40
+    without = {key: value for key, value in wire.items() if key != "mb"}
+    assert ServerInfo.from_wire(without).max_backward_tokens == 8192
+    with pytest.raises(AnnouncementError, match="max_backward_tokens"):
+        ServerInfo(ServerState.ONLINE, 0, 2, 1.0, max_backward_tokens=0)
 
 
 def test_unknown_keys_from_newer_servers_are_ignored():
@@ -139,6 +156,12 @@ MALFORMED = [
     ("float request limit", _with(mt=64.0)),
     ("bool request limit", _with(mt=True)),
     ("absurd request limit", _with(mt=1 << 60)),
+    ("backward limit zero", _with(mb=0)),
+    ("negative backward limit", _with(mb=-8)),
+    ("float backward limit", _with(mb=64.0)),
+    ("bool backward limit", _with(mb=True)),
+    ("text backward limit", _with(mb="8192")),
+    ("absurd backward limit", _with(mb=(1 << 40) + 1)),
     ("dtype not text", _with(dt=16)),
     ("empty dtype", _with(dt="")),
     ("control chars", _with(pn="a\nb")),
@@ -198,7 +221,8 @@ _values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_scalars, inner, max_size=5),
     max_leaves=20,
 )
-_KEYS = ["st", "sp", "tp", "ir", "fr", "nr", "ct", "dt", "q", "ad", "ma", "v", "np", "pn", "mt"]
+_KEYS = ["st", "sp", "tp", "ir", "fr", "nr", "ct", "dt", "q", "ad", "ma", "v", "np", "pn", "mt",
+         "mb"]
 
 
 @settings(max_examples=300, deadline=None)

@@ -292,6 +292,23 @@ async def test_bad_backward_is_refused_and_the_server_keeps_serving(served, name
     assert good.tensors[0].shape == hidden.shape and torch.isfinite(good.tensors[0]).all()
 
 
+async def test_the_backward_limit_is_given_in_info_and_announced(served):
+    """Clients cut their backward requests to it (client/training.py): blocks.info and the DHT
+    record both carry it, next to the request limit."""
+    from blocks.announcement import ServerInfo, ServerState
+    from blocks.announcer import Announcer
+    from blocks.throughput import ComputeRates
+
+    server, host, client = served
+    info = msgpack.unpackb(await client.call(host.peer_id, protocol.METHOD_INFO, b""))
+    assert (info["max_backward_tokens"], info["max_request_tokens"]) == (
+        64, protocol.DEFAULT_MAX_REQUEST_TOKENS)
+    record = Announcer(None, host, server, ComputeRates(None, None, override=1.0), 4).info(
+        ServerState.ONLINE)
+    assert record.max_backward_tokens == 64
+    assert ServerInfo.from_bytes(record.to_bytes()).max_backward_tokens == 64
+
+
 def _bad_lora(kind):
     lora = random_lora(9)
     if kind == "rank mismatch":

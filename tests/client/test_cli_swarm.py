@@ -180,6 +180,7 @@ def test_serve_refuses_bad_arguments(model_dir, swarm):
     assert bad.returncode != 0 and "overlay-node serve:" in bad.stderr
     for option, value in (("--cache-tokens", "-5"), ("--cache-tokens", "0"),
                           ("--max-length", "0"), ("--max-request-tokens", "0"),
+                          ("--max-backward-tokens", "0"),
                           ("--announce-period", "0")):
         bad = run_cli("serve", str(model_dir), "--blocks", "0:2", option, value,
                       "--bootstrap", swarm.bootstrap)  # refused before anything is loaded

@@ -56,6 +56,24 @@ def test_chunks_split_rows_and_per_row_prompts():
     assert [c.rows for c in long] == [(0, 1), (1, 2), (2, 3)]
 
 
+def test_a_part_of_a_chunk_keeps_absolute_rows_its_mask_and_its_prompts():
+    """What one request of a span carries when the span's server takes fewer rows than the
+    chunk has (client/training.py cuts to each server's limits): rows counted in the whole
+    batch (the per-row prompts' gradients are summed there), its rows of the mask and of
+    per-row prompts, shared prompts as they are."""
+    trainer = SwarmTrainer(blocks=None, config=TrainingConfig(chunk_tokens=40))
+    mask = torch.arange(70).view(7, 10) % 2
+    per_row = torch.arange(7.0).view(1, 7, 1, 1).expand(4, 7, 2, 8)
+    chunk = trainer._chunks(torch.zeros(7, 10, 8), mask, per_row)[1]  # rows 4 to 7
+    assert chunk.rows == (4, 7)
+    part = chunk.part(1, 3)
+    assert part.rows == (5, 7) and part.runs == []
+    assert torch.equal(part.mask, mask[5:7])
+    assert part.prompts[0, :, 0, 0].tolist() == [5, 6]
+    shared = torch.zeros(4, 1, 2, 8)
+    assert trainer._chunks(torch.zeros(7, 10, 8), None, shared)[1].part(0, 1).prompts is shared
+
+
 def test_lora_targets_snapshot_and_digest():
     config = tiny_config("llama")
     lora = RemoteLora(config, LoraConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj")))

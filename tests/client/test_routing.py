@@ -137,6 +137,37 @@ def test_servers_whose_request_limit_is_below_the_smallest_request_are_left_out(
     assert "...fast[0:4) takes at most 4 tokens per request, 5 needed" in str(err.value)
 
 
+def test_servers_whose_backward_limit_is_below_one_row_are_left_out_of_training():
+    """A training pass cuts its requests by whole rows: a server whose forward or backward
+    limit is below one row's length cannot run it, whatever its other limit; when no server
+    is left, the error names the limits."""
+    servers = {
+        "fwd": online(0, 2, 100.0, max_request_tokens=64, max_backward_tokens=16),
+        "bwd": online(0, 2, 1.0, max_request_tokens=16, max_backward_tokens=64),
+        "old": online(2, 4, 1.0),  # announced neither: 16384 and 8192
+    }
+    planner = RoutePlanner(SwarmView.from_servers(4, servers))
+
+    def first(request: int, backward: int) -> str:
+        route = planner.spread_route(0, 4, random.Random(0), needs=RouteNeeds(
+            request_tokens=request, backward_tokens=backward))
+        assert route[1:] == [RouteSpan("old", 2, 4)]
+        return route[0].peer_id
+
+    assert first(20, 0) == "fwd"  # a forward alone: bwd takes 16 tokens per request
+    assert first(16, 20) == "bwd"  # fwd's backward takes 16
+    with pytest.raises(MissingBlocksError) as err:
+        first(20, 20)
+    assert "...fwd[0:2) takes at most 16 tokens per backward request, 20 needed" \
+        in str(err.value)
+    assert "...bwd[0:2) takes at most 16 tokens per request, 20 needed" in str(err.value)
+    assert planner.spread_route(2, 4, random.Random(0), needs=RouteNeeds(
+        request_tokens=8192, backward_tokens=8192)) == [RouteSpan("old", 2, 4)]
+    with pytest.raises(MissingBlocksError, match=r"old\[2:4\) takes at most 8192 tokens per "
+                                                 r"backward request, 8193 needed"):
+        planner.spread_route(2, 4, random.Random(0), needs=RouteNeeds(backward_tokens=8193))
+
+
 def test_missing_blocks_are_named():
     servers = {
         "a": online(0, 3),
