@@ -104,14 +104,15 @@ class Connection(asyncio.BufferedProtocol):
         on_ready: Callable[[Connection], None],
         on_stream: Callable[[Stream], None],
         on_closed: Callable[[Connection], None],
-        on_request: Callable[[Connection, int, memoryview], None] | None = None,
+        on_request: Callable[[Connection, int, memoryview], None],
         admit: Callable[[Connection], str | None] | None = None,
         static: tuple[KeyPair, bytes] | None = None,
         abort_log: LogLimiter | None = None,
     ):
         """`on_request(conn, stream_id, data)` receives streams that arrive whole in one
         frame (opened, one message, half-closed: a small unary request) without a Stream
-        object; it must answer or reset that stream id. Without it they become Streams.
+        object; it must answer or reset that stream id (or make it a Stream,
+        `stream_from_whole`, and hand that to `on_stream`: the host's streaming calls).
         `admit(conn)`, called once the socket is connected (its address known), returns why
         the connection is refused, or None to go on. `static`: the Noise static key pair and
         its signed identity payload, shared by the host's handshakes (SecureHandshake).
@@ -565,12 +566,9 @@ class Connection(asyncio.BufferedProtocol):
             event = events.popleft()
             kind = type(event)
             if kind is OneShotStream:
-                if self._on_request is not None:
-                    self._on_request(self, event.stream_id, event.data)
-                    if self.closed:
-                        return
-                else:
-                    self._on_stream(self.stream_from_whole(event.stream_id, event.data))
+                self._on_request(self, event.stream_id, event.data)
+                if self.closed:
+                    return
             elif kind is DataReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:

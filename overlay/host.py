@@ -611,7 +611,7 @@ class Host:
         conn = stream.connection
         conn.headerless.add(stream.stream_id)
 
-        def bound(head: bytes) -> tuple[int, str] | None:
+        def bound(head: bytes) -> tuple[int | None, str] | None:
             decided = self._request_bound(head)
             if decided is None:
                 return None
@@ -639,12 +639,13 @@ class Host:
         stream.reset(reset_reason("bad_request", "a unary request ends with FIN: none came "
                                   f"within {self.config.request_header_timeout:g} s"))
 
-    def _request_bound(self, head: bytes) -> tuple[int, str, bool] | None:
-        """The most bytes of the request that starts with `head`, the reason to refuse it
-        beyond them, and whether it must arrive whole within `request_timeout` (a unary call
-        to a method with its own limit); None while its header is incomplete. A request to an
-        unknown method or with a malformed header is refused at its first byte; a streaming
-        request's first message is its header alone."""
+    def _request_bound(self, head: bytes) -> tuple[int | None, str, bool] | None:
+        """The most bytes of the request that starts with `head` (None: no bound of its own,
+        so its fragments are not looked at again; the multiplexer enforces max_message_size),
+        the reason to refuse it beyond them, and whether it must arrive whole within
+        `request_timeout` (a unary call to a method with its own limit); None while its
+        header is incomplete. A request to an unknown method or with a malformed header is
+        refused at its first byte; a streaming request's first message is its header alone."""
         try:
             peeked = peek_request(head)
         except RpcProtocolError as e:
@@ -659,8 +660,7 @@ class Host:
             return 0, reset_reason("unknown_method", f"no method {header.method!r}"), False
         limit = self._request_limits.get(header.method)
         if limit is None:
-            limit = self.config.max_message_size  # (the multiplexer enforces it first)
-            return limit, f"message larger than {limit} bytes", False
+            return None, "", False
         return size + limit, _too_large(header.method, limit), True
 
     async def _serve(self, stream: Stream, timer: list) -> None:

@@ -190,12 +190,13 @@ class Stream:
         if credit:
             self._conn.acknowledge(self.stream_id, credit)
 
-    def bound_first_message(self, decide: Callable[[bytes], tuple[int, str] | None],
+    def bound_first_message(self, decide: Callable[[bytes], tuple[int | None, str] | None],
                             head_bytes: int) -> None:
         """Call `decide(head)` with the first bytes of the first message as they arrive
         (`head_bytes` at most) until it answers (limit, reason); the stream is then reset with
         `reason` as soon as that message exceeds `limit` bytes, before the rest of it is
-        read (the host's per-method request limit). Set before any data came."""
+        read (the host's per-method request limit). A limit of None: no bound, and the
+        message's later fragments are not looked at. Set before any data came."""
         self._bound = _FirstMessageBound(decide, head_bytes)
 
     def bound_messages(self, limit: int, reason: str,
@@ -223,7 +224,11 @@ class Stream:
                 if end:
                     self._bound = None
                 return False
-            bound.limit, bound.reason = decided
+            limit, bound.reason = decided
+            if limit is None:  # no bound, nor one after it (`then` is None with a `decide`)
+                self._bound = None
+                return False
+            bound.limit = limit
         if self._partial_size + len(data) > bound.limit:
             self._bound = None
             self.reset(bound.reason)

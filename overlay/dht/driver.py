@@ -51,7 +51,6 @@ from overlay.dht.node import DHTNode, DHTProtocolError
 from overlay.dht.records import Record
 from overlay.host import ConnectionLost, Host, RemoteError, RpcContext, RpcTimeout
 from overlay.identity import PeerId
-from overlay.log_limit import LogLimiter
 from overlay.multiaddr import Multiaddr, MultiaddrError
 
 log = logging.getLogger("overlay.dht")
@@ -94,8 +93,6 @@ class DHT:
         self._known_addrs: dict[PeerId, tuple[str, ...]] = {}
         self._closed = False
         self.rpcs_sent = 0
-        # Peers can send malformed requests and answers at will: their lines are rate-limited.
-        self._bad_request_log = LogLimiter(log, clock=time.monotonic)
 
     @classmethod
     async def start(
@@ -303,9 +300,12 @@ class DHT:
             log.debug("dht request to %s failed: %s", contact.peer.short(), e)
             self.node.on_failure(effect.req_id, time.time())
         except MessageError as e:
-            self._bad_request_log.log(logging.WARNING, "bad dht answers",
+            # Peers send malformed answers and requests at will: these lines share the core's
+            # limiter with the lines it limits itself, on the clock the core is given.
+            now = time.time()
+            self.node.peer_log.log_at(now, logging.WARNING, "bad dht answers",
                                       "bad dht answer from %s: %s", contact.peer.short(), e)
-            self.node.on_failure(effect.req_id, time.time())
+            self.node.on_failure(effect.req_id, now)
         else:
             self.node.on_response(effect.req_id, response, time.time())
         self._after_input()
@@ -316,7 +316,7 @@ class DHT:
         try:
             request = decode_request(payload)
         except MessageError as e:
-            self._bad_request_log.log(logging.INFO, "bad dht requests",
+            self.node.peer_log.log_at(time.time(), logging.INFO, "bad dht requests",
                                       "bad dht request from %s: %s", ctx.peer.short(), e)
             raise RemoteError("bad_request", str(e)) from None
         if request.serves and request.addrs:

@@ -150,8 +150,8 @@ class DHTNode:
         self._owned: dict[tuple[bytes, str | None], list] = {}
         self._owned_next: float | None = None  # earliest republish time
         self._ping: Ping | None = None  # see ping_request
-        # Lines peers cause at will (refused STOREs, bad answers: operations.py), rate-limited
-        # per kind (log_at: the clock is `now`).
+        # Lines peers cause at will (refused STOREs, bad answers: operations.py; malformed
+        # messages: the driver's), rate-limited per kind (log_at: the clock is `now`).
         self.peer_log = LogLimiter(log)
 
     # -- effects -------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class PartialBudget:
         return conn_held + size <= self.limit // holders
 
     def try_take(self, conn_held: int, size: int) -> bool:
-        """`admits` then `take` in one call (a stream opened: on every request's path)."""
+        """`admits` then `take` in one call (hot paths: a stream opened, a fragment held)."""
         if self.held + size > self.limit:
             holders = self.holders + (conn_held == 0)
             if conn_held + size > self.limit // holders:

@@ -518,8 +518,7 @@ class MuxConnection:
         if flags & END:
             stream.message_bytes = 0
             if stream.charged:
-                self._release(stream.charged)
-                stream.charged = 0
+                self._release(stream)
             if flags & FIN:  # the last message and the end of the stream: one event
                 stream.fin_received = True
                 self.events.append(_new_event(LastMessage, (stream_id, payload)))
@@ -531,11 +530,9 @@ class MuxConnection:
             total = held + size
             extra = total - stream.charged
             if extra > 0:
-                refusal = self._over_budget(extra)
+                refusal = self._hold(stream, extra)
                 if refusal is not None:
                     return self._refuse_message(stream, refusal)
-                self._charge(extra)
-                stream.charged = total
             stream.message_bytes = total
             self.events.append(_new_event(DataReceived, (stream_id, payload, False)))
         if flags & FIN:
@@ -558,12 +555,7 @@ class MuxConnection:
         if stream is None or self._closed:
             return False
         extra = nbytes - stream.charged
-        if extra > 0:
-            if self._over_budget(extra) is not None:
-                return False
-            self._charge(extra)
-            stream.charged = nbytes
-        return True
+        return extra <= 0 or self._hold(stream, extra) is None
 
     def keep_spare(self, nbytes: int) -> bool:
         """Whether the driver may keep a spare buffer of `nbytes` for later messages (a
@@ -586,26 +578,29 @@ class MuxConnection:
         if self._budget is not None:
             self._budget.spares -= nbytes
 
-    def _over_budget(self, extra: int) -> str | None:
-        """Why `extra` more bytes of unfinished messages may not be held, or None."""
+    def _hold(self, stream: _Stream, extra: int) -> str | None:
+        """Count `extra` (> 0) more bytes of `stream`'s unfinished message against the
+        budgets; or, counting nothing, say why they do not admit them. The one place of this
+        bookkeeping, for fragments (`_on_data`) and reservations (`reserve`); callers check
+        `extra > 0` first, so that a fragment within what its stream reserved costs no call."""
         if self._partial + extra > self.config.max_partial_bytes:
             return (f"too_large: unfinished messages on this connection take at most "
                     f"{self.config.max_partial_bytes} bytes")
         budget = self._budget
-        if budget is not None and not budget.admits(self._partial, extra):
+        if budget is not None and not budget.try_take(self._partial, extra):
             return (f"busy: the node holds {budget.limit} bytes of unfinished messages; "
                     "send again later")
+        self._partial += extra
+        stream.charged += extra
         return None
 
-    def _charge(self, size: int) -> None:
+    def _release(self, stream: _Stream) -> None:
+        """`stream`'s unfinished message counts against the budgets no more (its END came,
+        or the stream is gone); callers check `stream.charged` first."""
         if self._budget is not None:
-            self._budget.take(self._partial, size)
-        self._partial += size
-
-    def _release(self, size: int) -> None:
-        if self._budget is not None:
-            self._budget.give(self._partial, size)
-        self._partial -= size
+            self._budget.give(self._partial, stream.charged)
+        self._partial -= stream.charged
+        stream.charged = 0
 
     def _on_window_update(self, stream_id: int, credit: int) -> None:
         stream = self._streams.get(stream_id)
@@ -667,8 +662,7 @@ class MuxConnection:
                 self._unqueued(stream.queued_bytes)
             stream.queued_bytes = 0
         if stream.charged:
-            self._release(stream.charged)
-            stream.charged = 0
+            self._release(stream)
         if (stream.stream_id & 1) == self._own_parity:
             self._local_open -= 1
         else:
