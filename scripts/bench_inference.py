@@ -8,13 +8,11 @@ transformers generates the same tokens locally. Prints ms/token for both and the
 token, checks the tokens are identical, and ends with one JSON line.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_inference.py [--tokens 64] [--repeat 3]
-        [--decode fast,plain] [--huge-pages on,off]
+        [--decode fast,plain]
 
 With ``--decode fast,plain`` (the default) each model is also served with the servers'
 single-token fast path off (``serve --decode plain``), in the same run, so the fast path's gain
-is measured side by side even on a loaded machine. ``--huge-pages on,off`` likewise serves each
-model also with the servers' tensors in 4 KiB pages (model_parts/huge_pages.py); this process,
-which runs the local baseline and the client's head, asks for huge pages in both cases.
+is measured side by side even on a loaded machine.
 """
 
 from __future__ import annotations
@@ -33,13 +31,7 @@ from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from model_parts.huge_pages import ENV_VARS, huge_pages_requested, request_huge_pages
 from overlay.cli.arguments import positive_int  # counts: refused when below 1
-
-# The servers (`overlay-node serve`) ask torch's allocator for huge pages; so does this
-# process, for transformers' local run and the client's head alike (before torch is imported),
-# so that the baseline is not slower for an allocator setting it could use too.
-request_huge_pages()
 
 if TYPE_CHECKING:
     import torch
@@ -119,11 +111,6 @@ async def swarm_ms_per_token(model_dir: Path, bootstrap: str, prompt: torch.Tens
     return elapsed * 1000 / tokens, new
 
 
-def _prefix(mode: str, pages: str) -> str:
-    """JSON key prefix of a (decode mode, servers' huge pages) run: none for the default."""
-    return ("" if mode == "fast" else f"{mode}_") + ("" if pages == "on" else "small_pages_")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=positive_int, default=64)
@@ -132,13 +119,7 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--decode", default="fast,plain",
                         help="server decode modes to measure (serve --decode)")
-    parser.add_argument("--huge-pages", default="on",
-                        help="servers with huge pages for their tensors (on, the serve default) "
-                             "and/or without (off), e.g. on,off; this process keeps its own")
     args = parser.parse_args()
-    pages = args.huge_pages.split(",")
-    if not pages or any(p not in ("on", "off") for p in pages):
-        parser.error(f"argument --huge-pages: {args.huge_pages!r} is not a list of on, off")
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:  # (a KeyError once torch was loaded)
         parser.error(f"argument --models: unknown {', '.join(map(repr, unknown))}; known: "
@@ -157,11 +138,9 @@ def main() -> int:
             half = num_blocks // 2
             prompt = torch.tensor([[1, 17, 42, 99, 7, 256, 311, 5]])
             entry: dict = {}
-            for mode, page in [(m, p) for p in pages for m in args.decode.split(",")]:
+            for mode in args.decode.split(","):
                 spans = [(0, half), (half, num_blocks)]
-                env = {} if page == "on" else dict.fromkeys(ENV_VARS, "0")
-                with LocalSwarm(model_dir, spans, extra_serve_args=["--decode", mode],
-                                env=env) as swarm:
+                with LocalSwarm(model_dir, spans, extra_serve_args=["--decode", mode]) as swarm:
                     ours, local = [], []
                     for _ in range(args.repeat):
                         with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -174,7 +153,7 @@ def main() -> int:
                             print(f"{name}: TOKENS DIFFER from local", file=sys.stderr)
                             return 1
                 swarm_ms, local_ms = statistics.median(ours), statistics.median(local)
-                prefix = _prefix(mode, page)
+                prefix = "" if mode == "fast" else f"{mode}_"
                 # Also the best run of each: on a loaded machine the median of a few runs
                 # still moves with the load; the best runs are the least disturbed of both.
                 entry.update({f"{prefix}swarm_ms_per_token": round(swarm_ms, 3),
@@ -187,15 +166,14 @@ def main() -> int:
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
           f"python={platform.python_version()}")
     print("command: OMP_NUM_THREADS=1 python scripts/bench_inference.py " + " ".join(sys.argv[1:]))
-    print(f"load average: {os.getloadavg()[0]:.1f} (other work on the machine); huge pages "
-          f"in this process: {'on' if huge_pages_requested() else 'off'}")
-    print(f"{'model':<12}{'decode':>7}{'pages':>6}{'swarm ms/tok':>14}{'local ms/tok':>14}"
-          f"{'overhead':>10}{'ratio':>8}{'best-run overhead':>19}")
+    print(f"load average: {os.getloadavg()[0]:.1f} (other work on the machine)")
+    print(f"{'model':<12}{'decode':>7}{'swarm ms/tok':>14}{'local ms/tok':>14}{'overhead':>10}"
+          f"{'ratio':>8}{'best-run overhead':>19}")
     for name, r in results.items():
-        for mode, page in [(m, p) for p in pages for m in args.decode.split(",")]:
-            p = _prefix(mode, page)
+        for mode in args.decode.split(","):
+            p = "" if mode == "fast" else f"{mode}_"
             swarm, local = r[f"{p}swarm_ms_per_token"], r[f"{p}local_ms_per_token"]
-            print(f"{name:<12}{mode:>7}{page:>6}{swarm:>14.2f}{local:>14.2f}"
+            print(f"{name:<12}{mode:>7}{swarm:>14.2f}{local:>14.2f}"
                   f"{r[f'{p}overhead_ms_per_token']:>10.2f}{swarm / local:>8.2f}"
                   f"{r[f'{p}best_overhead_ms_per_token']:>19.2f}")
     met = all(r.get("overhead_ms_per_token", 1e9) <= 1.0 for r in results.values())

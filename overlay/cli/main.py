@@ -29,9 +29,6 @@ _PLUGINS = {
     "status": ("client.cli:add_status_parser", "the swarm: models, servers, spans, coverage"),
     "demo": ("client.demo:add_parser", "run a local swarm and generate through it"),
 }
-# Commands that hold model weights on the CPU: before their package (and torch) is imported,
-# torch's allocator is asked for transparent huge pages (model_parts/huge_pages.py says why).
-_HOLD_WEIGHTS = {"serve", "generate", "demo"}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -51,8 +48,6 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             sub.add_parser(name, help=summary, add_help=False)
             continue
         module_name, _, function = target.partition(":")
-        if name in _HOLD_WEIGHTS:
-            importlib.import_module("model_parts.huge_pages").request_huge_pages()
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
