@@ -49,13 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "outlier threshold 6.0) or nf4 (QLoRA, double quantization)")
     serve.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                        help="dummy: random weights from config.json alone, for benchmarks")
-    serve.add_argument("--decode", default="compiled", choices=["compiled", "fast", "plain"],
-                       help="single-token steps: compiled (default; on CUDA the fast path's "
-                            "static-cache step compiled by torch.compile at load, about 35 s for "
-                            "an 8B span, checked against a float32 run, then CUDA graphs; "
-                            "elsewhere, or where that fails, fast), fast (direct layer calls, "
-                            "static caches and CUDA graphs of the eager step, checked equal) or "
-                            "plain")
+    serve.add_argument("--decode", default="auto", choices=["auto", "compiled", "fast", "plain"],
+                       help="single-token steps: auto (default: compiled on CUDA, fast "
+                            "elsewhere), compiled (the static-cache step compiled by "
+                            "torch.compile at load, about 35 s for an 8B span on a GPU and "
+                            "15-35 s for a small span on a CPU, which needs a C++ compiler; "
+                            "checked against a float32 run; on CUDA then replayed as CUDA "
+                            "graphs; where it fails, fast), fast (direct layer calls, static "
+                            "caches and CUDA graphs of the eager step, checked equal) or plain")
     serve.add_argument("--model-id", help="swarm-wide name of the model (default: derived from "
                                           "the directory name and its config)")
     serve.add_argument("--cache-tokens", type=positive_int, default=8192,
@@ -277,8 +278,10 @@ def _decode_options(mode: str):
     if mode == "plain":
         return DecodeOptions(direct_layers=False, static_cache=False, cuda_graphs=False,
                              compile=False)
-    if mode == "compiled":
-        return DecodeOptions(compile=None)  # compiled where it is checked to work (CUDA)
+    if mode == "auto":
+        return DecodeOptions(compile=None)  # compiled on CUDA, where it pays at every size
+    if mode == "compiled":  # on any device: a CPU step needs a static cache for it
+        return DecodeOptions(static_cache=True, compile=True)
     return DecodeOptions()
 
 

@@ -275,3 +275,16 @@ def _greedy(head: LocalHead, spans: list[BlockSpan], prompt: torch.Tensor, new: 
     for session in sessions:
         session.close()
     return sequence
+
+
+def test_serve_decode_modes() -> None:
+    """`serve --decode`: auto compiles where that is the default (CUDA); compiled asks for a
+    static cache too, which a CPU step needs to be compiled at all."""
+    from blocks.cli import _decode_options
+
+    assert _decode_options("auto").compile is None and _decode_options("auto").static_cache is None
+    compiled = _decode_options("compiled")
+    assert compiled.compile is True and compiled.static_cache is True
+    assert _decode_options("fast").compile is False
+    plain = _decode_options("plain")
+    assert not (plain.direct_layers or plain.static_cache or plain.cuda_graphs or plain.compile)
