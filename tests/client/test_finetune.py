@@ -199,13 +199,19 @@ def test_lora_gradients_match_peft(swarm):
         local = peft(input_ids=ids, labels=ids)
         local.loss.backward()
         assert abs(out.loss.item() - local.loss.item()) <= LOSS_TOLERANCE
-        named = dict(peft.named_parameters())
-        for (block, module), a, b in zip(lora.keys, lora.lora_A, lora.lora_B):
-            prefix = f"base_model.model.model.layers.{block}.{module}"
-            assert relative_error(a.grad, named[f"{prefix}.lora_A.default.weight"].grad) \
-                <= GRAD_TOLERANCE
-            assert relative_error(b.grad, named[f"{prefix}.lora_B.default.weight"].grad) \
-                <= GRAD_TOLERANCE
+        assert_lora_grads_match(model, peft)
+
+
+def assert_lora_grads_match(model, peft) -> None:
+    """The client-trained LoRA's gradients are PEFT's, within GRAD_TOLERANCE."""
+    named = dict(peft.named_parameters())
+    lora = model.tuning.lora
+    for (block, module), a, b in zip(lora.keys, lora.lora_A, lora.lora_B):
+        prefix = f"base_model.model.model.layers.{block}.{module}"
+        assert relative_error(a.grad, named[f"{prefix}.lora_A.default.weight"].grad) \
+            <= GRAD_TOLERANCE
+        assert relative_error(b.grad, named[f"{prefix}.lora_B.default.weight"].grad) \
+            <= GRAD_TOLERANCE
 
 
 def _steps(model, loss_of, ids, steps=10, lr=1e-2):

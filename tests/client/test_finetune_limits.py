@@ -25,6 +25,7 @@ from tests.client.test_finetune import (
     PRE_SEQ_LEN,
     RANK,
     TARGETS,
+    assert_lora_grads_match,
     local_prompt_loss,
     peft_model,
     relative_error,
@@ -65,15 +66,14 @@ def lora_model(swarm, model_dir, peft, servers: int = len(LIMITS)):
     return model
 
 
-def assert_lora_grads_match(model, peft) -> None:
-    named = dict(peft.named_parameters())
-    lora = model.tuning.lora
-    for (block, module), a, b in zip(lora.keys, lora.lora_A, lora.lora_B):
-        prefix = f"base_model.model.model.layers.{block}.{module}"
-        assert relative_error(a.grad, named[f"{prefix}.lora_A.default.weight"].grad) \
-            <= GRAD_TOLERANCE
-        assert relative_error(b.grad, named[f"{prefix}.lora_B.default.weight"].grad) \
-            <= GRAD_TOLERANCE
+def backward_against_peft(model, peft, ids):
+    """The loss and its gradients through the swarm and in PEFT; the losses agree."""
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    local = peft(input_ids=ids, labels=ids)
+    local.loss.backward()
+    assert abs(out.loss.item() - local.loss.item()) <= LOSS_TOLERANCE
+    return out
 
 
 def test_servers_announce_both_limits(swarm, model_dir):
@@ -133,11 +133,7 @@ def test_lora_gradients_match_peft(swarm, model_dir):
     ids = token_batch(5, 10, seed=42)
     peft = peft_model(seed=43)
     with lora_model(swarm, model_dir, peft) as model:
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        local = peft(input_ids=ids, labels=ids)
-        local.loss.backward()
-        assert abs(out.loss.item() - local.loss.item()) <= LOSS_TOLERANCE
+        out = backward_against_peft(model, peft, ids)
         assert_lora_grads_match(model, peft)
         for params in (model.parameters(), peft.parameters()):
             torch.optim.SGD([p for p in params if p.requires_grad], lr=0.5).step()
@@ -178,10 +174,6 @@ def test_a_long_row_goes_to_a_server_that_takes_it(swarm, model_dir):
             for p in model.parameters():
                 p.grad = None
             peft.zero_grad()
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            local = peft(input_ids=ids, labels=ids)
-            local.loss.backward()
-            assert abs(out.loss.item() - local.loss.item()) <= LOSS_TOLERANCE
+            out = backward_against_peft(model, peft, ids)
             assert_lora_grads_match(model, peft)
         assert out.logits.shape == (2, 30, VOCAB_SIZE)
