@@ -88,6 +88,8 @@ class RemoteSessionCache(Cache):
         self._session: ModelSession | None = None
         self._closed = False
         self._prefix = 0  # positions of the model's tuned prompts at the session's start
+        # the trainable weights the session was opened with (its cache holds what they gave)
+        self._weights: tuple[torch.Tensor, ...] = ()
 
     # -- what generate and the model read ---------------------------------------------------
     @property
@@ -155,8 +157,16 @@ class RemoteSessionCache(Cache):
         `input_ids` (all of them so far, as generate takes them) agree with the tokens the
         session holds (ModelSession.keep_agreeing), so the call gives a fresh session's
         tokens. Rows repeated for beams or several return sequences are compared as generate
-        repeats them."""
+        repeats them. A session opened before the model's trainable weights changed is closed,
+        and the call opens a fresh one."""
         if self._session is None or self._closed:
+            return
+        if self._model.tuning.changed_since(self._weights):
+            # Trained since it opened: the servers hold the old prompts' or LoRA's results.
+            # The call starts a session afresh (get_seq_length is 0 again), as a new one would.
+            session, self._session, self._prefix = self._session, None, 0
+            with contextlib.suppress(LoopClosedError, InferenceError, OSError):
+                self._model._run(session.close())
             return
         rows = self._session.batch_size
         if input_ids.shape[0] != rows and input_ids.shape[0] and rows % input_ids.shape[0] == 0:
@@ -185,6 +195,7 @@ class RemoteSessionCache(Cache):
             batch = hidden.shape[0] if self._batch_size is None else self._batch_size
             prompts = model.tuning.session_prefix(batch, hidden.dtype, hidden.device)
             prefix = 0 if prompts is None else prompts.shape[1]
+            self._weights = model.tuning.weights_now()
             self._session = model._run(model.remote.inference_session(
                 batch, self.max_length + prefix, **model.tuning.session_kwargs()))
             self._prefix = prefix

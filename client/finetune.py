@@ -188,6 +188,18 @@ class ModelTuning(nn.Module):
             kwargs["adapter"] = self.adapter
         return kwargs
 
+    def weights_now(self) -> tuple[torch.Tensor, ...]:
+        """A copy of the trainable weights (prompts, LoRA), taken when a session opens: the
+        session computed with these, and serves its cache only while they stay."""
+        with torch.no_grad():
+            return tuple(p.detach().clone() for p in self.parameters())
+
+    def changed_since(self, weights: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the trainable weights differ from `weights` (an optimizer step since)."""
+        current = list(self.parameters())
+        return len(current) != len(weights) or any(
+            not torch.equal(p.detach(), w) for p, w in zip(current, weights, strict=True))
+
     def session_prefix(self, batch: int, dtype: torch.dtype, device: torch.device
                        ) -> torch.Tensor | None:
         """Hidden states to put before a session's first step (ptune's prompts), or None."""

@@ -314,6 +314,29 @@ def test_generation_with_prompts_matches_local(swarm, reference, mode):
     assert not torch.equal(new[:, -10:], other[:, -10:])
 
 
+@pytest.mark.parametrize("mode", ["ptune", "lora"])
+def test_a_session_reused_after_training_gives_a_fresh_sessions_tokens(swarm, mode):
+    """A session opened before an optimizer step holds what the old prompts or LoRA computed
+    (the servers got them when it opened): a generate that reuses it must give what a fresh
+    session gives with the weights as they are now."""
+    ids = token_batch(1, 6, seed=50)
+    options = ({"pre_seq_len": PRE_SEQ_LEN} if mode == "ptune" else
+               {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_target_modules": TARGETS})
+    generated = {"max_new_tokens": 6, "do_sample": False}
+    with open_model(swarm, tuning_mode=mode, **options) as model:
+        with model.inference_session(max_length=32) as session:
+            before = model.generate(ids, past_key_values=session, **generated)
+            noise = torch.Generator().manual_seed(51)
+            with torch.no_grad():  # a (large) training step
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.add_(torch.randn(param.shape, generator=noise))
+            again = model.generate(ids, past_key_values=session, **generated)
+        fresh = model.generate(ids, **generated)
+    assert not torch.equal(before, fresh)  # the step changed the tokens: the test can fail
+    assert torch.equal(again, fresh)
+
+
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
 def test_left_padded_rows_train_the_prompts_where_generation_uses_them(swarm, mode):
     """Generation puts a padded row's tokens right after the prompts (its positions skip the
