@@ -337,4 +337,11 @@ class PushService:
         if inbox is None:
             raise RemoteError(protocol.SESSION_CLOSED, "no session with this push token")
         inbox.deliver(Pushed(tensors, request.step_meta()))
+        if ctx is not None:
+            # The step is on the token's critical path, the acknowledgement is not: yield
+            # once, so that the session's task takes the step before the acknowledgement is
+            # sealed and written (an eager handler's answer goes out first otherwise).
+            # trace_token.py, server 2 "read -> step received": 119 us against 160-193 (4x64),
+            # 326 against 337-418 (8x512).
+            await asyncio.sleep(0)
         return b""
