@@ -578,7 +578,9 @@ class InferenceSession:
                 raise ModelInputError(f"the token ids of a step must have shape "
                                       f"{tuple(hidden.shape[:2])}")
             length = hidden.shape[1]
-            if length <= self._positions_per_step(hidden.shape[0]):
+            # One position of every row always fits: servers that take fewer are refused when
+            # the session opens (SpanSession.open), so a decode step skips the arithmetic.
+            if length == 1 or length <= self._positions_per_step(hidden.shape[0]):
                 out = await self._step(hidden, mask)
             else:  # too many for one request: in pieces, each recorded as its own step
                 outs, done = [], 0

@@ -175,14 +175,18 @@ class RemoteBlocks:
     def request_limit(self, peer_id: str) -> int:
         """Tokens of one request the server takes, as it announced (the default when it did
         not, or is not in the current view)."""
-        info = None if self._view is None else self._view.servers.get(peer_id)
+        info = self._announced(peer_id)
         return protocol.DEFAULT_MAX_REQUEST_TOKENS if info is None else info.max_request_tokens
 
     def backward_limit(self, peer_id: str) -> int:
         """Tokens of one `blocks.backward` the server takes, as `request_limit` reads it."""
-        info = None if self._view is None else self._view.servers.get(peer_id)
+        info = self._announced(peer_id)
         return protocol.DEFAULT_MAX_BACKWARD_TOKENS if info is None else \
             info.max_backward_tokens
+
+    def _announced(self, peer_id: str):
+        """The server's record in the current view, or None."""
+        return None if self._view is None else self._view.servers.get(peer_id)
 
     def failed(self, span: RouteSpan, failure: BaseException, recovery: PassDeadline) -> float:
         """A pass's request to `span` failed: ban its server; the deadline to re-route by, or

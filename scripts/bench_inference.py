@@ -113,6 +113,11 @@ async def swarm_ms_per_token(model_dir: Path, bootstrap: str, prompt: torch.Tens
     return elapsed * 1000 / tokens, new
 
 
+def _prefix(mode: str) -> str:
+    """The JSON keys' prefix of a server decode mode's figures (none for the default, fast)."""
+    return "" if mode == "fast" else f"{mode}_"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=positive_int, default=64)
@@ -166,7 +171,7 @@ def main() -> int:
             pooled = [ms for mode in modes for ms in local[mode]]
             for mode in modes:
                 swarm_ms, local_ms = statistics.median(ours[mode]), statistics.median(pooled)
-                prefix = "" if mode == "fast" else f"{mode}_"
+                prefix = _prefix(mode)
                 # Also the best run of each: on a loaded machine the median of a few runs
                 # still moves with the load; the best runs are the least disturbed of both.
                 entry.update({f"{prefix}swarm_ms_per_token": round(swarm_ms, 3),
@@ -184,13 +189,13 @@ def main() -> int:
           f"{'ratio':>8}{'best-run overhead':>19}")
     for name, r in results.items():
         for mode in args.decode.split(","):
-            p = "" if mode == "fast" else f"{mode}_"
+            p = _prefix(mode)
             swarm, local = r[f"{p}swarm_ms_per_token"], r[f"{p}local_ms_per_token"]
             print(f"{name:<12}{mode:>7}{swarm:>14.2f}{local:>14.2f}"
                   f"{r[f'{p}overhead_ms_per_token']:>10.2f}{swarm / local:>8.2f}"
                   f"{r[f'{p}best_overhead_ms_per_token']:>19.2f}")
     for mode in args.decode.split(","):
-        p = "" if mode == "fast" else f"{mode}_"
+        p = _prefix(mode)
         met = all(r.get(f"{p}overhead_ms_per_token", 1e9) <= 1.0 for r in results.values())
         print(f"target: overhead <= 1.0 ms/token with a 2-span chain, serve --decode {mode}: "
               f"{'met' if met else 'MISSED'}")
