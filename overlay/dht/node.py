@@ -380,19 +380,19 @@ class DHTNode:
             return FindValueResponse(tuple(results))
         if isinstance(request, Store):
             stored = []
-            budget = self.bad_signatures
+            sig_budget = self.bad_signatures
             refused: RecordError | None = None
             for record in request.records:
                 subkey = record.subkey  # owned, or looking so (then refused anyway):
                 if (subkey is not None and subkey.startswith(OWNED_SUBKEY_PREFIX)
-                        and not budget.may_check(sender, now)):
+                        and not sig_budget.may_check(sender, now)):
                     stored.append(False)  # it sent bad signatures: not worth checking
                     continue
                 try:
                     record = check_record(record, now, self.config.limits, self.verifier)
                 except RecordError as e:
                     if isinstance(e, SignatureError):
-                        budget.failed(sender, now)
+                        sig_budget.failed(sender, now)
                     refused = refused or e
                     stored.append(False)
                     continue

@@ -10,7 +10,7 @@ Pure: no I/O, no clock, no randomness except the node's injected source.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from overlay.dht.contact import Contact
@@ -146,7 +146,7 @@ class LookupOperation(Operation):
         if all(lookup.finished for lookup in lookups):
             self._lookups_finished(node, now)
 
-    def _touch(self, indices: list[int]) -> None:
+    def _touch(self, indices: Sequence[int]) -> None:
         if self._dirty is not None:
             self._dirty.update(indices)
 
