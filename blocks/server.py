@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgpack
@@ -59,6 +59,9 @@ class ServingConfig:
     cache_tokens: int = 8192  # attention-cache capacity, in tokens on every block of the span
     max_length: int = 8192  # the longest session a client may open
     session_idle_timeout: float = 300.0
+    # An inference stream whose opening message has not come by then is refused (clients send
+    # it with the stream's first frame; a stream held open without one costs a handler each).
+    session_opening_timeout: float = 30.0
     # batch x length of one forward or step; announced, so clients split to fit it
     max_request_tokens: int = protocol.DEFAULT_MAX_REQUEST_TOKENS
     # batch x length of one backward (~3x a forward's work); announced, clients cut to fit
@@ -184,7 +187,7 @@ class BlockServer:
             "quant": self.span.quant,
             "cache_tokens": self.config.cache_tokens,
             "cache_tokens_free": self.cache_tokens_free,
-            "max_length": self.config.max_length,
+            "max_length": self.max_length,
             "max_request_tokens": self.config.max_request_tokens,
             "max_backward_tokens": self.config.max_backward_tokens,
             "sessions": len(self._sessions),
@@ -215,7 +218,13 @@ class BlockServer:
         return tensor_wire.encode_message([output], None, compression)
 
     async def _inference(self, ctx: RpcContext, stream: Stream) -> None:
-        opening = await stream.recv()
+        timeout = self.config.session_opening_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                opening = await stream.recv()
+        except TimeoutError:
+            raise RemoteError(protocol.BAD_INPUT, f"no session opening came within "
+                                                  f"{timeout:g} s of the stream") from None
         if opening is None:
             return
         with contextlib.suppress(tensor_wire.WireError):  # (malformed: decode says so)
@@ -228,6 +237,10 @@ class BlockServer:
             )
             tuned = protocol.parse_tuning(meta, 0, leading=0)
             view = self._view(request.blocks.start, request.blocks.end)
+            limit = view.position_limit
+            if limit is not None and request.max_length > limit:
+                raise RequestError(protocol.TOO_LONG, f"max_length {request.max_length} "
+                                                      f"exceeds this model's {limit} positions")
             lora = self.tuning.lora_for(tuned, view, pin=True)
         except RequestError as e:
             raise RemoteError(e.code, str(e)) from None
@@ -239,16 +252,16 @@ class BlockServer:
             length = request.max_length
             cost = request.batch_size * length * (blocks.end - blocks.start)
         budget = self.budget
-        try:
-            await _acquire_while_connected(budget, cost, request.wait_timeout, stream)
-        except CacheFullError as e:
-            self.tuning.unpin(tuned)
-            raise RemoteError(protocol.CACHE_FULL, str(e)) from None
-        except StreamClosed:
-            self.tuning.unpin(tuned)
-            return
+        granted = False
         entry = None
-        try:
+        try:  # until the session exists, its pin (and grant) are released on every way out
+            try:
+                await _acquire_while_connected(budget, cost, request.wait_timeout, stream)
+            except CacheFullError as e:
+                raise RemoteError(protocol.CACHE_FULL, str(e)) from None
+            except StreamClosed:
+                return
+            granted = True
             if budget is not self.budget:  # moved to another span while this one waited
                 raise RemoteError(protocol.BAD_RANGE, f"this server now serves blocks "
                                                       f"[{self.span.start}, {self.span.end})")
@@ -257,8 +270,10 @@ class BlockServer:
             entry.inbox = self.push.open(stream, meta)
             self._sessions[entry.session_id] = entry
         finally:
+            # (also when cancelled: the handler's deadline passed while it waited for cache)
             if entry is None:
-                budget.release(cost)
+                if granted:
+                    budget.release(cost)
                 self.tuning.unpin(tuned)
         try:
             await stream.send(tensor_wire.encode_message([], {
@@ -353,8 +368,7 @@ class BlockServer:
             else:
                 self._in_worker += 1
                 try:
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, timed)
+                    result = await _outlasting_cancel(self._executor.submit(timed))
                 finally:
                     self._in_worker -= 1
         except RequestError:
@@ -370,6 +384,13 @@ class BlockServer:
         self._seconds_per_token = (
             per_token if previous is None else 0.8 * previous + 0.2 * per_token)
         return result
+
+    @property
+    def max_length(self) -> int:
+        """The longest session this server opens: ``--max-length``, or fewer where the model
+        has a learned table of positions (blocks/span.py ``position_limit``)."""
+        limit = self.span.position_limit
+        return self.config.max_length if limit is None else min(self.config.max_length, limit)
 
     def _check_size(self, hidden) -> None:
         if hidden.ndim == 3 and hidden.shape[0] * hidden.shape[1] > self.config.max_request_tokens:
@@ -428,6 +449,25 @@ async def _acquire_while_connected(budget: CacheBudget, amount: int, timeout: fl
     if acquiring.cancelled():
         raise StreamClosed("the client left while its session waited for attention cache")
     acquiring.result()  # CacheFullError after the timeout
+
+
+async def _outlasting_cancel(work: Future):
+    """The result of `work` (on the worker thread). Cancelled (the request's deadline, the
+    client gone), it still waits for work already running to end before the cancel goes on:
+    until then the thread holds the span's lock and the request's tensors, and the caller's
+    accounting (the worker count that keeps later steps off the loop, the request's bytes and
+    decode slot) must say so. Work not started yet is dropped at once."""
+    try:
+        return await asyncio.wrap_future(work)
+    except asyncio.CancelledError:
+        if not work.cancelled():  # it was running: wait for it, cancelled again or not
+            rest = asyncio.wrap_future(work)
+            while not rest.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait((rest,))
+            if not rest.cancelled():
+                rest.exception()  # retrieved: nobody wants its outcome any more
+        raise
 
 
 def _run_forward(view: BlockSpan, mask, tuning, hidden):

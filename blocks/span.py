@@ -106,6 +106,28 @@ class _AbsentEmbedding(nn.Module):
         raise UnsupportedModelError("a block span holds no embeddings; send hidden states")
 
 
+def _position_limit(model: nn.Module, config: PretrainedConfig, layers_path: str) -> int | None:
+    """How many positions the family can run at all, or None for any number.
+
+    A table of learned absolute positions (GPT-2's ``wpe``, OPT's ``embed_positions``) is an
+    embedding of the base model besides the tokens' one, outside the layers, and its lookup
+    fails past its last row; rotary and ALiBi positions are computed for any index. The base
+    forward looks positions up even though the span replaces its output, so the span is bound
+    by the table (and by the config's limit: OPT's table holds an offset of 2 rows more)."""
+    tokens = model.get_input_embeddings()
+    rows = [
+        module.num_embeddings
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and module is not tokens
+        and not (name == layers_path or name.startswith(f"{layers_path}."))
+    ]
+    if not rows:
+        return None
+    limit = min(rows)
+    declared = getattr(config, "max_position_embeddings", None)
+    return min(limit, declared) if isinstance(declared, int) and declared > 0 else limit
+
+
 def _layer_output_hidden(output: Any) -> torch.Tensor:
     """A decoder layer returns its hidden states, or a tuple starting with them, by family."""
     return output if isinstance(output, torch.Tensor) else output[0]
@@ -257,6 +279,7 @@ class BlockSpan:
         self.device: torch.device = first_param.device
         embeddings = model.get_input_embeddings()
         self._embedding_dim = getattr(embeddings, "embedding_dim", self.hidden_size)
+        self.position_limit = _position_limit(model, config, layers_path)
         # Families that take position ids get them for padded sessions; the others (ALiBi:
         # BLOOM) derive positions from the attention mask themselves.
         forward = inspect.signature(model.forward).parameters
@@ -542,6 +565,7 @@ class BlockSpan:
         """Run full sequences through the span, no cache. ``attention_mask``: [batch, length],
         1 for real tokens and 0 for padding, as transformers takes it."""
         hidden = self._check_hidden(hidden_states)
+        self._check_positions(hidden.shape[1])
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(
                 hidden.shape[:2]
@@ -567,9 +591,16 @@ class BlockSpan:
             raise SpanInputError(f"batch size must be a positive integer, got {batch_size!r}")
         if not isinstance(max_length, int) or max_length < 1:
             raise SpanInputError(f"max length must be a positive integer, got {max_length!r}")
+        self._check_positions(max_length, "max_length")
         if cache_length is None:
             cache_length = self.session_cache_length(max_length)
         return SpanSession(self, batch_size, max_length, max(cache_length, max_length))
+
+    def _check_positions(self, length: int, what: str = "sequences of") -> None:
+        limit = self.position_limit
+        if limit is not None and length > limit:
+            raise SessionTooLongError(f"{what} {length} tokens: this model has positions for "
+                                      f"{limit} tokens only (a learned table of positions)")
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self._config)

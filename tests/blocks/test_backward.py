@@ -247,6 +247,29 @@ async def test_inference_with_lora_and_prompts_matches_forward(served):
     assert close(torch.cat(outputs, dim=1), full)
 
 
+async def test_an_opening_cut_off_while_waiting_for_cache_leaves_its_lora_unpinned(served):
+    """An opening naming an uploaded LoRA pins it, then waits for attention cache. When the
+    deadline of its stream header passed meanwhile, the cancelled handler kept the pin, and a
+    pinned upload is never dropped: one peer could fill the adapter cache for good so."""
+    server, host, client = served
+    payload, digest = put_message(random_lora(12))
+    await client.call(host.peer_id, protocol.METHOD_LORA_PUT, payload)
+    opening = {"model": MODEL_ID, "start": 0, "end": 4, "batch_size": 2, "max_length": 32}
+    holder = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+    await holder.send(tensor_wire.encode_message([], opening))  # all of the cache
+    assert "session" in tensor_wire.decode_message(await holder.recv()).meta
+    for _ in range(2):
+        stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE, timeout=0.3)
+        await stream.send(tensor_wire.encode_message([], {
+            **opening, "batch_size": 1, "max_length": 8, "wait_timeout": 30.0, "lora": digest}))
+        with pytest.raises(RemoteError) as info:
+            await stream.recv()
+        assert info.value.code == "deadline_exceeded"
+    assert server.tuning.uploads._entries[digest].pins == 0
+    assert server.cache_tokens_free == 0  # the holder's, and no grant was left behind
+    await holder.close()
+
+
 def _grad(shape=(2, 4, HIDDEN_SIZE), dtype=torch.float32):
     return torch.ones(shape, dtype=dtype)
 

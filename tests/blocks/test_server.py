@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 
+import msgpack
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from client.inference import InferenceError, InferenceSession, SessionConfig
 from model_parts.skeleton import DeviceOptions, ModelInputError
 from overlay.host import RemoteError
 from tests.blocks.serving import served_in_process
-from tests.model_factory import build_model, save_model
+from tests.model_factory import MAX_POSITIONS, build_model, save_model
 
 MODEL_ID = "tiny-llama-test"
 
@@ -645,3 +647,76 @@ async def test_a_session_relays_to_an_unannounced_next_server_and_pushes_once_le
                     break
                 await asyncio.sleep(0.01)
             assert first.push.pushed == 2
+
+
+async def test_a_computation_cut_off_by_its_deadline_still_counts_until_its_thread_ends(spans):
+    """A request cancelled (its deadline, its client gone) while the worker thread ran its torch
+    work: the worker count dropped at once, though the thread still held the span's lock, so the
+    next short step ran inline and froze the event loop on that lock for the rest of the work.
+    Work still queued behind it is dropped at once."""
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(hidden):
+        started.set()
+        release.wait(30)
+        return hidden
+
+    hidden = torch.zeros(1, 1, spans[0].hidden_size)
+    running = asyncio.ensure_future(server._compute(slow, hidden))
+    queued = asyncio.ensure_future(server._compute(slow, hidden))
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        await asyncio.sleep(0)
+        assert server._in_worker == 2
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued  # not started: dropped at once
+        assert server._in_worker == 1
+        running.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0.02)
+        assert not running.done() and server._in_worker == 1  # its thread still runs it
+        running.cancel()  # cancelled again meanwhile: still waits
+        await asyncio.sleep(0.02)
+        assert not running.done()
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 10)
+    assert server._in_worker == 0
+    server._executor.shutdown()
+
+
+async def test_a_stream_that_never_sends_its_session_opening_is_refused(spans):
+    server = BlockServer(spans[0], ServingConfig(model_id=MODEL_ID, session_opening_timeout=0.2))
+    async with served_in_process(server) as (host, client):
+        stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+        with pytest.raises(RemoteError) as info:
+            await asyncio.wait_for(stream.recv(), 10)
+        assert info.value.code == "bad_input" and "no session opening" in info.value.message
+        opened = await session(client, host).open()  # the server serves on
+        await opened.close()
+
+
+async def test_sessions_longer_than_a_learned_position_table_are_refused_clearly(tmp_path):
+    """GPT-2's positions are a table of 256 rows: a session opened for more, or a forward of
+    more, failed inside the model (`internal`, a traceback in the log) once it got there."""
+    span = BlockSpan.load(save_model("gpt2", tmp_path / "gpt2"), 0, 2)
+    server = BlockServer(span, ServingConfig(model_id=MODEL_ID, cache_tokens=1024,
+                                             max_length=1024))
+    async with served_in_process(server) as (host, client):
+        info = msgpack.unpackb(await client.call(host.peer_id, protocol.METHOD_INFO, b""))
+        assert info["max_length"] == MAX_POSITIONS
+        stream = await client.open_stream(host.peer_id, protocol.METHOD_INFERENCE)
+        await stream.send(tensor_wire.encode_message([], {
+            "model": MODEL_ID, "start": 0, "end": 2, "batch_size": 1, "max_length": 300}))
+        with pytest.raises(RemoteError) as refused:
+            await stream.recv()
+        assert refused.value.code == "too_long" and "256 positions" in refused.value.message
+        hidden = torch.zeros(1, MAX_POSITIONS + 1, span.hidden_size)
+        with pytest.raises(RemoteError) as refused:
+            await client.call(host.peer_id, protocol.METHOD_FORWARD, tensor_wire.encode_message(
+                [hidden], {"model": MODEL_ID, "start": 0, "end": 2}))
+        assert refused.value.code == "too_long"
+        assert server.cache_tokens_free == 1024  # nothing held

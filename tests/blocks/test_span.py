@@ -15,10 +15,16 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from blocks.fast_decode import DecodeOptions
-from blocks.span import BlockSpan, SessionClosedError, SpanInputError, SpanSession
+from blocks.span import (
+    BlockSpan,
+    SessionClosedError,
+    SessionTooLongError,
+    SpanInputError,
+    SpanSession,
+)
 from client.local_head import LocalHead
 from model_parts.skeleton import DeviceOptions
-from tests.model_factory import FAMILIES, NUM_LAYERS, VOCAB_SIZE, save_model
+from tests.model_factory import FAMILIES, MAX_POSITIONS, NUM_LAYERS, VOCAB_SIZE, save_model
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 64
@@ -211,6 +217,29 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def llama_span(llama_dir: Path) -> BlockSpan:
     return BlockSpan.load(llama_dir, 1, 3)
+
+
+def test_positions_past_a_learned_table_are_refused_clearly(chain: Chain) -> None:
+    """Where transformers itself fails past the model's positions (a learned table of them:
+    GPT-2, OPT), the span refuses such lengths with its own error (the base forward's lookup
+    raised IndexError, an `internal` error on a server); elsewhere it takes any length."""
+    ids = _prompt(1, MAX_POSITIONS + 1)
+    try:
+        _local_logits(chain, ids)
+        bounded = False
+    except IndexError:
+        bounded = True
+    for span in chain.spans:
+        assert span.position_limit == (MAX_POSITIONS if bounded else None)
+    if not bounded:
+        return
+    span = chain.spans[1]
+    hidden = torch.zeros(1, MAX_POSITIONS + 1, span.hidden_size)
+    with pytest.raises(SessionTooLongError, match="positions for 256 tokens"):
+        span.forward(hidden)
+    with pytest.raises(SessionTooLongError, match="max_length 257"):
+        span.new_session(1, MAX_POSITIONS + 1)
+    assert span.forward(hidden[:, :MAX_POSITIONS]).shape == (1, MAX_POSITIONS, span.hidden_size)
 
 
 def test_bad_hidden_states_raise_clear_errors(llama_span: BlockSpan) -> None:
