@@ -46,7 +46,12 @@ from overlay.mux.budget import PartialBudget
 from overlay.mux.frames import DATA, HEADER, HEADER_SIZE, SYN
 from overlay.record_layer import MAX_RECORD_PLAINTEXT, RecordError, RecordReader, RecordWriter
 from overlay.rpc_codec import parse_reset_reason
-from overlay.secure_handshake import MAX_MESSAGE, HandshakeError, SecureHandshake
+from overlay.secure_handshake import (
+    MAX_MESSAGE,
+    HandshakeError,
+    PeerProofError,
+    SecureHandshake,
+)
 from overlay.streams import SEND_HIGH_WATER, ConnectionLost, Stream
 from overlay.unary import PendingCall
 
@@ -346,6 +351,9 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_read += len(data)
         try:
             handshake.receive_data(data)
+        except PeerProofError as e:  # it spoke the overlay: its bytes would say nothing
+            self.abort(f"handshake failed: {e}")
+            return
         except HandshakeError as e:
             self.abort(f"handshake failed: {self.handshake_account()} ({e})")
             return

@@ -43,6 +43,11 @@ class HandshakeError(Exception):
         self.reason = reason
 
 
+class PeerProofError(HandshakeError):
+    """The peer completed the Noise part, but its identity payload failed: malformed, a bad
+    signature, or another peer than the one dialed (it does speak the overlay)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SecureSession:
     """The outcome of a handshake: keys, the authenticated peer, and early transport bytes."""
@@ -65,28 +70,28 @@ def verify_identity_payload(payload: bytes, remote_static: bytes) -> PeerId:
     try:
         fields = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except msgpack.ExtraData:
-        raise HandshakeError("identity payload has bytes after its msgpack object") from None
+        raise PeerProofError("identity payload has bytes after its msgpack object") from None
     except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise HandshakeError(f"identity payload is not valid msgpack: {e}") from None
+        raise PeerProofError(f"identity payload is not valid msgpack: {e}") from None
     if not isinstance(fields, dict):
-        raise HandshakeError(f"identity payload is a {type(fields).__name__}, not a map")
+        raise PeerProofError(f"identity payload is a {type(fields).__name__}, not a map")
     version = fields.get("v")
     if type(version) is not int:
-        raise HandshakeError("identity payload: 'v' is missing or not an integer")
+        raise PeerProofError("identity payload: 'v' is missing or not an integer")
     if version != PAYLOAD_VERSION:
-        raise HandshakeError(f"identity payload version {version} is not supported")
+        raise PeerProofError(f"identity payload version {version} is not supported")
     key = _bytes_field(fields, "key", _ED25519_KEY_LEN)
     signature = _bytes_field(fields, "sig", _ED25519_SIG_LEN)
     peer = PeerId.from_public_key(key)
     if not peer.verify(signature, STATIC_KEY_SIGNATURE_PREFIX + remote_static):
-        raise HandshakeError(f"bad signature: {peer} did not sign this connection's static key")
+        raise PeerProofError(f"bad signature: {peer} did not sign this connection's static key")
     return peer
 
 
 def _bytes_field(fields: dict, name: str, size: int) -> bytes:
     value = fields.get(name)
     if type(value) is not bytes or len(value) != size:
-        raise HandshakeError(f"identity payload: {name!r} must be {size} raw bytes")
+        raise PeerProofError(f"identity payload: {name!r} must be {size} raw bytes")
     return value
 
 
@@ -199,7 +204,7 @@ class SecureHandshake:
         assert remote_static is not None  # read in message 2 or 3, which Noise authenticated
         peer = verify_identity_payload(payload, remote_static)
         if self._expected_peer is not None and peer != self._expected_peer:
-            raise HandshakeError(f"expected peer {self._expected_peer}, but {peer} answered")
+            raise PeerProofError(f"expected peer {self._expected_peer}, but {peer} answered")
         if step == 2:
             self._refuse_early_data(after=2)
             self._write(self._payload)
