@@ -30,6 +30,8 @@ PEER_ID_PREFIX = _IDENTITY_MULTIHASH_PREFIX + _PROTOBUF_ED25519_PREFIX
 PEER_ID_LENGTH = len(PEER_ID_PREFIX) + 32
 
 _IDENTITY_FILE_MAGIC = b"overlay-node-ed25519-v1\n"
+# Ours: read at most this much (a file is the magic line and 64 hex digits).
+_MAX_IDENTITY_FILE_BYTES = 4096
 # base58 of a 38-byte id costs ~50 us; logs and DHT records print the same few ids again and again.
 _TEXT_CACHE: dict[bytes, str] = {}
 _TEXT_CACHE_SIZE = 4096
@@ -153,16 +155,27 @@ class Identity:
     def load(cls, path: str | Path) -> Identity:
         path = Path(path)
         try:
-            data = path.read_bytes()
+            # Non-blocking, and only a regular file: opening a FIFO (or a device) blocked the
+            # command for good, its signal handlers included, until another process wrote.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise IdentityError(f"cannot read identity file {path}: {e.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise IdentityError(f"{path} is not a regular file, so not an identity file")
+            data = os.read(fd, _MAX_IDENTITY_FILE_BYTES)
+        except OSError as e:
+            raise IdentityError(f"cannot read identity file {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
         if not data.startswith(_IDENTITY_FILE_MAGIC):
             raise IdentityError(f"{path} is not an overlay-node identity file")
         try:
             seed = bytes.fromhex(data[len(_IDENTITY_FILE_MAGIC):].strip().decode("ascii"))
         except (ValueError, UnicodeDecodeError):
             raise IdentityError(f"{path}: corrupt identity file") from None
-        mode = stat.S_IMODE(path.stat().st_mode)
+        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise IdentityError(
                 f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}"

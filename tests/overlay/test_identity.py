@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -60,6 +63,23 @@ def test_bad_identity_files(tmp_path, content, message):
     path.chmod(0o600)
     with pytest.raises(IdentityError, match=message):
         Identity.load(path)
+
+
+def test_an_identity_path_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO: reading it blocked `id` and `join` for good (signals included) until another
+    process wrote to it."""
+    fifo = tmp_path / "id.fifo"
+    os.mkfifo(fifo)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(Identity.load, fifo)
+        try:
+            with pytest.raises(IdentityError, match="not a regular file"):
+                loading.result(timeout=10)
+        finally:
+            if not loading.done():  # blocked in open(): a writer lets it go
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    with pytest.raises(IdentityError, match="not a regular file"):
+        Identity.load_or_create(tmp_path)
 
 
 def test_world_readable_identity_is_refused(tmp_path):
