@@ -14,6 +14,7 @@ the simulator that reads the wall clock (for timing.json and the progress bar).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -154,6 +155,20 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
     }
     for name in RUN_FILES:  # a rerun into the same --out leaves nothing of the last run
         (out / name).unlink(missing_ok=True)
+    try:
+        _write_run(spec, config, result, out, timing=timing, plots=plots)
+    except KeyboardInterrupt:  # all of a run's files or none (plots take a second or two)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            out.rmdir()
+        raise Interrupted(f"{label or spec.name} interrupted while its results were written; "
+                          f"none were kept") from None
+    return result
+
+
+def _write_run(spec: Scenario, config: Any, result: RunResult, out: Path, *, timing: bool,
+               plots: bool) -> None:
     write_metrics(out / "metrics.json", result.metrics)
     if timing:
         write_timing(out / "timing.json", result.timing)
@@ -167,7 +182,6 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
         from sim.plots import plot_run
 
         plot_run(result, out)
-    return result
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -220,12 +234,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         try:
             result = run_one(spec, config, out / f"{args.param}={raw}", quiet=args.quiet,
                              plots=not args.no_plots, timing=not args.no_timing, label=label)
-        except Interrupted as e:
+        except (Interrupted, KeyboardInterrupt) as e:  # (the latter: between two runs)
+            reason = str(e) if isinstance(e, Interrupted) else f"{label} interrupted"
             if runs:
                 _write_sweep(args, spec, base, values, runs, metrics, out)
-                raise Interrupted(f"{e}; {out / 'sweep.csv'} holds the {len(runs)} "
+                raise Interrupted(f"{reason}; {out / 'sweep.csv'} holds the {len(runs)} "
                                   f"finished runs") from None
-            raise
+            raise Interrupted(reason) from None
         if not runs:  # a misspelt --metrics name: say so now, not with an empty panel at the end
             unknown = [m for m in metrics if m not in result.metrics]
             if unknown:
@@ -243,17 +258,23 @@ def _write_sweep(args: argparse.Namespace, spec: Scenario, base: Any, values: li
     # a metric that echoes the swept option (`nodes`, `servers`, `churn`) is its column already
     keys = sorted({k for run in runs for k in run} - {args.param})
     (out / "sweep.png").unlink(missing_ok=True)  # an older sweep's, if not drawn again
-    with (out / "sweep.csv").open("w", newline="") as handle:
+    partial = out / "sweep.csv.partial"  # renamed once whole: never a cut-off sweep.csv
+    with partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([args.param, *keys])
         for value, run in zip(values, runs):
             writer.writerow([value, *("" if run.get(k) is None else clean(run.get(k))
                                       for k in keys)])
+    partial.replace(out / "sweep.csv")
     if not args.no_plots:
         from sim.plots import plot_sweep
 
-        plot_sweep(args.param, values, runs, metrics, out / "sweep.png",
-                   f"{spec.name}: sweep over {args.param} (seed {base.seed})")
+        try:
+            plot_sweep(args.param, values, runs, metrics, out / "sweep.png",
+                       f"{spec.name}: sweep over {args.param} (seed {base.seed})")
+        except KeyboardInterrupt:
+            (out / "sweep.png").unlink(missing_ok=True)
+            raise
 
 
 def _value_at(config: Any, path: str) -> object:

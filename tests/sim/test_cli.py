@@ -372,3 +372,37 @@ def test_the_progress_log_ends_at_100_percent(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "% t=" in line]
     assert lines[-1].startswith("dht-static: 100% t=62/62s")
     assert sum("100%" in line for line in lines) == 1
+
+
+def test_ctrl_c_while_results_are_written_keeps_all_of_a_run_or_none(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C while a finished run drew its plots left a folder with half its files, and in a
+    sweep it skipped sweep.csv of the runs before."""
+    import sim.plots
+    from sim.cli import main
+
+    real, calls = sim.plots.plot_run, []
+
+    def plot_then_ctrl_c(result, out):
+        calls.append(out)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(result, out)
+
+    monkeypatch.setattr(sim.plots, "plot_run", plot_then_ctrl_c)
+    out = tmp_path / "sweep"
+    code = main(["sweep", "dht-static", "--nodes", "20", "--duration", "5", "--param", "seed",
+                 "--values", "1,2,3", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "seed=2 (2/3) interrupted while its results were written" in err
+    assert "holds the 1 finished runs" in err
+    assert [r["seed"] for r in csv.DictReader((out / "sweep.csv").open())] == ["1"]
+    assert (out / "sweep.png").exists() and (out / "seed=1" / "timeseries.png").exists()
+    assert not (out / "seed=2").exists() and not (out / "seed=3").exists()
+    calls.clear()
+    calls.append(None)  # the next plot is the second: Ctrl-C
+    single = tmp_path / "run"
+    assert main(["run", "dht-static", "--nodes", "20", "--duration", "5", "--quiet",
+                 "--out", str(single)]) == 130
+    assert not single.exists()
