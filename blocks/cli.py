@@ -84,7 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="host a PEFT LoRA adapter under NAME for clients to choose "
                             "(repeatable); only the tensors of the served blocks are read")
     lifeline.add_argument(serve)
-    serve.set_defaults(func=run_serve)
+    # imported before the event loop runs (overlay/cli/main.py): Ctrl-C then stops it at once
+    serve.set_defaults(func=run_serve, preload=("blocks.server", "blocks.span", "blocks.announcer"))
 
 
 def _num_blocks(text: str) -> int | str:

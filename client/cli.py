@@ -60,7 +60,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="print one JSON object as the last line (key new_tokens: a list of "
                           "ids, or one list per prompt for a batch, each up to and including "
                           "its end token)")
-    gen.set_defaults(func=run_generate)
+    gen.set_defaults(func=run_generate, preload=("torch", "client.model"))  # see serve's
 
 
 # Checked while parsing (exit 2 with argparse's usage), as GenerationParams and torch would

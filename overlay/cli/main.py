@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             lifeline.watch(args.lifeline_fd)
         if not hasattr(args, "func"):
             parser.error(f"{args.command} is not available in this version")
+        # Heavy imports (torch, transformers: seconds) happen here, where Ctrl-C is a plain
+        # KeyboardInterrupt: inside `run` the loop's signal handler would wait for them to end.
+        for module_name in getattr(args, "preload", ()):
+            importlib.import_module(module_name)
         return run(args.func(args), stopping_is_success=args.command in SERVICES)
     except KeyboardInterrupt:  # before `run` handles signals itself (importing torch, ...)
         print("overlay-node: interrupted", file=sys.stderr)

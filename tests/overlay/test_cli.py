@@ -221,6 +221,45 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(module, argv):
     assert (done.returncode, done.stderr) == (130, "overlay-node: interrupted\n")
 
 
+# A slow import of this module (as torch's takes seconds), announced on stderr.
+SLOW_IMPORT = """
+import sys, time
+class Slow:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            print("importing", name, file=sys.stderr, flush=True)
+            time.sleep(20)
+sys.meta_path.insert(0, Slow())
+sys.argv = ["overlay-node", *{argv!r}]
+from overlay.cli.main import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(("module", "argv"), [
+    ("blocks.span", ["serve", "model-dir", "--blocks", "0:1"]),
+    ("client.model", ["generate", "model-dir", "--bootstrap", "/ip4/127.0.0.1/tcp/1",
+                      "--input-ids", "1"]),
+])
+def test_a_real_ctrl_c_during_the_heavy_imports_stops_at_once_with_130(module, argv):
+    """The imports of torch and the model code ran inside the event loop, whose SIGINT handler
+    waits for the running code: Ctrl-C took effect only once they ended (seconds), and `serve`
+    then exited 0 as after a load."""
+    code = SLOW_IMPORT.format(module=module, argv=argv)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith(f"importing {module}"):
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130  # not after the 20 s import
+        assert proc.stderr.read().strip().splitlines()[-1] == "overlay-node: interrupted"
+    finally:
+        proc.kill()
+
+
 @pytest.mark.parametrize("command", [["id"], ["join", "--listen", "/ip4/127.0.0.1/tcp/0"]])
 def test_unwritable_identity_path_is_one_clear_line(tmp_path, command):
     in_the_way = tmp_path / "file"
