@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ DEMO_CONFIG = {  # Llama family, ~0.4 M parameters: loads in a blink, exercises 
     "eos_token_id": 2,
 }
 DEMO_SPANS = [(0, 2), (2, 4), (4, 6)]
+_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}  # as written
 DEMO_SEED = 20231120
 
 
@@ -66,8 +68,18 @@ def write_demo_model(directory: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if _complete(directory):
+    problem = _damage(directory)
+    if problem is None:
         return directory
+    if problem != "missing" and set(os.listdir(directory)) <= _MODEL_FILES:
+        # ours, broken (a full disk, a killed write): it is a cache (anything else there is
+        # not ours, and is left for the user to remove)
+        print(f"overlay-node demo: the cached model in {directory} is damaged ({problem}); "
+              f"writing it again", file=sys.stderr, flush=True)
+        aside = directory.with_name(f"{directory.name}.damaged-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another demo moved it first
+            directory.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
     torch.manual_seed(DEMO_SEED)
     model = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG))
     with torch.no_grad():  # larger weights than the default init: varied, confident tokens
@@ -81,7 +93,7 @@ def write_demo_model(directory: Path) -> Path:
         try:
             tmp.rename(directory)  # atomic; fails when the directory exists
         except OSError:
-            if not _complete(directory):  # not another demo's model: say what is in the way
+            if _damage(directory) is not None:  # not another demo's model: what is in the way
                 raise OSError(f"cannot write the demo model: {directory} exists and holds "
                               f"no complete model (remove it)") from None
     finally:
@@ -89,8 +101,28 @@ def write_demo_model(directory: Path) -> Path:
     return directory
 
 
-def _complete(directory: Path) -> bool:
-    return (directory / "config.json").exists() and (directory / "model.safetensors").exists()
+def _damage(directory: Path) -> str | None:
+    """What is wrong with the demo model in `directory` (None: nothing; "missing": no model
+    there at all, so nothing of ours to replace)."""
+    from safetensors import SafetensorError, safe_open
+
+    config, weights = directory / "config.json", directory / "model.safetensors"
+    if not config.exists() and not weights.exists():
+        return "missing"
+    try:
+        stored = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json: {e}"
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers")  # (transformers moves others)
+    if not isinstance(stored, dict) or any(stored.get(k) != DEMO_CONFIG[k] for k in shape):
+        return "config.json is not the demo model's"
+    try:
+        with safe_open(weights, "pt") as tensors:
+            if not list(tensors.keys()):
+                return "model.safetensors holds no tensors"
+    except (OSError, SafetensorError) as e:
+        return f"model.safetensors: {e}"
+    return None
 
 
 async def run_demo(args: argparse.Namespace) -> int:

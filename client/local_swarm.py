@@ -12,15 +12,18 @@ them.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 
 class SwarmStartError(RuntimeError):
@@ -33,6 +36,16 @@ class _Process:
     proc: subprocess.Popen
     addr: str = ""
     log_path: Path | None = None
+    log_file: IO[bytes] | None = None  # without a log_dir: an unnamed file, for the tail
+
+    def log_tail(self, size: int = 3000) -> str:
+        """The end of its standard error, for the reason a start failed."""
+        if self.log_path is not None:
+            return self.log_path.read_text(errors="replace")[-size:]
+        if self.log_file is None or self.log_file.closed:
+            return "(no log kept)"
+        self.log_file.seek(max(0, self.log_file.seek(0, io.SEEK_END) - size))
+        return self.log_file.read().decode(errors="replace") or "(nothing)"
 
 
 @dataclass
@@ -70,19 +83,19 @@ class LocalSwarm:
             raise SwarmStartError("start-up was interrupted")
         lifeline_args, pass_fds = self._lifeline_args()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
-        log_path = None
+        log_path = log_file = None
         if self.log_dir is not None:
             Path(self.log_dir).mkdir(parents=True, exist_ok=True)
             log_path = Path(self.log_dir) / f"{name}.log"
-            stderr = open(log_path, "w")  # noqa: SIM115 - closed with the process
-        else:
-            stderr = subprocess.DEVNULL
+            stderr = open(log_path, "wb")  # noqa: SIM115 - closed once the child has it
+        else:  # kept (unnamed) so that a failed start can say why
+            stderr = log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         proc = subprocess.Popen(self._command(*args, *lifeline_args), stdout=subprocess.PIPE,
                                 stderr=stderr, env=env, text=True, start_new_session=True,
                                 pass_fds=pass_fds)
-        if stderr is not subprocess.DEVNULL:
+        if log_file is None:
             stderr.close()
-        entry = _Process(name, proc, log_path=log_path)
+        entry = _Process(name, proc, log_path=log_path, log_file=log_file)
         self.processes.append(entry)
         return entry
 
@@ -101,9 +114,8 @@ class LocalSwarm:
                     break
         finally:
             sel.close()
-        log = entry.log_path.read_text()[-3000:] if entry.log_path else "(no log kept)"
         state = "exited" if entry.proc.poll() is not None else "did not answer in time"
-        raise SwarmStartError(f"{entry.name} {state}; its log ends with:\n{log}")
+        raise SwarmStartError(f"{entry.name} {state}; its log ends with:\n{entry.log_tail()}")
 
     def start(self) -> LocalSwarm:
         deadline = time.monotonic() + self.start_timeout
@@ -161,6 +173,8 @@ class LocalSwarm:
                 entry.proc.wait(timeout=10)
             if entry.proc.stdout is not None:
                 entry.proc.stdout.close()
+            if entry.log_file is not None:
+                entry.log_file.close()
         if self._lifeline is not None:
             for fd in self._lifeline:
                 os.close(fd)

@@ -338,8 +338,40 @@ def test_demo_models_written_together_are_both_usable(tmp_path):
     assert (target / "model.safetensors").exists()
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "config.json").write_text("{}")
+    (tmp_path / "partial" / "notes.txt").write_text("not the demo's")
     with pytest.raises(OSError, match="holds no complete model"):
         write_demo_model(tmp_path / "partial")
+
+
+def test_a_damaged_cached_demo_model_is_written_again(tmp_path, capsys):
+    """A truncated model.safetensors (a full disk, a killed write) or a broken config.json made
+    every later demo fail with "server-0-2 exited; its log ends with: (no log kept)"."""
+    from client.demo import write_demo_model
+
+    target = write_demo_model(tmp_path / "demo-llama-6x64")
+    weights = target / "model.safetensors"
+    whole = weights.read_bytes()
+    for damage in (lambda: weights.write_bytes(whole[:-100]),
+                   lambda: (target / "config.json").write_text("{broken")):
+        damage()
+        assert write_demo_model(target) == target
+        assert "is damaged" in capsys.readouterr().err
+        assert weights.read_bytes() == whole  # the same seeded model again
+        assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_server_that_fails_to_start_shows_the_end_of_its_log(tmp_path):
+    """Without log_dir, the servers' standard error went to /dev/null: the failure said only
+    "(no log kept)"."""
+    from client.local_swarm import LocalSwarm, SwarmStartError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{broken")
+    with pytest.raises(SwarmStartError) as failed:
+        LocalSwarm(broken, [(0, 1)], start_timeout=120).start()
+    assert "server-0-1 exited" in str(failed.value)
+    assert "config.json" in str(failed.value) and "no log kept" not in str(failed.value)
 
 
 def test_demo_says_in_one_line_that_it_cannot_write_its_model(tmp_path):
