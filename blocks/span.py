@@ -53,6 +53,7 @@ from model_parts.skeleton import (
     load_config,
     load_tensors,
     meta_parameters,
+    position_limit,
     renumber_layers,
     resolve_device,
     resolve_dtype,
@@ -104,28 +105,6 @@ class _AbsentEmbedding(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise UnsupportedModelError("a block span holds no embeddings; send hidden states")
-
-
-def _position_limit(model: nn.Module, config: PretrainedConfig, layers_path: str) -> int | None:
-    """How many positions the family can run at all, or None for any number.
-
-    A table of learned absolute positions (GPT-2's ``wpe``, OPT's ``embed_positions``) is an
-    embedding of the base model besides the tokens' one, outside the layers, and its lookup
-    fails past its last row; rotary and ALiBi positions are computed for any index. The base
-    forward looks positions up even though the span replaces its output, so the span is bound
-    by the table (and by the config's limit: OPT's table holds an offset of 2 rows more)."""
-    tokens = model.get_input_embeddings()
-    rows = [
-        module.num_embeddings
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding) and module is not tokens
-        and not (name == layers_path or name.startswith(f"{layers_path}."))
-    ]
-    if not rows:
-        return None
-    limit = min(rows)
-    declared = getattr(config, "max_position_embeddings", None)
-    return min(limit, declared) if isinstance(declared, int) and declared > 0 else limit
 
 
 def _layer_output_hidden(output: Any) -> torch.Tensor:
@@ -279,7 +258,7 @@ class BlockSpan:
         self.device: torch.device = first_param.device
         embeddings = model.get_input_embeddings()
         self._embedding_dim = getattr(embeddings, "embedding_dim", self.hidden_size)
-        self.position_limit = _position_limit(model, config, layers_path)
+        self.position_limit = position_limit(model, config, layers_path)
         # Families that take position ids get them for padded sessions; the others (ALiBi:
         # BLOOM) derive positions from the attention mask themselves.
         forward = inspect.signature(model.forward).parameters

@@ -360,7 +360,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def inference_session(self, max_length: int | None = None,
                           batch_size: int | None = None) -> RemoteSessionCache:
         """A session to pass as `past_key_values` to `generate` or `forward` across calls."""
-        return RemoteSessionCache(self, max_length or self.remote.options.max_length,
+        return RemoteSessionCache(self, max_length or self.remote.default_max_length,
                                   batch_size)
 
     def save_adapter(self, directory: str | Path) -> Path:

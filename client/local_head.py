@@ -42,6 +42,7 @@ from model_parts.skeleton import (
     load_config,
     load_tensors,
     meta_parameters,
+    position_limit,
     resolve_device,
     resolve_dtype,
     restrict_config,
@@ -106,6 +107,8 @@ class LocalHead:
         self.device: torch.device = embeddings.weight.device
         base_forward = inspect.signature(causal_lm.base_model.forward).parameters
         self._takes_position_ids = "position_ids" in base_forward
+        # positions past a learned table of them (GPT-2, OPT) exist nowhere: None for any
+        self.position_limit = position_limit(causal_lm.base_model, causal_lm.config)
         self._embed_chain: list[nn.Module] | None = None
         self._logits_chain: list[nn.Module] | None = None
         with torch.inference_mode():

@@ -258,6 +258,13 @@ class RemoteModel:
         hidden = await self.forward_blocks(hidden, attention_mask=attention_mask)
         return await self.head_logits(hidden)
 
+    @property
+    def default_max_length(self) -> int:
+        """A session's length when none is given: `options.max_length`, or the model's
+        positions where they are a learned table (GPT-2, OPT) shorter than that."""
+        limit = self.head.position_limit
+        return self.options.max_length if limit is None else min(self.options.max_length, limit)
+
     async def open_blocks_session(self, batch_size: int = 1, max_length: int | None = None,
                                   start: int = 0, end: int | None = None,
                                   **tuning: Any) -> InferenceSession:
@@ -265,10 +272,14 @@ class RemoteModel:
         It replaces failed servers by itself (client/inference.py), each within recovery_timeout.
         `tuning`: `adapter=` / `tuning=` of RemoteBlocks.inference_session (fine-tuning)."""
         self._check_open()
-        max_length = self.options.max_length if max_length is None else max_length
+        max_length = self.default_max_length if max_length is None else max_length
         if not (isinstance(max_length, int) and max_length >= 1 and batch_size >= 1):
             raise ModelInputError(f"an inference session needs max_length >= 1 and "
                                   f"batch_size >= 1, not {max_length!r} and {batch_size!r}")
+        limit = self.head.position_limit
+        if limit is not None and max_length > limit:  # no server could run them
+            raise ModelInputError(f"a session of {max_length} tokens is longer than this "
+                                  f"model's {limit} positions")
         try:
             session = await self.blocks.inference_session(
                 batch_size, max_length, start, end, wait_timeout=self.options.wait_timeout,

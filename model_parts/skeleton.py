@@ -290,6 +290,31 @@ def _load_with_transformers_conversion(
         param.requires_grad_(False)
 
 
+def position_limit(model: nn.Module, config: PretrainedConfig, layers_path: str = ""
+                   ) -> int | None:
+    """How many positions the family can run at all, or None for any number.
+
+    A table of learned absolute positions (GPT-2's ``wpe``, OPT's ``embed_positions``) is an
+    embedding of the base model besides the tokens' one, outside the layers, and its lookup
+    fails past its last row; rotary and ALiBi positions are computed for any index. A block
+    span's base forward looks positions up even though it replaces their sum, so servers and
+    clients are both bound by the table (and by the config's limit: OPT's table holds an
+    offset of 2 rows more).
+    ``layers_path``: where ``model`` keeps its decoder layers, whose modules are not searched."""
+    tokens = model.get_input_embeddings()
+    rows = [
+        module.num_embeddings
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and module is not tokens
+        and not (layers_path and (name == layers_path or name.startswith(f"{layers_path}.")))
+    ]
+    if not rows:
+        return None
+    limit = min(rows)
+    declared = getattr(config, "max_position_embeddings", None)
+    return min(limit, declared) if isinstance(declared, int) and declared > 0 else limit
+
+
 def meta_parameters(module: nn.Module) -> list[str]:
     """Names of parameters of ``module`` that hold no data yet."""
     return [name for name, param in module.named_parameters() if param.device.type == "meta"]

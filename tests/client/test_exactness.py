@@ -27,7 +27,14 @@ from client.local_swarm import LocalSwarm
 from client.model import ModelUnavailableError, RemoteModel
 from model_parts.skeleton import ModelInputError
 from overlay.host import RemoteError
-from tests.model_factory import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE, build_model, save_model
+from tests.model_factory import (
+    HIDDEN_SIZE,
+    MAX_POSITIONS,
+    NUM_LAYERS,
+    VOCAB_SIZE,
+    build_model,
+    save_model,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -493,6 +500,25 @@ class TestBloom(_Exactness):
 
 class TestFalcon(_Exactness):
     family = "falcon"
+
+
+class TestLearnedPositions(_Served):
+    """GPT-2's positions are a learned table (256 rows in the test model). A session of the
+    default length (2048) had no server able to run its later positions, and a generation
+    past the table failed with transformers' IndexError (a server's: `internal`)."""
+
+    family = "gpt2"
+
+    def test_sessions_fit_the_table_and_longer_ones_are_refused_clearly(self, model, reference):
+        ids = prompts(1, 6, seed=31)
+        expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
+        with model.inference_session() as session:  # the default length: the table's
+            assert session.max_length == MAX_POSITIONS
+            assert torch.equal(model.generate(ids, max_new_tokens=8, past_key_values=session),
+                               expected)
+        with pytest.raises(ModelInputError, match="longer than this model's 256 positions"):
+            model.generate(prompts(1, 250, seed=32), max_new_tokens=10, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
 
 
 class TestBadInput(_Served):
