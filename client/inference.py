@@ -747,7 +747,13 @@ class InferenceSession:
                          hidden: torch.Tensor | None, position: int) -> torch.Tensor | None:
         """Open `chain`, send it the replayed positions [0, position) and this step's `hidden`
         as one step from position 0; returns the output for this step's positions only."""
-        results = await asyncio.gather(*(span.open() for span in chain), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(span.open() for span in chain),
+                                           return_exceptions=True)
+        except BaseException:  # cancelled while opening: not in self.spans, none else closes
+            for span in chain:  # them, and a half-open span holds its server's session
+                span.close_now()
+            raise
         for span, result in zip(chain, results):
             if isinstance(result, BaseException):
                 await asyncio.gather(*(s.close() for s in chain), return_exceptions=True)

@@ -12,6 +12,7 @@ import gc
 import logging
 import random
 import re
+import signal
 import threading
 import time
 import weakref
@@ -277,6 +278,58 @@ async def test_closing_a_session_ends_its_recovery(swarm, model_dir):
         assert time.monotonic() - began < 1.0
         assert all(s._stream is None for s in session.spans)
     finally:
+        await model.close()
+
+
+async def test_a_step_cancelled_while_a_replacement_opens_leaves_no_session_there(
+        swarm, model_dir):
+    """A step (a generate under asyncio.timeout, say) cancelled while recovery waited for a
+    replacement's answer to the opening: the half-open span was in no list that closing
+    reaches, so that server held the session and its cache for as long as the client lived."""
+    import msgpack
+
+    from blocks.protocol import METHOD_INFO
+
+    model = await RemoteModel.open(model_dir, [swarm.bootstrap])
+    servers = [p for p in swarm.processes if p.name.startswith("server")]
+    frozen = []
+    try:
+        await wait_until_visible(model, 4)
+        session = await model.blocks.inference_session(1, 16)
+        hidden = torch.randn(1, 3, 64)
+        await session.step(hidden)
+        victim = next(s for s in session.spans if s.start <= 2 < s.end)
+        others = [PeerId.from_string(addr.rsplit("/p2p/", 1)[1])
+                  for addr in swarm.server_addrs if not addr.endswith(str(victim.peer))]
+        infos = {peer: msgpack.unpackb(await model.swarm.host.call(peer, METHOD_INFO, b""))
+                 for peer in others}
+        replacements = [peer for peer, info in infos.items() if info["start"] <= 2 < info["end"]]
+        for peer in replacements:  # their answers to an opening will not come while stopped
+            index = server_index(swarm, str(peer))
+            servers[index].proc.send_signal(signal.SIGSTOP)
+            frozen.append(servers[index].proc)
+        victim._stream.reset("test: injected failure")
+        step = asyncio.ensure_future(session.step(hidden[:, :1]))
+        await asyncio.sleep(1.0)  # recovery now waits on a stopped replacement
+        assert not step.done()
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        for proc in frozen:
+            proc.send_signal(signal.SIGCONT)
+        frozen.clear()
+        deadline = time.monotonic() + 10
+        for peer in replacements:
+            while True:
+                info = msgpack.unpackb(await model.swarm.host.call(peer, METHOD_INFO, b""))
+                if info["sessions"] == 0 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert info["sessions"] == 0 and info["cache_tokens_free"] == info["cache_tokens"]
+        await session.close()
+    finally:
+        for proc in frozen:  # never leave a stopped server behind
+            proc.send_signal(signal.SIGCONT)
         await model.close()
 
 
