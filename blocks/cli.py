@@ -134,6 +134,7 @@ async def run_serve(args: argparse.Namespace) -> int:
     from overlay.host import Host
     from overlay.multiaddr import MultiaddrError
     from overlay.runtime import in_daemon_thread
+    from tensor_wire.blockwise import bitsandbytes_functional
 
     try:
         adapter_specs = check_adapter_specs(args.adapter)  # now: a typo costs no load
@@ -188,7 +189,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         host.set_public_addrs(parse_addrs(args.announce_addr) or None)
     except MultiaddrError as e:
         raise SystemExit(f"overlay-node serve: --announce-addr: {e}") from None
-    server = dht = announcer = balancer = pinger = None
+    server = dht = announcer = balancer = pinger = warm_up = None
     try:
         try:
             addrs = await host.listen(listen)
@@ -199,6 +200,9 @@ async def run_serve(args: argparse.Namespace) -> int:
         dht = await serve_placement.start_server_dht(host, [str(b) for b in bootstrap])
         # before loading: a load on another thread would slow the transfers it times
         bps, bps_source = await serve_placement.link_bps(args, host, bootstrap)
+        # bitsandbytes (int8_blockwise activations) takes ~2 s to import: imported on the
+        # loop by the first such request, it stalled every session for that long
+        warm_up = asyncio.ensure_future(in_daemon_thread(bitsandbytes_functional))
         hidden = text_config.hidden_size
         if isinstance(wanted, tuple):  # a fixed span: no placement, no rebalancing
             start, end = wanted
@@ -240,6 +244,8 @@ async def run_serve(args: argparse.Namespace) -> int:
                  " ".join(str(a.without_peer()) for a in host.public_addrs))
         await asyncio.Event().wait()
     finally:
+        if warm_up is not None:
+            warm_up.cancel()  # (its thread is a daemon: the exit does not wait for it)
         if pinger is not None:
             await pinger.stop()
         if balancer is not None:

@@ -49,6 +49,7 @@ from client.routing import MissingBlocksError, RouteSpan
 from client.swarm import SwarmClient
 from model_parts.files import ModelFiles, default_model_id
 from model_parts.skeleton import DeviceOptions, ModelInputError, load_config
+from tensor_wire.blockwise import bitsandbytes_functional
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class RemoteModel:
         model_id = options.model_id or default_model_id(model_dir)
         head = await asyncio.to_thread(LocalHead.load, files,
                                        DeviceOptions(options.device, options.dtype))
+        if options.compression == "int8_blockwise":  # its ~2 s import, off the loop
+            await asyncio.to_thread(bitsandbytes_functional)
         owns = swarm is None
         if swarm is None:
             # one address as a string, as from_pretrained takes it (list() split it into
