@@ -394,8 +394,10 @@ class ModelSession:
         session = self.blocks_session
         held = session.position - offset
         length = input_ids.shape[1]
-        if input_ids.shape[0] != self.batch_size:
-            return held  # left to the step's own check of the batch
+        if input_ids.shape[0] != self.batch_size:  # (left to the step, it sliced the ids
+            raise ModelInputError(  # to nothing, and said "a non-empty tensor")
+                f"batch size is {input_ids.shape[0]}, the session was opened for "
+                f"{self.batch_size}")
         known = max(0, min(session.tokens.known, session.position) - offset)
         compared = min(known, length)
         keep = 0

@@ -323,6 +323,10 @@ class _Exactness(_Served):
                 async with await remote.inference_session(1, 32) as session:
                     half = await remote.generate(ids, max_new_tokens=8, session=session)
                     whole = await remote.generate(half, max_new_tokens=8, session=session)
+                    # another batch size: named (it said "a non-empty [batch, length] tensor")
+                    with pytest.raises(ModelInputError, match="opened for 1"):
+                        await remote.generate(whole[:, :4].repeat(2, 1), max_new_tokens=2,
+                                              session=session)
                 return got_logits, got_greedy, streamed, got_sampled, got_ended, whole
 
         got_logits, got_greedy, streamed, got_sampled, got_ended, whole = asyncio.run(run())
