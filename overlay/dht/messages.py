@@ -399,7 +399,10 @@ def _peers(value: Any) -> tuple[Contact, ...]:
         if type(addrs) is not list:
             raise MessageError("addresses must be a list")
         cache_key = (raw, *addrs)
-        contact = _contacts.get(cache_key)
+        try:  # (only str entries pass _addrs: no other value equals a cached key's)
+            contact = _contacts.get(cache_key)
+        except TypeError:  # an address that is a list or a map: unhashable
+            raise MessageError("an address must be a non-empty string of bounded length") from None
         if contact is None:
             try:
                 peer = PeerId(raw)

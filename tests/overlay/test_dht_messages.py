@@ -27,7 +27,7 @@ from overlay.dht.messages import (
     response_size,
 )
 from overlay.dht.records import Record
-from overlay.identity import PeerId
+from overlay.identity import Identity, PeerId
 
 peer_ids = st.binary(min_size=32, max_size=32).map(PeerId.from_public_key)
 addrs = st.lists(st.text(min_size=1, max_size=40), max_size=3).map(tuple)
@@ -202,3 +202,10 @@ def test_response_must_match_request():
     bad_peer = msgpack.packb({"v": 1, "op": "find_node", "peers": [[[b"\x01" * 38, []]], []]})
     with pytest.raises(MessageError, match="peer id"):
         decode_response(bad_peer, request)
+    # an address that is a list or a map: a TypeError (hashing it) escaped the decoder
+    raw = bytes(Identity.generate().peer_id.raw)
+    for address in ([1], {"a": 1}):
+        bad_addrs = msgpack.packb({"v": 1, "op": "find_node",
+                                   "peers": [[[raw, [address]]], []]})
+        with pytest.raises(MessageError, match="an address must be"):
+            decode_response(bad_addrs, request)
