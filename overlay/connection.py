@@ -416,16 +416,17 @@ class Connection(asyncio.BufferedProtocol):
         stream._on_end()
         return stream
 
-    def start_call(self, parts, future: asyncio.Future) -> PendingCall:
+    def start_call(self, parts, future: asyncio.Future,
+                   max_answer: int | None = None) -> PendingCall:
         """Open a stream and send one request message (`parts`) with FIN; the answer goes to
-        `future` (overlay/unary.py)."""
+        `future` (overlay/unary.py), failed once it passes `max_answer` bytes."""
         if self.closed or self._mux is None:
             raise ConnectionLost(f"connection to {self.remote_peer} is closed")
         try:
             stream_id = self._mux.open_stream()
         except MuxError as e:
             raise ConnectionLost(str(e)) from None
-        call = PendingCall(self, stream_id, future)
+        call = PendingCall(self, stream_id, future, max_answer)
         self._streams[stream_id] = call
         try:
             self.mux_send_parts(stream_id, parts, True)

@@ -460,8 +460,10 @@ class Host:
 
     # ------------------------------------------------------------------ calling
     async def call(self, peer: PeerId | Multiaddr | str, method: str, payload: bytes, *,
-                   timeout: float | None = None) -> bytes:
-        """Unary RPC: send `payload` to `method` on `peer` and return the answer's payload."""
+                   timeout: float | None = None, max_answer: int | None = None) -> bytes:
+        """Unary RPC: send `payload` to `method` on `peer` and return the answer's payload.
+        `max_answer`: a larger answer fails the call with ConnectionLost as soon as it has
+        passed that many bytes (default: the connection's message size limit)."""
         if timeout is None:
             timeout = self.config.default_call_timeout
         conn = self._connections.get(peer) if type(peer) is PeerId else None
@@ -481,7 +483,8 @@ class Host:
         try:
             if type(payload) is not bytes:
                 payload = memoryview(payload).cast("B")
-            call = conn.start_call((encode_request(method, KIND_UNARY, timeout), payload), future)
+            call = conn.start_call((encode_request(method, KIND_UNARY, timeout), payload), future,
+                                   max_answer)
         except ConnectionLost as e:
             raise ConnectionLost(f"{method} on {_name(peer)}: {e}") from None
         # At the deadline the stream is reset and the future fails with the timeout error

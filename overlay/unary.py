@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from overlay.streams import ConnectionLost
+
 if TYPE_CHECKING:
     from overlay.connection import Connection
 
@@ -19,16 +21,37 @@ class PendingCall:
     """Receives the one answer message of a unary call into `future` (bytes; None when the
     peer half-closed without answering), or the error that ended the call."""
 
-    __slots__ = ("_conn", "_parts", "future", "stream_id")
+    __slots__ = ("_conn", "_held", "_max_answer", "_parts", "future", "stream_id")
 
-    def __init__(self, conn: Connection, stream_id: int, future: asyncio.Future):
+    def __init__(self, conn: Connection, stream_id: int, future: asyncio.Future,
+                 max_answer: int | None = None):
         self._conn = conn
         self.stream_id = stream_id
         self.future = future
         self._parts: list | None = None
+        # The caller's bound on the answer (None: the connection's message limit). A DHT
+        # answer is at most 1 MiB, but was held up to that limit (256 MiB) before its
+        # decoder refused it: a peer asked anything could make its caller allocate that.
+        self._max_answer = max_answer
+        self._held = 0
+
+    def _too_large(self, data) -> ConnectionLost | None:
+        """The error ending the call once the answer passes `max_answer` (None: not yet)."""
+        limit = self._max_answer
+        if limit is None:
+            return None
+        self._held += len(data)
+        if self._held <= limit:
+            return None
+        self._parts = None
+        return ConnectionLost(f"the answer exceeds the {limit} bytes this call takes")
 
     # Called by the connection, like the same methods of Stream.
     def _on_data(self, data, end: bool) -> None:
+        error = self._too_large(data)
+        if error is not None:
+            self.fail(str(error), error)
+            return
         parts = self._parts
         if end and parts is None:
             answer = bytes(data)
@@ -53,6 +76,11 @@ class PendingCall:
 
     def _on_last(self, data) -> None:
         """The answer's last fragment and the end of the stream (mux LastMessage)."""
+        error = self._too_large(data)
+        if error is not None:  # (the stream has ended both ways: nothing to reset)
+            self._on_error(error)
+            self._conn.release_stream(self.stream_id)
+            return
         parts = self._parts
         if parts is None:
             answer = data  # a view of the record's plaintext (immutable bytes): no copy here

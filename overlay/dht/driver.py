@@ -58,6 +58,9 @@ log = logging.getLogger("overlay.dht")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _MAX_REMEMBERED_ADDRS = 4096
+# An answer past a DHT message and its RPC envelope fails the call as it arrives (it was
+# held whole, up to the connection's 256 MiB message limit, before the decoder refused it).
+_MAX_ANSWER_BYTES = MAX_MESSAGE_BYTES + 4096
 
 
 class DHTError(RuntimeError):
@@ -293,8 +296,8 @@ class DHT:
         self.rpcs_sent += 1
         try:
             data = await self.host.call(
-                contact.peer, RPC_METHOD, encode_request(effect.request), timeout=effect.timeout
-            )
+                contact.peer, RPC_METHOD, encode_request(effect.request), timeout=effect.timeout,
+                max_answer=_MAX_ANSWER_BYTES)
             response = decode_response(data, effect.request)
         except (RpcTimeout, ConnectionLost, RemoteError, OSError) as e:
             log.debug("dht request to %s failed: %s", contact.peer.short(), e)

@@ -88,6 +88,17 @@ async def test_unary_answers_of_every_size_and_calls_that_end_early(pair):
     assert await client.call(addr, "echo", b"still fine") == b"still fine"
 
 
+async def test_an_answer_past_the_callers_bound_fails_as_it_arrives(pair):
+    """The DHT's answers are at most 1 MiB, but a call held any answer whole (up to the
+    connection's 256 MiB message limit) before its decoder refused it."""
+    server, client, addr = pair
+    for size, bound in ((3 << 20, 1 << 20), (5000, 4000)):  # many fragments; one frame
+        with pytest.raises(ConnectionLost, match=f"exceeds the {bound} bytes"):
+            await client.call(addr, "echo", os.urandom(size), max_answer=bound)
+    assert await client.call(addr, "echo", b"x" * 1000, max_answer=4000) == b"x" * 1000
+    assert client.connection_to(server.peer_id).num_streams == 0
+
+
 async def test_concurrent_dials_are_deduplicated(pair):
     _server, client, addr = pair
     await asyncio.gather(*(client.connect(addr) for _ in range(20)))
