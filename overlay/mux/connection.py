@@ -8,7 +8,8 @@ Rules of this module (sans-IO, like h11 and aioquic):
    by `max_message_size`, the fragments of its unfinished messages (credit comes back for
    them, so windows do not bound them) by `max_partial_bytes` and, across the connections of
    a host, by a shared PartialBudget (overlay/mux/budget.py), and the answers it solicits
-   (PING acks, refusals of streams over the limit) and does not read by MAX_QUEUED_CONTROL.
+   (PING acks, refusals of streams over the limit, resets) and does not read by
+   MAX_QUEUED_CONTROL.
    A violation of the protocol ends the connection (GO_AWAY), never anything else; an
    oversized message, a fragment over the budget of unfinished messages or a stream over the
    limit resets only that stream.
@@ -308,7 +309,9 @@ class MuxConnection:
         self._remove(stream)
         if not self._closed:
             payload = reason.encode("utf-8", "replace")[:MAX_RESET_REASON]
-            self._control.append(HEADER.pack(RESET, 0, stream_id, len(payload)) + payload)
+            # Bounded as the answers a peer solicits are: a peer that sends requests a host
+            # refuses (an unknown method, say) and reads nothing queued RESETs without end.
+            self._solicited(HEADER.pack(RESET, 0, stream_id, len(payload)) + payload)
 
     def ping(self, opaque: int) -> None:
         self._control.append(HEADER.pack(PING, 0, 0, opaque & 0xFFFFFFFF))

@@ -283,6 +283,19 @@ def test_refusals_of_streams_over_the_limit_are_bounded_too():
     assert b.is_closed and "does not read" in events(b)[-1].reason
 
 
+def test_resets_of_refused_requests_are_bounded_too():
+    """A peer sending requests the host refuses (an unknown method) and reading nothing:
+    each RESET stayed queued, without bound (the node's memory grew ~5x what it was sent)."""
+    b = MuxConnection(False)
+    for i in range(MAX_QUEUED_CONTROL + 10):
+        b.receive_data(frame(FrameType.DATA, Flag.SYN | Flag.FIN, 2 * i + 1, 0))
+        if b.is_closed:
+            break
+        b.reset_stream(2 * i + 1, "unknown method")
+    got = events(b)
+    assert b.is_closed and "does not read" in got[-1].reason
+
+
 def test_pings_answered_as_they_come_never_hit_the_bound():
     a, b = MuxConnection(True), MuxConnection(False)
     for i in range(2 * MAX_QUEUED_CONTROL):
