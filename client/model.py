@@ -394,10 +394,11 @@ class ModelSession:
         session = self.blocks_session
         held = session.position - offset
         length = input_ids.shape[1]
-        if input_ids.shape[0] != self.batch_size:  # (left to the step, it sliced the ids
-            raise ModelInputError(  # to nothing, and said "a non-empty tensor")
-                f"batch size is {input_ids.shape[0]}, the session was opened for "
-                f"{self.batch_size}")
+        if input_ids.shape[0] != self.batch_size:
+            # (left to the step, whose ids generate had sliced to nothing: the error then
+            # asked for "a non-empty [batch, length] tensor")
+            raise ModelInputError(f"batch size is {input_ids.shape[0]}, the session was "
+                                  f"opened for {self.batch_size}")
         known = max(0, min(session.tokens.known, session.position) - offset)
         compared = min(known, length)
         keep = 0
