@@ -352,20 +352,33 @@ class DHTNode:
             return FindNodeResponse(tuple(_within(closest(t, k, sender_id), room)
                                           for t in targets))
         if isinstance(request, FindValue):
-            budget = (MAX_MESSAGE_BYTES - _PEERS_ALLOWANCE) // len(request.keys)
-            found = []
+            # Each key first gets a fair share of the records' room, then what the others
+            # left goes to the keys in order (a fixed share alone dropped, with no sign, the
+            # records of a key over 15 KiB in a get of 64 keys, with the answer mostly empty).
+            # A key's records stay a prefix of its list: the first that does not fit ends it.
+            total = MAX_MESSAGE_BYTES - _PEERS_ALLOWANCE
+            share = total // len(request.keys)
+            held = [self.records.get(key, now) for key in request.keys]
+            found: list[list[Record]] = []
             used_total = 0
-            for key in request.keys:
+            for records_of_key in held:
                 records = []
                 used = 0
-                for record in self.records.get(key, now):
+                for record in records_of_key:
                     size = record.size()
+                    if used + size > share:
+                        break
+                    records.append(record)
                     used += size
-                    if used > budget:
+                found.append(records)
+                used_total += used
+            for records_of_key, records in zip(held, found, strict=True):
+                for record in records_of_key[len(records):]:
+                    size = record.size()
+                    if used_total + size > total:
                         break
                     records.append(record)
                     used_total += size
-                found.append(records)
             # The closer peers share what the records left of the message.
             room = min(_PEER_LIST_ROOM,
                        (MAX_MESSAGE_BYTES - _ANSWER_ENVELOPE - used_total) // len(request.keys))

@@ -609,3 +609,26 @@ def test_config_refuses_zero_nan_and_infinite_times(field, value):
     # a zero refresh interval made a node refresh without end; NaN turned refreshes off
     with pytest.raises(ValueError, match=f"{field} must be a finite number"):
         DHTConfig(**{field: value})
+
+
+def test_a_batched_find_value_answers_every_record_that_fits():
+    """Each key of a FIND_VALUE had a fixed share of the answer (15 KiB for 64 keys): a key
+    holding more came back empty, with no sign, though the answer had room for all of it."""
+    node = DHTNode(Identity.generate().peer_id, rng=random.Random(3), now=1000.0)
+    asker = Identity.generate().peer_id
+    keys = tuple(f"model.{i}".encode() for i in range(64))
+    for i, key in enumerate(keys[:50]):  # 50 of the 64 hold a value of 20 KB
+        assert node.store_local(Record(key, None, bytes([i]) * 20_000, 5000.0), 1000.0)
+    big = b"block.wide"
+    for j in range(40):  # one key with 40 subkeys of ~2.2 KB: 90 KB, next to 63 others
+        assert node.store_local(Record(big, f"s{j}", b"v" * 2200, 5000.0), 1000.0)
+    answer = node.handle_request(asker, FindValue((*keys[:30], *keys[50:])), 1000.0)
+    assert [len(found.records) for found in answer.results] == [1] * 30 + [0] * 14
+    assert len(encode_response(answer)) <= MAX_MESSAGE_BYTES
+    answer = node.handle_request(asker, FindValue((big, *keys[:30])), 1000.0)
+    assert [len(found.records) for found in answer.results] == [40] + [1] * 30
+    # past the answer's room, the keys in order keep what fits, a prefix of each
+    answer = node.handle_request(asker, FindValue((big, *keys[:50])), 1000.0)
+    counts = [len(found.records) for found in answer.results]
+    assert counts[0] == 40 and 30 < sum(counts[1:]) < 50
+    assert len(encode_response(answer)) <= MAX_MESSAGE_BYTES
