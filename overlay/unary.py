@@ -36,10 +36,9 @@ class PendingCall:
         self._held = 0
 
     def _too_large(self, data) -> ConnectionLost | None:
-        """The error ending the call once the answer passes `max_answer` (None: not yet)."""
+        """The error ending the call once the answer passes `max_answer` (None: not yet);
+        called only for a call that has one."""
         limit = self._max_answer
-        if limit is None:
-            return None
         self._held += len(data)
         if self._held <= limit:
             return None
@@ -48,10 +47,11 @@ class PendingCall:
 
     # Called by the connection, like the same methods of Stream.
     def _on_data(self, data, end: bool) -> None:
-        error = self._too_large(data)
-        if error is not None:
-            self.fail(str(error), error)
-            return
+        if self._max_answer is not None:  # (no call on the common, unbounded path)
+            error = self._too_large(data)
+            if error is not None:
+                self.fail(str(error), error)
+                return
         parts = self._parts
         if end and parts is None:
             answer = bytes(data)
@@ -76,11 +76,12 @@ class PendingCall:
 
     def _on_last(self, data) -> None:
         """The answer's last fragment and the end of the stream (mux LastMessage)."""
-        error = self._too_large(data)
-        if error is not None:  # (the stream has ended both ways: nothing to reset)
-            self._on_error(error)
-            self._conn.release_stream(self.stream_id)
-            return
+        if self._max_answer is not None:
+            error = self._too_large(data)
+            if error is not None:  # (the stream has ended both ways: nothing to reset)
+                self._on_error(error)
+                self._conn.release_stream(self.stream_id)
+                return
         parts = self._parts
         if parts is None:
             answer = data  # a view of the record's plaintext (immutable bytes): no copy here

@@ -153,18 +153,21 @@ def run_one(spec: Scenario, config: Any, out: Path, *, quiet: bool, plots: bool,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
-    for name in RUN_FILES:  # a rerun into the same --out leaves nothing of the last run
-        (out / name).unlink(missing_ok=True)
+    _remove_run_files(out)  # a rerun into the same --out leaves nothing of the last run
     try:
         _write_run(spec, config, result, out, timing=timing, plots=plots)
     except KeyboardInterrupt:  # all of a run's files or none (plots take a second or two)
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+        _remove_run_files(out)
         with contextlib.suppress(OSError):
             out.rmdir()
         raise Interrupted(f"{label or spec.name} interrupted while its results were written; "
                           f"none were kept") from None
     return result
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _write_run(spec: Scenario, config: Any, result: RunResult, out: Path, *, timing: bool,
